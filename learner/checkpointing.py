@@ -1,0 +1,67 @@
+"""Checkpoints of the learner, written off the receive path on a timer and at the end.
+
+A snapshot (θ, outer state, RNG, step, history) is copied under the learner's lock, then
+written without it, so workers are never held up by storage. Writes are atomic
+(`metaopt.storage.save_checkpoint`): an interrupted write never hides the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from learner.core import Learner
+from metaopt import storage
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    def __init__(self, learner: Learner, root_uri: str, interval_s: float = 30.0, keep: int = 3):
+        self.learner, self.root_uri = learner, root_uri
+        self.interval_s, self.keep = interval_s, keep
+        self.last_saved_step: int | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="checkpointer")
+        self._write_lock = threading.Lock()
+
+    def restore_latest(self) -> int | None:
+        """Load the newest good checkpoint into the learner; its step, or None if none exists."""
+        found = storage.latest_checkpoint(self.root_uri)
+        if found is None:
+            return None
+        step, arrays, meta = found
+        self.learner.restore(arrays, meta)
+        self.last_saved_step = step
+        log.info("resumed job %s at outer step %d from %s", meta["job_id"], step, self.root_uri)
+        return step
+
+    def save(self) -> str | None:
+        """Write a checkpoint now unless the newest one already holds this step."""
+        with self._write_lock:
+            step, arrays, meta = self.learner.snapshot()
+            if step == self.last_saved_step:
+                return None
+            started = time.perf_counter()
+            uri = storage.save_checkpoint(self.root_uri, step, arrays, meta, keep=self.keep)
+            self.learner.metrics.checkpoint_written(time.perf_counter() - started)
+            self.last_saved_step = step
+            return uri
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the timer and write a final checkpoint."""
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.save()
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self.interval_s):
+            try:
+                self.save()
+            except Exception:  # a failed write must not end the run; the next one retries
+                log.exception("checkpoint write to %s failed; will retry", self.root_uri)

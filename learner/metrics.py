@@ -1,0 +1,70 @@
+"""The learner's Prometheus metrics, in a registry of its own (several learners may share a
+process in tests). Names follow Prometheus conventions: prefix `metaopt_`, base units,
+`_total` for counters; labels only from bounded sets (job, task family, reject reason)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from learner.core import OuterStep
+
+
+class LearnerMetrics:
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        self.registry = CollectorRegistry()
+        r, job = self.registry, ["job"]
+        self._accepted = Counter(
+            "metaopt_gradient_estimates_accepted", "Gradient estimates accepted.",
+            ["job", "task_family"], registry=r)
+        self._rejected = Counter(
+            "metaopt_gradient_estimates_rejected", "Gradient estimates rejected, by reason.",
+            ["job", "reason"], registry=r)
+        self._inner_steps = Counter(
+            "metaopt_inner_steps", "Inner training steps behind accepted estimates "
+            "(both antithetic halves counted).", ["job", "task_family"], registry=r)
+        self._staleness = Histogram(
+            "metaopt_estimate_staleness_versions", "θ versions between an accepted estimate's "
+            "θ and the current one.", job, buckets=(0, 1, 2, 4, 8, 16, 32), registry=r)
+        self._outer_steps = Counter("metaopt_outer_steps", "Outer (meta) steps applied.", job, registry=r)
+        self._meta_loss = Gauge("metaopt_meta_loss", "Mean inner loss of the last meta-batch.", job, registry=r)
+        self._theta_version = Gauge("metaopt_theta_version", "Current θ version.", job, registry=r)
+        self.outer_update_seconds = Histogram(
+            "metaopt_outer_update_duration_seconds", "Time to apply one outer update.", job,
+            registry=r).labels(job_id)
+        self.checkpoint_seconds = Histogram(
+            "metaopt_checkpoint_write_duration_seconds", "Time to write one checkpoint.", job,
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30), registry=r).labels(job_id)
+        self._last_checkpoint = Gauge(
+            "metaopt_last_checkpoint_timestamp_seconds", "Unix time of the last committed "
+            "checkpoint.", job, registry=r)
+        self._workers = Gauge("metaopt_workers_connected", "Open worker streams.", job, registry=r)
+
+    def accepted(self, task_family: str, inner_steps: int, staleness: int) -> None:
+        self._accepted.labels(self.job_id, task_family).inc()
+        self._inner_steps.labels(self.job_id, task_family).inc(inner_steps)
+        self._staleness.labels(self.job_id).observe(staleness)
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(self.job_id, reason.removeprefix("REJECT_REASON_").lower()).inc()
+
+    def outer_step(self, step: OuterStep) -> None:
+        self._outer_steps.labels(self.job_id).inc()
+        self._meta_loss.labels(self.job_id).set(step.meta_loss)
+        self._theta_version.labels(self.job_id).set(step.step)
+
+    def checkpoint_written(self, seconds: float) -> None:
+        self.checkpoint_seconds.observe(seconds)
+        self._last_checkpoint.labels(self.job_id).set(time.time())
+
+    def worker_connected(self, delta: int) -> None:
+        self._workers.labels(self.job_id).inc(delta)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0):
+        """Serve /metrics over HTTP; returns (server, port). Call `server.shutdown()` to stop."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, server.server_port

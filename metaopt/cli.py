@@ -1,0 +1,81 @@
+"""The `metaopt` command line. Exit codes: 0 success, 1 failure, 2 bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import sys
+
+import typer
+
+app = typer.Typer(
+    help="Meta-train learned optimizers and use the trained ones.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def train(
+    config: pathlib.Path = typer.Argument(..., help="Job spec YAML, e.g. examples/quickstart.yaml."),
+    max_outer_steps: int = typer.Option(None, "--max-outer-steps", min=1, help="Override stop.max_outer_steps."),
+    workers: int = typer.Option(None, "--workers", min=1, help="Override workers.count."),
+    out: pathlib.Path = typer.Option("runs", "--out", help="Root for run directories and the registry."),
+    job_id: str = typer.Option(None, "--job-id", help="Job id; an existing one resumes from its last checkpoint."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line at the end."),
+) -> None:
+    """Meta-train locally: learner, Ray workers, checkpoints, registry, all on this machine."""
+    from metaopt.jobspec import JobSpecError, load_job_spec
+
+    try:
+        spec = load_job_spec(config)
+        overrides = {"stop.max_outer_steps": max_outer_steps, "workers.count": workers}
+        spec = spec.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
+    except JobSpecError as err:
+        _fail(str(err))
+    from metaopt.train import train as run_training
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    result = run_training(spec, out=str(out), job_id=job_id, progress=sys.stderr.isatty() or not as_json)
+    if as_json:
+        typer.echo(json.dumps(result.summary()))
+    else:
+        typer.echo(
+            f"job {result.job_id}: {result.outer_steps} outer steps, meta-loss "
+            f"{result.meta_loss_first:.4g} -> {result.meta_loss_last:.4g}\n"
+            f"run directory: {result.run_dir} (metrics.jsonl, meta_loss.png)\n"
+            f"trained optimizer: {result.artifact} in {result.registry}\n"
+            f"use it: metaopt.load({result.artifact!r}, registry={result.registry!r}).as_optax(num_steps=1000)"
+        )
+
+
+@app.command()
+def pull(
+    ref: str = typer.Argument(..., help="NAME or NAME:VERSION (default: the newest version)."),
+    registry_uri: str = typer.Option(..., "--registry", help="Registry root: a path or fsspec URI."),
+    dest: pathlib.Path = typer.Option(None, "--dest", help="Local directory (default: the cache)."),
+) -> None:
+    """Copy a trained optimizer out of a registry, verifying the sha256 of every file."""
+    from metaopt import registry
+    from metaopt.storage import CorruptArtifactError
+
+    try:
+        path = registry.pull(ref, registry_uri, str(dest) if dest else None)
+    except CorruptArtifactError as err:
+        _fail(str(err), code=1)
+    except (ValueError, LookupError) as err:
+        _fail(str(err))
+    typer.echo(path)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The meta-training job spec: one YAML file, validated once, then frozen.
+
+`metaopt train` and (later) `metaopt submit` take the same file. Every field has a default
+except the task mix, so a spec can be as short as
+
+    name: quickstart
+    tasks:
+      - family: quadratic
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
+
+
+class JobSpecError(ValueError):
+    """An invalid job spec; the message lists every problem with its field path."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskMix(_Frozen):
+    family: str  # a task_zoo family name
+    weight: float = Field(1.0, gt=0)  # relative sampling frequency
+    kwargs: dict[str, Any] = {}  # family settings, e.g. {"dims": [16]}
+
+    @model_validator(mode="after")
+    def _family_exists(self):
+        import task_zoo  # metaopt may import task_zoo only where validating a spec needs it
+
+        try:
+            task_zoo.family(self.family, **self.kwargs)
+        except (ValueError, TypeError) as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+class OptimizerSpec(_Frozen):
+    name: str = "small_fc"  # a metaopt.optimizers name
+    hparams: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _optimizer_exists(self):
+        from metaopt import optimizers
+
+        try:
+            optimizers.make(self.name, **self.hparams)
+        except (ValueError, TypeError) as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+class EstimatorSpec(_Frozen):
+    kind: Literal["pes", "truncated_es"] = "pes"
+    num_particles: int = Field(8, ge=1)  # antithetic pairs per worker
+    truncation_length: int = Field(20, ge=1)  # inner steps per estimate
+    inner_horizon: int = Field(200, ge=1)  # inner steps before a particle resets
+    sigma: float = Field(0.01, gt=0)  # perturbation standard deviation
+    truncations_per_task: int | None = Field(None, ge=1)  # default: one inner horizon
+
+    @model_validator(mode="after")
+    def _truncation_fits(self):
+        if self.truncation_length > self.inner_horizon:
+            raise ValueError(
+                f"truncation_length ({self.truncation_length}) must not exceed inner_horizon "
+                f"({self.inner_horizon})"
+            )
+        return self
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Keyword arguments for `workers.estimators.make_estimator`."""
+        return self.model_dump(exclude={"kind", "truncations_per_task"})
+
+    @property
+    def task_lifetime(self) -> int:
+        """Truncations a worker spends on one sampled task before it samples another."""
+        return self.truncations_per_task or max(1, self.inner_horizon // self.truncation_length)
+
+
+class OuterSpec(_Frozen):
+    optimizer: Literal["adam"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0)
+    clip_norm: float = Field(1.0, gt=0)
+    meta_batch_size: int = Field(4, ge=1)
+    max_staleness: int = Field(2, ge=0)
+    max_estimate_norm: float = Field(1e6, gt=0)
+    max_in_flight: int = Field(2, ge=1)
+
+
+class WorkersSpec(_Frozen):
+    count: int = Field(2, ge=1)
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+
+
+class StopSpec(_Frozen):
+    max_outer_steps: int = Field(100, ge=1)
+
+
+class JobSpec(_Frozen):
+    name: str = Field(pattern=NAME_PATTERN)
+    seed: int = 0
+    tasks: list[TaskMix] = Field(min_length=1)
+    optimizer: OptimizerSpec = OptimizerSpec()
+    estimator: EstimatorSpec = EstimatorSpec()
+    outer: OuterSpec = OuterSpec()
+    workers: WorkersSpec = WorkersSpec()
+    stop: StopSpec = StopSpec()
+    checkpoint_interval_s: float = Field(30.0, gt=0)
+    artifact_name: str | None = Field(None, pattern=NAME_PATTERN)  # default: the job name
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_families(cls, tasks: list[TaskMix]) -> list[TaskMix]:
+        names = [t.family for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each family may appear once in the mix, got {names}")
+        return tasks
+
+    def with_overrides(self, **changes: Any) -> JobSpec:
+        """A copy with dotted-path overrides, e.g. `{"stop.max_outer_steps": 5}`, re-validated."""
+        data = self.model_dump()
+        for path, value in changes.items():
+            *parents, leaf = path.split(".")
+            node = data
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return parse_job_spec(data)
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        message = re.sub(r"^Value error, ", "", e["msg"])
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_job_spec(data: Any) -> JobSpec:
+    if not isinstance(data, dict):
+        raise JobSpecError(f"a job spec must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise JobSpecError(f"invalid job spec:\n{_format(err)}") from None
+
+
+def load_job_spec(path: str | pathlib.Path) -> JobSpec:
+    """Read and validate a YAML job spec; raises JobSpecError with every problem listed."""
+    path = pathlib.Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise JobSpecError(f"no job spec at {path}") from None
+    except yaml.YAMLError as err:
+        raise JobSpecError(f"{path} is not valid YAML: {err}") from None
+    try:
+        return parse_job_spec(data)
+    except JobSpecError as err:
+        raise JobSpecError(f"{path}: {err}") from None

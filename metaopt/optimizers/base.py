@@ -1,0 +1,34 @@
+"""The one interface every optimizer in metaopt has, learned or hand-designed.
+
+An `Optimizer` turns meta-parameters θ into an ordinary optax transformation:
+
+    opt = metaopt.optimizers.make("small_fc", hidden=32)
+    theta = opt.init(jax.random.key(0))          # a pytree (nested dicts of arrays)
+    tx = opt.as_optax(theta, num_steps=1000)     # optax.GradientTransformationExtraArgs
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params, loss=loss)
+
+Hand-designed optimizers have an empty θ (`{}`) and ignore it. `num_steps` is the length of
+the inner training run, for features that encode training progress. Extra keyword arguments
+to `update` (such as `loss=`) are optional; optimizers that do not use them ignore them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+import optax
+
+Theta = Any  # nested dicts of float32 arrays
+
+
+class Optimizer(Protocol):
+    name: str
+    hparams: dict[str, Any]  # JSON-serialisable; make(name, **hparams) rebuilds this optimizer
+
+    def init(self, key: jax.Array) -> Theta:
+        """Initial meta-parameters θ (nested dicts of float32 arrays; `{}` when there are none)."""
+
+    def as_optax(self, theta: Theta, num_steps: int) -> optax.GradientTransformationExtraArgs:
+        """An optax optimizer that applies θ for an inner run of `num_steps` steps."""

@@ -1,0 +1,257 @@
+"""`small_fc`: the per-parameter MLP learned optimizer of Metz et al. 2022.
+
+Reference: L. Metz, C. D. Freeman, J. Harrison, N. Maheswaranathan, J. Sohl-Dickstein,
+"Practical tradeoffs between memory, compute, and performance in learned optimizers"
+(CoLLAs 2022); google/learned_optimization `learned_optimizers/adafac_mlp_lopt.py`.
+
+Every scalar parameter is updated by the same small MLP applied to F=18 features:
+  g, p,                       gradient and parameter value
+  m_k (5)                     momenta, EMA of g with decays MOM_DECAYS
+  v, rsqrt(v)                 EMA of g² (decay RMS_DECAY) and its inverse square root
+  m_k·rsqrt(v) (5)            Adam-like normalised momenta
+  g·rsqrt(v̂), m_0.9·rsqrt(v̂)  Adafactor-normalised grad / momentum (decay FAC_DECAY)
+  rsqrt(v_row), rsqrt(v_col)  the Adafactor row / column factors themselves
+v̂ is the rank-1 Adafactor estimate v_row ⊗ v_col / mean(v_row) over the last two axes of
+a ≥2-D tensor; 0-D and 1-D tensors store an unfactored v̂ (as RMSProp) and their row/col
+features are rsqrt(v̂). Each feature is divided by its root-mean-square over its tensor
+("second-moment normalisation", as the reference), so grads of 1e-8 or 1e8 give unit-scale
+inputs. A training-progress embedding tanh(step / num_steps / τ - 1) for τ in TIMESCALES is
+shared by all parameters of a step, so it is folded into the first-layer bias (exact).
+MLP: (F + 6) → hidden → … → 2 (relu); outputs direction d and magnitude m and
+    update = -step_mult · d · exp(exp_mult · m).
+
+Meta-parameters θ = {"mlp": {"w0","b0",…}}: with defaults (hidden=32, hidden_layers=2)
+24·32+32 + 32·32+32 + 32·2+2 = 1922 float32. The initial θ makes d ≈ the normalised
+Adam direction m_0.9·rsqrt(v) plus small random terms, so the untrained optimizer is a
+stable descent method (step ≈ 1e-3 per parameter).
+
+Optimizer state per parameter: 5 momenta + 1 second moment = 6 float32 (plus O(rows+cols)
+Adafactor factors per ≥2-D tensor, and ≤ GRANULE-1 padding floats per tensor).
+
+Performance: all tensors are packed into one flat vector (each tensor padded to a multiple
+of GRANULE elements so per-tensor normalisation is a per-granule scale) and processed in
+chunks of ≤ CHUNK elements with `lax.map`, so that every (chunk, 32) activation stays in
+cache. Big fresh buffers are slow on CPU (page faults cost ~0.6 ms/MB above 32 MB), so
+nothing (N, F) or (N, hidden) is ever materialised. Momenta and v are stored in this packed
+(num_chunks, ·, CHUNK) layout to avoid re-packing them every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+MOM_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999)
+RMS_DECAY = 0.999
+FAC_DECAY = 0.99
+TIMESCALES = (0.03, 0.1, 0.3, 0.6, 1.0, 3.0)  # in units of the whole run (step/num_steps)
+NUM_FEATURES = 18
+GRANULE = 128  # per-tensor padding unit; normalisation scales are per granule
+CHUNK = 8192  # elements per lax.map iteration: (CHUNK, 32) f32 = 1 MiB, fits in L2
+_EPS = 1e-8  # inside rsqrt of second moments
+_NORM_EPS = 1e-5  # second-moment normaliser, as the reference
+_ADAM_FEATURE = 11  # index of m_0.9·rsqrt(v) in _features
+
+
+class SmallFCState(NamedTuple):
+    """count: int32 step; momenta: (num_chunks, 5, CHUNK) f32; rms: (num_chunks, CHUNK) f32
+    EMA of g²; row_factors/col_factors: tuples per leaf (Adafactor v_row (…, rows) and
+    v_col (…, cols); for 0-D/1-D leaves row holds the full v̂ and col a () zero)."""
+
+    count: jax.Array
+    momenta: jax.Array
+    rms: jax.Array
+    row_factors: tuple
+    col_factors: tuple
+
+
+class _Layout:
+    """Static packing of a list of leaf shapes into (num_chunks, chunk) arrays."""
+
+    def __init__(self, shapes: list[tuple[int, ...]]):
+        self.shapes = shapes
+        self.sizes = [math.prod(s) for s in shapes]
+        self.padded = [-(-n // GRANULE) * GRANULE for n in self.sizes]
+        total = max(sum(self.padded), GRANULE)
+        self.chunk = min(CHUNK, total)
+        self.num_chunks = -(-total // self.chunk)
+        extra = self.num_chunks * self.chunk - sum(self.padded)
+        # Segment id of every granule; the trailing padding is a dummy segment len(shapes).
+        seg = [i for i, n in enumerate(self.padded) for _ in range(n // GRANULE)]
+        self.granule_seg = np.asarray(seg + [len(shapes)] * (extra // GRANULE), np.int32)
+        self.extra = extra
+
+    def pack(self, leaves: list[jax.Array]) -> jax.Array:
+        parts = []
+        for x, n, n_pad in zip(leaves, self.sizes, self.padded, strict=True):
+            parts.append(jnp.pad(jnp.ravel(x).astype(jnp.float32), (0, n_pad - n)))
+        parts.append(jnp.zeros((self.extra,), jnp.float32))
+        return jnp.concatenate(parts).reshape(self.num_chunks, self.chunk)
+
+    def unpack(self, packed: jax.Array) -> list[jax.Array]:
+        flat, out, off = packed.reshape(-1), [], 0
+        for shape, n, n_pad in zip(self.shapes, self.sizes, self.padded, strict=True):
+            out.append(flat[off : off + n].reshape(shape))
+            off += n_pad
+        return out
+
+
+def _factored(shape: tuple[int, ...]) -> bool:
+    return len(shape) >= 2
+
+
+def _update_factors(g, row, col, decay):
+    """Adafactor accumulators → (new_row, new_col, rsqrt v̂, rsqrt row feat, rsqrt col feat)."""
+    g2 = jnp.square(g)
+    if not _factored(g.shape):
+        v = decay * row + (1 - decay) * g2
+        r = jax.lax.rsqrt(v + _EPS)
+        return v, col, r, r, r
+    row = decay * row + (1 - decay) * jnp.mean(g2, axis=-1)
+    col = decay * col + (1 - decay) * jnp.mean(g2, axis=-2)
+    # v̂ = row ⊗ (col / mean(row)); dividing first avoids underflow for tiny grads.
+    col_n = col / (jnp.mean(row, axis=-1, keepdims=True) + 1e-30)
+    vhat = row[..., :, None] * col_n[..., None, :]
+    r_row = jnp.broadcast_to(jax.lax.rsqrt(row + _EPS)[..., :, None], g.shape)
+    r_col = jnp.broadcast_to(jax.lax.rsqrt(col + _EPS)[..., None, :], g.shape)
+    return row, col, jax.lax.rsqrt(vhat + _EPS), r_row, r_col
+
+
+def _features(g, p, m, v, fac):
+    """Per-element features, each of shape (C,): g, p (C,), m (5, C), v (C,), fac (3, C)."""
+    r = jax.lax.rsqrt(v + _EPS)
+    return [g, p, *m, v, r, *(m * r), g * fac[0], m[2] * fac[0], fac[1], fac[2]]
+
+
+def _init_mlp(key: jax.Array, hidden: int, hidden_layers: int) -> dict[str, jax.Array]:
+    """Random MLP whose direction output d ≈ normalised m_0.9·rsqrt(v) at init.
+
+    Hidden units 0 and 1 carry relu(x) and relu(-x) of that feature (index _ADAM_FEATURE)
+    through every hidden layer and the output takes d = h0 - h1; all other weights are
+    random, with the output layer 100x smaller so they only perturb this Adam-like step.
+    """
+    sizes = [NUM_FEATURES + len(TIMESCALES)] + [hidden] * hidden_layers + [2]
+    keys = jax.random.split(key, len(sizes) - 1)
+    mlp = {}
+    for i, (k, fan_in, fan_out) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True)):
+        last = i == len(sizes) - 2
+        std = (0.01 if last else 1.0) / np.sqrt(fan_in)
+        w = std * jax.random.truncated_normal(k, -2.0, 2.0, (fan_in, fan_out), jnp.float32)
+        if last and i == 0:  # no hidden layers: d is the feature itself
+            w = w.at[_ADAM_FEATURE, 0].set(1.0)
+        elif last:
+            w = w.at[0, 0].set(1.0).at[1, 0].set(-1.0)
+        elif i == 0:
+            w = w.at[:, :2].set(0.0).at[_ADAM_FEATURE, 0].set(1.0).at[_ADAM_FEATURE, 1].set(-1.0)
+        else:
+            w = w.at[:, :2].set(0.0).at[0, 0].set(1.0).at[1, 1].set(1.0)
+        mlp[f"w{i}"] = w
+        mlp[f"b{i}"] = jnp.zeros((fan_out,), jnp.float32)
+    return mlp
+
+
+def _mlp_apply(mlp: dict, x: jax.Array, b0: jax.Array) -> jax.Array:
+    """x: (C, F) normalised features; b0: first-layer bias incl. time features → (C, 2)."""
+    n = len(mlp) // 2
+    h = jax.nn.relu(x @ mlp["w0"][:NUM_FEATURES] + b0)
+    for i in range(1, n):
+        h = h @ mlp[f"w{i}"] + mlp[f"b{i}"]
+        h = jax.nn.relu(h) if i < n - 1 else h
+    return h
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallFC:
+    """Per-parameter MLP learned optimizer (see module docstring)."""
+
+    hidden: int = 32
+    hidden_layers: int = 2
+    step_mult: float = 0.001
+    exp_mult: float = 0.001
+
+    name = "small_fc"  # class attribute, not a dataclass field
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def init(self, key: jax.Array) -> dict:
+        return {"mlp": _init_mlp(key, self.hidden, self.hidden_layers)}
+
+    def as_optax(self, theta: Any, num_steps: int) -> optax.GradientTransformationExtraArgs:
+        mlp = theta["mlp"]
+        step_mult, exp_mult = self.step_mult, self.exp_mult
+        mom_decays = jnp.asarray(MOM_DECAYS, jnp.float32)[:, None]
+
+        def init_fn(params):
+            leaves = jax.tree.leaves(params)
+            lay = _Layout([jnp.shape(x) for x in leaves])
+            z = jnp.zeros((lay.num_chunks, lay.chunk), jnp.float32)
+            rows, cols = [], []
+            for x in leaves:
+                s = jnp.shape(x)
+                if _factored(s):
+                    rows.append(jnp.zeros(s[:-1], jnp.float32))
+                    cols.append(jnp.zeros(s[:-2] + s[-1:], jnp.float32))
+                else:
+                    rows.append(jnp.zeros(s, jnp.float32))
+                    cols.append(jnp.zeros((), jnp.float32))
+            momenta = jnp.zeros((lay.num_chunks, len(MOM_DECAYS), lay.chunk), jnp.float32)
+            return SmallFCState(jnp.zeros((), jnp.int32), momenta, z, tuple(rows), tuple(cols))
+
+        def update_fn(updates, state, params=None, **extra_args):
+            del extra_args  # e.g. loss=; this optimizer does not use them
+            if params is None:
+                raise ValueError("small_fc needs params (the parameter value is a feature)")
+            grads, treedef = jax.tree.flatten(updates)
+            leaves = treedef.flatten_up_to(params)
+            lay = _Layout([jnp.shape(x) for x in grads])
+            nseg = len(grads) + 1
+            grads = [x.astype(jnp.float32) for x in grads]
+
+            fac = [_update_factors(g, r, c, FAC_DECAY)
+                   for g, r, c in zip(grads, state.row_factors, state.col_factors, strict=True)]
+            g_p, p_p = lay.pack(grads), lay.pack(leaves)
+            fac_p = jnp.stack([lay.pack([f[j] for f in fac]) for j in (2, 3, 4)], axis=1)
+            mask = lay.pack([jnp.ones(jnp.shape(x), jnp.float32) for x in grads])
+
+            # Pass 1: new accumulators and per-granule sums of squared features.
+            def stats(xs):
+                g, p, m, v, f, msk = xs
+                m = mom_decays * m + (1 - mom_decays) * g
+                v = RMS_DECAY * v + (1 - RMS_DECAY) * jnp.square(g)
+                sq = jnp.stack(_features(g, p, m, v, f)) ** 2 * msk  # (F, C)
+                return m, v, sq.reshape(NUM_FEATURES, -1, GRANULE).sum(-1).T
+
+            m_p, v_p, sums = jax.lax.map(stats, (g_p, p_p, state.momenta, state.rms, fac_p, mask))
+            seg_sum = jax.ops.segment_sum(sums.reshape(-1, NUM_FEATURES), lay.granule_seg, nseg)
+            counts = np.maximum(np.asarray(lay.sizes + [1], np.float32), 1.0)[:, None]
+            scale = jax.lax.rsqrt(_NORM_EPS + seg_sum / counts)  # (segments, F)
+            gscale = scale[lay.granule_seg].reshape(lay.num_chunks, -1, 1, NUM_FEATURES)
+
+            frac = state.count.astype(jnp.float32) / jnp.asarray(num_steps, jnp.float32)
+            tfeat = jnp.tanh(frac / jnp.asarray(TIMESCALES, jnp.float32) - 1.0)
+            b0 = mlp["b0"] + tfeat @ mlp["w0"][NUM_FEATURES:]
+
+            # Pass 2: normalised features → MLP → step, one cache-sized chunk at a time.
+            def step(xs):
+                g, p, m, v, f, s = xs
+                x = jnp.stack(_features(g, p, m, v, f), axis=-1)  # (C, F)
+                x = (x.reshape(-1, GRANULE, NUM_FEATURES) * s).reshape(-1, NUM_FEATURES)
+                out = _mlp_apply(mlp, x, b0)
+                return -step_mult * out[:, 0] * jnp.exp(exp_mult * out[:, 1])
+
+            upd = jax.lax.map(step, (g_p, p_p, m_p, v_p, fac_p, gscale))
+            new_updates = [u.astype(x.dtype) for u, x in
+                           zip(lay.unpack(upd), jax.tree.leaves(updates), strict=True)]
+            new_state = SmallFCState(
+                state.count + 1, m_p, v_p, tuple(f[0] for f in fac), tuple(f[1] for f in fac))
+            return jax.tree.unflatten(treedef, new_updates), new_state
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)

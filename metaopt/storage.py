@@ -1,0 +1,410 @@
+"""Storage helpers: array trees, atomic "committed" directories and checkpoints, over fsspec.
+
+Every URI goes through `fsspec.core.url_to_fs`, so plain paths, `file://…`, `memory://…` and
+(with the right fsspec plugin installed) `s3://…` / `gs://…` all work.
+
+A *committed directory* is a directory of files plus a `COMMIT.json` marker written LAST that
+holds the sha256 and size of every file. Readers only trust a directory whose marker exists and
+whose files all match it, so an interrupted or tampered write is never mistaken for a good one.
+On local disks the directory is also built in a hidden temporary sibling and renamed into place,
+so a half-written directory is never visible under its final name at all.
+
+Nothing here unpickles anything: arrays are stored with safetensors, metadata as JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from safetensors import SafetensorError
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMMIT.json"
+_MARKER_FORMAT = "metaopt.committed/1"
+_CKPT_RE = re.compile(r"ckpt-(\d{9,})")
+_ARRAYS_FILE = "arrays.safetensors"
+
+
+class CorruptArtifactError(ValueError):
+    """A stored directory is incomplete, truncated or tampered with (or its marker is missing)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Array trees
+
+
+def flatten_tree(tree: Any, _prefix: str = "") -> dict[str, np.ndarray]:
+    """Flatten nested dicts of arrays into {"a/b/c": np.ndarray}; empty sub-dicts vanish."""
+    if not isinstance(tree, dict):
+        raise TypeError(
+            f"expected nested dicts of arrays, got {type(tree).__name__} at "
+            f"{_prefix.rstrip('/') or '<root>'}; convert lists/tuples to dicts with string keys"
+        )
+    flat: dict[str, np.ndarray] = {}
+    for key, value in tree.items():
+        if not isinstance(key, str) or not key or "/" in key:
+            raise ValueError(
+                f"tree key {key!r} under {_prefix.rstrip('/') or '<root>'} is invalid: keys must "
+                "be non-empty strings without '/' (it separates levels in the flat form)"
+            )
+        path = _prefix + key
+        if isinstance(value, dict):
+            flat.update(flatten_tree(value, path + "/"))
+        elif isinstance(value, list | tuple) or value is None:
+            # np.asarray would quietly turn these into arrays (or object arrays) and lose the shape
+            # of the tree; only dicts are containers here.
+            raise TypeError(
+                f"{path} is a {type(value).__name__}; expected nested dicts of arrays: "
+                "convert lists/tuples to dicts with string keys"
+            )
+        else:
+            arr = np.asarray(value)  # also accepts jax arrays and Python scalars
+            if arr.dtype.kind not in "biuf":  # what safetensors can store
+                raise TypeError(
+                    f"{path} has dtype {arr.dtype} ({type(value).__name__}); only bool, int, "
+                    "uint and float arrays can be stored"
+                )
+            flat[path] = arr
+    return flat
+
+
+def unflatten_tree(flat: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `flatten_tree`: {"a/b": x} -> {"a": {"b": x}}."""
+    tree: dict[str, Any] = {}
+    for path in sorted(flat):
+        parts = path.split("/")
+        if not path or any(not p for p in parts):
+            raise ValueError(
+                f"flat key {path!r} is invalid: it must be '/'-joined non-empty names "
+                "(no leading, trailing or doubled '/')"
+            )
+        node = tree
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(
+                    f"flat keys conflict: {'/'.join(parts[: i + 1])!r} is both an array and a "
+                    f"prefix of {path!r}; rename one of them"
+                )
+            node = child
+        if parts[-1] in node:
+            raise ValueError(f"flat keys conflict: {path!r} is both an array and a prefix")
+        node[parts[-1]] = flat[path]
+    return tree
+
+
+def tree_structure(tree: Any) -> list[dict[str, Any]]:
+    """[{"path", "shape", "dtype"}] for every leaf, sorted by path (JSON-serialisable)."""
+    flat = flatten_tree(tree)
+    return [
+        {"path": p, "shape": list(flat[p].shape), "dtype": str(flat[p].dtype)} for p in sorted(flat)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Committed directories
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of `data`, as recorded in commit markers and manifests."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def contiguous(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """C-contiguous copies where needed, as safetensors requires; keeps 0-d arrays 0-d.
+
+    (np.ascontiguousarray would promote 0-d arrays to shape (1,).)
+    """
+    return {k: np.require(np.asarray(v), requirements="C") for k, v in arrays.items()}
+
+
+def _check_file_name(name: str) -> None:
+    # Names come from markers too, which may be hostile: refuse anything that could escape the dir.
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError(f"file name {name!r} is invalid: use a plain name without '/'")
+    if name == MARKER:
+        raise ValueError(f"file name {MARKER!r} is reserved for the commit marker; rename it")
+
+
+def _join(path: str, name: str) -> str:
+    return path.rstrip("/") + "/" + name
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _write_local_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # so the rename below never publishes data still only in cache
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open directories; durability is best effort there
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_committed(uri: str) -> bool:
+    """Whether `uri` has a commit marker (cheap; does not verify hashes)."""
+    fs, path = url_to_fs(uri)
+    return fs.exists(_join(path, MARKER))
+
+
+def write_committed(
+    uri: str, files: dict[str, bytes], meta: dict[str, Any], *, overwrite: bool = False
+) -> str:
+    """Write `files` into directory `uri`, then its `COMMIT.json` marker; return `uri`.
+
+    Without `overwrite`, an existing `uri` (committed or not) raises FileExistsError: that is how
+    concurrent writers of the same immutable directory lose instead of clobbering each other.
+    With `overwrite`, an existing directory is replaced (meant for a single writer).
+    """
+    for name in files:
+        _check_file_name(name)
+    marker = {
+        "format": _MARKER_FORMAT,
+        "files": {n: {"sha256": sha256_hex(b), "size": len(b)} for n, b in files.items()},
+        "meta": meta,
+        "writer": uuid.uuid4().hex,  # lets a remote writer detect that someone else won a race
+        "committed_at": _dt.datetime.now(_dt.UTC).isoformat(),
+    }
+    try:
+        marker_bytes = json.dumps(marker, indent=2, sort_keys=True).encode()
+    except TypeError as e:
+        raise TypeError(f"meta for {uri} is not JSON-serialisable ({e}); pass plain types") from e
+
+    fs, path = url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        _write_committed_local(path, files, marker_bytes, overwrite)
+    else:
+        _write_committed_remote(fs, path, files, marker_bytes, marker["writer"], overwrite)
+    return uri
+
+
+def _exists_error(path: str) -> FileExistsError:
+    return FileExistsError(
+        f"{path} already exists (written by another writer, or left over from an interrupted "
+        "one); committed directories are immutable: pick a new name, or delete it if it is junk"
+    )
+
+
+def _write_committed_local(path: str, files: dict, marker_bytes: bytes, overwrite: bool) -> None:
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    if not overwrite and os.path.lexists(path):
+        raise _exists_error(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+    os.mkdir(tmp)
+    try:
+        for fname, data in files.items():
+            _write_local_file(os.path.join(tmp, fname), data)
+        _write_local_file(os.path.join(tmp, MARKER), marker_bytes)  # marker last, even here
+        _fsync_dir(tmp)
+        trash = None
+        if overwrite and os.path.lexists(path):
+            # Move the old one aside first: rename cannot replace a non-empty directory.
+            trash = os.path.join(parent, f".{name}.trash-{uuid.uuid4().hex}")
+            os.rename(path, trash)
+        try:
+            os.rename(tmp, path)  # atomic: readers see nothing or the whole directory
+        except OSError as e:
+            # ENOTEMPTY/EEXIST: a concurrent writer renamed its directory in first.
+            raise _exists_error(path) from e
+        _fsync_dir(parent)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_committed_remote(fs, path, files, marker_bytes, writer, overwrite) -> None:
+    if fs.exists(path):
+        if not overwrite:
+            raise _exists_error(path)
+        remove_committed(fs.unstrip_protocol(path))
+    fs.makedirs(path, exist_ok=True)
+    for fname, data in files.items():
+        fs.pipe_file(_join(path, fname), data)
+    fs.pipe_file(_join(path, MARKER), marker_bytes)  # LAST: only now does the directory count
+    # Object stores have no atomic rename or create-if-absent; read the marker back so that a
+    # writer who lost a race fails loudly (the winner's hashes guard its files from our writes).
+    back = json.loads(fs.cat_file(_join(path, MARKER)))
+    if back.get("writer") != writer:
+        raise _exists_error(path)
+
+
+def remove_committed(uri: str) -> None:
+    """Delete a committed directory, marker first so it is never seen half-deleted as valid."""
+    fs, path = url_to_fs(uri)
+    marker = _join(path, MARKER)
+    if fs.exists(marker):
+        fs.rm_file(marker)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def read_marker(uri: str) -> dict[str, Any]:
+    """Parse and validate the `COMMIT.json` of `uri` (without reading the files)."""
+    fs, path = url_to_fs(uri)
+    try:
+        raw = fs.cat_file(_join(path, MARKER))
+    except FileNotFoundError:
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{uri} does not exist; check the URI") from None
+        raise CorruptArtifactError(
+            f"{uri} has no {MARKER}: its write was interrupted or is still in progress; "
+            "wait for the writer or write it again"
+        ) from None
+    try:
+        marker = json.loads(raw)
+        if marker.get("format") != _MARKER_FORMAT or not isinstance(marker.get("files"), dict):
+            raise ValueError(f"format is not {_MARKER_FORMAT!r}")
+        for name, info in marker["files"].items():
+            _check_file_name(name)
+            if not isinstance(info.get("sha256"), str) or not isinstance(info.get("size"), int):
+                raise ValueError(f"entry for {name!r} lacks sha256/size")
+    except (ValueError, AttributeError, TypeError) as e:
+        raise CorruptArtifactError(
+            f"{_join(uri, MARKER)} is not a valid commit marker ({e}); the directory is "
+            "damaged: write it again"
+        ) from e
+    return marker
+
+
+def read_committed(uri: str) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Read every file of a committed directory, verifying sizes and sha256s; return (files, meta).
+
+    Raises CorruptArtifactError naming the file when one is missing, truncated or altered.
+    """
+    marker = read_marker(uri)
+    fs, path = url_to_fs(uri)
+    files: dict[str, bytes] = {}
+    for name, info in sorted(marker["files"].items()):
+        try:
+            data = fs.cat_file(_join(path, name))
+        except FileNotFoundError:
+            raise CorruptArtifactError(
+                f"{_join(uri, name)} is missing but listed in {MARKER}; the directory is "
+                "damaged: write or copy it again"
+            ) from None
+        if len(data) != info["size"] or sha256_hex(data) != info["sha256"]:
+            raise CorruptArtifactError(
+                f"{_join(uri, name)} does not match its sha256 in {MARKER} (got {len(data)} "
+                f"bytes, expected {info['size']}): it was truncated or modified; write or copy "
+                "it again"
+            )
+        files[name] = data
+    return files, marker.get("meta", {})
+
+
+def list_subdirs(uri: str) -> list[str]:
+    """Names of the sub-directories of `uri` (empty when `uri` does not exist)."""
+    fs, path = url_to_fs(uri)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(_basename(e["name"]) for e in entries if e.get("type") == "directory")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _ckpt_steps(root_uri: str) -> list[int]:
+    """Steps of every `ckpt-*` directory under root, committed or not, newest first."""
+    steps = []
+    for name in list_subdirs(root_uri):
+        m = _CKPT_RE.fullmatch(name)
+        if m:
+            steps.append(int(m.group(1)))
+    return sorted(steps, reverse=True)
+
+
+def _ckpt_uri(root_uri: str, step: int) -> str:
+    return _join(root_uri, f"ckpt-{step:09d}")
+
+
+def save_checkpoint(
+    root_uri: str,
+    step: int,
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    *,
+    keep: int = 3,
+) -> str:
+    """Commit `root/ckpt-{step:09d}/` (arrays.safetensors + meta), then prune to `keep` newest.
+
+    Re-saving an existing step replaces it (a resumed run redoing that step).
+    """
+    if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}; it is how many checkpoints survive")
+    for k in arrays:
+        if not isinstance(k, str) or not k:
+            raise ValueError(f"checkpoint array names must be non-empty strings, got {k!r}")
+    blob = safetensors.numpy.save(contiguous(arrays))
+    uri = _ckpt_uri(root_uri, int(step))
+    # The caller's meta is nested so that its keys can never collide with ours.
+    wrapped = {"kind": "metaopt.checkpoint", "step": int(step), "meta": meta}
+    write_committed(uri, {_ARRAYS_FILE: blob}, wrapped, overwrite=True)
+    _prune(root_uri, keep)
+    return uri
+
+
+def _prune(root_uri: str, keep: int) -> None:
+    # Only after the new checkpoint is committed: until then, the old ones are the fallback.
+    steps = _ckpt_steps(root_uri)
+    committed = [s for s in steps if is_committed(_ckpt_uri(root_uri, s))]
+    if len(committed) <= keep:
+        return
+    oldest_kept = committed[keep - 1]
+    for s in steps:
+        if s < oldest_kept:  # older committed ones and older crashed leftovers alike
+            remove_committed(_ckpt_uri(root_uri, s))
+
+
+def latest_checkpoint(root_uri: str) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
+    """(step, arrays, meta) of the newest checkpoint that verifies, or None if there is none.
+
+    Corrupt or uncommitted checkpoints are skipped with a warning, falling back to older ones.
+    """
+    for step in _ckpt_steps(root_uri):
+        uri = _ckpt_uri(root_uri, step)
+        try:
+            files, meta = read_committed(uri)
+            if _ARRAYS_FILE not in files:
+                raise CorruptArtifactError(f"{uri} has no {_ARRAYS_FILE}")
+            try:
+                arrays = safetensors.numpy.load(files[_ARRAYS_FILE])
+            except SafetensorError as e:
+                raise CorruptArtifactError(f"{_join(uri, _ARRAYS_FILE)} is unreadable: {e}") from e
+        except (CorruptArtifactError, FileNotFoundError) as e:
+            log.warning("skipping checkpoint %s: %s", uri, e)
+            continue
+        return step, arrays, meta.get("meta", {})
+    return None

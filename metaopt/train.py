@@ -1,0 +1,183 @@
+"""`metaopt train`: a real meta-training run on one machine.
+
+The same parts as on a cluster: the learner's gRPC server (in this process, on 127.0.0.1 and
+a free port), N `PESWorker` Ray actors on local Ray, checkpoints under the run directory,
+Prometheus metrics on a free port, and the trained optimizer published to the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import pathlib
+import time
+from importlib import metadata
+
+from metaopt.jobspec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    job_id: str
+    outer_steps: int
+    meta_loss_first: float
+    meta_loss_last: float
+    artifact: str  # NAME:VERSION
+    registry: str
+    run_dir: str
+    metrics_url: str
+
+    def summary(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def new_job_id(spec: JobSpec) -> str:
+    return f"{spec.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
+
+
+def _code_version() -> str:
+    try:
+        return metadata.version("metaopt")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
+          progress: bool = True) -> RunResult:
+    """Run the job to its stopping rule; resumes if `job_id`'s run directory has a checkpoint."""
+    import jax
+    import ray
+
+    from learner.checkpointing import Checkpointer
+    from learner.core import Learner, LearnerConfig
+    from learner.server import make_server
+    from metaopt import optimizers, registry
+    from workers.actor import start_workers
+
+    job_id = job_id or new_job_id(spec)
+    out_dir = pathlib.Path(out).resolve()
+    run_dir = out_dir / "runs" / job_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+
+    optimizer = optimizers.make(spec.optimizer.name, **spec.optimizer.hparams)
+    theta0 = optimizer.init(jax.random.key(spec.seed))
+    learner = Learner(LearnerConfig(
+        job_id=job_id, max_outer_steps=spec.stop.max_outer_steps, seed=spec.seed,
+        outer_learning_rate=spec.outer.learning_rate, clip_norm=spec.outer.clip_norm,
+        meta_batch_size=spec.outer.meta_batch_size, max_staleness=spec.outer.max_staleness,
+        max_estimate_norm=spec.outer.max_estimate_norm, max_in_flight=spec.outer.max_in_flight,
+    ), theta0)
+    checkpointer = Checkpointer(learner, str(run_dir / "checkpoints"), spec.checkpoint_interval_s)
+    resumed_at = checkpointer.restore_latest()
+    server, port = make_server(learner, "127.0.0.1", 0)
+    metrics_server, metrics_port = learner.metrics.serve("127.0.0.1", 0)
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    log.info("job %s: learner on 127.0.0.1:%d, metrics at %s", job_id, port, metrics_url)
+
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                 num_cpus=max(os.cpu_count() or 1, int(spec.workers.count * spec.workers.cpus)),
+                 runtime_env={"env_vars": {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}})
+    checkpointer.start()
+    actors, runs = start_workers(spec, f"127.0.0.1:{port}", job_id)
+    try:
+        _follow(learner, run_dir / "metrics.jsonl", progress, start=resumed_at or 0)
+    finally:
+        learner.stop()
+        worker_stats = _collect(runs)
+        for actor in actors:
+            ray.kill(actor)
+        checkpointer.stop()
+        server.stop(grace=2).wait()
+        metrics_server.shutdown()
+    (run_dir / "workers.json").write_text(json.dumps(worker_stats, indent=2))
+
+    history = learner.history
+    plot_meta_loss(history, run_dir / "meta_loss.png", title=job_id)
+    registry_uri = str(out_dir / "registry")
+    artifact = registry.publish(
+        registry_uri, spec.artifact_name or spec.name, optimizer.name, dict(optimizer.hparams),
+        learner.theta_tree(),
+        provenance={
+            "job_id": job_id, "code_version": _code_version(),
+            "task_families": [t.family for t in spec.tasks], "outer_steps": learner.version,
+            "meta_loss_first": history[0].meta_loss, "meta_loss_last": history[-1].meta_loss,
+            "estimator": spec.estimator.model_dump(), "spec": spec.model_dump(mode="json"),
+        },
+    )
+    return RunResult(
+        job_id=job_id, outer_steps=learner.version, meta_loss_first=history[0].meta_loss,
+        meta_loss_last=history[-1].meta_loss, artifact=artifact, registry=registry_uri,
+        run_dir=str(run_dir), metrics_url=metrics_url,
+    )
+
+
+def _follow(learner, metrics_path: pathlib.Path, progress: bool, start: int) -> None:
+    """Show a progress bar and append one metrics.jsonl line per outer step until done."""
+    from tqdm import tqdm
+
+    total = learner.config.max_outer_steps
+    bar = tqdm(total=total, initial=start, desc="outer steps", unit="step", disable=not progress)
+    written, started = start, time.time()
+    with metrics_path.open("a") as sink:
+        while True:
+            finished = learner.done.wait(0.5)
+            new = learner.history[written:]
+            for record in new:
+                line = dataclasses.asdict(record) | {"elapsed_s": round(record.time - started, 3)}
+                sink.write(json.dumps(line) + "\n")
+            sink.flush()
+            if new:
+                written += len(new)
+                elapsed = max(time.time() - started, 1e-9)
+                estimates = sum(r.estimates for r in learner.history[start:])
+                bar.update(len(new))
+                bar.set_postfix(meta_loss=f"{new[-1].meta_loss:.4g}", est_per_s=f"{estimates / elapsed:.1f}")
+            if finished and written >= len(learner.history):
+                break
+    bar.close()
+
+
+def _collect(runs, timeout_s: float = 60.0) -> list:
+    """Wait for the workers to return after the learner's Stop; a stuck one is reported."""
+    import ray
+
+    ready, pending = ray.wait(runs, num_returns=len(runs), timeout=timeout_s)
+    stats = []
+    for ref in ready:
+        try:
+            stats.append(ray.get(ref))
+        except ray.exceptions.RayError as err:
+            stats.append({"error": str(err).splitlines()[0]})
+    stats += [{"error": f"did not stop within {timeout_s}s"} for _ in pending]
+    return stats
+
+
+def plot_meta_loss(history, path: pathlib.Path, title: str) -> None:
+    """Meta-loss per outer step with a running mean, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    steps = np.array([h.step for h in history])
+    losses = np.array([h.meta_loss for h in history])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, ".", alpha=0.35, label="meta-batch")
+    if len(losses) >= 5:
+        window = max(5, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=2, label=f"running mean ({window})")
+    ax.set(xlabel="outer step", ylabel="meta-loss (mean inner training loss)", title=title)
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,54 @@
+"""Name -> task-family factory registry.
+
+A factory is any callable ``factory(**kwargs) -> TaskFamily`` (usually the family class). The
+built-in families register themselves in ``task_zoo/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from task_zoo.base import Task, TaskFamily, TaskSpec
+
+_FACTORIES: dict[str, Callable[..., TaskFamily]] = {}
+
+
+def register(name: str, factory: Callable[..., TaskFamily]) -> None:
+    """Make `factory` available as `family(name, ...)`. Re-registering the same factory is a
+    no-op (module reloads); registering a different one under a taken name is an error."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a task family name must be a non-empty str, got {name!r}")
+    if _FACTORIES.get(name, factory) is not factory:
+        raise ValueError(f"task family {name!r} is already registered")
+    _FACTORIES[name] = factory
+
+
+def families() -> list[str]:
+    """Sorted names of the registered families."""
+    return sorted(_FACTORIES)
+
+
+def _factory(name: str, what: str) -> Callable[..., TaskFamily]:
+    try:
+        return _FACTORIES[name]
+    except KeyError:
+        raise ValueError(f"unknown task family {name!r} in {what}; known: {families()}") from None
+
+
+def family(name: str, **kwargs) -> TaskFamily:
+    """The family `name`, with keyword overrides of its settings (see the family's class)."""
+    factory = _factory(name, "family()")
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:  # unknown keyword: say which ones are accepted
+        accepted = list(inspect.signature(factory).parameters)
+        raise ValueError(f"task family {name!r}: {e}; accepted kwargs: {accepted}") from None
+    return factory(**kwargs)
+
+
+def task(spec: TaskSpec) -> Task:
+    """Build the task `spec` describes, using its family's default settings."""
+    if not isinstance(spec, TaskSpec):
+        raise ValueError(f"expected a TaskSpec, got {type(spec).__name__}: {spec!r}")
+    return _factory(spec.name, f"spec {spec.to_json()}")().task_fn(spec)

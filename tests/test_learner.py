@@ -1,0 +1,181 @@
+"""The learner: outer updates against optax, rejection by reason, checkpoints, the real gRPC
+server (port 0, with the standard health service)."""
+
+from __future__ import annotations
+
+import grpc
+import jax
+import numpy as np
+import optax
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from learner.checkpointing import Checkpointer
+from learner.core import Learner, LearnerConfig
+from learner.server import make_server
+from metaopt import wire
+from metaopt._proto import learner_pb2 as pb
+from metaopt._proto import learner_pb2_grpc as pb_grpc
+
+THETA0 = {"mlp": {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(3, 2),
+                  "b": np.zeros(4, np.float32)}, "scale": np.float32(0.5)}
+SIZE = 11
+
+
+def make_learner(**overrides) -> Learner:
+    config = dict(job_id="job-1", max_outer_steps=100, meta_batch_size=2, clip_norm=1.0,
+                  outer_learning_rate=0.01, max_staleness=1, max_estimate_norm=1e3)
+    return Learner(LearnerConfig(**(config | overrides)), THETA0)
+
+
+def estimate(values, version=0, job_id="job-1", loss=1.0, length=None, crc=None) -> pb.GradientEstimate:
+    data, n, checksum = wire.encode(np.asarray(values, np.float32))
+    return pb.GradientEstimate(
+        job_id=job_id, worker_id="w", run_id="r", sequence=1, theta_version=version,
+        task=pb.TaskSpec(name="quadratic", kwargs_json="{}"), num_particles=2, inner_steps=3,
+        mean_loss=loss, encoding=pb.ENCODING_FLOAT32_LE, values=data,
+        length=n if length is None else length, crc32=checksum if crc is None else crc,
+    )
+
+
+def sample_value(learner: Learner, name: str, **labels) -> float:
+    return learner.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_one_meta_batch_matches_optax_adam_with_clipping():
+    learner = make_learner()
+    rng = np.random.default_rng(0)
+    g1, g2 = rng.normal(size=SIZE) * 3, rng.normal(size=SIZE) * 3  # mean norm > clip: clipping acts
+    assert learner.submit(estimate(g1, loss=2.0)).accepted
+    assert learner.version == 0  # half a meta-batch does nothing yet
+    assert learner.submit(estimate(g2, loss=4.0)).accepted
+    assert learner.version == 1
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.01))
+    grad_tree = wire.unflatten(((g1.astype(np.float32) + g2.astype(np.float32)) / 2), THETA0)
+    params = jax.tree.map(np.asarray, THETA0)
+    updates, _ = tx.update(grad_tree, tx.init(params), params)
+    expected = optax.apply_updates(params, updates)
+    got = learner.theta_tree()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, expected)
+    assert learner.history[-1].meta_loss == pytest.approx(3.0)
+    assert sample_value(learner, "metaopt_outer_steps_total", job="job-1") == 1
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (dict(values=np.ones(SIZE + 1)), "wrong_shape"),
+    (dict(values=np.ones(SIZE), length=SIZE + 1), "wrong_shape"),
+    (dict(values=np.full(SIZE, np.nan)), "non_finite"),
+    (dict(values=np.ones(SIZE), loss=float("inf")), "non_finite"),
+    (dict(values=np.full(SIZE, 1e4)), "norm_too_large"),
+    (dict(values=np.ones(SIZE), crc=12345), "bad_checksum"),
+    (dict(values=np.ones(SIZE), job_id="other"), "wrong_job"),
+    (dict(values=np.ones(SIZE), version=7), "future_version"),
+])
+def test_invalid_estimates_change_nothing_and_are_counted(bad, reason):
+    learner = make_learner(meta_batch_size=1)
+    before = np.array(learner.theta)
+    ack = learner.submit(estimate(**bad))
+    assert not ack.accepted and pb.RejectReason.Name(ack.reason).lower().endswith(reason)
+    assert ack.detail  # says what was wrong
+    np.testing.assert_array_equal(np.array(learner.theta), before)
+    assert learner.version == 0
+    assert sample_value(learner, "metaopt_gradient_estimates_rejected_total", job="job-1", reason=reason) == 1
+
+
+def test_stale_estimates_are_rejected():
+    learner = make_learner(meta_batch_size=1, max_staleness=1)
+    for _ in range(3):
+        assert learner.submit(estimate(np.ones(SIZE) * 0.1, version=learner.version)).accepted
+    before = np.array(learner.theta)
+    ack = learner.submit(estimate(np.ones(SIZE), version=1))  # current is 3, bound is 1
+    assert ack.reason == pb.REJECT_REASON_STALE
+    np.testing.assert_array_equal(np.array(learner.theta), before)
+    assert learner.submit(estimate(np.ones(SIZE) * 0.1, version=2)).accepted  # within the bound
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+    learner = make_learner(meta_batch_size=1)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        learner.submit(estimate(rng.normal(size=SIZE), version=learner.version))
+    learner.next_worker_seed()
+    Checkpointer(learner, str(tmp_path)).save()
+
+    restored = make_learner(meta_batch_size=1)
+    assert Checkpointer(restored, str(tmp_path)).restore_latest() == 3
+    np.testing.assert_array_equal(np.array(restored.theta), np.array(learner.theta))
+    for a, b in zip(jax.tree.leaves(restored.outer_state), jax.tree.leaves(learner.outer_state), strict=True):
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(restored.rng, learner.rng)
+    assert restored.version == 3 and restored.history == learner.history
+    assert restored.next_worker_seed() == learner.next_worker_seed()
+
+
+def test_checkpoint_of_another_optimizer_is_refused(tmp_path):
+    learner = make_learner()
+    Checkpointer(learner, str(tmp_path), interval_s=60).save()
+    other = Learner(LearnerConfig(job_id="job-1", max_outer_steps=5), {"w": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="same optimizer settings"):
+        Checkpointer(other, str(tmp_path), interval_s=60).restore_latest()
+
+
+@pytest.fixture
+def served():
+    learner = make_learner(meta_batch_size=1, max_outer_steps=2)
+    server, port = make_server(learner, "127.0.0.1", 0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield learner, channel
+    channel.close()
+    server.stop(grace=None)
+
+
+def hello(digest: str) -> pb.WorkerMessage:
+    return pb.WorkerMessage(hello=pb.Hello(job_id="job-1", worker_id="w", run_id="r",
+                                           theta_structure_digest=digest))
+
+
+def test_grpc_health_and_get_theta(served):
+    learner, channel = served
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "metaopt.v1.Learner"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    theta = pb_grpc.LearnerStub(channel).GetTheta(pb.GetThetaRequest(job_id="job-1"), timeout=5)
+    assert theta.version == 0 and theta.structure_digest == learner.digest
+    flat = wire.decode(theta.values, theta.length, theta.crc32)
+    np.testing.assert_array_equal(flat, wire.flatten(THETA0))
+    with pytest.raises(grpc.RpcError) as err:
+        pb_grpc.LearnerStub(channel).GetTheta(pb.GetThetaRequest(job_id="nope"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_grpc_stream_acks_pushes_versions_and_stops(served):
+    learner, channel = served
+    stub = pb_grpc.LearnerStub(channel)
+    messages = [hello(learner.digest)] + [
+        pb.WorkerMessage(estimate=estimate(np.ones(SIZE) * 0.1, version=v)) for v in (0, 1)
+    ]
+    replies = [m.WhichOneof("kind") for m in stub.Connect(iter(messages), timeout=10)]
+    assert replies[0] == "welcome"
+    assert replies.count("ack") == 2 and replies.count("theta_updated") == 2
+    assert replies.count("stop") == 1  # max_outer_steps=2 reached
+    assert replies.index("stop") > max(i for i, r in enumerate(replies) if r == "theta_updated")
+    assert learner.version == 2
+
+
+def test_grpc_stream_refuses_a_worker_with_another_theta_structure(served):
+    _, channel = served
+    with pytest.raises(grpc.RpcError) as err:
+        list(pb_grpc.LearnerStub(channel).Connect(iter([hello("0" * 64)]), timeout=5))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "same learned optimizer" in err.value.details()
+
+
+def test_grpc_stream_must_begin_with_hello(served):
+    _, channel = served
+    first = pb.WorkerMessage(estimate=estimate(np.ones(SIZE)))
+    with pytest.raises(grpc.RpcError) as err:
+        list(pb_grpc.LearnerStub(channel).Connect(iter([first]), timeout=5))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

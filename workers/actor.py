@@ -1,0 +1,139 @@
+"""The PES worker: a thin, restartable Ray actor around a pure estimator.
+
+Loop: sample a task from the job's mix, unroll one truncation with the estimator, stream the
+estimate to the learner, refresh θ when its version moves; after `task_lifetime`
+truncations, sample another task. If the learner is unreachable the worker reconnects with
+exponential backoff, keeping its run id (one per actor incarnation) and particle state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+import grpc
+import jax
+import numpy as np
+
+import task_zoo
+from metaopt import optimizers, wire
+from metaopt._proto import learner_pb2 as pb
+from metaopt.jobspec import JobSpec, parse_job_spec
+from workers.client import LearnerClient
+from workers.estimators import make_estimator
+
+log = logging.getLogger(__name__)
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+class PESWorker:
+    def __init__(self, spec: dict | JobSpec, learner_address: str, worker_id: str, job_id: str):
+        self.spec = spec if isinstance(spec, JobSpec) else parse_job_spec(spec)
+        self.address, self.worker_id, self.job_id = learner_address, worker_id, job_id
+        self.run_id = uuid.uuid4().hex  # new per incarnation: a restart is visible
+        self.optimizer = optimizers.make(self.spec.optimizer.name, **self.spec.optimizer.hparams)
+        self.template = self.optimizer.init(jax.random.key(0))
+        self.estimator = make_estimator(
+            self.spec.estimator.kind, self.optimizer, **self.spec.estimator.settings
+        )
+        self.families = [task_zoo.family(t.family, **t.kwargs) for t in self.spec.tasks]
+        weights = np.array([t.weight for t in self.spec.tasks])
+        self.weights = weights / weights.sum()
+        self.sequence = 0
+        self.stats = {"estimates_sent": 0, "inner_steps": 0, "reconnects": 0, "compute_s": 0.0}
+
+    def hello(self) -> pb.Hello:
+        digest = wire.structure_digest(wire.theta_structure(self.template))
+        return pb.Hello(job_id=self.job_id, worker_id=self.worker_id, run_id=self.run_id,
+                        theta_structure_digest=digest)
+
+    def run(self, max_backoff_s: float = 5.0) -> dict:
+        """Work until the learner says the job is over; returns this incarnation's stats."""
+        backoff = 0.1
+        while True:
+            try:
+                client = LearnerClient(self.address, self.hello())
+            except grpc.RpcError as err:
+                if err.code() not in RETRYABLE:
+                    raise RuntimeError(f"worker {self.worker_id}: learner refused: {err.details()}") from None
+                log.warning("learner at %s unavailable (%s); retrying in %.1fs",
+                            self.address, err.details(), backoff)
+                time.sleep(backoff)
+                backoff = min(2 * backoff, max_backoff_s)
+                self.stats["reconnects"] += 1
+                continue
+            backoff = 0.1
+            try:
+                self._work(client)
+            except grpc.RpcError as err:
+                if err.code() not in RETRYABLE:
+                    raise
+            finally:
+                client.close()
+            if client.stopped.is_set():
+                return {**self.stats, "worker_id": self.worker_id, "run_id": self.run_id,
+                        "accepted": client.accepted, "rejected": client.rejected}
+            self.stats["reconnects"] += 1
+
+    def _work(self, client: LearnerClient) -> None:
+        key = jax.random.key(client.seed)
+        version, theta = client.fetch_theta(self.template)
+        task = state = None
+        truncations_left = 0
+        while client.alive:
+            if client.latest_version > version:
+                version, theta = client.fetch_theta(self.template)
+            key, task_key, init_key, step_key = jax.random.split(key, 4)
+            if truncations_left == 0:
+                spec, task = self._sample_task(task_key)
+                state = self.estimator.init(init_key, theta, task)
+                truncations_left = self.spec.estimator.task_lifetime
+            started = time.perf_counter()
+            state, grad, metrics = self.estimator.estimate(step_key, theta, state, task)
+            flat = np.asarray(grad)  # the only host sync: after the whole truncation
+            self.stats["compute_s"] += time.perf_counter() - started
+            truncations_left -= 1
+            if not client.send(self._message(flat, version, spec, float(metrics["mean_loss"]))):
+                return
+            cfg = self.estimator.config
+            self.stats["estimates_sent"] += 1
+            self.stats["inner_steps"] += 2 * cfg.num_particles * cfg.truncation_length
+
+    def _sample_task(self, key):
+        choice_key, sample_key = jax.random.split(key)
+        index = int(jax.random.choice(choice_key, len(self.families), p=self.weights))
+        family = self.families[index]
+        spec = family.sample(sample_key)
+        return spec, family.task_fn(spec)
+
+    def _message(self, flat, version, spec, mean_loss) -> pb.GradientEstimate:
+        self.sequence += 1
+        values, length, crc = wire.encode(flat)
+        cfg = self.estimator.config
+        return pb.GradientEstimate(
+            job_id=self.job_id, worker_id=self.worker_id, run_id=self.run_id,
+            sequence=self.sequence, theta_version=version,
+            task=pb.TaskSpec(name=spec.name, kwargs_json=json.dumps(dict(spec.kwargs), sort_keys=True)),
+            num_particles=cfg.num_particles, inner_steps=cfg.truncation_length,
+            mean_loss=mean_loss, encoding=pb.ENCODING_FLOAT32_LE,
+            values=values, length=length, crc32=crc,
+        )
+
+
+def start_workers(spec: JobSpec, learner_address: str, job_id: str, count: int | None = None):
+    """Create `count` PESWorker Ray actors (restarted by Ray if they die) and start their
+    loops; returns (actors, run futures). Ray must already be initialised."""
+    import ray
+
+    remote = ray.remote(PESWorker).options(
+        num_cpus=spec.workers.cpus, num_gpus=spec.workers.gpus,
+        max_restarts=-1, max_task_retries=-1,
+    )
+    spec_data = spec.model_dump(mode="json")
+    actors = [
+        remote.remote(spec_data, learner_address, f"worker-{i}", job_id)
+        for i in range(count or spec.workers.count)
+    ]
+    return actors, [actor.run.remote() for actor in actors]

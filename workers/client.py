@@ -1,0 +1,113 @@
+"""A worker's connection to the learner: one Connect stream plus GetTheta calls.
+
+Sending blocks until the learner has returned a credit (an Ack), so a worker never has more
+than `max_in_flight` estimates in flight and never polls. θ news and the job's end arrive on
+the same stream and are read by a background thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import numpy as np
+
+from metaopt import wire
+from metaopt._proto import learner_pb2 as pb
+from metaopt._proto import learner_pb2_grpc as pb_grpc
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 20_000),  # notice a dead learner within about a minute
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
+class LearnerClient:
+    """Opens the stream and completes the handshake; raises `grpc.RpcError` if it cannot."""
+
+    def __init__(self, address: str, hello: pb.Hello, connect_timeout_s: float = 10.0):
+        self.job_id = hello.job_id
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
+        except grpc.FutureTimeoutError:
+            self.channel.close()
+            raise _Unavailable(f"learner at {address} not reachable within {connect_timeout_s}s") from None
+        self.stub = pb_grpc.LearnerStub(self.channel)
+        self._outbox: queue.Queue = queue.Queue()
+        self._outbox.put(pb.WorkerMessage(hello=hello))
+        self._responses = self.stub.Connect(iter(self._outbox.get, None))
+        welcome = next(self._responses).welcome
+        self.seed = welcome.seed
+        self.latest_version = welcome.theta_version
+        self.credits = threading.Semaphore(welcome.max_in_flight)
+        self.stopped = threading.Event()  # the learner said the job is over
+        self.broken = threading.Event()  # the stream ended for any other reason
+        self.error: grpc.RpcError | None = None
+        self.accepted = self.rejected = 0
+        self.last_rejection = ""
+        threading.Thread(target=self._read, daemon=True, name="learner-reader").start()
+
+    def _read(self) -> None:
+        try:
+            for message in self._responses:
+                kind = message.WhichOneof("kind")
+                if kind == "ack":
+                    self._on_ack(message.ack)
+                elif kind == "theta_updated":
+                    self.latest_version = max(self.latest_version, message.theta_updated.theta_version)
+                elif kind == "stop":
+                    self.stopped.set()
+                    self.credits.release()  # wake a sender waiting for credit
+        except grpc.RpcError as err:
+            self.error = err
+        finally:
+            self.broken.set()
+            self.credits.release()  # wake a sender waiting for credit
+
+    def _on_ack(self, ack: pb.Ack) -> None:
+        if ack.accepted:
+            self.accepted += 1
+        else:
+            self.rejected += 1
+            self.last_rejection = f"{pb.RejectReason.Name(ack.reason)}: {ack.detail}"
+        self.credits.release()
+
+    @property
+    def alive(self) -> bool:
+        return not (self.stopped.is_set() or self.broken.is_set())
+
+    def fetch_theta(self, like) -> tuple[int, object]:
+        """(version, θ as a pytree shaped like `like`)."""
+        theta = self.stub.GetTheta(pb.GetThetaRequest(job_id=self.job_id), timeout=30)
+        flat = wire.decode(theta.values, theta.length, theta.crc32)
+        return theta.version, wire.unflatten(np.array(flat), like)
+
+    def send(self, estimate: pb.GradientEstimate) -> bool:
+        """Queue an estimate once a credit is free; False if the stream ended first."""
+        self.credits.acquire()
+        if not self.alive:
+            return False
+        self._outbox.put(pb.WorkerMessage(estimate=estimate))
+        return True
+
+    def close(self) -> None:
+        self._outbox.put(None)  # half-close our side
+        self.channel.close()
+
+
+class _Unavailable(grpc.RpcError):
+    """Raised when the learner cannot be reached at all; treated like UNAVAILABLE."""
+
+    def __init__(self, details: str):
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details

@@ -1,0 +1,200 @@
+"""Gradient estimators for meta-training: Persistent ES and truncated ES, as pure jitted functions.
+
+Both unroll inner training for one truncation of `truncation_length` steps, for
+`num_particles` antithetic pairs (θ+ε, θ−ε) batched into one program with `vmap`, each
+truncation one `lax.scan`. The two halves of a pair share their inner initialisation and
+their data (the same keys), so the difference of their losses is due to ε alone.
+
+PES (Vicol, Metz & Sohl-Dickstein, ICML 2021). Each pair keeps an accumulator ξ of the
+perturbations applied since its last inner reset. For one truncation with fresh ε ~ N(0, σ²I),
+
+    ĝ = mean over pairs of  [ΔL_before · (ξ + ε) + ΔL_after · ε] / (2σ²),
+
+where ΔL_before (ΔL_after) is the difference L(θ+·) − L(θ−·) of the truncation's mean loss
+restricted to the steps before (at and after) an inner reset inside the truncation: losses
+after a reset depend only on the fresh ε. Afterwards ξ ← ξ + ε, or ξ ← ε if the pair reset.
+ĝ is an unbiased estimate of the gradient of the Gaussian-smoothed loss of the whole
+(untruncated) inner run. Truncated ES is the same with ξ ≡ 0: it ignores how θ shaped the
+state the truncation started from, and is biased for that.
+
+Inner resets happen after `inner_horizon` steps; with `stagger`, each pair starts its first
+inner run part-way through (a random step counter), so resets are spread across truncations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from metaopt.optimizers.base import Optimizer, Theta
+from task_zoo.base import TRAIN, Task
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorConfig:
+    """Settings of an ES-family estimator (static: changing them recompiles)."""
+
+    num_particles: int = 8  # antithetic pairs
+    truncation_length: int = 20  # inner steps per estimate
+    inner_horizon: int = 200  # inner steps before a particle's inner problem resets
+    sigma: float = 0.01  # standard deviation of the perturbation ε
+    persistent: bool = True  # PES if True, truncated ES if False
+    stagger: bool = True  # spread inner resets across truncations
+
+    def __post_init__(self):
+        if self.num_particles < 1:
+            raise ValueError(f"num_particles must be >= 1, got {self.num_particles}")
+        if not 1 <= self.truncation_length <= self.inner_horizon:
+            raise ValueError(
+                f"need 1 <= truncation_length <= inner_horizon, got {self.truncation_length} "
+                f"and {self.inner_horizon}: a particle may reset at most once per truncation"
+            )
+        if not self.sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+
+
+@flax.struct.dataclass
+class ParticleState:
+    """Inner training state of every particle. Leading axis 2P (+ halves then − halves) for
+    `params` and `opt_state`, P for the rest."""
+
+    params: Params
+    opt_state: Any
+    step: jax.Array  # int32 [P], inner steps since the last reset
+    episode_key: jax.Array  # key [P], seeds the current inner run's init and data
+    accumulator: Theta  # θ-shaped with leading P: ξ, perturbations since the last reset
+
+
+def _both_halves(tree):
+    """Repeat a [P, ...] pytree to [2P, ...] (both halves of each pair share it)."""
+    return jax.tree.map(lambda x: jnp.concatenate([x, x]), tree)
+
+
+def _select(condition, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
+
+
+class ESEstimator:
+    """PES or truncated ES for one learned optimizer; `init` then `estimate` per truncation."""
+
+    def __init__(self, optimizer: Optimizer, config: EstimatorConfig):
+        self.optimizer = optimizer
+        self.config = config
+        # A task is a pytree argument, so tasks of one shape share one compiled program.
+        self.init = jax.jit(self._init)
+        self.estimate = jax.jit(self._estimate, donate_argnums=(2,))
+
+    def _inner_tx(self, theta: Theta) -> optax.GradientTransformationExtraArgs:
+        return self.optimizer.as_optax(theta, num_steps=self.config.inner_horizon)
+
+    def _fresh_inner(self, theta: Theta, task: Task, key: jax.Array):
+        params = task.init(jax.random.fold_in(key, 0))
+        return params, self._inner_tx(theta).init(params)
+
+    def _init(self, key: jax.Array, theta: Theta, task: Task) -> ParticleState:
+        """Fresh particles at θ. Returns a `ParticleState` for `num_particles` pairs."""
+        cfg = self.config
+        start_key, episode_key = jax.random.split(key)
+        episode_keys = jax.random.split(episode_key, cfg.num_particles)
+        params, opt_state = jax.vmap(self._fresh_inner, in_axes=(None, None, 0))(
+            theta, task, episode_keys
+        )
+        if cfg.stagger:
+            step = jax.random.randint(start_key, (cfg.num_particles,), 0, cfg.inner_horizon)
+        else:
+            step = jnp.zeros((cfg.num_particles,), jnp.int32)
+        accumulator = jax.tree.map(lambda t: jnp.zeros((cfg.num_particles, *t.shape)), theta)
+        return ParticleState(
+            params=_both_halves(params),
+            opt_state=_both_halves(opt_state),
+            step=step.astype(jnp.int32),
+            episode_key=episode_keys,
+            accumulator=accumulator,
+        )
+
+    def _inner_step(self, task: Task, theta_i, carry, reset_key):
+        """One inner step of one particle half; resets first if its horizon is reached."""
+        params, opt_state, step, episode_key = carry
+        reset = step >= self.config.inner_horizon
+        # Under vmap a branch would run both sides anyway, so select instead of `lax.cond`.
+        fresh_params, fresh_opt_state = self._fresh_inner(theta_i, task, reset_key)
+        params = _select(reset, fresh_params, params)
+        opt_state = _select(reset, fresh_opt_state, opt_state)
+        step = jnp.where(reset, 0, step)
+        episode_key = jnp.where(reset, reset_key, episode_key)
+
+        data_key = jax.random.fold_in(episode_key, step + 1)
+        batch_key, loss_key = jax.random.split(data_key)
+        loss, grads = jax.value_and_grad(task.loss)(params, loss_key, task.batch(batch_key, TRAIN))
+        updates, opt_state = self._inner_tx(theta_i).update(grads, opt_state, params, loss=loss)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state, step + 1, episode_key), (loss, reset)
+
+    def _estimate(self, key: jax.Array, theta: Theta, state: ParticleState, task: Task):
+        """One truncation. Returns (new state, flat float32 estimate, metrics dict).
+
+        The estimate is `ravel_pytree(θ)`-ordered (leaves of θ in tree order) and has θ's size.
+        """
+        cfg = self.config
+        P, K, sigma = cfg.num_particles, cfg.truncation_length, cfg.sigma
+        eps_key, reset_key = jax.random.split(key)
+        leaves, treedef = jax.tree.flatten(theta)
+        eps_leaves = [
+            sigma * jax.random.normal(k, (P, *leaf.shape), jnp.float32)
+            for k, leaf in zip(jax.random.split(eps_key, len(leaves)), leaves, strict=True)
+        ]
+        eps = jax.tree.unflatten(treedef, eps_leaves)
+        perturbed = jax.tree.map(lambda t, e: jnp.concatenate([t + e, t - e]), theta, eps)
+        reset_keys = _both_halves(jax.random.split(reset_key, P))
+
+        def unroll(theta_i, params, opt_state, step, episode_key, key_i):
+            def body(carry, _):
+                return self._inner_step(task, theta_i, carry, key_i)
+
+            carry = (params, opt_state, step, episode_key)
+            carry, (losses, resets) = jax.lax.scan(body, carry, length=K)
+            return carry, losses, resets
+
+        (params, opt_state, step, episode_key), losses, resets = jax.vmap(unroll)(
+            perturbed, state.params, state.opt_state, _both_halves(state.step),
+            _both_halves(state.episode_key), reset_keys,
+        )
+        # losses, resets: [2P, K]. A pair resets in both halves at the same step.
+        after_reset = jnp.cumsum(resets[:P], axis=1) > 0  # [P, K]
+        diff = losses[:P] - losses[P:]
+        diff_before = jnp.sum(jnp.where(after_reset, 0.0, diff), axis=1) / K  # [P]
+        diff_after = jnp.sum(jnp.where(after_reset, diff, 0.0), axis=1) / K
+        did_reset = after_reset[:, -1]
+
+        def per_leaf(acc, e):
+            expand = (slice(None),) + (None,) * (e.ndim - 1)
+            xi = acc + e if cfg.persistent else e
+            grad = (diff_before[expand] * xi + diff_after[expand] * e) / (2 * sigma**2)
+            new_acc = jnp.where(did_reset[expand], e, xi) if cfg.persistent else acc
+            return jnp.mean(grad, axis=0), new_acc
+
+        grads_and_accs = jax.tree.map(per_leaf, state.accumulator, eps)
+        grad = jax.tree.map(lambda _, ga: ga[0], theta, grads_and_accs)
+        accumulator = jax.tree.map(lambda _, ga: ga[1], theta, grads_and_accs)
+        new_state = ParticleState(
+            params=params, opt_state=opt_state, step=step[:P], episode_key=episode_key[:P],
+            accumulator=accumulator,
+        )
+        metrics = {"mean_loss": jnp.mean(losses), "resets": jnp.sum(did_reset)}
+        return new_state, ravel_pytree(grad)[0].astype(jnp.float32), metrics
+
+
+def make_estimator(kind: str, optimizer: Optimizer, **settings) -> ESEstimator:
+    """`kind` is "pes" or "truncated_es"; `settings` are `EstimatorConfig` fields."""
+    kinds = {"pes": True, "truncated_es": False}
+    if kind not in kinds:
+        raise ValueError(f"unknown estimator {kind!r}; known: {sorted(kinds)}")
+    return ESEstimator(optimizer, EstimatorConfig(persistent=kinds[kind], **settings))
