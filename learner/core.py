@@ -115,7 +115,7 @@ class Learner:
     def _validate(self, est: pb.GradientEstimate):
         """(reason, detail, flat values); reason 0 means valid."""
         if est.job_id != self.config.job_id:
-            return Reason.REJECT_REASON_WRONG_JOB, f"this learner serves job {self.config.job_id!r}", None
+            return Reason.REJECT_REASON_WRONG_JOB, f"this learner serves {self.config.job_id!r}", None
         if est.encoding != pb.ENCODING_FLOAT32_LE:
             return Reason.REJECT_REASON_UNKNOWN_ENCODING, f"encoding {est.encoding}", None
         if est.length != self.size:
@@ -123,16 +123,18 @@ class Learner:
         try:
             flat = wire.decode(est.values, est.length, est.crc32)
         except ValueError as err:
-            reason = Reason.REJECT_REASON_BAD_CHECKSUM if "checksum" in str(err) else Reason.REJECT_REASON_WRONG_SHAPE
+            bad_checksum = "checksum" in str(err)
+            reason = Reason.REJECT_REASON_BAD_CHECKSUM if bad_checksum else Reason.REJECT_REASON_WRONG_SHAPE
             return reason, str(err), None
         if not (np.isfinite(flat).all() and np.isfinite(est.mean_loss)):
             return Reason.REJECT_REASON_NON_FINITE, "NaN or Inf in the estimate or its loss", None
         norm = float(np.linalg.norm(flat))
         if norm > self.config.max_estimate_norm:
-            return Reason.REJECT_REASON_NORM_TOO_LARGE, f"norm {norm:.3g} > {self.config.max_estimate_norm:.3g}", None
+            detail = f"norm {norm:.3g} > {self.config.max_estimate_norm:.3g}"
+            return Reason.REJECT_REASON_NORM_TOO_LARGE, detail, None
         version = self.version
         if est.theta_version > version:
-            return Reason.REJECT_REASON_FUTURE_VERSION, f"θ version {est.theta_version} > current {version}", None
+            return Reason.REJECT_REASON_FUTURE_VERSION, f"θ version {est.theta_version} > {version}", None
         if version - est.theta_version > self.config.max_staleness:
             return Reason.REJECT_REASON_STALE, f"θ version {est.theta_version}, current {version}", None
         return 0, "", flat

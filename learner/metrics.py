@@ -30,8 +30,10 @@ class LearnerMetrics:
         self._staleness = Histogram(
             "metaopt_estimate_staleness_versions", "θ versions between an accepted estimate's "
             "θ and the current one.", job, buckets=(0, 1, 2, 4, 8, 16, 32), registry=r)
-        self._outer_steps = Counter("metaopt_outer_steps", "Outer (meta) steps applied.", job, registry=r)
-        self._meta_loss = Gauge("metaopt_meta_loss", "Mean inner loss of the last meta-batch.", job, registry=r)
+        self._outer_steps = Counter(
+            "metaopt_outer_steps", "Outer (meta) steps applied.", job, registry=r)
+        self._meta_loss = Gauge(
+            "metaopt_meta_loss", "Mean (normalised) inner loss of the last meta-batch.", job, registry=r)
         self._theta_version = Gauge("metaopt_theta_version", "Current θ version.", job, registry=r)
         self.outer_update_seconds = Histogram(
             "metaopt_outer_update_duration_seconds", "Time to apply one outer update.", job,

@@ -6,6 +6,7 @@ import json
 import logging
 import pathlib
 import sys
+from typing import Annotated
 
 import typer
 
@@ -22,12 +23,18 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def train(
-    config: pathlib.Path = typer.Argument(..., help="Job spec YAML, e.g. examples/quickstart.yaml."),
-    max_outer_steps: int = typer.Option(None, "--max-outer-steps", min=1, help="Override stop.max_outer_steps."),
-    workers: int = typer.Option(None, "--workers", min=1, help="Override workers.count."),
-    out: pathlib.Path = typer.Option("runs", "--out", help="Root for run directories and the registry."),
-    job_id: str = typer.Option(None, "--job-id", help="Job id; an existing one resumes from its last checkpoint."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line at the end."),
+    config: Annotated[pathlib.Path, typer.Argument(help="Job spec YAML, e.g. examples/quickstart.yaml.")],
+    max_outer_steps: Annotated[
+        int | None, typer.Option("--max-outer-steps", min=1, help="Override stop.max_outer_steps.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Override workers.count.")] = None,
+    out: Annotated[pathlib.Path, typer.Option("--out", help="Root for run directories and the registry.")] = (
+        pathlib.Path("runs")
+    ),
+    job_id: Annotated[
+        str | None, typer.Option("--job-id", help="Job id; an existing one resumes from its last checkpoint.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary line at the end.")] = False,
 ) -> None:
     """Meta-train locally: learner, Ray workers, checkpoints, registry, all on this machine."""
     from metaopt.jobspec import JobSpecError, load_job_spec
@@ -41,7 +48,8 @@ def train(
     from metaopt.train import train as run_training
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = run_training(spec, out=str(out), job_id=job_id, progress=sys.stderr.isatty() or not as_json)
+    show_progress = sys.stderr.isatty() or not as_json
+    result = run_training(spec, out=str(out), job_id=job_id, progress=show_progress)
     if as_json:
         typer.echo(json.dumps(result.summary()))
     else:
@@ -50,15 +58,18 @@ def train(
             f"{result.meta_loss_first:.4g} -> {result.meta_loss_last:.4g}\n"
             f"run directory: {result.run_dir} (metrics.jsonl, meta_loss.png)\n"
             f"trained optimizer: {result.artifact} in {result.registry}\n"
-            f"use it: metaopt.load({result.artifact!r}, registry={result.registry!r}).as_optax(num_steps=1000)"
+            f"use it: metaopt.load({result.artifact!r}, registry={result.registry!r})"
+            ".as_optax(num_steps=1000)"
         )
 
 
 @app.command()
 def pull(
-    ref: str = typer.Argument(..., help="NAME or NAME:VERSION (default: the newest version)."),
-    registry_uri: str = typer.Option(..., "--registry", help="Registry root: a path or fsspec URI."),
-    dest: pathlib.Path = typer.Option(None, "--dest", help="Local directory (default: the cache)."),
+    ref: Annotated[str, typer.Argument(help="NAME or NAME:VERSION (default: the newest version).")],
+    registry_uri: Annotated[str, typer.Option("--registry", help="Registry root: a path or fsspec URI.")],
+    dest: Annotated[
+        pathlib.Path | None, typer.Option("--dest", help="Local directory (default: the cache).")
+    ] = None,
 ) -> None:
     """Copy a trained optimizer out of a registry, verifying the sha256 of every file."""
     from metaopt import registry

@@ -65,6 +65,9 @@ class EstimatorSpec(_Frozen):
     truncation_length: int = Field(20, ge=1)  # inner steps per estimate
     inner_horizon: int = Field(200, ge=1)  # inner steps before a particle resets
     sigma: float = Field(0.01, gt=0)  # perturbation standard deviation
+    # meta-loss: inner loss divided by the inner run's first loss ("initial") or raw ("none")
+    loss_normalization: Literal["initial", "none"] = "initial"
+    max_loss_ratio: float = Field(10.0, gt=0)  # cap on normalised losses (diverged runs)
     truncations_per_task: int | None = Field(None, ge=1)  # default: one inner horizon
 
     @model_validator(mode="after")

@@ -59,6 +59,7 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
     from metaopt import optimizers, registry
     from workers.actor import start_workers
 
+    _start_ray(spec)  # first: Ray forks its processes, which is unsafe once threads run
     job_id = job_id or new_job_id(spec)
     out_dir = pathlib.Path(out).resolve()
     run_dir = out_dir / "runs" / job_id
@@ -80,10 +81,6 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     log.info("job %s: learner on 127.0.0.1:%d, metrics at %s", job_id, port, metrics_url)
 
-    if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 num_cpus=max(os.cpu_count() or 1, int(spec.workers.count * spec.workers.cpus)),
-                 runtime_env={"env_vars": {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}})
     checkpointer.start()
     actors, runs = start_workers(spec, f"127.0.0.1:{port}", job_id)
     try:
@@ -116,6 +113,15 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
         meta_loss_last=history[-1].meta_loss, artifact=artifact, registry=registry_uri,
         run_dir=str(run_dir), metrics_url=metrics_url,
     )
+
+
+def _start_ray(spec: JobSpec) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING,
+                 num_cpus=max(os.cpu_count() or 1, int(spec.workers.count * spec.workers.cpus)))
 
 
 def _follow(learner, metrics_path: pathlib.Path, progress: bool, start: int) -> None:

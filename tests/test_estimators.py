@@ -82,7 +82,7 @@ def run_estimates(kind: str) -> np.ndarray:
     """[RUNS, J] estimates: each run is fresh particles unrolled for J truncations."""
     estimator = make_estimator(
         kind, FakeLearnedStepSize(), num_particles=PARTICLES, truncation_length=K,
-        inner_horizon=K * J, sigma=SIGMA, stagger=False,
+        inner_horizon=K * J, sigma=SIGMA, stagger=False, loss_normalization="none",
     )
     task = ScalarQuadratic(a=jnp.asarray(A, jnp.float32))
     theta = FakeLearnedStepSize().init(None)
@@ -137,6 +137,23 @@ def test_pes_accumulator_resets_with_the_inner_problem():
     # ξ is now exactly the fresh ε: it no longer contains the first truncation's.
     assert not np.allclose(np.asarray(state.accumulator["lr"]), first_acc)
     assert np.all(np.abs(np.asarray(state.accumulator["lr"])) < 5 * SIGMA)
+
+
+def test_initial_loss_normalisation_rescales_each_inner_run():
+    """With "initial", losses are divided by the inner run's first loss (here a·x₀²/2)."""
+    task = ScalarQuadratic(a=jnp.asarray(A, jnp.float32))
+    theta = FakeLearnedStepSize().init(None)
+    grads = {}
+    for mode in ("none", "initial"):
+        estimator = make_estimator(
+            "pes", FakeLearnedStepSize(), num_particles=16, truncation_length=K,
+            inner_horizon=K * J, sigma=SIGMA, stagger=False, loss_normalization=mode,
+        )
+        state = estimator.init(jax.random.key(0), theta, task)
+        for j in range(J):
+            state, grad, _ = estimator.estimate(jax.random.key(j + 1), theta, state, task)
+        grads[mode] = float(grad[0])
+    assert grads["initial"] == pytest.approx(grads["none"] / (0.5 * A * X0**2), rel=1e-5)
 
 
 def test_config_rejects_a_truncation_longer_than_the_horizon():

@@ -3,6 +3,10 @@ server (port 0, with the standard health service)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import urllib.request
+
 import grpc
 import jax
 import numpy as np
@@ -179,3 +183,23 @@ def test_grpc_stream_must_begin_with_hello(served):
     with pytest.raises(grpc.RpcError) as err:
         list(pb_grpc.LearnerStub(channel).Connect(iter([first]), timeout=5))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_metrics_scrape_passes_promtool():
+    """A real HTTP scrape of the learner's /metrics, checked by Prometheus's own promtool."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: install Debian's prometheus package (make system-deps)"
+    learner = make_learner(meta_batch_size=1)
+    learner.submit(estimate(np.ones(SIZE) * 0.1))
+    learner.submit(estimate(np.full(SIZE, np.nan)))
+    server, port = learner.metrics.serve("127.0.0.1", 0)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    finally:
+        server.shutdown()
+    assert 'metaopt_gradient_estimates_accepted_total{job="job-1",task_family="quadratic"} 1.0' in text
+    assert 'metaopt_gradient_estimates_rejected_total{job="job-1",reason="non_finite"} 1.0' in text
+    assert 'metaopt_outer_steps_total{job="job-1"} 1.0' in text
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr

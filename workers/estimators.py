@@ -48,6 +48,11 @@ class EstimatorConfig:
     sigma: float = 0.01  # standard deviation of the perturbation ε
     persistent: bool = True  # PES if True, truncated ES if False
     stagger: bool = True  # spread inner resets across truncations
+    # "initial": the meta-loss is each inner loss divided by the loss at the inner run's
+    # first step, so tasks of any scale weigh alike; capped at `max_loss_ratio` so that a
+    # diverging particle (inf, NaN) gives a large finite loss. "none": raw inner losses.
+    loss_normalization: str = "initial"
+    max_loss_ratio: float = 10.0
 
     def __post_init__(self):
         if self.num_particles < 1:
@@ -59,6 +64,10 @@ class EstimatorConfig:
             )
         if not self.sigma > 0:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        if self.loss_normalization not in ("initial", "none"):
+            raise ValueError(
+                f"loss_normalization must be 'initial' or 'none', got {self.loss_normalization!r}"
+            )
 
 
 @flax.struct.dataclass
@@ -70,6 +79,7 @@ class ParticleState:
     opt_state: Any
     step: jax.Array  # int32 [P], inner steps since the last reset
     episode_key: jax.Array  # key [P], seeds the current inner run's init and data
+    initial_loss: jax.Array  # float32 [2P], loss at the current inner run's first step
     accumulator: Theta  # θ-shaped with leading P: ξ, perturbations since the last reset
 
 
@@ -117,12 +127,13 @@ class ESEstimator:
             opt_state=_both_halves(opt_state),
             step=step.astype(jnp.int32),
             episode_key=episode_keys,
+            initial_loss=jnp.zeros((2 * cfg.num_particles,), jnp.float32),
             accumulator=accumulator,
         )
 
     def _inner_step(self, task: Task, theta_i, carry, reset_key):
         """One inner step of one particle half; resets first if its horizon is reached."""
-        params, opt_state, step, episode_key = carry
+        params, opt_state, step, episode_key, initial_loss = carry
         reset = step >= self.config.inner_horizon
         # Under vmap a branch would run both sides anyway, so select instead of `lax.cond`.
         fresh_params, fresh_opt_state = self._fresh_inner(theta_i, task, reset_key)
@@ -136,7 +147,17 @@ class ESEstimator:
         loss, grads = jax.value_and_grad(task.loss)(params, loss_key, task.batch(batch_key, TRAIN))
         updates, opt_state = self._inner_tx(theta_i).update(grads, opt_state, params, loss=loss)
         params = optax.apply_updates(params, updates)
-        return (params, opt_state, step + 1, episode_key), (loss, reset)
+        # A first step (after a reset, or the first one a staggered particle takes) sets the scale.
+        initial_loss = jnp.where(reset | (initial_loss == 0), loss, initial_loss)
+        return (params, opt_state, step + 1, episode_key, initial_loss), (
+            self._meta_loss(loss, initial_loss), reset)
+
+    def _meta_loss(self, loss, initial_loss):
+        if self.config.loss_normalization == "none":
+            return loss
+        cap = self.config.max_loss_ratio
+        ratio = loss / jnp.maximum(initial_loss, jnp.finfo(jnp.float32).tiny)
+        return jnp.minimum(jnp.nan_to_num(ratio, nan=cap, posinf=cap), cap)
 
     def _estimate(self, key: jax.Array, theta: Theta, state: ParticleState, task: Task):
         """One truncation. Returns (new state, flat float32 estimate, metrics dict).
@@ -155,17 +176,15 @@ class ESEstimator:
         perturbed = jax.tree.map(lambda t, e: jnp.concatenate([t + e, t - e]), theta, eps)
         reset_keys = _both_halves(jax.random.split(reset_key, P))
 
-        def unroll(theta_i, params, opt_state, step, episode_key, key_i):
+        def unroll(theta_i, key_i, *carry):
             def body(carry, _):
                 return self._inner_step(task, theta_i, carry, key_i)
 
-            carry = (params, opt_state, step, episode_key)
-            carry, (losses, resets) = jax.lax.scan(body, carry, length=K)
-            return carry, losses, resets
+            return jax.lax.scan(body, carry, length=K)
 
-        (params, opt_state, step, episode_key), losses, resets = jax.vmap(unroll)(
-            perturbed, state.params, state.opt_state, _both_halves(state.step),
-            _both_halves(state.episode_key), reset_keys,
+        (params, opt_state, step, episode_key, initial_loss), (losses, resets) = jax.vmap(unroll)(
+            perturbed, reset_keys, state.params, state.opt_state, _both_halves(state.step),
+            _both_halves(state.episode_key), state.initial_loss,
         )
         # losses, resets: [2P, K]. A pair resets in both halves at the same step.
         after_reset = jnp.cumsum(resets[:P], axis=1) > 0  # [P, K]
@@ -186,8 +205,9 @@ class ESEstimator:
         accumulator = jax.tree.map(lambda _, ga: ga[1], theta, grads_and_accs)
         new_state = ParticleState(
             params=params, opt_state=opt_state, step=step[:P], episode_key=episode_key[:P],
-            accumulator=accumulator,
+            initial_loss=initial_loss, accumulator=accumulator,
         )
+        # mean_loss is the meta-loss: normalised as configured, over both halves and all steps.
         metrics = {"mean_loss": jnp.mean(losses), "resets": jnp.sum(did_reset)}
         return new_state, ravel_pytree(grad)[0].astype(jnp.float32), metrics
 

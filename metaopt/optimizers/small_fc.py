@@ -53,7 +53,7 @@ FAC_DECAY = 0.99
 TIMESCALES = (0.03, 0.1, 0.3, 0.6, 1.0, 3.0)  # in units of the whole run (step/num_steps)
 NUM_FEATURES = 18
 GRANULE = 128  # per-tensor padding unit; normalisation scales are per granule
-CHUNK = 8192  # elements per lax.map iteration: (CHUNK, 32) f32 = 1 MiB, fits in L2
+CHUNK = 16384  # elements per lax.map iteration: (32, CHUNK) f32 activations = 2 MiB
 _EPS = 1e-8  # inside rsqrt of second moments
 _NORM_EPS = 1e-5  # second-moment normaliser, as the reference
 _ADAM_FEATURE = 11  # index of m_0.9·rsqrt(v) in _features
@@ -85,14 +85,25 @@ class _Layout:
         # Segment id of every granule; the trailing padding is a dummy segment len(shapes).
         seg = [i for i, n in enumerate(self.padded) for _ in range(n // GRANULE)]
         self.granule_seg = np.asarray(seg + [len(shapes)] * (extra // GRANULE), np.int32)
-        self.extra = extra
+        self.offsets = [int(o) for o in np.cumsum([0] + self.padded[:-1])]
+        # Number of real (non-padding) elements in every granule.
+        valid = [min(GRANULE, n - j * GRANULE) for n, n_pad in zip(self.sizes, self.padded,
+                 strict=True) for j in range(n_pad // GRANULE)]
+        self.granule_valid = np.asarray(valid + [0] * (extra // GRANULE), np.int32)
 
     def pack(self, leaves: list[jax.Array]) -> jax.Array:
-        parts = []
-        for x, n, n_pad in zip(leaves, self.sizes, self.padded, strict=True):
-            parts.append(jnp.pad(jnp.ravel(x).astype(jnp.float32), (0, n_pad - n)))
-        parts.append(jnp.zeros((self.extra,), jnp.float32))
-        return jnp.concatenate(parts).reshape(self.num_chunks, self.chunk)
+        # Writing each leaf into a zero buffer (in-place dynamic_update_slice) is ~10x
+        # faster on XLA:CPU than concatenating padded pieces.
+        out = jnp.zeros((self.num_chunks * self.chunk,), jnp.float32)
+        for x, off in zip(leaves, self.offsets, strict=True):
+            out = jax.lax.dynamic_update_slice(out, jnp.ravel(x).astype(jnp.float32), (off,))
+        return out.reshape(self.num_chunks, self.chunk)
+
+    def valid_mask(self) -> jax.Array:
+        """(num_chunks, chunk) 1.0 on real elements, 0.0 on padding (built from iota)."""
+        idx = jax.lax.broadcasted_iota(jnp.int32, (len(self.granule_valid), GRANULE), 1)
+        mask = idx < jnp.asarray(self.granule_valid)[:, None]
+        return mask.astype(jnp.float32).reshape(self.num_chunks, self.chunk)
 
     def unpack(self, packed: jax.Array) -> list[jax.Array]:
         flat, out, off = packed.reshape(-1), [], 0
@@ -157,11 +168,15 @@ def _init_mlp(key: jax.Array, hidden: int, hidden_layers: int) -> dict[str, jax.
 
 
 def _mlp_apply(mlp: dict, x: jax.Array, b0: jax.Array) -> jax.Array:
-    """x: (C, F) normalised features; b0: first-layer bias incl. time features → (C, 2)."""
+    """x: (F, C) normalised features; b0: (hidden,) first-layer bias incl. time → (2, C).
+
+    Feature-major layout: W^T @ X keeps every activation row contiguous, which XLA:CPU
+    runs ~1.4x faster than X @ W for these skinny matrices and needs no transposes.
+    """
     n = len(mlp) // 2
-    h = jax.nn.relu(x @ mlp["w0"][:NUM_FEATURES] + b0)
+    h = jax.nn.relu(mlp["w0"][:NUM_FEATURES].T @ x + b0[:, None])
     for i in range(1, n):
-        h = h @ mlp[f"w{i}"] + mlp[f"b{i}"]
+        h = mlp[f"w{i}"].T @ h + mlp[f"b{i}"][:, None]
         h = jax.nn.relu(h) if i < n - 1 else h
     return h
 
@@ -219,21 +234,23 @@ class SmallFC:
                    for g, r, c in zip(grads, state.row_factors, state.col_factors, strict=True)]
             g_p, p_p = lay.pack(grads), lay.pack(leaves)
             fac_p = jnp.stack([lay.pack([f[j] for f in fac]) for j in (2, 3, 4)], axis=1)
-            mask = lay.pack([jnp.ones(jnp.shape(x), jnp.float32) for x in grads])
+            mask = lay.valid_mask()
 
             # Pass 1: new accumulators and per-granule sums of squared features.
             def stats(xs):
                 g, p, m, v, f, msk = xs
                 m = mom_decays * m + (1 - mom_decays) * g
                 v = RMS_DECAY * v + (1 - RMS_DECAY) * jnp.square(g)
-                sq = jnp.stack(_features(g, p, m, v, f)) ** 2 * msk  # (F, C)
-                return m, v, sq.reshape(NUM_FEATURES, -1, GRANULE).sum(-1).T
+                # One small reduction per feature fuses better than stacking first.
+                sums = [(x * x * msk).reshape(-1, GRANULE).sum(-1) for x in _features(g, p, m, v, f)]
+                return m, v, jnp.stack(sums, axis=-1)  # (granules per chunk, F)
 
             m_p, v_p, sums = jax.lax.map(stats, (g_p, p_p, state.momenta, state.rms, fac_p, mask))
             seg_sum = jax.ops.segment_sum(sums.reshape(-1, NUM_FEATURES), lay.granule_seg, nseg)
             counts = np.maximum(np.asarray(lay.sizes + [1], np.float32), 1.0)[:, None]
             scale = jax.lax.rsqrt(_NORM_EPS + seg_sum / counts)  # (segments, F)
-            gscale = scale[lay.granule_seg].reshape(lay.num_chunks, -1, 1, NUM_FEATURES)
+            gscale = scale[lay.granule_seg].reshape(lay.num_chunks, -1, NUM_FEATURES, 1)
+            gscale = gscale.transpose(0, 2, 1, 3)  # (chunks, F, granules per chunk, 1)
 
             frac = state.count.astype(jnp.float32) / jnp.asarray(num_steps, jnp.float32)
             tfeat = jnp.tanh(frac / jnp.asarray(TIMESCALES, jnp.float32) - 1.0)
@@ -242,10 +259,10 @@ class SmallFC:
             # Pass 2: normalised features → MLP → step, one cache-sized chunk at a time.
             def step(xs):
                 g, p, m, v, f, s = xs
-                x = jnp.stack(_features(g, p, m, v, f), axis=-1)  # (C, F)
-                x = (x.reshape(-1, GRANULE, NUM_FEATURES) * s).reshape(-1, NUM_FEATURES)
+                x = jnp.stack(_features(g, p, m, v, f))  # (F, C)
+                x = (x.reshape(NUM_FEATURES, -1, GRANULE) * s).reshape(NUM_FEATURES, -1)
                 out = _mlp_apply(mlp, x, b0)
-                return -step_mult * out[:, 0] * jnp.exp(exp_mult * out[:, 1])
+                return -step_mult * out[0] * jnp.exp(exp_mult * out[1])
 
             upd = jax.lax.map(step, (g_p, p_p, m_p, v_p, fac_p, gscale))
             new_updates = [u.astype(x.dtype) for u, x in

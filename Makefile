@@ -1,0 +1,56 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   create .venv, install, run the quickstart meta-training
+#   make test   install everything the tests need (Python and Debian packages), run the tests
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBIAN_PACKAGES := prometheus redis-server
+
+.PHONY: demo test test-slow test-all lint proto bench lock system-deps venv clean
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(STAMP)
+
+# Real services the tests start (promtool checks metrics; Redis is used by the job store).
+system-deps:
+	@command -v promtool >/dev/null && command -v redis-server >/dev/null || { \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES); }
+
+demo: venv
+	$(BIN)/metaopt train examples/quickstart.yaml
+
+test: venv system-deps
+	$(BIN)/ruff check .
+	$(BIN)/pytest -m "not slow"
+
+test-slow: venv system-deps
+	$(BIN)/pytest -m slow
+
+test-all: venv system-deps
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check .
+
+proto: venv
+	$(BIN)/python scripts/gen_proto.py
+
+bench: venv
+	$(BIN)/python benchmarks/lopt_step.py --out bench-out
+	$(BIN)/python benchmarks/worker_throughput.py --out bench-out
+
+lock: venv
+	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^metaopt'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf $(VENV) runs bench-out .pytest_cache

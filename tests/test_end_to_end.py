@@ -1,0 +1,116 @@
+"""End to end: `metaopt train` as a user runs it (real Ray actors, real gRPC server, real
+checkpoints and registry), then the trained optimizer pulled, loaded and used."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import metaopt
+import task_zoo
+
+DATA = pathlib.Path(__file__).parent / "data"
+METAOPT = [sys.executable, "-m", "metaopt.cli"]
+
+
+def metaopt_cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([*METAOPT, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    done = metaopt_cli("train", DATA / "e2e.yaml", "--out", out, "--json", "--job-id", "e2e-1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), out
+
+
+def test_run_finishes_with_everything_on_disk(run):
+    result, out = run
+    assert result["outer_steps"] == 40 and result["job_id"] == "e2e-1"
+    assert result["artifact"] == "e2e:1"
+    run_dir = pathlib.Path(result["run_dir"])
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 41))
+    assert (run_dir / "meta_loss.png").stat().st_size > 10_000
+    assert any((run_dir / "checkpoints").glob("ckpt-*/COMMIT.json"))
+    workers = json.loads((run_dir / "workers.json").read_text())
+    assert sum(w.get("accepted", 0) for w in workers) >= 80  # 40 steps × meta-batch 2
+
+
+def test_meta_loss_falls(run):
+    result, _ = run
+    losses = [json.loads(line)["meta_loss"]
+              for line in (pathlib.Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.9 * first, (first, last)
+
+
+def test_artifact_loads_and_trains_a_fresh_quadratic(run):
+    result, _ = run
+    trained = metaopt.load(result["artifact"], registry=result["registry"])
+    assert trained.manifest["provenance"]["job_id"] == "e2e-1"
+    family = task_zoo.family("quadratic", dims=[8], noise=[0.0, 0.0])
+    task = family.task_fn(family.sample(jax.random.key(123)))  # a quadratic it never saw
+    tx = trained.as_optax(num_steps=50)
+    params = task.init(jax.random.key(0))
+    state = tx.init(params)
+    batch = task.batch(jax.random.key(1), task_zoo.TEST)
+    initial = float(task.loss(params, None, batch))
+
+    @jax.jit
+    def step(params, state):
+        loss, grads = jax.value_and_grad(task.loss)(params, None, batch)
+        updates, state = tx.update(grads, state, params, loss=loss)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(50):
+        params, state = step(params, state)
+    assert float(task.loss(params, None, batch)) < 0.5 * initial
+
+
+def test_pull_verifies_and_refuses_a_tampered_artifact(run, tmp_path):
+    result, _ = run
+    registry = tmp_path / "registry"
+    shutil.copytree(result["registry"], registry)
+    done = metaopt_cli("pull", result["artifact"], "--registry", registry, "--dest", tmp_path / "a")
+    assert done.returncode == 0, done.stderr
+    theta_file = registry / "e2e" / "1" / "theta.safetensors"
+    data = bytearray(theta_file.read_bytes())
+    data[-1] ^= 0xFF
+    theta_file.write_bytes(bytes(data))
+    done = metaopt_cli("pull", result["artifact"], "--registry", registry, "--dest", tmp_path / "b")
+    assert done.returncode == 1
+    assert "theta.safetensors" in done.stderr and "re-publish" in done.stderr
+    assert not (tmp_path / "b" / "theta.safetensors").exists()
+
+
+def test_same_job_id_resumes_from_its_checkpoint(run):
+    result, out = run
+    done = metaopt_cli("train", DATA / "e2e.yaml", "--out", out, "--json", "--job-id", "e2e-1",
+                       "--max-outer-steps", "44")
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert resumed["outer_steps"] == 44
+    assert resumed["meta_loss_first"] == result["meta_loss_first"]  # history came back too
+    steps = [json.loads(line)["step"] for line in
+             (pathlib.Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 45))
+
+
+def test_a_bad_job_spec_is_refused_and_starts_nothing(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: Bad Name\ntasks:\n  - family: nosuchfamily\nestimator: {sigma: -1}\n")
+    done = metaopt_cli("train", spec, "--out", tmp_path / "out", timeout=60)
+    assert done.returncode == 2
+    for expected in ("name", "tasks.0", "nosuchfamily", "quadratic", "estimator.sigma"):
+        assert expected in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
