@@ -181,7 +181,7 @@ def plot_meta_loss(history, path: pathlib.Path, title: str) -> None:
         window = max(5, len(losses) // 20)
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1:], smooth, lw=2, label=f"running mean ({window})")
-    ax.set(xlabel="outer step", ylabel="meta-loss (mean inner training loss)", title=title)
+    ax.set(xlabel="outer step", ylabel="meta-loss (inner loss / initial loss)", title=title)
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()

@@ -1,8 +1,8 @@
 """Optimizers for metaopt, learned and hand-designed, behind one registry.
 
-    from metaopt import optimizers
-    optimizers.names()                       # ['adam', 'small_fc']
-    opt = optimizers.make("small_fc", hidden=32)
+from metaopt import optimizers
+optimizers.names()                       # ['adam', 'small_fc']
+opt = optimizers.make("small_fc", hidden=32)
 """
 
 from metaopt.optimizers.adam import Adam

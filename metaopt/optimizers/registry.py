@@ -47,7 +47,5 @@ def make(name: str, **hparams: Any) -> Optimizer:
     accepted = _accepted(factory)
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
-        raise ValueError(
-            f"unknown hyperparameter(s) {unknown} for optimizer {name!r}; accepted: {accepted}"
-        )
+        raise ValueError(f"unknown hyperparameter(s) {unknown} for optimizer {name!r}; accepted: {accepted}")
     return factory(**hparams)

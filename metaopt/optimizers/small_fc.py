@@ -10,10 +10,11 @@ Every scalar parameter is updated by the same small MLP applied to F=18 features
   v, rsqrt(v)                 EMA of g² (decay RMS_DECAY) and its inverse square root
   m_k·rsqrt(v) (5)            Adam-like normalised momenta
   g·rsqrt(v̂), m_0.9·rsqrt(v̂)  Adafactor-normalised grad / momentum (decay FAC_DECAY)
-  rsqrt(v_row), rsqrt(v_col)  the Adafactor row / column factors themselves
+  a, b                        the Adafactor row / column factors: a = rsqrt(v_row),
+                              b = rsqrt(v_col / mean(v_row)); rsqrt(v̂) is taken as a·b
 v̂ is the rank-1 Adafactor estimate v_row ⊗ v_col / mean(v_row) over the last two axes of
-a ≥2-D tensor; 0-D and 1-D tensors store an unfactored v̂ (as RMSProp) and their row/col
-features are rsqrt(v̂). Each feature is divided by its root-mean-square over its tensor
+a ≥2-D tensor. 0-D and 1-D tensors keep an unfactored v̂ (as RMSProp): a = rsqrt(v̂), b = 1.
+Each feature is divided by its root-mean-square over its own tensor
 ("second-moment normalisation", as the reference), so grads of 1e-8 or 1e8 give unit-scale
 inputs. A training-progress embedding tanh(step / num_steps / τ - 1) for τ in TIMESCALES is
 shared by all parameters of a step, so it is folded into the first-layer bias (exact).
@@ -28,12 +29,15 @@ stable descent method (step ≈ 1e-3 per parameter).
 Optimizer state per parameter: 5 momenta + 1 second moment = 6 float32 (plus O(rows+cols)
 Adafactor factors per ≥2-D tensor, and ≤ GRANULE-1 padding floats per tensor).
 
-Performance: all tensors are packed into one flat vector (each tensor padded to a multiple
-of GRANULE elements so per-tensor normalisation is a per-granule scale) and processed in
-chunks of ≤ CHUNK elements with `lax.map`, so that every (chunk, 32) activation stays in
-cache. Big fresh buffers are slow on CPU (page faults cost ~0.6 ms/MB above 32 MB), so
-nothing (N, F) or (N, hidden) is ever materialised. Momenta and v are stored in this packed
-(num_chunks, ·, CHUNK) layout to avoid re-packing them every step.
+Performance (see benchmarks/lopt_step.py): all tensors are packed into one flat vector,
+each padded to a multiple of GRANULE elements so that per-tensor normalisation becomes a
+per-granule scale, and processed in chunks of ≤ CHUNK elements with `lax.map`: pass 1
+updates the accumulators and sums squared features per granule, pass 2 recomputes the
+features, scales them and runs the MLP. Features are feature-major (F, C) so the MLP is
+W^T @ X (XLA:CPU runs it via XNNPACK at >100 GFLOP/s on 2 cores). Nothing of size (N, F)
+or (N, hidden) is ever materialised: fresh multi-MB buffers cost page faults on every call
+(~0.5 ms/MB here), more than the arithmetic. Momenta and v are stored in the packed
+(num_chunks, ·, chunk) layout so they need no re-packing each step.
 """
 
 from __future__ import annotations
@@ -60,9 +64,13 @@ _ADAM_FEATURE = 11  # index of m_0.9·rsqrt(v) in _features
 
 
 class SmallFCState(NamedTuple):
-    """count: int32 step; momenta: (num_chunks, 5, CHUNK) f32; rms: (num_chunks, CHUNK) f32
-    EMA of g²; row_factors/col_factors: tuples per leaf (Adafactor v_row (…, rows) and
-    v_col (…, cols); for 0-D/1-D leaves row holds the full v̂ and col a () zero)."""
+    """Packed optimizer state (chunk ≤ CHUNK; padding elements stay zero-gradient).
+
+    count: () int32 steps taken; momenta: (num_chunks, 5, chunk) f32 EMAs of g;
+    rms: (num_chunks, chunk) f32 EMA of g²; row_factors / col_factors: tuples, one per leaf,
+    of the Adafactor v_row (shape[:-1]) and v_col (shape[:-2] + shape[-1:]); for 0-D/1-D
+    leaves row holds the full unfactored v̂ and col a () zero.
+    """
 
     count: jax.Array
     momenta: jax.Array
@@ -79,31 +87,29 @@ class _Layout:
         self.sizes = [math.prod(s) for s in shapes]
         self.padded = [-(-n // GRANULE) * GRANULE for n in self.sizes]
         total = max(sum(self.padded), GRANULE)
-        self.chunk = min(CHUNK, total)
-        self.num_chunks = -(-total // self.chunk)
+        # Fewest chunks of ≤ CHUNK elements, sized so that little padding is added at the end.
+        self.num_chunks = -(-total // CHUNK)
+        self.chunk = -(-total // self.num_chunks // GRANULE) * GRANULE
         extra = self.num_chunks * self.chunk - sum(self.padded)
         # Segment id of every granule; the trailing padding is a dummy segment len(shapes).
         seg = [i for i, n in enumerate(self.padded) for _ in range(n // GRANULE)]
         self.granule_seg = np.asarray(seg + [len(shapes)] * (extra // GRANULE), np.int32)
         self.offsets = [int(o) for o in np.cumsum([0] + self.padded[:-1])]
         # Number of real (non-padding) elements in every granule.
-        valid = [min(GRANULE, n - j * GRANULE) for n, n_pad in zip(self.sizes, self.padded,
-                 strict=True) for j in range(n_pad // GRANULE)]
+        valid = [
+            min(GRANULE, n - j * GRANULE)
+            for n, n_pad in zip(self.sizes, self.padded, strict=True)
+            for j in range(n_pad // GRANULE)
+        ]
         self.granule_valid = np.asarray(valid + [0] * (extra // GRANULE), np.int32)
 
     def pack(self, leaves: list[jax.Array]) -> jax.Array:
-        # Writing each leaf into a zero buffer (in-place dynamic_update_slice) is ~10x
-        # faster on XLA:CPU than concatenating padded pieces.
+        # Each leaf is written in place into one zero buffer (dynamic_update_slice), so XLA
+        # does not materialise padded copies of the leaves before concatenating them.
         out = jnp.zeros((self.num_chunks * self.chunk,), jnp.float32)
         for x, off in zip(leaves, self.offsets, strict=True):
             out = jax.lax.dynamic_update_slice(out, jnp.ravel(x).astype(jnp.float32), (off,))
         return out.reshape(self.num_chunks, self.chunk)
-
-    def valid_mask(self) -> jax.Array:
-        """(num_chunks, chunk) 1.0 on real elements, 0.0 on padding (built from iota)."""
-        idx = jax.lax.broadcasted_iota(jnp.int32, (len(self.granule_valid), GRANULE), 1)
-        mask = idx < jnp.asarray(self.granule_valid)[:, None]
-        return mask.astype(jnp.float32).reshape(self.num_chunks, self.chunk)
 
     def unpack(self, packed: jax.Array) -> list[jax.Array]:
         flat, out, off = packed.reshape(-1), [], 0
@@ -118,26 +124,33 @@ def _factored(shape: tuple[int, ...]) -> bool:
 
 
 def _update_factors(g, row, col, decay):
-    """Adafactor accumulators → (new_row, new_col, rsqrt v̂, rsqrt row feat, rsqrt col feat)."""
+    """Adafactor accumulators → (new_row, new_col, a, b), with a, b broadcast to g.shape.
+
+    v̂ = row ⊗ col / mean(row) is never formed: a = rsqrt(row), b = rsqrt(col / mean(row)),
+    so rsqrt(v̂) ≈ a·b is computed per chunk and only two per-element arrays are packed.
+    Unfactored (0-D/1-D) leaves keep a full v̂ in `row`: a = rsqrt(v̂), b = 1.
+    """
     g2 = jnp.square(g)
     if not _factored(g.shape):
         v = decay * row + (1 - decay) * g2
-        r = jax.lax.rsqrt(v + _EPS)
-        return v, col, r, r, r
+        return v, col, jax.lax.rsqrt(v + _EPS), jnp.ones_like(g)
     row = decay * row + (1 - decay) * jnp.mean(g2, axis=-1)
     col = decay * col + (1 - decay) * jnp.mean(g2, axis=-2)
-    # v̂ = row ⊗ (col / mean(row)); dividing first avoids underflow for tiny grads.
+    # Normalising col by mean(row) (not row·col) avoids float32 underflow for tiny grads.
     col_n = col / (jnp.mean(row, axis=-1, keepdims=True) + 1e-30)
-    vhat = row[..., :, None] * col_n[..., None, :]
-    r_row = jnp.broadcast_to(jax.lax.rsqrt(row + _EPS)[..., :, None], g.shape)
-    r_col = jnp.broadcast_to(jax.lax.rsqrt(col + _EPS)[..., None, :], g.shape)
-    return row, col, jax.lax.rsqrt(vhat + _EPS), r_row, r_col
+    a = jnp.broadcast_to(jax.lax.rsqrt(row + _EPS)[..., :, None], g.shape)
+    b = jnp.broadcast_to(jax.lax.rsqrt(col_n + _EPS)[..., None, :], g.shape)
+    return row, col, a, b
 
 
-def _features(g, p, m, v, fac):
-    """Per-element features, each of shape (C,): g, p (C,), m (5, C), v (C,), fac (3, C)."""
+def _features(g, p, m, v, a, b):
+    """Per-element features (list of NUM_FEATURES arrays of shape (C,)).
+
+    g, p, v, a, b: (C,); m: (5, C). See the module docstring for the list.
+    """
     r = jax.lax.rsqrt(v + _EPS)
-    return [g, p, *m, v, r, *(m * r), g * fac[0], m[2] * fac[0], fac[1], fac[2]]
+    fr = a * b  # ≈ rsqrt(v̂), the Adafactor preconditioner
+    return [g, p, *m, v, r, *(m * r), g * fr, m[2] * fr, a, b]
 
 
 def _init_mlp(key: jax.Array, hidden: int, hidden_layers: int) -> dict[str, jax.Array]:
@@ -192,6 +205,10 @@ class SmallFC:
 
     name = "small_fc"  # class attribute, not a dataclass field
 
+    def __post_init__(self):
+        if self.hidden < 2 or self.hidden_layers < 0:
+            raise ValueError(f"small_fc needs hidden >= 2 and hidden_layers >= 0, got {self}")
+
     @property
     def hparams(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -230,27 +247,32 @@ class SmallFC:
             nseg = len(grads) + 1
             grads = [x.astype(jnp.float32) for x in grads]
 
-            fac = [_update_factors(g, r, c, FAC_DECAY)
-                   for g, r, c in zip(grads, state.row_factors, state.col_factors, strict=True)]
+            fac = [
+                _update_factors(g, r, c, FAC_DECAY)
+                for g, r, c in zip(grads, state.row_factors, state.col_factors, strict=True)
+            ]
             g_p, p_p = lay.pack(grads), lay.pack(leaves)
-            fac_p = jnp.stack([lay.pack([f[j] for f in fac]) for j in (2, 3, 4)], axis=1)
-            mask = lay.valid_mask()
+            a_p, b_p = lay.pack([f[2] for f in fac]), lay.pack([f[3] for f in fac])
+            valid = jnp.asarray(lay.granule_valid.reshape(lay.num_chunks, -1))
 
             # Pass 1: new accumulators and per-granule sums of squared features.
             def stats(xs):
-                g, p, m, v, f, msk = xs
+                g, p, m, v, a, b, nvalid = xs
+                # Padding must not count towards the per-tensor statistics.
+                msk = jax.lax.broadcasted_iota(jnp.int32, (nvalid.shape[0], GRANULE), 1)
+                msk = (msk < nvalid[:, None]).astype(jnp.float32).reshape(-1)
                 m = mom_decays * m + (1 - mom_decays) * g
                 v = RMS_DECAY * v + (1 - RMS_DECAY) * jnp.square(g)
                 # One small reduction per feature fuses better than stacking first.
-                sums = [(x * x * msk).reshape(-1, GRANULE).sum(-1) for x in _features(g, p, m, v, f)]
+                sums = [(x * x * msk).reshape(-1, GRANULE).sum(-1) for x in _features(g, p, m, v, a, b)]
                 return m, v, jnp.stack(sums, axis=-1)  # (granules per chunk, F)
 
-            m_p, v_p, sums = jax.lax.map(stats, (g_p, p_p, state.momenta, state.rms, fac_p, mask))
+            m_p, v_p, sums = jax.lax.map(stats, (g_p, p_p, state.momenta, state.rms, a_p, b_p, valid))
             seg_sum = jax.ops.segment_sum(sums.reshape(-1, NUM_FEATURES), lay.granule_seg, nseg)
             counts = np.maximum(np.asarray(lay.sizes + [1], np.float32), 1.0)[:, None]
             scale = jax.lax.rsqrt(_NORM_EPS + seg_sum / counts)  # (segments, F)
-            gscale = scale[lay.granule_seg].reshape(lay.num_chunks, -1, NUM_FEATURES, 1)
-            gscale = gscale.transpose(0, 2, 1, 3)  # (chunks, F, granules per chunk, 1)
+            gscale = scale[lay.granule_seg].reshape(lay.num_chunks, -1, NUM_FEATURES)
+            gscale = gscale.transpose(0, 2, 1)  # (chunks, F, granules per chunk)
 
             frac = state.count.astype(jnp.float32) / jnp.asarray(num_steps, jnp.float32)
             tfeat = jnp.tanh(frac / jnp.asarray(TIMESCALES, jnp.float32) - 1.0)
@@ -258,17 +280,19 @@ class SmallFC:
 
             # Pass 2: normalised features → MLP → step, one cache-sized chunk at a time.
             def step(xs):
-                g, p, m, v, f, s = xs
-                x = jnp.stack(_features(g, p, m, v, f))  # (F, C)
-                x = (x.reshape(NUM_FEATURES, -1, GRANULE) * s).reshape(NUM_FEATURES, -1)
+                g, p, m, v, a, b, s = xs
+                x = jnp.stack(_features(g, p, m, v, a, b))  # (F, C)
+                x = (x.reshape(NUM_FEATURES, -1, GRANULE) * s[:, :, None]).reshape(NUM_FEATURES, -1)
                 out = _mlp_apply(mlp, x, b0)
                 return -step_mult * out[0] * jnp.exp(exp_mult * out[1])
 
-            upd = jax.lax.map(step, (g_p, p_p, m_p, v_p, fac_p, gscale))
-            new_updates = [u.astype(x.dtype) for u, x in
-                           zip(lay.unpack(upd), jax.tree.leaves(updates), strict=True)]
+            upd = jax.lax.map(step, (g_p, p_p, m_p, v_p, a_p, b_p, gscale))
+            new_updates = [
+                u.astype(x.dtype) for u, x in zip(lay.unpack(upd), jax.tree.leaves(updates), strict=True)
+            ]
             new_state = SmallFCState(
-                state.count + 1, m_p, v_p, tuple(f[0] for f in fac), tuple(f[1] for f in fac))
+                state.count + 1, m_p, v_p, tuple(f[0] for f in fac), tuple(f[1] for f in fac)
+            )
             return jax.tree.unflatten(treedef, new_updates), new_state
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,178 @@
+"""Conformance suite run over every registered optimizer, plus optimizer-specific checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metaopt import optimizers
+
+NAMES = optimizers.names()
+
+
+def _params():
+    """A pytree with 0-D, 1-D, 2-D and 3-D leaves."""
+    k = jax.random.split(jax.random.key(0), 4)
+    return {
+        "scalar": jax.random.normal(k[0], ()),
+        "bias": jax.random.normal(k[1], (7,)),
+        "dense": {"w": jax.random.normal(k[2], (6, 5))},
+        "conv": jax.random.normal(k[3], (3, 4, 5)),
+    }
+
+
+def _setup(name, num_steps=100):
+    opt = optimizers.make(name)
+    theta = opt.init(jax.random.key(1))
+    tx = opt.as_optax(theta, num_steps)
+    params = _params()
+    return opt, theta, tx, params, tx.init(params)
+
+
+def _structure(tree):
+    return jax.tree.structure(tree), [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(tree)]
+
+
+def test_names_and_protocol():
+    assert NAMES == sorted(NAMES)
+    assert {"adam", "small_fc"} <= set(NAMES)
+    for name in NAMES:
+        opt = optimizers.make(name)
+        assert opt.name == name
+        assert optimizers.make(name, **opt.hparams) == opt  # hparams rebuild the optimizer
+        hash(opt)  # usable as a static jit argument
+
+
+def test_make_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown optimizer 'nope'.*adam.*small_fc"):
+        optimizers.make("nope")
+    with pytest.raises(ValueError, match=r"\['hiden'\].*accepted.*hidden"):
+        optimizers.make("small_fc", hiden=3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_theta_is_float32_dicts(name):
+    opt = optimizers.make(name)
+    theta = opt.init(jax.random.key(0))
+    assert isinstance(theta, dict)
+    for leaf in jax.tree.leaves(theta):
+        assert leaf.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_no_recompile_and_stable_state(name):
+    _, _, tx, params, state = _setup(name)
+    update = jax.jit(tx.update)
+    grads = jax.tree.map(jnp.ones_like, params)
+    before = _structure(state)
+    u, state = update(grads, state, params, loss=jnp.float32(1.0))
+    assert _structure(state) == before
+    u, state = update(grads, state, params, loss=jnp.float32(0.5))
+    assert update._cache_size() == 1
+    assert _structure(state) == before
+    assert _structure(u) == _structure(params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("scale", [0.0, 1e-8, 1e8])
+def test_finite_for_extreme_grads(name, scale):
+    _, _, tx, params, state = _setup(name)
+    update = jax.jit(tx.update)
+    for i in range(4):
+        grads = jax.tree.map(lambda x, i=i: scale * (x + i), params)
+        u, state = update(grads, state, params)
+        params = optax.apply_updates(params, u)
+        for leaf in jax.tree.leaves((u, state, params)):
+            assert np.all(np.isfinite(np.asarray(leaf))), (scale, i)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_over_theta_and_grads(name):
+    """Batched θ and gradients (particles), as in vmapped inner training inside lax.scan."""
+    opt = optimizers.make(name)
+    thetas = jax.vmap(opt.init)(jax.random.split(jax.random.key(0), 3))
+    scales = jnp.asarray([0.5, 1.0, 2.0])
+    params = _params()
+
+    @jax.jit
+    def two_steps(theta, scale):
+        tx = opt.as_optax(theta, 10)
+        grads = jax.tree.map(lambda x: scale * jnp.cos(x), params)
+        state = tx.init(params)
+        _, state = tx.update(grads, state, params)
+        return tx.update(grads, state, params)[0]
+
+    batched = jax.vmap(two_steps)(thetas, scales)
+    single = two_steps(jax.tree.map(lambda x: x[1], thetas), scales[1])
+    for b, s in zip(jax.tree.leaves(batched), jax.tree.leaves(single), strict=True):
+        assert b.shape[0] == 3
+        np.testing.assert_allclose(b[1], s, rtol=1e-5, atol=1e-8)
+
+
+def _quadratic_losses(tx, steps):
+    a = jnp.linspace(0.5, 2.0, 16)
+    params = {"x": jnp.linspace(-2.0, 2.0, 16), "w": jnp.ones((4, 4))}
+
+    def loss(p):
+        return 0.5 * jnp.sum(a * p["x"] ** 2) + jnp.sum(p["w"] ** 2)
+
+    def body(carry, _):
+        p, s = carry
+        value, g = jax.value_and_grad(loss)(p)
+        u, s = tx.update(g, s, p, loss=value)
+        return (optax.apply_updates(p, u), s), value
+
+    _, losses = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), None, steps))(params)
+    return np.asarray(losses)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_initial_theta_decreases_quadratic(name):
+    _, _, tx, _, _ = _setup(name, num_steps=100)
+    losses = _quadratic_losses(tx, 100)
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.95 * losses[0]
+    assert np.mean(np.diff(losses) < 0) > 0.9  # descent on (almost) every step
+
+
+def test_adam_matches_optax():
+    opt = optimizers.make("adam", learning_rate=3e-3, b1=0.8)
+    tx = opt.as_optax(opt.init(jax.random.key(0)), 10)
+    ref = optax.adam(3e-3, b1=0.8)
+    params = _params()
+    s, s_ref = tx.init(params), ref.init(params)
+    for i in range(3):
+        g = jax.tree.map(lambda x, i=i: jnp.sin(x * (i + 1)), params)
+        u, s = tx.update(g, s, params, loss=1.0)
+        u_ref, s_ref = ref.update(g, s_ref, params)
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_small_fc_meta_params_and_state_size():
+    opt = optimizers.make("small_fc")
+    theta = opt.init(jax.random.key(0))
+    assert set(theta) == {"mlp"}
+    assert sum(x.size for x in jax.tree.leaves(theta)) == 1922
+    state = opt.as_optax(theta, 10).init({"w": jnp.zeros((128, 128))})
+    assert state.momenta.size + state.rms.size == 6 * 128 * 128  # 6 floats per parameter
+
+
+def test_small_fc_theta_is_differentiable():
+    """Meta-gradients flow through the update to every MLP weight matrix."""
+    opt = optimizers.make("small_fc")
+    theta = opt.init(jax.random.key(0))
+    params = _params()
+    grads = jax.tree.map(jnp.cos, params)
+
+    def meta_loss(th):
+        tx = opt.as_optax(th, 10)
+        u, _ = tx.update(grads, tx.init(params), params)
+        return sum(jnp.sum(x**2) for x in jax.tree.leaves(u))
+
+    g = jax.grad(meta_loss)(theta)
+    for k in ("w0", "w1", "w2"):
+        assert np.all(np.isfinite(g["mlp"][k])) and np.any(g["mlp"][k] != 0), k
