@@ -84,7 +84,7 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
     checkpointer.start()
     actors, runs = start_workers(spec, f"127.0.0.1:{port}", job_id)
     try:
-        _follow(learner, run_dir / "metrics.jsonl", progress, start=resumed_at or 0)
+        _follow(learner, runs, run_dir / "metrics.jsonl", progress, start=resumed_at or 0)
     finally:
         learner.stop()
         worker_stats = _collect(runs)
@@ -124,7 +124,25 @@ def _start_ray(spec: JobSpec) -> None:
                  num_cpus=max(os.cpu_count() or 1, int(spec.workers.count * spec.workers.cpus)))
 
 
-def _follow(learner, metrics_path: pathlib.Path, progress: bool, start: int) -> None:
+class WorkerFailed(RuntimeError):
+    """A worker's loop ended with an error before the job was done."""
+
+
+def _raise_if_a_worker_failed(runs, job_id: str) -> None:
+    import ray
+
+    finished, _ = ray.wait(runs, num_returns=len(runs), timeout=0)
+    for ref in finished:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as err:
+            raise WorkerFailed(
+                f"job {job_id}: a worker failed, so the run stops: {err}\n"
+                f"The last checkpoint is kept; fix the cause and rerun with --job-id {job_id} to resume."
+            ) from None
+
+
+def _follow(learner, runs, metrics_path: pathlib.Path, progress: bool, start: int) -> None:
     """Show a progress bar and append one metrics.jsonl line per outer step until done."""
     from tqdm import tqdm
 
@@ -147,6 +165,7 @@ def _follow(learner, metrics_path: pathlib.Path, progress: bool, start: int) -> 
                 bar.set_postfix(meta_loss=f"{new[-1].meta_loss:.4g}", est_per_s=f"{estimates / elapsed:.1f}")
             if finished and written >= len(learner.history):
                 break
+            _raise_if_a_worker_failed(runs, learner.config.job_id)
     bar.close()
 
 

@@ -49,12 +49,12 @@ class PESWorker:
         return pb.Hello(job_id=self.job_id, worker_id=self.worker_id, run_id=self.run_id,
                         theta_structure_digest=digest)
 
-    def run(self, max_backoff_s: float = 5.0) -> dict:
+    def run(self, max_backoff_s: float = 5.0, connect_timeout_s: float = 10.0) -> dict:
         """Work until the learner says the job is over; returns this incarnation's stats."""
         backoff = 0.1
         while True:
             try:
-                client = LearnerClient(self.address, self.hello())
+                client = LearnerClient(self.address, self.hello(), connect_timeout_s)
             except grpc.RpcError as err:
                 if err.code() not in RETRYABLE:
                     raise RuntimeError(f"worker {self.worker_id}: learner refused: {err.details()}") from None

@@ -1,0 +1,89 @@
+"""The PES worker against a real gRPC learner: it waits for a learner that is not up yet,
+and reconnects (same run id, with backoff) after the learner goes away and comes back."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import jax
+import pytest
+
+from learner.core import Learner, LearnerConfig
+from learner.server import make_server
+from metaopt import optimizers
+from metaopt.jobspec import parse_job_spec
+from workers.actor import PESWorker
+
+SPEC = parse_job_spec({
+    "name": "reconnect", "tasks": [{"family": "quadratic", "kwargs": {"dims": [4]}}],
+    "optimizer": {"name": "small_fc", "hparams": {"hidden": 8}},
+    "estimator": {"num_particles": 2, "truncation_length": 5, "inner_horizon": 20},
+    "outer": {"meta_batch_size": 1},
+    "stop": {"max_outer_steps": 40},
+})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_learner() -> Learner:
+    theta0 = optimizers.make("small_fc", hidden=8).init(jax.random.key(0))
+    return Learner(LearnerConfig(job_id="job-r", max_outer_steps=40, meta_batch_size=1), theta0)
+
+
+def wait_for(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+def test_worker_waits_for_the_learner_and_reconnects_after_it_restarts():
+    port = free_port()
+    worker = PESWorker(SPEC, f"127.0.0.1:{port}", "worker-0", "job-r")
+    result: dict = {}
+    def run():
+        result.update(worker.run(max_backoff_s=0.5, connect_timeout_s=0.5))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    time.sleep(2.0)  # nothing listens yet: the worker retries with backoff
+    assert thread.is_alive() and worker.stats["reconnects"] >= 1
+
+    first = new_learner()
+    server, _ = make_server(first, "127.0.0.1", port)
+    wait_for(lambda: first.version >= 3, timeout_s=60)
+    reconnects_before = worker.stats["reconnects"]
+    server.stop(grace=None)  # the learner goes away mid-run
+    _, arrays, meta = first.snapshot()
+    assert first.version < 40, "the first learner finished before it could be stopped"
+
+    second = new_learner()  # a new learner process would resume from its checkpoint
+    second.restore(arrays, meta)
+    server, _ = make_server(second, "127.0.0.1", port)
+    try:
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the worker did not finish after the learner came back"
+    finally:
+        server.stop(grace=None)
+    assert second.version == 40
+    assert worker.stats["reconnects"] > reconnects_before, (worker.stats, result)
+    assert result["run_id"] == worker.run_id  # the same incarnation throughout
+    assert result["accepted"] >= 1
+
+
+def test_a_worker_with_another_optimizer_is_refused_with_a_clear_error():
+    other = SPEC.with_overrides(**{"optimizer.hparams": {"hidden": 4}})
+    learner = new_learner()
+    server, port = make_server(learner, "127.0.0.1", 0)
+    try:
+        with pytest.raises(RuntimeError, match="same learned optimizer"):
+            PESWorker(other, f"127.0.0.1:{port}", "worker-0", "job-r").run()
+    finally:
+        server.stop(grace=None)
