@@ -70,7 +70,6 @@ class Learner:
         self._apply = jax.jit(self._apply_update)
 
         self._lock = threading.Lock()
-        self._version_changed = threading.Condition(self._lock)
         self.theta = jnp.asarray(wire.flatten(theta_template))
         self.outer_state = self._outer.init(self.theta)
         self.version = 0
@@ -156,7 +155,6 @@ class Learner:
         self.metrics.outer_update_seconds.observe(time.perf_counter() - started)
         if self.version >= self.config.max_outer_steps:
             self.done.set()
-        self._version_changed.notify_all()
         return record
 
     def _apply_update(self, theta, outer_state, grad):
