@@ -45,15 +45,18 @@ def train(
         spec = spec.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
     except JobSpecError as err:
         _fail(str(err))
-    from metaopt.train import WorkerFailed
+    from metaopt.train import WorkerFailed, new_job_id
     from metaopt.train import train as run_training
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     show_progress = sys.stderr.isatty() or not as_json
+    job_id = job_id or new_job_id(spec)
     try:
         result = run_training(spec, out=str(out), job_id=job_id, progress=show_progress)
     except WorkerFailed as err:
         _fail(str(err), code=1)
+    except KeyboardInterrupt:
+        _fail(f"interrupted; the last checkpoint is kept: resume with --job-id {job_id}", code=130)
     if as_json:
         typer.echo(json.dumps(result.summary()))
     else:

@@ -119,8 +119,9 @@ def _start_ray(spec: JobSpec) -> None:
     import ray
 
     if not ray.is_initialized():
+        # Ray's own start-up notices would only clutter the progress bar; errors still show.
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING,
+                 logging_level=logging.ERROR,
                  num_cpus=max(os.cpu_count() or 1, int(spec.workers.count * spec.workers.cpus)))
 
 

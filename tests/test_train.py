@@ -1,0 +1,57 @@
+"""`metaopt train` under trouble: a failing worker, an interrupted run (real Ray, real CLI)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+
+from metaopt import storage
+from metaopt.train import WorkerFailed, _raise_if_a_worker_failed
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def test_a_failed_worker_stops_the_run_with_a_clear_error():
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        @ray.remote
+        def healthy():
+            return {}
+
+        @ray.remote
+        def broken():
+            raise ValueError("inner task exploded")
+
+        runs = [healthy.remote(), broken.remote()]
+        ray.wait(runs, num_returns=2, timeout=60)
+        with pytest.raises(WorkerFailed, match=r"(?s)job j-1: a worker failed.*exploded.*--job-id j-1"):
+            _raise_if_a_worker_failed(runs, "j-1")
+        _raise_if_a_worker_failed(runs[:1], "j-1")  # a worker that returned is not a failure
+    finally:
+        ray.shutdown()
+
+
+def test_interrupted_run_keeps_a_checkpoint_of_every_finished_step(tmp_path):
+    command = [sys.executable, "-m", "metaopt.cli", "train", str(DATA / "e2e.yaml"), "--out", str(tmp_path),
+               "--job-id", "cut", "--max-outer-steps", "100000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "cut" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "resume with --job-id cut" in stderr
+    step, _, meta = storage.latest_checkpoint(str(tmp_path / "runs" / "cut" / "checkpoints"))
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert step >= 5 and step == len(meta["history"])
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] <= step
