@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import pathlib
+import signal
+import threading
 import time
 from importlib import metadata
 
@@ -60,6 +62,10 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
     from workers.actor import start_workers
 
     _start_ray(spec)  # first: Ray forks its processes, which is unsafe once threads run
+    if threading.current_thread() is threading.main_thread():
+        # After Ray, which installs its own: SIGTERM (a scheduler's stop, a preemption) ends
+        # the run as Ctrl-C does, through the cleanup below that writes the final checkpoint.
+        signal.signal(signal.SIGTERM, _interrupt)
     job_id = job_id or new_job_id(spec)
     out_dir = pathlib.Path(out).resolve()
     run_dir = out_dir / "runs" / job_id
@@ -113,6 +119,10 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
         meta_loss_last=history[-1].meta_loss, artifact=artifact, registry=registry_uri,
         run_dir=str(run_dir), metrics_url=metrics_url,
     )
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _start_ray(spec: JobSpec) -> None:

@@ -46,16 +46,23 @@ def test_a_failed_worker_stops_the_run_with_a_clear_error():
 
 
 def test_interrupted_run_keeps_a_checkpoint_of_every_finished_step(tmp_path):
+    """SIGTERM (as a scheduler sends) stops the run cleanly, as Ctrl-C does."""
     command = [sys.executable, "-m", "metaopt.cli", "train", str(DATA / "e2e.yaml"), "--out", str(tmp_path),
-               "--job-id", "cut", "--max-outer-steps", "100000"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "runs" / "cut" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+               "--job-id", "cut", "--max-outer-steps", "100000", "--json"]
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr_file:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr_file)
+        try:
+            metrics = tmp_path / "runs" / "cut" / "metrics.jsonl"
+            deadline = time.monotonic() + 120
+            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+        finally:
+            process.kill()
+    stderr = log.read_text()
     assert process.returncode == 130, stderr[-2000:]
     assert "resume with --job-id cut" in stderr
     step, _, meta = storage.latest_checkpoint(str(tmp_path / "runs" / "cut" / "checkpoints"))

@@ -42,7 +42,11 @@ class PESWorker:
         weights = np.array([t.weight for t in self.spec.tasks])
         self.weights = weights / weights.sum()
         self.sequence = 0
-        self.stats = {"estimates_sent": 0, "inner_steps": 0, "reconnects": 0, "compute_s": 0.0}
+        self.stats = {"estimates_sent": 0, "accepted": 0, "rejected": 0, "inner_steps": 0,
+                      "reconnects": 0, "compute_s": 0.0}
+        # Particle state outlives connections: a reconnect does not restart inner training.
+        self.key = self.task_spec = self.task = self.particles = None
+        self.truncations_left = 0
 
     def hello(self) -> pb.Hello:
         digest = wire.structure_digest(wire.theta_structure(self.template))
@@ -72,30 +76,32 @@ class PESWorker:
                     raise
             finally:
                 client.close()
+                self.stats["accepted"] += client.accepted
+                self.stats["rejected"] += client.rejected
             if client.stopped.is_set():
-                return {**self.stats, "worker_id": self.worker_id, "run_id": self.run_id,
-                        "accepted": client.accepted, "rejected": client.rejected}
+                return {**self.stats, "worker_id": self.worker_id, "run_id": self.run_id}
             self.stats["reconnects"] += 1
 
     def _work(self, client: LearnerClient) -> None:
-        key = jax.random.key(client.seed)
+        if self.key is None:  # the first connection of this incarnation seeds it
+            self.key = jax.random.key(client.seed)
         version, theta = client.fetch_theta(self.template)
-        task = state = None
-        truncations_left = 0
         while client.alive:
             if client.latest_version > version:
                 version, theta = client.fetch_theta(self.template)
-            key, task_key, init_key, step_key = jax.random.split(key, 4)
-            if truncations_left == 0:
-                spec, task = self._sample_task(task_key)
-                state = self.estimator.init(init_key, theta, task)
-                truncations_left = self.spec.estimator.task_lifetime
+            self.key, task_key, init_key, step_key = jax.random.split(self.key, 4)
+            if self.truncations_left == 0:
+                self.task_spec, self.task = self._sample_task(task_key)
+                self.particles = self.estimator.init(init_key, theta, self.task)
+                self.truncations_left = self.spec.estimator.task_lifetime
             started = time.perf_counter()
-            state, grad, metrics = self.estimator.estimate(step_key, theta, state, task)
+            self.particles, grad, metrics = self.estimator.estimate(
+                step_key, theta, self.particles, self.task
+            )
             flat = np.asarray(grad)  # the only host sync: after the whole truncation
             self.stats["compute_s"] += time.perf_counter() - started
-            truncations_left -= 1
-            if not client.send(self._message(flat, version, spec, float(metrics["mean_loss"]))):
+            self.truncations_left -= 1
+            if not client.send(self._message(flat, version, self.task_spec, float(metrics["mean_loss"]))):
                 return
             cfg = self.estimator.config
             self.stats["estimates_sent"] += 1
