@@ -117,7 +117,8 @@ def plot(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar(x - 0.2, [r["ratio"] for r in rows], 0.4, label="small_fc / adam (measured)")
     ax.bar(x + 0.2, [r["floor_ratio"] for r in rows], 0.4, label="bare MLP matmuls / adam (floor)")
-    ax.plot(x, [r["reference_ratio"] for r in rows], "k--o", label="learned_optimization AdafacMLP (measured here earlier)")
+    reference = "learned_optimization AdafacMLP (measured here earlier)"
+    ax.plot(x, [r["reference_ratio"] for r in rows], "k--o", label=reference)
     ax.plot(x, [_TARGET_RATIO[r["size"]] for r in rows], "g:s", label="target")
     ax.set_xticks(x, labels)
     ax.set_yscale("log")

@@ -36,6 +36,14 @@ class LearnerConfig:
     max_estimate_norm: float = 1e6  # larger estimates are rejected as poisoned
     max_in_flight: int = 2  # unacknowledged estimates a worker may have
     seed: int = 0
+    task_families: tuple[str, ...] = ()  # accepted task families (metric labels); () = any
+
+    def __post_init__(self):
+        for name in ("max_outer_steps", "meta_batch_size", "max_in_flight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_staleness < 0 or not (self.clip_norm > 0 and self.max_estimate_norm > 0):
+            raise ValueError(f"need max_staleness >= 0, clip_norm > 0, max_estimate_norm > 0: {self}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +51,7 @@ class OuterStep:
     """What one outer step did, for progress bars, metrics.jsonl and plots."""
 
     step: int
-    meta_loss: float  # mean inner training loss over the meta-batch's estimates
+    meta_loss: float  # mean of the meta-batch's estimates' meta-losses (normalised inner losses)
     gradient_norm: float  # before clipping
     estimates: int
     inner_steps: int  # inner steps behind the meta-batch, both antithetic halves counted
@@ -115,6 +123,13 @@ class Learner:
         """(reason, detail, flat values); reason 0 means valid."""
         if est.job_id != self.config.job_id:
             return Reason.REJECT_REASON_WRONG_JOB, f"this learner serves {self.config.job_id!r}", None
+        families = self.config.task_families
+        if families and est.task.name not in families:
+            detail = f"task family {est.task.name!r} is not in {families}"
+            return Reason.REJECT_REASON_INVALID_FIELD, detail, None
+        if est.num_particles < 1 or est.inner_steps < 1:
+            detail = f"num_particles {est.num_particles} and inner_steps {est.inner_steps} must be >= 1"
+            return Reason.REJECT_REASON_INVALID_FIELD, detail, None
         if est.encoding != pb.ENCODING_FLOAT32_LE:
             return Reason.REJECT_REASON_UNKNOWN_ENCODING, f"encoding {est.encoding}", None
         if est.length != self.size:
@@ -216,22 +231,28 @@ class Learner:
             return self.version, arrays, meta
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        if meta["structure_digest"] != self.digest:
+        """Load a `snapshot()`; a checkpoint of another optimizer or a damaged one is refused."""
+        if meta.get("structure_digest") != self.digest:
             raise ValueError(
                 "checkpoint θ structure differs from this job's learned optimizer; "
                 "resume with the same optimizer settings, or start a new job id"
             )
         leaves, treedef = jax.tree.flatten(self.outer_state)
+        expected = {"theta", "rng"} | {f"outer_state/{i}" for i in range(len(leaves))}
+        if set(arrays) != expected or "version" not in meta or "history" not in meta:
+            raise ValueError("checkpoint does not hold this learner's state (θ, rng, outer state, "
+                             "version, history); it was written by another program or version")
         saved = [arrays[f"outer_state/{i}"] for i in range(len(leaves))]
-        for new, old in zip(saved, leaves, strict=True):
+        for new, old in zip([arrays["theta"], *saved], [self.theta, *leaves], strict=True):
             if new.shape != np.shape(old) or new.dtype != np.asarray(old).dtype:
-                raise ValueError("checkpoint outer-optimizer state does not match the outer optimizer")
+                raise ValueError("checkpoint arrays do not match this learner's θ or outer optimizer")
         with self._lock:
             self.theta = jnp.asarray(arrays["theta"])
             self.outer_state = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in saved])
             self.rng = np.array(arrays["rng"])
             self.version = int(meta["version"])
             self.history = [OuterStep(**h) for h in meta["history"]]
+            self._reset_batch()
             self._theta_message = wire.theta_message(np.asarray(self.theta), self.version, self.structure)
             if self.version >= self.config.max_outer_steps:
                 self.done.set()

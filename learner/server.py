@@ -2,12 +2,14 @@
 
 A stream belongs to one worker incarnation. Its first message must be a Hello whose job and
 θ structure match; then every estimate gets an Ack, which is also the worker's credit back
-(workers keep at most `max_in_flight` estimates unacknowledged, so the learner's inbox is
-bounded without polling). θ version changes and the end of the job are pushed to every stream.
+(workers keep at most `max_in_flight` estimates unacknowledged; a stream's estimates are read
+one at a time, so one that ignores its credit is held back by gRPC's own flow control, not
+buffered). θ version changes and the end of the job are pushed to every stream.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from concurrent import futures
@@ -19,6 +21,7 @@ from learner.core import Learner
 from metaopt._proto import learner_pb2 as pb
 from metaopt._proto import learner_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = "metaopt.v1.Learner"
 _END = object()  # closes a stream's outbox
 
@@ -48,6 +51,8 @@ class LearnerService(pb_grpc.LearnerServicer):
                     outbox.put(pb.LearnerMessage(ack=self._ack(hello, message)))
             except grpc.RpcError:
                 pass  # the worker went away; its unacknowledged estimates are simply gone
+            except Exception:  # a bug must end this stream loudly, not leave the worker waiting
+                log.exception("stream of %s/%s failed", hello.worker_id, hello.run_id)
             finally:
                 outbox.put(_END)
 
@@ -101,8 +106,8 @@ def make_server(learner: Learner, host: str = "127.0.0.1", port: int = 0,
                 max_workers: int = 64) -> tuple[grpc.Server, int]:
     """A started gRPC server with the Learner and standard health services; (server, port).
 
-    Each open worker stream holds one thread of the pool, so `max_workers` bounds the number
-    of concurrent workers."""
+    Each open worker stream holds one thread of the pool: size `max_workers` above the number
+    of workers (calls beyond the pool wait for a thread)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="learner-grpc"),
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import safetensors.numpy
+from fsspec.core import url_to_fs
 from safetensors import SafetensorError
 
 from metaopt.storage import (
@@ -198,6 +199,7 @@ def pull(ref: str, registry_uri: str, dest_dir: str | None = None) -> str:
     src = _join(registry_uri, name, version)
     dest = dest_dir or os.path.join(default_cache_dir(), name, str(version))
     wanted = read_marker(src)["files"]
+    _refuse_foreign_directory(dest)
     try:
         if read_marker(dest)["files"] == wanted:
             read_committed(dest)  # verify the cached bytes, not only the marker
@@ -213,6 +215,16 @@ def pull(ref: str, registry_uri: str, dest_dir: str | None = None) -> str:
     write_committed(dest, files, meta, overwrite=True)
     read_committed(dest)  # verify what landed on disk
     return dest
+
+
+def _refuse_foreign_directory(dest: str) -> None:
+    """A pull replaces an earlier (maybe damaged) pull, but never a folder of someone else's."""
+    fs, path = url_to_fs(dest)
+    if fs.exists(path) and fs.ls(path) and not is_committed(dest):
+        raise ValueError(
+            f"{dest} exists, is not empty and holds no pulled artifact; pull into a new or empty "
+            "directory (its files would be replaced)"
+        )
 
 
 @dataclass(frozen=True, eq=False)

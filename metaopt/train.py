@@ -79,10 +79,12 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
         outer_learning_rate=spec.outer.learning_rate, clip_norm=spec.outer.clip_norm,
         meta_batch_size=spec.outer.meta_batch_size, max_staleness=spec.outer.max_staleness,
         max_estimate_norm=spec.outer.max_estimate_norm, max_in_flight=spec.outer.max_in_flight,
+        task_families=tuple(t.family for t in spec.tasks),
     ), theta0)
     checkpointer = Checkpointer(learner, str(run_dir / "checkpoints"), spec.checkpoint_interval_s)
     resumed_at = checkpointer.restore_latest()
-    server, port = make_server(learner, "127.0.0.1", 0)
+    # One pool thread per worker stream, plus room for GetTheta calls and reconnects.
+    server, port = make_server(learner, "127.0.0.1", 0, max_workers=2 * spec.workers.count + 8)
     metrics_server, metrics_port = learner.metrics.serve("127.0.0.1", 0)
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     log.info("job %s: learner on 127.0.0.1:%d, metrics at %s", job_id, port, metrics_url)

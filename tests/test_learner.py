@@ -28,15 +28,17 @@ SIZE = 11
 
 def make_learner(**overrides) -> Learner:
     config = dict(job_id="job-1", max_outer_steps=100, meta_batch_size=2, clip_norm=1.0,
-                  outer_learning_rate=0.01, max_staleness=1, max_estimate_norm=1e3)
+                  outer_learning_rate=0.01, max_staleness=1, max_estimate_norm=1e3,
+                  task_families=("quadratic", "mlp"))
     return Learner(LearnerConfig(**(config | overrides)), THETA0)
 
 
-def estimate(values, version=0, job_id="job-1", loss=1.0, length=None, crc=None) -> pb.GradientEstimate:
+def estimate(values, version=0, job_id="job-1", loss=1.0, length=None, crc=None, family="quadratic",
+             particles=2) -> pb.GradientEstimate:
     data, n, checksum = wire.encode(np.asarray(values, np.float32))
     return pb.GradientEstimate(
         job_id=job_id, worker_id="w", run_id="r", sequence=1, theta_version=version,
-        task=pb.TaskSpec(name="quadratic", kwargs_json="{}"), num_particles=2, inner_steps=3,
+        task=pb.TaskSpec(name=family, kwargs_json="{}"), num_particles=particles, inner_steps=3,
         mean_loss=loss, encoding=pb.ENCODING_FLOAT32_LE, values=data,
         length=n if length is None else length, crc32=checksum if crc is None else crc,
     )
@@ -75,6 +77,8 @@ def test_one_meta_batch_matches_optax_adam_with_clipping():
     (dict(values=np.ones(SIZE), crc=12345), "bad_checksum"),
     (dict(values=np.ones(SIZE), job_id="other"), "wrong_job"),
     (dict(values=np.ones(SIZE), version=7), "future_version"),
+    (dict(values=np.ones(SIZE), family="nosuchfamily"), "invalid_field"),
+    (dict(values=np.ones(SIZE), particles=0), "invalid_field"),
 ])
 def test_invalid_estimates_change_nothing_and_are_counted(bad, reason):
     learner = make_learner(meta_batch_size=1)
@@ -115,6 +119,23 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     np.testing.assert_array_equal(restored.rng, learner.rng)
     assert restored.version == 3 and restored.history == learner.history
     assert restored.next_worker_seed() == learner.next_worker_seed()
+
+
+def test_a_damaged_checkpoint_is_refused_with_a_clear_error():
+    learner = make_learner()
+    _, arrays, meta = learner.snapshot()
+    for damage in (lambda a, m: a.pop("rng"), lambda a, m: m.pop("history"),
+                   lambda a, m: a.__setitem__("theta", np.zeros(3, np.float32))):
+        a, m = dict(arrays), dict(meta)
+        damage(a, m)
+        with pytest.raises(ValueError, match="checkpoint"):
+            make_learner().restore(a, m)
+
+
+@pytest.mark.parametrize("bad", [dict(meta_batch_size=0), dict(max_in_flight=0), dict(clip_norm=0.0)])
+def test_learner_config_is_validated(bad):
+    with pytest.raises(ValueError, match="must be|need"):
+        make_learner(**bad)
 
 
 def test_checkpoint_of_another_optimizer_is_refused(tmp_path):

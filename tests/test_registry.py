@@ -185,3 +185,18 @@ def test_as_optax_rebuilds_optimizer_from_manifest(tmp_path, monkeypatch):
     assert seen["name"] == "small_fc" and seen["hparams"] == {"hidden": 4}
     assert seen["num_steps"] == 7 and isinstance(seen["theta"]["layer"]["w"], jax.Array)
     np.testing.assert_array_equal(seen["theta"]["layer"]["w"], THETA["layer"]["w"])
+
+
+def test_pull_never_replaces_a_folder_that_is_not_an_artifact(tmp_path):
+    registry_uri = str(tmp_path / "reg")
+    registry.publish(registry_uri, "opt", "adam", {}, {}, {"job_id": "j"})
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds no pulled artifact"):
+        registry.pull("opt", registry_uri, str(project))
+    assert (project / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert registry.pull("opt", registry_uri, str(empty)) == str(empty)  # an empty folder is fine
+    assert registry.pull("opt", registry_uri, str(empty)) == str(empty)  # and so is re-pulling into it

@@ -3,7 +3,8 @@
 Loop: sample a task from the job's mix, unroll one truncation with the estimator, stream the
 estimate to the learner, refresh θ when its version moves; after `task_lifetime`
 truncations, sample another task. If the learner is unreachable the worker reconnects with
-exponential backoff, keeping its run id (one per actor incarnation) and particle state.
+exponential backoff, keeping its run id (one per actor incarnation) and particle state; an
+error that retrying cannot mend (a refused Hello, an internal error) ends the worker.
 """
 
 from __future__ import annotations
@@ -71,9 +72,12 @@ class PESWorker:
             backoff = 0.1
             try:
                 self._work(client)
+                if client.error is not None:  # the stream itself ended with an error
+                    raise client.error
             except grpc.RpcError as err:
                 if err.code() not in RETRYABLE:
-                    raise
+                    raise RuntimeError(f"worker {self.worker_id}: learner stream failed: "
+                                       f"{err.code().name}: {err.details()}") from None
             finally:
                 client.close()
                 self.stats["accepted"] += client.accepted

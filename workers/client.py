@@ -7,8 +7,10 @@ the same stream and are read by a background thread.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -17,6 +19,8 @@ from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
 from metaopt._proto import learner_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
+STREAM_DEADLINE_S = 7 * 24 * 3600.0
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -30,17 +34,23 @@ class LearnerClient:
 
     def __init__(self, address: str, hello: pb.Hello, connect_timeout_s: float = 10.0):
         self.job_id = hello.job_id
+        self.digest = hello.theta_structure_digest
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
+            self.stub = pb_grpc.LearnerStub(self.channel)
+            self._outbox: queue.Queue = queue.Queue()
+            self._outbox.put(pb.WorkerMessage(hello=hello))
+            # The deadline bounds the whole stream; it is long, but a learner that never
+            # answers the Hello must not hold a worker forever.
+            self._responses = self.stub.Connect(iter(self._outbox.get, None), timeout=STREAM_DEADLINE_S)
+            welcome = _first(self._responses, connect_timeout_s)
         except grpc.FutureTimeoutError:
             self.channel.close()
             raise _Unavailable(f"learner at {address} not reachable within {connect_timeout_s}s") from None
-        self.stub = pb_grpc.LearnerStub(self.channel)
-        self._outbox: queue.Queue = queue.Queue()
-        self._outbox.put(pb.WorkerMessage(hello=hello))
-        self._responses = self.stub.Connect(iter(self._outbox.get, None))
-        welcome = next(self._responses).welcome
+        except BaseException:
+            self.channel.close()
+            raise
         self.seed = welcome.seed
         self.latest_version = welcome.theta_version
         self.credits = threading.Semaphore(welcome.max_in_flight)
@@ -48,7 +58,7 @@ class LearnerClient:
         self.broken = threading.Event()  # the stream ended for any other reason
         self.error: grpc.RpcError | None = None
         self.accepted = self.rejected = 0
-        self.last_rejection = ""
+        self._last_warning = 0.0
         threading.Thread(target=self._read, daemon=True, name="learner-reader").start()
 
     def _read(self) -> None:
@@ -73,7 +83,10 @@ class LearnerClient:
             self.accepted += 1
         else:
             self.rejected += 1
-            self.last_rejection = f"{pb.RejectReason.Name(ack.reason)}: {ack.detail}"
+            if time.monotonic() - self._last_warning > 30:  # at most one warning per 30 s
+                self._last_warning = time.monotonic()
+                log.warning("learner rejected estimate %d (%s: %s); %d rejected so far",
+                            ack.sequence, pb.RejectReason.Name(ack.reason), ack.detail, self.rejected)
         self.credits.release()
 
     @property
@@ -83,6 +96,8 @@ class LearnerClient:
     def fetch_theta(self, like) -> tuple[int, object]:
         """(version, θ as a pytree shaped like `like`)."""
         theta = self.stub.GetTheta(pb.GetThetaRequest(job_id=self.job_id), timeout=30)
+        if theta.structure_digest != self.digest:
+            raise ValueError("the learner's θ has another structure than this worker's optimizer")
         flat = wire.decode(theta.values, theta.length, theta.crc32)
         return theta.version, wire.unflatten(np.array(flat), like)
 
@@ -97,6 +112,29 @@ class LearnerClient:
     def close(self) -> None:
         self._outbox.put(None)  # half-close our side
         self.channel.close()
+
+
+def _first(responses, timeout_s: float) -> pb.Welcome:
+    """The stream's first message, which must be a Welcome, waited for at most `timeout_s`."""
+    box: queue.Queue = queue.Queue()
+
+    def wait() -> None:
+        try:
+            box.put(next(responses, None))
+        except grpc.RpcError as err:  # e.g. the learner refused the Hello
+            box.put(err)
+
+    threading.Thread(target=wait, daemon=True, name="await-welcome").start()
+    try:
+        first = box.get(timeout=timeout_s)
+    except queue.Empty:
+        responses.cancel()
+        raise _Unavailable(f"the learner did not answer the Hello within {timeout_s}s") from None
+    if isinstance(first, grpc.RpcError):
+        raise first
+    if first is None or first.WhichOneof("kind") != "welcome":
+        raise _Unavailable("the learner closed the stream before its Welcome")
+    return first.welcome
 
 
 class _Unavailable(grpc.RpcError):

@@ -25,6 +25,7 @@ class RejectReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REJECT_REASON_NOT_CONNECTED: _ClassVar[RejectReason]
     REJECT_REASON_UNKNOWN_ENCODING: _ClassVar[RejectReason]
     REJECT_REASON_JOB_FINISHED: _ClassVar[RejectReason]
+    REJECT_REASON_INVALID_FIELD: _ClassVar[RejectReason]
 ENCODING_UNSPECIFIED: Encoding
 ENCODING_FLOAT32_LE: Encoding
 REJECT_REASON_UNSPECIFIED: RejectReason
@@ -38,6 +39,7 @@ REJECT_REASON_FUTURE_VERSION: RejectReason
 REJECT_REASON_NOT_CONNECTED: RejectReason
 REJECT_REASON_UNKNOWN_ENCODING: RejectReason
 REJECT_REASON_JOB_FINISHED: RejectReason
+REJECT_REASON_INVALID_FIELD: RejectReason
 
 class TaskSpec(_message.Message):
     __slots__ = ("name", "kwargs_json")
