@@ -6,9 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := prometheus redis-server
+DEBIAN_PACKAGES := prometheus
 
-.PHONY: demo test test-slow test-all lint proto bench lock system-deps venv clean
+.PHONY: demo test lint proto bench lock system-deps venv clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,9 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP)
 
-# Real services the tests start (promtool checks metrics; Redis is used by the job store).
+# Real tools the tests run: promtool (Debian's prometheus) checks the learner's metrics.
 system-deps:
-	@command -v promtool >/dev/null && command -v redis-server >/dev/null || { \
+	@command -v promtool >/dev/null || { \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  $(SUDO) apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES); }
 
@@ -31,12 +31,6 @@ demo: venv
 test: venv system-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -m "not slow"
-
-test-slow: venv system-deps
-	$(BIN)/pytest -m slow
-
-test-all: venv system-deps
-	$(BIN)/pytest
 
 lint: venv
 	$(BIN)/ruff check .

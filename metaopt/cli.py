@@ -53,7 +53,7 @@ def train(
     job_id = job_id or new_job_id(spec)
     try:
         result = run_training(spec, out=str(out), job_id=job_id, progress=show_progress)
-    except WorkerFailed as err:
+    except (WorkerFailed, ValueError, OSError) as err:
         _fail(str(err), code=1)
     except KeyboardInterrupt:
         _fail(f"interrupted; the last checkpoint is kept: resume with --job-id {job_id}", code=130)
@@ -84,7 +84,7 @@ def pull(
 
     try:
         path = registry.pull(ref, registry_uri, str(dest) if dest else None)
-    except CorruptArtifactError as err:
+    except (CorruptArtifactError, OSError) as err:
         _fail(str(err), code=1)
     except (ValueError, LookupError) as err:
         _fail(str(err))

@@ -91,7 +91,8 @@ class EstimatorSpec(_Frozen):
 
 
 class OuterSpec(_Frozen):
-    optimizer: Literal["adam"] = "adam"
+    """The learner's outer optimizer: Adam on the clipped mean of each meta-batch."""
+
     learning_rate: float = Field(1e-3, gt=0)
     clip_norm: float = Field(1.0, gt=0)
     meta_batch_size: int = Field(4, ge=1)
@@ -137,6 +138,8 @@ class JobSpec(_Frozen):
             *parents, leaf = path.split(".")
             node = data
             for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise JobSpecError(f"cannot override {path!r}: {part!r} is not a section")
                 node = node[part]
             node[leaf] = value
         return parse_job_spec(data)
@@ -167,6 +170,8 @@ def load_job_spec(path: str | pathlib.Path) -> JobSpec:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise JobSpecError(f"no job spec at {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise JobSpecError(f"cannot read the job spec {path}: {err}") from None
     except yaml.YAMLError as err:
         raise JobSpecError(f"{path} is not valid YAML: {err}") from None
     try:

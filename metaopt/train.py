@@ -94,13 +94,15 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
     try:
         _follow(learner, runs, run_dir / "metrics.jsonl", progress, start=resumed_at or 0)
     finally:
-        learner.stop()
-        worker_stats = _collect(runs)
-        for actor in actors:
-            ray.kill(actor)
-        checkpointer.stop()
-        server.stop(grace=2).wait()
-        metrics_server.shutdown()
+        learner.stop()  # θ is final from here on
+        try:
+            checkpointer.stop()  # the final checkpoint first, before anything that may be slow
+        finally:
+            worker_stats = _collect(runs)
+            for actor in actors:
+                ray.kill(actor)
+            server.stop(grace=2).wait()
+            metrics_server.shutdown()
     (run_dir / "workers.json").write_text(json.dumps(worker_stats, indent=2))
 
     history = learner.history
@@ -156,26 +158,32 @@ def _raise_if_a_worker_failed(runs, job_id: str) -> None:
 
 
 def _follow(learner, runs, metrics_path: pathlib.Path, progress: bool, start: int) -> None:
-    """Show a progress bar and append one metrics.jsonl line per outer step until done."""
+    """Show a progress bar and write one metrics.jsonl line per outer step until done."""
     from tqdm import tqdm
 
     total = learner.config.max_outer_steps
     bar = tqdm(total=total, initial=start, desc="outer steps", unit="step", disable=not progress)
-    written, started = start, time.time()
-    with metrics_path.open("a") as sink:
+    started = time.time()
+    # Written anew from the learner's history, which a resume restores: steps done after the
+    # last checkpoint of a crashed run are redone, and must not appear twice.
+    with metrics_path.open("w") as sink:
+
+        def write(records) -> None:
+            sink.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in records)
+            sink.flush()
+
+        write(learner.history[:start])
+        written = start
         while True:
             finished = learner.done.wait(0.5)
             new = learner.history[written:]
-            for record in new:
-                line = dataclasses.asdict(record) | {"elapsed_s": round(record.time - started, 3)}
-                sink.write(json.dumps(line) + "\n")
-            sink.flush()
             if new:
+                write(new)
                 written += len(new)
-                elapsed = max(time.time() - started, 1e-9)
                 estimates = sum(r.estimates for r in learner.history[start:])
                 bar.update(len(new))
-                bar.set_postfix(meta_loss=f"{new[-1].meta_loss:.4g}", est_per_s=f"{estimates / elapsed:.1f}")
+                bar.set_postfix(meta_loss=f"{new[-1].meta_loss:.4g}",
+                                est_per_s=f"{estimates / max(time.time() - started, 1e-9):.1f}")
             if finished and written >= len(learner.history):
                 break
             _raise_if_a_worker_failed(runs, learner.config.job_id)

@@ -55,7 +55,10 @@ class QuadraticTask:
 
 
 def _range(name: str, value: Sequence[float]) -> tuple[float, float]:
-    lo, hi = (float(v) for v in value)
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a [low, high] pair of numbers, got {value!r}") from None
     if not lo <= hi:
         raise ValueError(f"{name} must be a (low, high) range with low <= high, got {value!r}")
     return lo, hi

@@ -13,6 +13,7 @@ dependence through the earlier truncations and is biased for j > 1.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 
@@ -70,73 +71,94 @@ def gaussian_moment(n: int, mean, std):
     )
 
 
-def smoothed_truncation_loss(theta, j: int):
-    """E over ε of the mean loss of truncation j (1-based), as a function of θ."""
+def smoothed_truncation_loss(theta, j: int, horizon: int):
+    """E over ε of the mean loss of truncation j (1-based), as a function of θ.
+
+    The inner run resets every `horizon` steps (to x₀); the loss at step t depends on the
+    updates u since its run's start, each made at θ + ε of the truncation that holds u.
+    """
     mean, std = 1 - A * theta, A * SIGMA
-    before = gaussian_moment(2 * K, mean, std) ** (j - 1)
-    within = sum(gaussian_moment(2 * s, mean, std) for s in range(K)) / K
-    return 0.5 * A * X0**2 * before * within
+    total = 0.0
+    for t in range((j - 1) * K, j * K):
+        start = (t // horizon) * horizon
+        updates_per_truncation = collections.Counter(u // K for u in range(start, t))
+        expected = 0.5 * A * X0**2
+        for n in updates_per_truncation.values():
+            expected = expected * gaussian_moment(2 * n, mean, std)
+        total = total + expected
+    return total / K
 
 
-def run_estimates(kind: str) -> np.ndarray:
-    """[RUNS, J] estimates: each run is fresh particles unrolled for J truncations."""
+def run_estimates(kind: str, horizon: int, truncations: int) -> np.ndarray:
+    """[RUNS, truncations] estimates: each run is fresh particles unrolled truncation by truncation."""
     estimator = make_estimator(
         kind, FakeLearnedStepSize(), num_particles=PARTICLES, truncation_length=K,
-        inner_horizon=K * J, sigma=SIGMA, stagger=False, loss_normalization="none",
+        inner_horizon=horizon, sigma=SIGMA, stagger=False, loss_normalization="none",
     )
     task = ScalarQuadratic(a=jnp.asarray(A, jnp.float32))
     theta = FakeLearnedStepSize().init(None)
-    out = np.zeros((RUNS, J))
+    out = np.zeros((RUNS, truncations))
     for run in range(RUNS):
         key = jax.random.key(run)
         state = estimator.init(jax.random.fold_in(key, 1000), theta, task)
-        for j in range(J):
+        for j in range(truncations):
             state, grad, _ = estimator.estimate(jax.random.fold_in(key, j), theta, state, task)
             out[run, j] = float(grad[0])
     return out
 
 
-@pytest.fixture(scope="module")
-def truth():
-    return np.array([jax.grad(smoothed_truncation_loss)(THETA, j) for j in range(1, J + 1)])
+def truth(horizon: int, truncations: int) -> np.ndarray:
+    grad = jax.grad(smoothed_truncation_loss)
+    return np.array([grad(THETA, j, horizon) for j in range(1, truncations + 1)])
 
 
-def test_pes_matches_closed_form_smoothed_gradient(truth):
-    estimates = run_estimates("pes")
+# (horizon, truncations): no reset in 3 truncations; resets at steps 7 (inside truncation 2)
+# and 14 (the last step of truncation 3) in 4.
+@pytest.mark.parametrize("horizon, truncations", [(K * J, J), (7, 4)])
+def test_pes_matches_closed_form_smoothed_gradient(horizon, truncations):
+    expected = truth(horizon, truncations)
+    estimates = run_estimates("pes", horizon, truncations)
     mean, stderr = estimates.mean(0), estimates.std(0, ddof=1) / math.sqrt(RUNS)
     # Within 4 standard errors and 3% of the truth, in every truncation.
-    assert np.all(np.abs(mean - truth) < 4 * stderr), (mean, truth, stderr)
-    assert np.all(np.abs(mean - truth) < 0.03 * np.abs(truth)), (mean, truth)
+    assert np.all(np.abs(mean - expected) < 4 * stderr), (mean, expected, stderr)
+    assert np.all(np.abs(mean - expected) < 0.03 * np.abs(expected)), (mean, expected)
 
 
-def test_truncated_es_is_biased_after_the_first_truncation(truth):
-    estimates = run_estimates("truncated_es")
+def test_truncated_es_is_biased_after_the_first_truncation():
+    expected = truth(K * J, J)
+    estimates = run_estimates("truncated_es", K * J, J)
     mean, stderr = estimates.mean(0), estimates.std(0, ddof=1) / math.sqrt(RUNS)
     # First truncation: nothing came before, so truncated ES is unbiased there too.
-    assert abs(mean[0] - truth[0]) < 4 * stderr[0]
+    assert abs(mean[0] - expected[0]) < 4 * stderr[0]
     # Later: it misses how θ shaped the starting state, a bias of many standard errors.
-    assert np.all(np.abs(mean[1:] - truth[1:]) > 20 * stderr[1:]), (mean, truth, stderr)
-    assert np.all(np.abs(mean[1:] - truth[1:]) > 0.3 * np.abs(truth[1:]))
+    assert np.all(np.abs(mean[1:] - expected[1:]) > 20 * stderr[1:]), (mean, expected, stderr)
+    assert np.all(np.abs(mean[1:] - expected[1:]) > 0.3 * np.abs(expected[1:]))
 
 
-def test_pes_accumulator_resets_with_the_inner_problem():
-    """After the horizon the pair resets, and the estimate again only credits the fresh ε."""
-    estimator = make_estimator(
-        "pes", FakeLearnedStepSize(), num_particles=4, truncation_length=K,
-        inner_horizon=K, sigma=SIGMA, stagger=False,
-    )
+def test_pes_accumulator_sums_perturbations_and_restarts_at_a_reset():
+    """ξ is ε₁ + ε₂ without a reset, and exactly ε₂ when the pair resets in truncation 2."""
     task = ScalarQuadratic(a=jnp.asarray(A, jnp.float32))
     theta = FakeLearnedStepSize().init(None)
-    state = estimator.init(jax.random.key(0), theta, task)
-    state, _, metrics = estimator.estimate(jax.random.key(1), theta, state, task)
-    assert int(metrics["resets"]) == 0
-    first_acc = np.asarray(state.accumulator["lr"])
-    state, _, metrics = estimator.estimate(jax.random.key(2), theta, state, task)
-    assert int(metrics["resets"]) == 4  # every pair hit its horizon at the first step
-    assert np.all(np.asarray(state.step) == K)
-    # ξ is now exactly the fresh ε: it no longer contains the first truncation's.
-    assert not np.allclose(np.asarray(state.accumulator["lr"]), first_acc)
-    assert np.all(np.abs(np.asarray(state.accumulator["lr"])) < 5 * SIGMA)
+
+    def accumulators(horizon: int, keys: list[int]) -> tuple[np.ndarray, int]:
+        estimator = make_estimator(
+            "pes", FakeLearnedStepSize(), num_particles=4, truncation_length=K,
+            inner_horizon=horizon, sigma=SIGMA, stagger=False,
+        )
+        state, resets = estimator.init(jax.random.key(0), theta, task), 0
+        for k in keys:
+            state, _, metrics = estimator.estimate(jax.random.key(k), theta, state, task)
+            resets += int(metrics["resets"])
+        return np.asarray(state.accumulator["lr"]), resets
+
+    eps_1, _ = accumulators(horizon=10 * K, keys=[1])  # ξ after one truncation is its ε
+    eps_2, _ = accumulators(horizon=10 * K, keys=[2])
+    summed, resets = accumulators(horizon=10 * K, keys=[1, 2])
+    assert resets == 0
+    np.testing.assert_allclose(summed, eps_1 + eps_2, rtol=1e-6)
+    restarted, resets = accumulators(horizon=K, keys=[1, 2])  # resets at truncation 2's first step
+    assert resets == 4
+    np.testing.assert_array_equal(restarted, eps_2)
 
 
 def test_initial_loss_normalisation_rescales_each_inner_run():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import signal
@@ -69,3 +70,31 @@ def test_interrupted_run_keeps_a_checkpoint_of_every_finished_step(tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert step >= 5 and step == len(meta["history"])
     assert steps == list(range(1, len(steps) + 1)) and steps[-1] <= step
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_without_duplicate_steps(tmp_path):
+    """SIGKILL to the whole run (learner and Ray workers), then `--job-id` resumes it."""
+    checkpoints = tmp_path / "runs" / "crash" / "checkpoints"
+    command = [sys.executable, "-m", "metaopt.cli", "train", str(DATA / "e2e.yaml"), "--out", str(tmp_path),
+               "--job-id", "crash", "--json"]
+    process = subprocess.Popen([*command, "--max-outer-steps", "100000"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while storage.latest_checkpoint(str(checkpoints)) is None:  # e2e.yaml: every 5 s
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    saved_step, _, _ = storage.latest_checkpoint(str(checkpoints))
+    metrics = tmp_path / "runs" / "crash" / "metrics.jsonl"
+    assert len(metrics.read_text().splitlines()) >= saved_step  # steps after the checkpoint are lost
+
+    target = saved_step + 10
+    done = subprocess.run([*command, "--max-outer-steps", str(target)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["outer_steps"] == target
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, target + 1))

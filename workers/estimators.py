@@ -17,8 +17,11 @@ after a reset depend only on the fresh ε. Afterwards ξ ← ξ + ε, or ξ ← 
 (untruncated) inner run. Truncated ES is the same with ξ ≡ 0: it ignores how θ shaped the
 state the truncation started from, and is biased for that.
 
-Inner resets happen after `inner_horizon` steps; with `stagger`, each pair starts its first
-inner run part-way through (a random step counter), so resets are spread across truncations.
+Inner resets happen after `inner_horizon` steps; with `stagger`, each pair's first inner run
+is cut short (its step counter starts at a random value), so resets are spread across
+truncations. The optimizer in such a first run still counts from step 0: its progress
+features see a run that ends early, once per particle. (Unrolling a random number of warm-up
+steps instead would cost up to a horizon of compute per worker start.)
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ class ParticleState:
     opt_state: Any
     step: jax.Array  # int32 [P], inner steps since the last reset
     episode_key: jax.Array  # key [P], seeds the current inner run's init and data
-    initial_loss: jax.Array  # float32 [2P], loss at the current inner run's first step
+    initial_loss: jax.Array  # float32 [2P], loss at the current inner run's first step; NaN: unset
     accumulator: Theta  # θ-shaped with leading P: ξ, perturbations since the last reset
 
 
@@ -127,7 +130,7 @@ class ESEstimator:
             opt_state=_both_halves(opt_state),
             step=step.astype(jnp.int32),
             episode_key=episode_keys,
-            initial_loss=jnp.zeros((2 * cfg.num_particles,), jnp.float32),
+            initial_loss=jnp.full((2 * cfg.num_particles,), jnp.nan, jnp.float32),
             accumulator=accumulator,
         )
 
@@ -148,7 +151,7 @@ class ESEstimator:
         updates, opt_state = self._inner_tx(theta_i).update(grads, opt_state, params, loss=loss)
         params = optax.apply_updates(params, updates)
         # A first step (after a reset, or the first one a staggered particle takes) sets the scale.
-        initial_loss = jnp.where(reset | (initial_loss == 0), loss, initial_loss)
+        initial_loss = jnp.where(reset | jnp.isnan(initial_loss), loss, initial_loss)
         return (params, opt_state, step + 1, episode_key, initial_loss), (
             self._meta_loss(loss, initial_loss), reset)
 

@@ -36,8 +36,3 @@ class Adam:
         return optax.with_extra_args_support(
             optax.adam(self.learning_rate, b1=self.b1, b2=self.b2, eps=self.eps)
         )
-
-
-def adam(**hparams: Any) -> Adam:
-    """Factory: `adam(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8)`."""
-    return Adam(**hparams)
