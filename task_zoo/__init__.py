@@ -8,7 +8,7 @@
 >>> loss = t.loss(params, jax.random.key(2), t.batch(jax.random.key(3), task_zoo.TRAIN))
 """
 
-from task_zoo.base import SPLITS, TEST, TRAIN, Task, TaskFamily, TaskSpec, batches
+from task_zoo.base import SPLITS, TEST, TRAIN, Task, TaskCost, TaskFamily, TaskSpec, batches
 from task_zoo.mlp import MLPFamily
 from task_zoo.quadratic import QuadraticFamily
 from task_zoo.registry import families, family, register, task
@@ -23,6 +23,7 @@ __all__ = [
     "MLPFamily",
     "QuadraticFamily",
     "Task",
+    "TaskCost",
     "TaskFamily",
     "TaskSpec",
     "batches",

@@ -80,13 +80,29 @@ def batches(task: Task, key: jax.Array, split: str) -> Iterator[Batch]:
         yield task.batch(sub, split)
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskCost:
+    """What one inner training step of a task costs, estimated from its spec alone."""
+
+    parameters: int  # number of trainable scalars
+    flops_per_step: float  # forward and backward on one training batch (≈ 3 × forward)
+
+
 class TaskFamily(Protocol):
-    """A distribution over tasks of one kind."""
+    """A distribution over tasks of one kind.
+
+    Everything needed to build a task goes into its spec's kwargs (sizes, data set name or
+    URI, seeds), because `task_zoo.task(spec)` builds it with the family's default settings.
+    """
 
     name: str
+    description: str  # one line, for `metaopt list tasks`
 
     def sample(self, key: jax.Array) -> TaskSpec:
         """Draw one task's spec (sizes, settings, data seed)."""
 
     def task_fn(self, spec: TaskSpec) -> Task:
         """Build the task a spec describes."""
+
+    def cost(self, spec: TaskSpec) -> TaskCost:
+        """Estimated size and compute of one inner step of the task `spec` describes."""

@@ -19,7 +19,7 @@ import numpy as np
 from flax import struct
 
 from task_zoo._spec import spec_error, spec_kwargs
-from task_zoo.base import SPLITS, TRAIN, TaskSpec
+from task_zoo.base import SPLITS, TRAIN, TaskCost, TaskSpec
 
 NAME = "quadratic"
 
@@ -69,6 +69,7 @@ class QuadraticFamily:
     in their ranges. Example: ``QuadraticFamily(dims=(8,), log10_condition=(0., 2.))``."""
 
     name = NAME
+    description = "noisy quadratic bowls: sampled dimension, condition number and gradient noise"
 
     def __init__(
         self,
@@ -96,6 +97,11 @@ class QuadraticFamily:
         noise = float(jax.random.uniform(k_noise, (), minval=self.noise[0], maxval=self.noise[1]))
         seed = int(jax.random.randint(k_seed, (), 0, 2**31 - 1))
         return TaskSpec(NAME, {"dim": dim, "log10_condition": cond, "noise": noise, "seed": seed})
+
+    def cost(self, spec: TaskSpec) -> TaskCost:
+        """A handful of elementwise operations per dimension, forward and backward."""
+        dim = int(spec.kwargs["dim"])
+        return TaskCost(parameters=dim, flops_per_step=12.0 * dim)
 
     def task_fn(self, spec: TaskSpec) -> QuadraticTask:
         """Spec kwargs: dim, log10_condition, noise, seed; optional init_scale (default 1)."""

@@ -22,6 +22,8 @@ class Adam:
     eps: float = 1e-8
 
     name = "adam"  # class attribute, not a dataclass field
+    description = "Adam (Kingma & Ba 2015), optax.adam"
+    learned = False
 
     @property
     def hparams(self) -> dict[str, Any]:

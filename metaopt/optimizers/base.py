@@ -25,6 +25,8 @@ Theta = Any  # nested dicts of float32 arrays
 
 class Optimizer(Protocol):
     name: str
+    description: str  # one line, for `metaopt list optimizers`
+    learned: bool  # whether θ has meta-parameters to train
     hparams: dict[str, Any]  # JSON-serialisable; make(name, **hparams) rebuilds this optimizer
 
     def init(self, key: jax.Array) -> Theta:

@@ -204,6 +204,8 @@ class SmallFC:
     exp_mult: float = 0.001
 
     name = "small_fc"  # class attribute, not a dataclass field
+    description = "per-parameter MLP on momentum, second-moment and Adafactor features (Metz et al. 2022)"
+    learned = True
 
     def __post_init__(self):
         if self.hidden < 2 or self.hidden_layers < 0:
