@@ -41,6 +41,7 @@ proto: venv
 bench: venv
 	$(BIN)/python benchmarks/lopt_step.py --out bench-out
 	$(BIN)/python benchmarks/worker_throughput.py --out bench-out
+	$(BIN)/python benchmarks/zoo.py --out bench-out
 
 lock: venv
 	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^metaopt'; } > requirements.lock.new

@@ -91,6 +91,51 @@ def pull(
     typer.echo(path)
 
 
+list_app = typer.Typer(help="List what the registries hold.", no_args_is_help=True)
+app.add_typer(list_app, name="list")
+
+
+def _print_rows(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        learned = r.get("kind") == "learned"
+        extra = f" [learned, {r['meta_parameters']} meta-parameters]" if learned else ""
+        typer.echo(f"{r['name']:<{width}}  {r['description']}{extra}")
+
+
+@list_app.command("tasks")
+def list_tasks(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False) -> None:
+    """Task families: `metaopt list tasks [--json]`."""
+    import task_zoo
+
+    _print_rows([{"name": n, "description": task_zoo.family(n).description} for n in task_zoo.families()],
+                as_json)
+
+
+@list_app.command("optimizers")
+def list_optimizers(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
+) -> None:
+    """Optimizers, learned and hand-designed: `metaopt list optimizers [--json]`."""
+    import jax
+
+    from metaopt import optimizers
+
+    rows = []
+    for name in optimizers.names():
+        opt = optimizers.make(name)
+        theta = opt.init(jax.random.key(0))
+        rows.append({
+            "name": name, "description": opt.description,
+            "kind": "learned" if opt.learned else "hand-designed",
+            "meta_parameters": int(sum(x.size for x in jax.tree.leaves(theta))),
+        })
+    _print_rows(rows, as_json)
+
+
 def main() -> None:
     app()
 

@@ -28,10 +28,25 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AugmentSpec(_Frozen):
+    """Sampled per task: parameter scale log-uniform in a range, gradient noise uniform."""
+
+    param_scale: tuple[float, float] = (1.0, 1.0)
+    grad_noise: tuple[float, float] = (0.0, 0.0)
+
+    @model_validator(mode="after")
+    def _valid_ranges(self):
+        import task_zoo
+
+        task_zoo.Augmentation(self.param_scale, self.grad_noise)  # raises ValueError with the ranges
+        return self
+
+
 class TaskMix(_Frozen):
     family: str  # a task_zoo family name
-    weight: float = Field(1.0, gt=0)  # relative sampling frequency
+    weight: float = Field(1.0, gt=0)  # relative share (of samples, or of compute: task_balance)
     kwargs: dict[str, Any] = {}  # family settings, e.g. {"dims": [16]}
+    augment: AugmentSpec | None = None
 
     @model_validator(mode="after")
     def _family_exists(self):
@@ -115,6 +130,8 @@ class JobSpec(_Frozen):
     name: str = Field(pattern=NAME_PATTERN)
     seed: int = 0
     tasks: list[TaskMix] = Field(min_length=1)
+    # "weight": families sampled ∝ weight; "cost": ∝ weight / estimated FLOPs per inner step
+    task_balance: Literal["weight", "cost"] = "weight"
     optimizer: OptimizerSpec = OptimizerSpec()
     estimator: EstimatorSpec = EstimatorSpec()
     outer: OuterSpec = OuterSpec()

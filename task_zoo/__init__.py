@@ -8,19 +8,30 @@
 >>> loss = t.loss(params, jax.random.key(2), t.batch(jax.random.key(3), task_zoo.TRAIN))
 """
 
+from task_zoo.augment import Augmentation
 from task_zoo.base import SPLITS, TEST, TRAIN, Task, TaskCost, TaskFamily, TaskSpec, batches
+from task_zoo.lstm_lm import LSTMLMFamily
+from task_zoo.mixture import Mixture
 from task_zoo.mlp import MLPFamily
 from task_zoo.quadratic import QuadraticFamily
-from task_zoo.registry import families, family, register, task
+from task_zoo.registry import cost, families, family, register, task
+from task_zoo.transformer_lm import TransformerLMFamily
 
 register(QuadraticFamily.name, QuadraticFamily)
 register(MLPFamily.name, MLPFamily)
+register(TransformerLMFamily.name, TransformerLMFamily)
+register(LSTMLMFamily.name, LSTMLMFamily)
 
 __all__ = [
+    "Augmentation",
+    "Mixture",
+    "cost",
     "SPLITS",
     "TEST",
     "TRAIN",
+    "LSTMLMFamily",
     "MLPFamily",
+    "TransformerLMFamily",
     "QuadraticFamily",
     "Task",
     "TaskCost",

@@ -9,7 +9,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-from task_zoo.base import Task, TaskFamily, TaskSpec
+from task_zoo.augment import augment_task, split_augment
+from task_zoo.base import Task, TaskCost, TaskFamily, TaskSpec
 
 _FACTORIES: dict[str, Callable[..., TaskFamily]] = {}
 
@@ -48,7 +49,20 @@ def family(name: str, **kwargs) -> TaskFamily:
 
 
 def task(spec: TaskSpec) -> Task:
-    """Build the task `spec` describes, using its family's default settings."""
+    """Build the task `spec` describes, using its family's default settings (and wrapped in
+    its augmentation, if the spec carries one)."""
+    base_spec, augmentation = _split(spec)
+    built = _factory(spec.name, f"spec {spec.to_json()}")().task_fn(base_spec)
+    return augment_task(built, **augmentation) if augmentation else built
+
+
+def cost(spec: TaskSpec) -> TaskCost:
+    """The estimated cost of one inner step of the task `spec` describes."""
+    base_spec, _ = _split(spec)
+    return _factory(spec.name, f"spec {spec.to_json()}")().cost(base_spec)
+
+
+def _split(spec: TaskSpec):
     if not isinstance(spec, TaskSpec):
         raise ValueError(f"expected a TaskSpec, got {type(spec).__name__}: {spec!r}")
-    return _factory(spec.name, f"spec {spec.to_json()}")().task_fn(spec)
+    return split_augment(spec)

@@ -39,9 +39,13 @@ class PESWorker:
         self.estimator = make_estimator(
             self.spec.estimator.kind, self.optimizer, **self.spec.estimator.settings
         )
-        self.families = [task_zoo.family(t.family, **t.kwargs) for t in self.spec.tasks]
-        weights = np.array([t.weight for t in self.spec.tasks])
-        self.weights = weights / weights.sum()
+        tasks = self.spec.tasks
+        self.mixture = task_zoo.Mixture(
+            [task_zoo.family(t.family, **t.kwargs) for t in tasks], [t.weight for t in tasks],
+            balance=self.spec.task_balance,
+            augmentations=[task_zoo.Augmentation(**t.augment.model_dump()) if t.augment else None
+                           for t in tasks],
+        )
         self.sequence = 0
         self.stats = {"estimates_sent": 0, "accepted": 0, "rejected": 0, "inner_steps": 0,
                       "reconnects": 0, "compute_s": 0.0}
@@ -112,11 +116,8 @@ class PESWorker:
             self.stats["inner_steps"] += 2 * cfg.num_particles * cfg.truncation_length
 
     def _sample_task(self, key):
-        choice_key, sample_key = jax.random.split(key)
-        index = int(jax.random.choice(choice_key, len(self.families), p=self.weights))
-        family = self.families[index]
-        spec = family.sample(sample_key)
-        return spec, family.task_fn(spec)
+        spec = self.mixture.sample(key)
+        return spec, task_zoo.task(spec)
 
     def _message(self, flat, version, spec, mean_loss) -> pb.GradientEstimate:
         self.sequence += 1

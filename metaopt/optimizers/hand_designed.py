@@ -1,0 +1,168 @@
+"""Hand-designed baselines as metaopt `Optimizer`s: thin wrappers over optax, θ = {}.
+
+Each class is a frozen dataclass whose fields are the optimizer's hyperparameters (with the
+usual defaults) and carries a `search_space` class attribute that `metaopt.tuning` samples
+from: `{hparam: (kind, low, high)}` with kind "log_uniform" or "uniform", or
+`("choice", [values, ...])`. The spaces cover the main hyperparameters only; the rest keep their
+defaults. State floats per parameter are those of the optax implementation:
+
+  name      reference                                         state floats / parameter
+  sgd       Robbins & Monro 1951                              0
+  momentum  Polyak 1964 (heavy ball); Nesterov 1983 /         1 (the velocity)
+            Sutskever et al. 2013 (nesterov=True)
+  adamw     Loshchilov & Hutter, "Decoupled Weight Decay      2 (first and second moments)
+            Regularization", ICLR 2019
+  lamb      You et al., "Large Batch Optimization for Deep    2 (first and second moments)
+            Learning: Training BERT in 76 minutes", ICLR 2020
+  lars      You, Gitman & Ginsburg, "Large Batch Training     1 (the momentum)
+            of Convolutional Networks", arXiv:1708.03888, 2017
+
+`learning_rate` (and the other float hyperparameters) may be jax arrays as well as Python
+floats: the tuner passes traced values so that all its trials share one compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import optax
+
+
+class _HandDesigned:
+    """Shared plumbing: no meta-parameters, hparams = the dataclass fields."""
+
+    learned = False
+    search_space: ClassVar[dict[str, tuple]] = {}
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def init(self, key: jax.Array) -> dict:
+        del key  # nothing to learn
+        return {}
+
+    def as_optax(self, theta: Any, num_steps: int) -> optax.GradientTransformationExtraArgs:
+        del theta, num_steps  # fixed rule, no schedule
+        # with_extra_args_support lets `update` accept (and ignore) loss= and friends.
+        return optax.with_extra_args_support(self._optax())
+
+    def _optax(self) -> optax.GradientTransformation:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class SGD(_HandDesigned):
+    """Plain gradient descent: update = -learning_rate · g."""
+
+    learning_rate: float = 0.1
+
+    name = "sgd"
+    description = "stochastic gradient descent (Robbins & Monro 1951), optax.sgd"
+    search_space: ClassVar[dict[str, tuple]] = {"learning_rate": ("log_uniform", 1e-4, 1.0)}
+
+    def _optax(self):
+        return optax.sgd(self.learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Momentum(_HandDesigned):
+    """SGD with momentum, optax's convention (no dampening):
+
+        v_t = momentum · v_{t-1} + g_t
+        update = -lr · v_t                       (heavy ball)
+        update = -lr · (g_t + momentum · v_t)    (nesterov=True)
+    """
+
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    name = "momentum"
+    description = "SGD with heavy-ball or Nesterov momentum (Polyak 1964; Sutskever et al. 2013)"
+    search_space: ClassVar[dict[str, tuple]] = {
+        "learning_rate": ("log_uniform", 1e-4, 1.0),
+        "momentum": ("uniform", 0.5, 0.99),
+    }
+
+    def _optax(self):
+        return optax.sgd(self.learning_rate, momentum=self.momentum, nesterov=self.nesterov)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamW(_HandDesigned):
+    """Adam with decoupled weight decay: update = -lr · (m̂/(√v̂ + eps) + weight_decay · p)."""
+
+    learning_rate: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+
+    name = "adamw"
+    description = "Adam with decoupled weight decay (Loshchilov & Hutter 2019), optax.adamw"
+    search_space: ClassVar[dict[str, tuple]] = {
+        "learning_rate": ("log_uniform", 1e-5, 1e-1),
+        "weight_decay": ("log_uniform", 1e-6, 1e-1),
+    }
+
+    def _optax(self):
+        return optax.adamw(
+            self.learning_rate, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Lamb(_HandDesigned):
+    """LAMB: the Adam(W) direction rescaled per tensor by the trust ratio ‖p‖ / ‖direction‖,
+    so `learning_rate` is a relative step size per layer."""
+
+    learning_rate: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+
+    name = "lamb"
+    description = "layer-wise adaptive Adam for large batches (You et al. 2020), optax.lamb"
+    search_space: ClassVar[dict[str, tuple]] = {
+        "learning_rate": ("log_uniform", 1e-4, 1e-1),
+        "weight_decay": ("log_uniform", 1e-6, 1e-1),
+    }
+
+    def _optax(self):
+        return optax.lamb(
+            self.learning_rate, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Lars(_HandDesigned):
+    """LARS: momentum SGD on g rescaled per tensor by trust_coefficient · ‖p‖ / ‖g + wd·p‖.
+
+    The default learning rate is large because the trust coefficient (1e-3) already makes the
+    per-step relative change of each tensor ≈ learning_rate · 1e-3 (× 1/(1-momentum))."""
+
+    learning_rate: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    trust_coefficient: float = 1e-3
+    nesterov: bool = False
+
+    name = "lars"
+    description = "layer-wise adaptive rate scaling (You et al. 2017), optax.lars"
+    search_space: ClassVar[dict[str, tuple]] = {
+        "learning_rate": ("log_uniform", 1e-2, 10.0),
+        "weight_decay": ("log_uniform", 1e-6, 1e-2),
+    }
+
+    def _optax(self):
+        return optax.lars(
+            self.learning_rate,
+            weight_decay=self.weight_decay,
+            trust_coefficient=self.trust_coefficient,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+        )

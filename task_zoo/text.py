@@ -1,0 +1,170 @@
+"""Byte-level text corpora for the language-model families (``transformer_lm``, ``lstm_lm``).
+
+A *corpus* is a string naming where the text lives:
+
+* a path or any fsspec URI (``file://``, ``memory://``, ``s3://`` ... with the matching fsspec
+  backend installed) of one text file, of a directory (every file below it, in sorted path
+  order; names starting with ``.`` are skipped), or a glob (``data/*.txt``);
+* the special name ``"stdlib"`` (the default): the concatenated source of a fixed list of
+  Python standard-library modules (`STDLIB_MODULES`), read from the running interpreter's
+  stdlib directory. It is real text that every machine has without a download; its exact
+  bytes follow the interpreter version, so results on it compare only within one version.
+
+Bytes are used as-is (vocabulary 256, no decoding). The concatenation is split contiguously:
+the first 90% is the train split, the rest the test split, so no test window overlaps a train
+window. Corpora are read once per process and kept on the device (`load_corpus` is cached by
+the corpus string: a file changed after its first load is not re-read).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sysconfig
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import fsspec
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from task_zoo.base import SPLITS, TRAIN
+
+STDLIB = "stdlib"
+VOCAB = 256  # byte-level: every byte value is a token
+TRAIN_FRACTION = 0.9
+# ~630 KB of plain, long-lived modules (present in every CPython 3.11+ install).
+STDLIB_MODULES = (
+    "abc.py",
+    "base64.py",
+    "bisect.py",
+    "calendar.py",
+    "collections/__init__.py",
+    "contextlib.py",
+    "copy.py",
+    "csv.py",
+    "dataclasses.py",
+    "fractions.py",
+    "functools.py",
+    "heapq.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "operator.py",
+    "pprint.py",
+    "queue.py",
+    "random.py",
+    "shutil.py",
+    "statistics.py",
+    "string.py",
+    "textwrap.py",
+    "threading.py",
+    "tokenize.py",
+)
+
+
+class TextData(NamedTuple):
+    """The two splits of a corpus as device arrays of bytes."""
+
+    train: jax.Array  # (n_train,) uint8, the first 90% of the corpus
+    test: jax.Array  # (n_test,) uint8, the remaining 10%
+
+
+def _stdlib_bytes() -> bytes:
+    root = sysconfig.get_paths()["stdlib"]
+    paths = [os.path.join(root, m) for m in STDLIB_MODULES]
+    found = [p for p in paths if os.path.isfile(p)]
+    if not found:  # e.g. an embedded interpreter shipped without .py sources
+        raise ValueError(f"corpus 'stdlib': no module sources found under {root!r}")
+    parts = []
+    for p in found:
+        with open(p, "rb") as f:
+            parts.append(f.read())
+    return b"".join(parts)
+
+
+def _read_bytes(corpus: str) -> bytes:
+    """All bytes a corpus string names, concatenated in sorted path order."""
+    if corpus == STDLIB:
+        return _stdlib_bytes()
+    try:
+        fs, path = fsspec.core.url_to_fs(corpus)
+    except (ImportError, ValueError) as e:  # unknown protocol or backend not installed
+        raise ValueError(f"corpus {corpus!r}: cannot open: {e}") from None
+    if any(c in path for c in "*?["):
+        files = [p for p in fs.glob(path) if fs.isfile(p)]
+    elif fs.isdir(path):
+        files = list(fs.find(path))  # recursive, files only
+    elif fs.isfile(path):
+        files = [path]
+    else:
+        raise ValueError(f"corpus {corpus!r}: no such file, directory or glob match")
+    files = sorted(p for p in files if not os.path.basename(p).startswith("."))
+    if not files:
+        raise ValueError(f"corpus {corpus!r}: matches no files")
+    return b"".join(fs.cat_file(p) for p in files)
+
+
+@functools.lru_cache(maxsize=8)
+def load_corpus(corpus: str) -> TextData:
+    """Read `corpus` (see the module docstring) and split it 90/10; cached per process.
+
+    Raises ValueError for a missing path, no matching files, or an empty corpus.
+    """
+    if not isinstance(corpus, str) or not corpus:
+        raise ValueError(f"corpus must be a non-empty str, got {corpus!r}")
+    data = np.frombuffer(_read_bytes(corpus), dtype=np.uint8)
+    if data.size == 0:
+        raise ValueError(f"corpus {corpus!r} is empty")
+    n_train = int(data.size * TRAIN_FRACTION)
+    # device arrays are immutable, so every task built from this corpus shares one copy
+    return TextData(train=jnp.asarray(data[:n_train]), test=jnp.asarray(data[n_train:]))
+
+
+def corpus_for(corpus: str, seq_len: int) -> TextData:
+    """`load_corpus(corpus)`, checked to hold at least one `seq_len + 1` window per split."""
+    data = load_corpus(corpus)
+    short = min(data.train.shape[0], data.test.shape[0])
+    if short < seq_len + 1:
+        total = data.train.shape[0] + data.test.shape[0]
+        raise ValueError(
+            f"corpus {corpus!r} is too short for seq_len={seq_len}: its {total} bytes split into "
+            f"{data.train.shape[0]} train / {data.test.shape[0]} test, and each split needs "
+            f"at least seq_len + 1 = {seq_len + 1}"
+        )
+    return data
+
+
+def windows(data: TextData, key: jax.Array, split: str, batch_size: int, seq_len: int) -> dict:
+    """Random next-byte windows, jittable: {"inputs": (B, L) int32, "targets": (B, L) int32}.
+
+    Each row is `seq_len + 1` consecutive bytes of `split` starting at a uniform offset;
+    targets are the inputs shifted left by one byte.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    text = data.train if split == TRAIN else data.test
+    # the last valid start is len - (seq_len + 1); randint's maxval is exclusive
+    starts = jax.random.randint(key, (batch_size, 1), 0, text.shape[0] - seq_len)
+    rows = text[starts + jnp.arange(seq_len + 1)].astype(jnp.int32)
+    return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
+
+
+def choices(name: str, values: Sequence[int]) -> tuple[int, ...]:
+    """Validate a family's set of sizes to sample from: non-empty, positive ints."""
+    out = tuple(values)
+    if not out or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in out):
+        raise ValueError(f"{name} must be a non-empty set of positive ints, got {values!r}")
+    return out
+
+
+def pick(key: jax.Array, options: tuple) -> Any:
+    """One of `options`, uniformly (host-side)."""
+    return options[int(jax.random.randint(key, (), 0, len(options)))]
+
+
+def check_corpus_setting(corpus: Any) -> str:
+    """Validate a family's `corpus` setting (its presence is checked when a task is built)."""
+    if not isinstance(corpus, str) or not corpus:
+        raise ValueError(f"corpus must be a non-empty path, URI or 'stdlib', got {corpus!r}")
+    return corpus

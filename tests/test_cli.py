@@ -1,0 +1,40 @@
+"""The command line's listing verbs, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import task_zoo
+from metaopt import optimizers
+
+
+def metaopt(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metaopt.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_list_tasks_names_every_family_with_a_description():
+    done = metaopt("list", "tasks", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [r["name"] for r in rows] == task_zoo.families()
+    assert all(r["description"] for r in rows)
+    text = metaopt("list", "tasks").stdout
+    assert all(name in text for name in task_zoo.families())
+
+
+def test_list_optimizers_says_which_are_learned_and_how_big():
+    done = metaopt("list", "optimizers", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {r["name"]: r for r in json.loads(done.stdout)}
+    assert sorted(rows) == optimizers.names()
+    assert rows["adam"]["kind"] == "hand-designed" and rows["adam"]["meta_parameters"] == 0
+    assert rows["small_fc"]["kind"] == "learned" and rows["small_fc"]["meta_parameters"] == 1922
+    assert "small_fc" in metaopt("list", "optimizers").stdout
+
+
+def test_an_unknown_listing_is_a_usage_error():
+    done = metaopt("list", "everything")
+    assert done.returncode == 2 and "everything" in done.stderr
