@@ -9,7 +9,10 @@
 """
 
 from task_zoo.augment import Augmentation
+from task_zoo.autoencoder import AutoencoderFamily
 from task_zoo.base import SPLITS, TEST, TRAIN, Task, TaskCost, TaskFamily, TaskSpec, batches
+from task_zoo.cnn import CNNFamily
+from task_zoo.logistic import LogisticFamily
 from task_zoo.lstm_lm import LSTMLMFamily
 from task_zoo.mixture import Mixture
 from task_zoo.mlp import MLPFamily
@@ -19,6 +22,9 @@ from task_zoo.transformer_lm import TransformerLMFamily
 
 register(QuadraticFamily.name, QuadraticFamily)
 register(MLPFamily.name, MLPFamily)
+register(CNNFamily.name, CNNFamily)
+register(AutoencoderFamily.name, AutoencoderFamily)
+register(LogisticFamily.name, LogisticFamily)
 register(TransformerLMFamily.name, TransformerLMFamily)
 register(LSTMLMFamily.name, LSTMLMFamily)
 
@@ -31,6 +37,9 @@ __all__ = [
     "TRAIN",
     "LSTMLMFamily",
     "MLPFamily",
+    "CNNFamily",
+    "AutoencoderFamily",
+    "LogisticFamily",
     "TransformerLMFamily",
     "QuadraticFamily",
     "Task",

@@ -1,4 +1,5 @@
-"""Validation of `TaskSpec` kwargs, shared by the families' `task_fn`s.
+"""Validation of `TaskSpec` kwargs and of family settings, and sampling helpers, shared by the
+families.
 
 Specs arrive from JSON (messages, manifests), so a `task_fn` must reject a malformed one with a
 `ValueError` that names the spec, rather than fail deep inside JAX with a shape error.
@@ -6,8 +7,11 @@ Specs arrive from JSON (messages, manifests), so a `task_fn` must reject a malfo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import jax
+import numpy as np
 
 from task_zoo.base import TaskSpec
 
@@ -55,3 +59,44 @@ def spec_kwargs(
             raise spec_error(spec, f"{name} must be {kind.__name__}, got {value!r}")
         out[name] = float(value) if kind is float else value
     return out
+
+
+# ---- family settings and sampling -------------------------------------------------------
+
+
+def choices(name: str, values: Sequence, allowed: Sequence | None = None) -> tuple:
+    """A family setting: a non-empty set drawn from `allowed`, or of positive ints if None."""
+    out = tuple(values)
+    if not out:
+        raise ValueError(f"{name} must be non-empty")
+    if allowed is not None and not set(out) <= set(allowed):
+        raise ValueError(f"{name} must be drawn from {sorted(allowed)}, got {values!r}")
+    if allowed is None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in out):
+        raise ValueError(f"{name} must be positive ints, got {values!r}")
+    return out
+
+
+def positive_range(name: str, value: Sequence[float], low: float = 0.0) -> tuple[float, float]:
+    """A family setting: a (lo, hi) pair with low < lo <= hi (log-uniform draws need lo > 0)."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
+    if not low < lo <= hi:
+        raise ValueError(f"{name} must be a range with {low} < low <= high, got {value!r}")
+    return lo, hi
+
+
+def pick(key: jax.Array, options: tuple):
+    """One of `options`, uniformly (host-side: returns the Python value)."""
+    return options[int(jax.random.randint(key, (), 0, len(options)))]
+
+
+def log_uniform(key: jax.Array, lo: float, hi: float) -> float:
+    """A float log-uniform in [lo, hi] (scales span orders of magnitude)."""
+    return float(np.exp(jax.random.uniform(key, (), minval=np.log(lo), maxval=np.log(hi))))
+
+
+def seed(key: jax.Array) -> int:
+    """A spec seed: tells apart two draws of equal settings, and seeds any spec-made data."""
+    return int(jax.random.randint(key, (), 0, 2**31 - 1))

@@ -82,9 +82,7 @@ def parse_idx(data: bytes, what: str) -> np.ndarray:
     dims = _idx_dims(data, what)
     size, start = math.prod(dims), 4 + 4 * len(dims)
     if len(data) - start != size:
-        raise ValueError(
-            f"{what}: idx dims {dims} need {size} data bytes, the file has {len(data) - start}"
-        )
+        raise ValueError(f"{what}: idx dims {dims} need {size} data bytes, the file has {len(data) - start}")
     return np.frombuffer(data, np.uint8, size, offset=start).reshape(dims)
 
 

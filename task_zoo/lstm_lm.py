@@ -17,7 +17,7 @@ import optax
 from flax import struct
 
 from task_zoo import text
-from task_zoo._spec import spec_error, spec_kwargs
+from task_zoo._spec import choices, pick, seed, spec_error, spec_kwargs
 from task_zoo.base import TaskCost, TaskSpec
 
 NAME = "lstm_lm"
@@ -46,6 +46,7 @@ class LSTMLMTask:
     seq_len: int = struct.field(pytree_node=False)
     batch_size: int = struct.field(pytree_node=False)
 
+    @jax.jit  # one compiled program: called eagerly, init would compile op by op
     def init(self, key: jax.Array) -> dict:
         """Tree of `param_shapes(hidden)`, float32: matrices ~ N(0, 1/hidden) * init_scale,
         biases 0 except the forget gate's, which is 1 (remember by default: the usual trick
@@ -110,9 +111,9 @@ class LSTMLMFamily:
         batch_sizes: Sequence[int] = (8, 16, 32),
     ):
         self.corpus = text.check_corpus_setting(corpus)
-        self.hiddens = text.choices("hiddens", hiddens)
-        self.seq_lens = text.choices("seq_lens", seq_lens)
-        self.batch_sizes = text.choices("batch_sizes", batch_sizes)
+        self.hiddens = choices("hiddens", hiddens)
+        self.seq_lens = choices("seq_lens", seq_lens)
+        self.batch_sizes = choices("batch_sizes", batch_sizes)
 
     def sample(self, key: jax.Array) -> TaskSpec:
         """Host-side (not jittable): returns a spec of plain Python values."""
@@ -121,11 +122,11 @@ class LSTMLMFamily:
             NAME,
             {
                 "corpus": self.corpus,
-                "hidden": text.pick(keys[0], self.hiddens),
-                "seq_len": text.pick(keys[1], self.seq_lens),
-                "batch_size": text.pick(keys[2], self.batch_sizes),
+                "hidden": pick(keys[0], self.hiddens),
+                "seq_len": pick(keys[1], self.seq_lens),
+                "batch_size": pick(keys[2], self.batch_sizes),
                 # tells apart draws of equal settings; the run's randomness is in init/batch keys
-                "seed": int(jax.random.randint(keys[3], (), 0, 2**31 - 1)),
+                "seed": seed(keys[3]),
             },
         )
 

@@ -12,104 +12,15 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
-from task_zoo._spec import spec_error, spec_kwargs
-from task_zoo.base import SPLITS, TRAIN, TaskCost, TaskSpec
+from task_zoo._layers import ACTIVATIONS, dense_apply, dense_cost, dense_init, draw, split_data
+from task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
+from task_zoo.base import TaskCost, TaskSpec
 from task_zoo.images import DIGITS, check_dataset, check_datasets, image_info, load_images
 
 NAME = "mlp"
-ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "tanh": jnp.tanh,
-    "gelu": jax.nn.gelu,
-    "swish": jax.nn.swish,
-}
-
-
-# ---- helpers shared by the sampled families ------------------------------------------------
-
-
-def choices(name: str, values: Sequence, allowed: Sequence | None = None) -> tuple:
-    """A family setting: a non-empty set drawn from `allowed`, or of positive ints if None."""
-    out = tuple(values)
-    if not out:
-        raise ValueError(f"{name} must be non-empty")
-    if allowed is not None and not set(out) <= set(allowed):
-        raise ValueError(f"{name} must be drawn from {sorted(allowed)}, got {values!r}")
-    if allowed is None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in out):
-        raise ValueError(f"{name} must be positive ints, got {values!r}")
-    return out
-
-
-def positive_range(name: str, value: Sequence[float], low: float = 0.0) -> tuple[float, float]:
-    """A family setting: a (lo, hi) pair with low < lo <= hi (log-uniform draws need lo > 0)."""
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
-    if not low < lo <= hi:
-        raise ValueError(f"{name} must be a range with {low} < low <= high, got {value!r}")
-    return lo, hi
-
-
-def pick(key: jax.Array, options: tuple):
-    """One of `options`, uniformly (host-side: returns the Python value)."""
-    return options[int(jax.random.randint(key, (), 0, len(options)))]
-
-
-def log_uniform(key: jax.Array, lo: float, hi: float) -> float:
-    """A float log-uniform in [lo, hi] (scales span orders of magnitude)."""
-    return float(np.exp(jax.random.uniform(key, (), minval=np.log(lo), maxval=np.log(hi))))
-
-
-def seed(key: jax.Array) -> int:
-    """A spec seed: tells apart two draws of equal settings, and seeds any spec-made data."""
-    return int(jax.random.randint(key, (), 0, 2**31 - 1))
-
-
-def dense_init(key: jax.Array, sizes: Sequence[int], scale: jax.Array) -> dict:
-    """{"layer_i": {"w": (sizes[i], sizes[i+1]), "b": (sizes[i+1],)}} float32; w is LeCun-normal
-    times `scale` (a leaf, so the scale does not change the compiled program), b is zero."""
-    keys = jax.random.split(key, len(sizes) - 1)
-    params = {}
-    for i, (k, fan_in, fan_out) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True)):
-        w = jax.random.normal(k, (fan_in, fan_out), jnp.float32) / np.sqrt(fan_in)
-        params[f"layer_{i}"] = {"w": scale * w, "b": jnp.zeros(fan_out, jnp.float32)}
-    return params
-
-
-def dense_apply(params: dict, x: jax.Array, n: int, activation: str, prefix: int = 0) -> jax.Array:
-    """(B, in) -> (B, out) through layers prefix .. prefix+n-1; no activation after the last."""
-    for i in range(prefix, prefix + n):
-        x = x @ params[f"layer_{i}"]["w"] + params[f"layer_{i}"]["b"]
-        if i < prefix + n - 1:
-            x = ACTIVATIONS[activation](x)
-    return x
-
-
-def dense_cost(sizes: Sequence[int], batch_size: int) -> TaskCost:
-    """Exact parameter count of a dense stack; FLOPs = 3 x forward, forward = 2 * B * (weights
-    + biases) (a multiply-add per weight, a bias add and activation per unit)."""
-    params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-    return TaskCost(parameters=params, flops_per_step=3.0 * 2.0 * batch_size * params)
-
-
-def split_data(task, split: str) -> dict[str, jax.Array]:
-    """{"x": task.<split>_x, "y": task.<split>_y} of a task holding train_/test_ arrays."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if split == TRAIN:
-        return {"x": task.train_x, "y": task.train_y}
-    return {"x": task.test_x, "y": task.test_y}
-
-
-def draw(data: dict[str, jax.Array], key: jax.Array, batch_size: int) -> dict[str, jax.Array]:
-    """`batch_size` rows of every array in `data`, drawn with replacement (jittable)."""
-    idx = jax.random.randint(key, (batch_size,), 0, next(iter(data.values())).shape[0])
-    return {k: v[idx] for k, v in data.items()}
 
 
 # ---- the mlp family ---------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import os
 import sysconfig
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import fsspec
@@ -135,6 +134,8 @@ def corpus_for(corpus: str, seq_len: int) -> TextData:
     return data
 
 
+# jitted so that eager callers (`task_zoo.batches`) run one program, not a dozen small ones
+@functools.partial(jax.jit, static_argnames=("split", "batch_size", "seq_len"))
 def windows(data: TextData, key: jax.Array, split: str, batch_size: int, seq_len: int) -> dict:
     """Random next-byte windows, jittable: {"inputs": (B, L) int32, "targets": (B, L) int32}.
 
@@ -148,19 +149,6 @@ def windows(data: TextData, key: jax.Array, split: str, batch_size: int, seq_len
     starts = jax.random.randint(key, (batch_size, 1), 0, text.shape[0] - seq_len)
     rows = text[starts + jnp.arange(seq_len + 1)].astype(jnp.int32)
     return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
-
-
-def choices(name: str, values: Sequence[int]) -> tuple[int, ...]:
-    """Validate a family's set of sizes to sample from: non-empty, positive ints."""
-    out = tuple(values)
-    if not out or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in out):
-        raise ValueError(f"{name} must be a non-empty set of positive ints, got {values!r}")
-    return out
-
-
-def pick(key: jax.Array, options: tuple) -> Any:
-    """One of `options`, uniformly (host-side)."""
-    return options[int(jax.random.randint(key, (), 0, len(options)))]
 
 
 def check_corpus_setting(corpus: Any) -> str:

@@ -18,7 +18,7 @@ import optax
 from flax import struct
 
 from task_zoo import text
-from task_zoo._spec import spec_error, spec_kwargs
+from task_zoo._spec import choices, pick, seed, spec_error, spec_kwargs
 from task_zoo.base import TaskCost, TaskSpec
 
 NAME = "transformer_lm"
@@ -65,6 +65,7 @@ class TransformerLMTask:
     seq_len: int = struct.field(pytree_node=False)
     batch_size: int = struct.field(pytree_node=False)
 
+    @jax.jit  # one compiled program: called eagerly, init would compile op by op
     def init(self, key: jax.Array) -> dict:
         """Tree of `param_shapes(...)`, float32: weights and embeddings ~ N(0, 1/fan_in) *
         init_scale (fan_in = d_model for embeddings), biases 0, LayerNorm scales 1."""
@@ -135,11 +136,11 @@ class TransformerLMFamily:
         batch_sizes: Sequence[int] = (8, 16, 32),
     ):
         self.corpus = text.check_corpus_setting(corpus)
-        self.d_models = text.choices("d_models", d_models)
-        self.layers = text.choices("layers", layers)
-        self.heads = text.choices("heads", heads)
-        self.seq_lens = text.choices("seq_lens", seq_lens)
-        self.batch_sizes = text.choices("batch_sizes", batch_sizes)
+        self.d_models = choices("d_models", d_models)
+        self.layers = choices("layers", layers)
+        self.heads = choices("heads", heads)
+        self.seq_lens = choices("seq_lens", seq_lens)
+        self.batch_sizes = choices("batch_sizes", batch_sizes)
         bad = [(d, h) for d in self.d_models for h in self.heads if d % h]
         if bad:
             raise ValueError(f"every head count must divide every d_model; (d_model, heads) {bad}")
@@ -151,13 +152,13 @@ class TransformerLMFamily:
             NAME,
             {
                 "corpus": self.corpus,
-                "d_model": text.pick(keys[0], self.d_models),
-                "layers": text.pick(keys[1], self.layers),
-                "heads": text.pick(keys[2], self.heads),
-                "seq_len": text.pick(keys[3], self.seq_lens),
-                "batch_size": text.pick(keys[4], self.batch_sizes),
+                "d_model": pick(keys[0], self.d_models),
+                "layers": pick(keys[1], self.layers),
+                "heads": pick(keys[2], self.heads),
+                "seq_len": pick(keys[3], self.seq_lens),
+                "batch_size": pick(keys[4], self.batch_sizes),
                 # tells apart draws of equal settings; the run's randomness is in init/batch keys
-                "seed": int(jax.random.randint(keys[5], (), 0, 2**31 - 1)),
+                "seed": seed(keys[5]),
             },
         )
 

@@ -34,8 +34,11 @@ def _same_shape_pair(fam):
     raise AssertionError(f"no two same-shape tasks in 200 samples of {fam.name}")
 
 
+BUILTINS = ["autoencoder", "cnn", "logistic", "lstm_lm", "mlp", "quadratic", "transformer_lm"]
+
+
 def test_registry_lists_builtins():
-    assert FAMILIES == ["mlp", "quadratic"]
+    assert FAMILIES == BUILTINS
     for name in FAMILIES:
         assert task_zoo.family(name).name == name
 
@@ -97,7 +100,7 @@ def test_bad_specs_raise_helpful_errors(name):
 
 
 def test_unknown_family_and_bad_family_kwargs():
-    with pytest.raises(ValueError, match=r"unknown task family 'nope'.*\['mlp', 'quadratic'\]"):
+    with pytest.raises(ValueError, match=r"unknown task family 'nope'.*'lstm_lm', 'mlp'"):
         task_zoo.family("nope")
     with pytest.raises(ValueError, match="unknown task family 'nope'.*spec"):
         task_zoo.task(TaskSpec("nope", {}))
@@ -178,3 +181,15 @@ def test_mlp_adam_learns_digits():
 
     before, after = run(t, jax.random.key(0))
     assert float(before) < 0.3 and float(after) > 0.85  # chance is 0.1
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cost_estimates_count_parameters_exactly(name):
+    fam = task_zoo.family(name)
+    for key in jax.random.split(jax.random.key(7), 3):
+        spec = fam.sample(key)
+        cost = task_zoo.cost(spec)
+        shapes = jax.eval_shape(task_zoo.task(spec).init, jax.random.key(0))
+        assert cost.parameters == sum(x.size for x in jax.tree.leaves(shapes)), spec
+        assert cost.flops_per_step >= cost.parameters > 0
+    assert fam.description and "\n" not in fam.description

@@ -5,12 +5,55 @@ optimizers.names()                       # ['adam', 'small_fc']
 opt = optimizers.make("small_fc", hidden=32)
 """
 
+from metaopt.optimizers.adafac_mlp import AdafacMLP, AdafacMLPState
 from metaopt.optimizers.adam import Adam
 from metaopt.optimizers.base import Optimizer
+from metaopt.optimizers.hand_designed import SGD, AdamW, Lamb, Lars, Momentum
+from metaopt.optimizers.lgl2o import LGL2O, LGL2OState, lgl2o
+from metaopt.optimizers.lookahead import Lookahead, LookaheadState
+from metaopt.optimizers.lstm_l2l import LSTML2L, LSTML2LState
+from metaopt.optimizers.nn_adam import NNAdam, NNAdamState
 from metaopt.optimizers.registry import make, names, register
+from metaopt.optimizers.rnn_mlp import RNNMLP, RNNMLPState
 from metaopt.optimizers.small_fc import SmallFC, SmallFCState
 
 register("adam", Adam)
 register("small_fc", SmallFC)
+register("sgd", SGD)
+register("momentum", Momentum)
+register("adamw", AdamW)
+register("lamb", Lamb)
+register("lars", Lars)
+register("lookahead", Lookahead)
+register("adafac_mlp", AdafacMLP)
+register("lgl2o", lgl2o)
+register("lstm_l2l", LSTML2L)
+register("nn_adam", NNAdam)
+register("rnn_mlp", RNNMLP)
 
-__all__ = ["Adam", "Optimizer", "SmallFC", "SmallFCState", "make", "names", "register"]
+__all__ = [
+    "AdafacMLP",
+    "AdafacMLPState",
+    "AdamW",
+    "LGL2O",
+    "LGL2OState",
+    "Lamb",
+    "Lars",
+    "Lookahead",
+    "LookaheadState",
+    "Momentum",
+    "SGD",
+    "Adam",
+    "Optimizer",
+    "SmallFC",
+    "SmallFCState",
+    "LSTML2L",
+    "LSTML2LState",
+    "NNAdam",
+    "NNAdamState",
+    "RNNMLP",
+    "RNNMLPState",
+    "make",
+    "names",
+    "register",
+]

@@ -76,7 +76,9 @@ class Momentum(_HandDesigned):
         update = -lr · (g_t + momentum · v_t)    (nesterov=True)
     """
 
-    learning_rate: float = 0.01
+    # Default lr keeps the heavy ball overdamped (monotone loss) for curvatures h up to ~2:
+    # lr·h <= (1 - √momentum)² ≈ 2.6e-3; the effective step lr/(1 - momentum) is still 1e-2.
+    learning_rate: float = 1e-3
     momentum: float = 0.9
     nesterov: bool = False
 

@@ -59,13 +59,22 @@ def lstm_step(p: dict, x: jax.Array, h: jax.Array, c: jax.Array) -> tuple[jax.Ar
     return jax.nn.sigmoid(o) * jnp.tanh(c), c
 
 
+def uniforms(key: jax.Array, *shapes: tuple[int, ...]) -> list[jax.Array]:
+    """Uniform [-1, 1) float32 arrays of the given shapes from ONE random draw: each separate
+    draw (and each eager op) costs an XLA compile, which dominated `init` time."""
+    sizes = [math.prod(s) for s in shapes]
+    flat = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
+    offsets = [int(o) for o in np.cumsum([0, *sizes[:-1]])]
+    return [flat[o : o + n].reshape(s) for o, n, s in zip(offsets, sizes, shapes, strict=True)]
+
+
 def init_lstm(key: jax.Array, inputs: int, hidden: int) -> dict[str, jax.Array]:
     """Random LSTM weights, uniform ±1/sqrt(hidden) (the common default), forget bias +1."""
-    kx, kh = jax.random.split(key)
+    ux, uh = uniforms(key, (inputs, 4 * hidden), (hidden, 4 * hidden))
     lim = 1.0 / math.sqrt(hidden)
     return {
-        "wx": jax.random.uniform(kx, (inputs, 4 * hidden), jnp.float32, -lim, lim),
-        "wh": jax.random.uniform(kh, (hidden, 4 * hidden), jnp.float32, -lim, lim),
+        "wx": lim * ux,
+        "wh": lim * uh,
         "b": jnp.zeros((4 * hidden,), jnp.float32).at[hidden : 2 * hidden].set(1.0),
     }
 
@@ -104,6 +113,9 @@ class LSTML2L:
         return dataclasses.asdict(self)
 
     def init(self, key: jax.Array) -> dict:
+        return _init(self, key)
+
+    def _init(self, key: jax.Array) -> dict:
         H = self.hidden
         keys = jax.random.split(key, self.layers + 1)
         theta = {}
@@ -120,7 +132,8 @@ class LSTML2L:
         for _ in range(self.layers):
             x = math.tanh(math.tanh(_CARRY_GAIN * x)) / (1.0 + math.exp(-_GATE_BIAS))  # h = o·tanh(c)
         w_carry = -self.init_lr / (self.output_scale * x)
-        w = _RANDOM_READOUT * abs(w_carry) / math.sqrt(H) * jax.random.normal(keys[-1], (H, 1), jnp.float32)
+        (u,) = uniforms(keys[-1], (H, 1))
+        w = _RANDOM_READOUT * abs(w_carry) * math.sqrt(3.0 / H) * u  # std 1% of the carry / sqrt(H)
         theta["out"] = {"w": w.at[0, 0].set(w_carry), "b": jnp.zeros((1,), jnp.float32)}
         return theta
 
@@ -154,3 +167,8 @@ class LSTML2L:
             return jax.tree.unflatten(treedef, out), LSTML2LState(jnp.stack(hs), jnp.stack(cs))
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# One compiled program per configuration (the dataclass is hashable): far cheaper than the
+# dozens of eager ops, each compiled separately, that building θ would otherwise take.
+_init = jax.jit(LSTML2L._init, static_argnums=0)
