@@ -23,7 +23,7 @@ arguments.
 
 Search spaces: `{hparam: ("log_uniform", low, high) | ("uniform", low, high) |
 ("choice", [values...])}`; the default is the optimizer class's `search_space` attribute (see
-hand_designed.py) or DEFAULT_SEARCH_SPACES for optimizers that have none (adam). Float
+hand_designed.py). Float
 hyperparameters are passed to the optimizer as traced values, so all trials that share the
 same "choice" values run as one compiled `lax.map`; an optimizer that needs concrete values
 (a Python check on a float hyperparameter) falls back to one compilation per trial.
@@ -43,11 +43,6 @@ import optax
 import task_zoo
 from metaopt import optimizers
 
-DEFAULT_SEARCH_SPACES: dict[str, dict[str, tuple]] = {
-    # adam.py has no search_space attribute; this is its space, kept here rather than there.
-    "adam": {"learning_rate": ("log_uniform", 1e-5, 1e-1)},
-}
-
 
 @dataclasses.dataclass
 class TuningResult:
@@ -62,8 +57,6 @@ class TuningResult:
 def search_space_for(optimizer_name: str) -> dict[str, tuple]:
     """The default search space of a registered optimizer (ValueError if it has none)."""
     space = getattr(optimizers.make(optimizer_name), "search_space", None)
-    if space is None:
-        space = DEFAULT_SEARCH_SPACES.get(optimizer_name)
     if not space:
         raise ValueError(f"optimizer {optimizer_name!r} has no default search space; pass search_space=")
     return dict(space)

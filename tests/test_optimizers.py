@@ -112,6 +112,26 @@ def test_vmap_over_theta_and_grads(name):
         np.testing.assert_allclose(b[1], s, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_over_a_batch_of_parameter_sets(name):
+    """One θ, several models trained side by side (init, then two updates, all vmapped)."""
+    opt = optimizers.make(name)
+    tx = opt.as_optax(opt.init(jax.random.key(0)), 10)
+    batch = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), _params())
+
+    def two_steps(params):
+        grads = jax.tree.map(jnp.cos, params)
+        state = tx.init(params)
+        _, state = tx.update(grads, state, params, loss=1.0)
+        return tx.update(grads, state, params, loss=1.0)[0]
+
+    batched = jax.jit(jax.vmap(two_steps))(batch)
+    single = jax.jit(two_steps)(jax.tree.map(lambda x: x[1], batch))
+    for b, s in zip(jax.tree.leaves(batched), jax.tree.leaves(single), strict=True):
+        assert b.shape[0] == 3
+        np.testing.assert_allclose(b[1], s, rtol=1e-5, atol=1e-8)
+
+
 def _quadratic_losses(tx, steps):
     a = jnp.linspace(0.5, 2.0, 16)
     params = {"x": jnp.linspace(-2.0, 2.0, 16), "w": jnp.ones((4, 4))}

@@ -1,14 +1,13 @@
 """Optimizers for metaopt, learned and hand-designed, behind one registry.
 
 from metaopt import optimizers
-optimizers.names()                       # ['adam', 'small_fc']
+optimizers.names()                       # ['adafac_mlp', 'adam', 'adamw', ...]
 opt = optimizers.make("small_fc", hidden=32)
 """
 
 from metaopt.optimizers.adafac_mlp import AdafacMLP, AdafacMLPState
-from metaopt.optimizers.adam import Adam
 from metaopt.optimizers.base import Optimizer
-from metaopt.optimizers.hand_designed import SGD, AdamW, Lamb, Lars, Momentum
+from metaopt.optimizers.hand_designed import SGD, Adam, AdamW, Lamb, Lars, Momentum
 from metaopt.optimizers.lgl2o import LGL2O, LGL2OState, lgl2o
 from metaopt.optimizers.lookahead import Lookahead, LookaheadState
 from metaopt.optimizers.lstm_l2l import LSTML2L, LSTML2LState

@@ -8,6 +8,8 @@ defaults. State floats per parameter are those of the optax implementation:
 
   name      reference                                         state floats / parameter
   sgd       Robbins & Monro 1951                              0
+  adam      Kingma & Ba, "Adam: A Method for Stochastic       2 (first and second moments)
+            Optimization", ICLR 2015
   momentum  Polyak 1964 (heavy ball); Nesterov 1983 /         1 (the velocity)
             Sutskever et al. 2013 (nesterov=True)
   adamw     Loshchilov & Hutter, "Decoupled Weight Decay      2 (first and second moments)
@@ -65,6 +67,23 @@ class SGD(_HandDesigned):
 
     def _optax(self):
         return optax.sgd(self.learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adam(_HandDesigned):
+    """Adam with bias correction, optax.adam."""
+
+    learning_rate: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    name = "adam"
+    description = "Adam (Kingma & Ba 2015), optax.adam"
+    search_space: ClassVar[dict[str, tuple]] = {"learning_rate": ("log_uniform", 1e-5, 1e-1)}
+
+    def _optax(self):
+        return optax.adam(self.learning_rate, b1=self.b1, b2=self.b2, eps=self.eps)
 
 
 @dataclasses.dataclass(frozen=True)
