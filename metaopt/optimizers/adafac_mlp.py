@@ -34,10 +34,16 @@ normalised steps of ≈ step_mult (1e-3) per parameter.
 Optimizer state per parameter: 3 momenta + 1 RMS = 4 float32 for ≥2-D tensors (plus
 3·(rows + cols) Adafactor floats per matrix); 0-D/1-D tensors add their 3 unfactored v̂_k (7).
 
-Deviation from small_fc's implementation: tensors are processed one at a time, without
-packing into chunks, for readability; features are feature-major (F, n) so the MLP is
-W^T @ X (the layout small_fc found fastest on XLA:CPU), but an (F, n) buffer per tensor is
-materialised, so this costs more memory traffic than small_fc for large models.
+Performance (as small_fc; see benchmarks/lopt_step.py): a ≥2-D leaf is viewed as (B, R, C)
+(the Adafactor row axis R, column axis C) and processed in 3-D blocks of ≈ CHUNK elements by
+a loop that reads blocks in place (dynamic_slice), so nothing of size (F, n) or (hidden, n) is
+materialised and no packed copies are made (fresh multi-MB buffers cost ~0.5 ms/MB in page
+faults on CPU, more than the arithmetic). Pass 1 updates m, v and sums the squared features,
+pass 2 recomputes them and runs the MLP. The 12 row/col features are only per row or per
+column: their squared sums are taken on the (B, R) / (B, C) vectors and their first-layer
+contribution is computed once per row / column and broadcast-added. The normalisation scale
+is folded into the first-layer weights (W^T (s·x) = (s·W)^T x). Features are feature-major
+(16, L) so the MLP is W^T @ X. 0-D/1-D leaves (small) take the direct unblocked path.
 """
 
 from __future__ import annotations
@@ -60,6 +66,10 @@ NUM_FEATURES = 28
 _ADAM_FEATURE = 7  # index of m_0.9·rsqrt(v) in _features (the Adam-like direction)
 _EPS = 1e-8  # inside rsqrt of second moments
 _NORM_EPS = 1e-5  # second-moment normaliser, as the reference
+CHUNK = 16384  # elements per block: (32, CHUNK) f32 activations = 2 MiB, cache-sized
+_NUM_ELEM = 16  # features 0..15 are per element; the rest are per row / per column:
+_ROW_FEATS = [16, 17, 18, 22, 23, 24]  # row_k, rsqrt(row_k)
+_COL_FEATS = [19, 20, 21, 25, 26, 27]  # col_k, rsqrt(col_k)
 
 
 class AdafacMLPState(NamedTuple):
@@ -87,30 +97,53 @@ def _expand(d: jax.Array, ndim: int) -> jax.Array:
     return d.reshape(d.shape + (1,) * ndim)
 
 
-def _features(g, p, m, v, row, col, fac_d):
-    """Accumulator updates and the (F, n) feature matrix of one leaf.
-
-    g, p, v: shape; m: (3, *shape) already updated; row, col: previous factors.
-    Returns (new_row, new_col, features)."""
-    nd, g2 = g.ndim, jnp.square(g)
-    d = _expand(fac_d, nd - 1 if nd >= 2 else nd)
-    if nd >= 2:
-        row = d * row + (1 - d) * jnp.mean(g2, axis=-1)
-        col = d * col + (1 - d) * jnp.mean(g2, axis=-2)
-        # As small_fc: normalise col by mean(row), never forming row·col (float32 underflow).
-        col_n = col / (jnp.mean(row, axis=-1, keepdims=True) + 1e-30)
-        fac = jax.lax.rsqrt(row + _EPS)[..., :, None] * jax.lax.rsqrt(col_n + _EPS)[..., None, :]
-        row_b = jnp.broadcast_to(row[..., :, None], m.shape)
-        col_b = jnp.broadcast_to(col[..., None, :], m.shape)
-    else:  # unfactored, as RMSProp: row holds the full v̂
-        row = d * row + (1 - d) * g2
-        fac = jax.lax.rsqrt(row + _EPS)
-        row_b = col_b = row
+def _elem_features(g, p, m, v, fac):
+    """The 16 per-element features g, p, m_k, v, rsqrt(v), m_k·rsqrt(v), g·rsqrt(v̂_k),
+    m_k·rsqrt(v̂_k) (list of arrays of g's shape); fac: (3, …) rsqrt(v̂_k) broadcastable to m."""
     r = jax.lax.rsqrt(v + _EPS)
-    parts = [g[None], p[None], m, v[None], r[None], m * r, g * fac, m * fac, row_b, col_b]
-    parts += [jax.lax.rsqrt(row_b + _EPS), jax.lax.rsqrt(col_b + _EPS)]
-    x = jnp.concatenate([jnp.broadcast_to(q, (q.shape[0],) + g.shape) for q in parts])
-    return row, col, x.reshape(NUM_FEATURES, -1)
+    return [g, p, *m, v, r, *(m * r), *(g * fac), *(m * fac)]
+
+
+def _features(g, p, m, v, row, fac):
+    """The full (F, n) feature matrix of an unfactored (0-D/1-D) leaf, row = v̂ (3, *shape)."""
+    rr = jax.lax.rsqrt(row + _EPS)
+    x = jnp.stack(_elem_features(g, p, m, v, fac) + [*row, *row, *rr, *rr])
+    return x.reshape(NUM_FEATURES, -1)
+
+
+def _split(n: int, target: int) -> tuple[int, int]:  # (size, count) of balanced blocks
+    k = -(-n // max(1, min(n, target)))
+    return -(-n // k), k
+
+
+def _block_loop(dims, body, init):
+    """carry = body(starts, sizes, owned, carry) over ≈ CHUNK-element blocks of a (B, R, C) array.
+    A loop reading blocks in place needs no stacked input copies (unlike lax.map). The last
+    block along an axis is shifted back to end at the edge, overlapping its neighbour (writes
+    stay idempotent: blocks are computed from loop-invariant inputs); owned masks out the
+    overlap (None when blocks tile exactly)."""
+    cb, nc = _split(dims[2], CHUNK)
+    rb, nr = _split(dims[1], CHUNK // cb)
+    bb, nb = _split(dims[0], CHUNK // (rb * cb))
+    sizes, counts = (bb, rb, cb), (nb, nr, nc)
+    exact = all(d % s == 0 for d, s in zip(dims, sizes, strict=True))
+
+    def step(i, carry):
+        idx = (i // (nr * nc), (i // nc) % nr, i % nc)
+        lo = [k * s for k, s in zip(idx, sizes, strict=True)]
+        starts = [jnp.minimum(x, d - s) for x, d, s in zip(lo, dims, sizes, strict=True)]
+        owned = None
+        if not exact:
+            owned = jnp.ones(sizes, bool)
+            for ax in range(3):
+                pos = jax.lax.broadcasted_iota(jnp.int32, sizes, ax) + starts[ax]
+                owned &= pos >= lo[ax]
+        return body(starts, sizes, owned, carry)
+
+    n = math.prod(counts)
+    if n == 1:  # a single block: no loop
+        return step(jnp.int32(0), init)
+    return jax.lax.fori_loop(0, n, step, init)
 
 
 def _init_mlp(key: jax.Array, hidden: int, hidden_layers: int) -> dict[str, jax.Array]:
@@ -135,13 +168,73 @@ def _init_mlp(key: jax.Array, hidden: int, hidden_layers: int) -> dict[str, jax.
     return mlp
 
 
-def _mlp_apply(mlp: dict, x: jax.Array, b0: jax.Array) -> jax.Array:
-    """x: (F, n) normalised features; b0: (hidden,) first-layer bias incl. time → (2, n)."""
-    n = len(mlp) // 2
-    h = mlp["w0"][:NUM_FEATURES].T @ x + b0[:, None]
-    for i in range(1, n):
+def _mlp_apply(mlp: dict, h: jax.Array) -> jax.Array:
+    """h: (hidden, n) first-layer pre-activation (bias included) → (2, n) MLP output."""
+    for i in range(1, len(mlp) // 2):
         h = mlp[f"w{i}"].T @ jax.nn.relu(h) + mlp[f"b{i}"][:, None]
     return h
+
+
+def _factored_update(g, p, m, v, row, col, decays, w0, b0, mlp, out_fn):
+    """Blocked update of one ≥2-D leaf (see the module docstring) → (step, m, v, row, col)."""
+    mom_d, rms_d, fac_d = decays
+    shape, k = g.shape, m.shape[0]
+    dims = (math.prod(shape[:-2]), shape[-2], shape[-1])
+    g3, p3, m4, v3 = g.reshape(dims), p.reshape(dims), m.reshape((k,) + dims), v.reshape(dims)
+    d, g2 = _expand(fac_d, g.ndim - 1), jnp.square(g)
+    row = d * row + (1 - d) * jnp.mean(g2, axis=-1)
+    col = d * col + (1 - d) * jnp.mean(g2, axis=-2)
+    # As small_fc: normalise col by mean(row), never forming row·col (float32 underflow).
+    col_n = col / (jnp.mean(row, axis=-1, keepdims=True) + 1e-30)
+    rows = jnp.concatenate([row, jax.lax.rsqrt(row + _EPS)]).reshape(2 * k, dims[0], dims[1])
+    cols = jnp.concatenate([col, jax.lax.rsqrt(col + _EPS)]).reshape(2 * k, dims[0], dims[2])
+    cn = jax.lax.rsqrt(col_n + _EPS).reshape(k, dims[0], dims[2])
+    md, ra = _expand(mom_d, 3), rows[k:]
+
+    def block(x, starts, sizes):  # in-place read of one (…, bb, rb, cb) block
+        lead = x.ndim - len(starts)
+        return jax.lax.dynamic_slice(x, (0,) * lead + tuple(starts), x.shape[:lead] + tuple(sizes))
+
+    def feats(starts, sizes, mb, vb):
+        gb, pb = block(g3, starts, sizes), block(p3, starts, sizes)
+        rab, cnb = block(ra, starts[:2], sizes[:2]), block(cn, starts[::2], sizes[::2])
+        return _elem_features(gb, pb, mb, vb, rab[..., :, None] * cnb[..., None, :])
+
+    # Pass 1: new m, v (written in place) and per-tensor sums of squared per-element features.
+    def stats(starts, sizes, owned, carry):
+        m_new, v_new, sums = carry
+        gb = block(g3, starts, sizes)
+        mb = md * block(m4, starts, sizes) + (1 - md) * gb
+        vb = rms_d * block(v3, starts, sizes) + (1 - rms_d) * jnp.square(gb)
+        w = 1.0 if owned is None else owned.astype(jnp.float32)  # count overlaps once
+        # One small reduction per feature fuses better than stacking first (as small_fc).
+        s = jnp.stack([jnp.sum(x * x * w) for x in feats(starts, sizes, mb, vb)])
+        m_new = jax.lax.dynamic_update_slice(m_new, mb, (0, *starts))
+        return m_new, jax.lax.dynamic_update_slice(v_new, vb, tuple(starts)), sums + s
+
+    init = (jnp.zeros_like(m4), jnp.zeros_like(v3), jnp.zeros((_NUM_ELEM,), jnp.float32))
+    m4, v3, sums = _block_loop(dims, stats, init)
+    # Row (col) features are constant along C (R): their squared sums are C·Σ (R·Σ).
+    sums = jnp.concatenate(
+        [sums, dims[2] * jnp.sum(jnp.square(rows), (1, 2)), dims[1] * jnp.sum(jnp.square(cols), (1, 2))]
+    )
+    perm = np.argsort(list(range(_NUM_ELEM)) + _ROW_FEATS + _COL_FEATS)
+    scale = jax.lax.rsqrt(_NORM_EPS + sums[perm] / math.prod(shape))
+    w0 = w0 * scale[:, None]  # the normalisation, folded into the first layer
+    h_row = jnp.einsum("fh,fbr->hbr", w0[np.asarray(_ROW_FEATS)], rows) + b0[:, None, None]
+    h_col = jnp.einsum("fh,fbc->hbc", w0[np.asarray(_COL_FEATS)], cols)
+
+    # Pass 2: features → MLP → step, one cache-sized block at a time.
+    def apply(starts, sizes, owned, out):
+        x = jnp.stack(feats(starts, sizes, block(m4, starts, sizes), block(v3, starts, sizes)))
+        h = (w0[:_NUM_ELEM].T @ x.reshape(_NUM_ELEM, -1)).reshape((-1, *sizes))
+        h = h + block(h_row, starts[:2], sizes[:2])[..., None]  # + per-row and per-column terms
+        h = h + block(h_col, starts[::2], sizes[::2])[..., None, :]
+        step = out_fn(_mlp_apply(mlp, h.reshape(h.shape[0], -1))).reshape(sizes)
+        return jax.lax.dynamic_update_slice(out, step, tuple(starts))
+
+    step = _block_loop(dims, apply, jnp.zeros_like(g3))
+    return step.reshape(shape), m4.reshape(m.shape), v3.reshape(shape), row, col
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,18 +292,27 @@ class AdafacMLP:
 
             grads, treedef = jax.tree.flatten(updates)
             leaves = treedef.flatten_up_to(params)
+            w0 = mlp["w0"][:NUM_FEATURES]
+
+            def out_fn(o):  # (2, n) MLP output → step
+                return -step_mult * o[0] * jnp.exp(exp_mult * o[1])
+
             out, new_m, new_v, new_r, new_c = [], [], [], [], []
             for g0, p, m, v, row, col in zip(
                 grads, leaves, state.momenta, state.rms, state.rows, state.cols, strict=True
             ):
                 g, p = g0.astype(jnp.float32), jnp.asarray(p, jnp.float32)
-                m = _expand(mom_d, g.ndim) * m + (1 - _expand(mom_d, g.ndim)) * g
-                v = rms_d * v + (1 - rms_d) * jnp.square(g)
-                row, col, x = _features(g, p, m, v, row, col, fac_d)
-                # Per-tensor second-moment normalisation of every feature.
-                x = x * jax.lax.rsqrt(_NORM_EPS + jnp.mean(jnp.square(x), axis=1, keepdims=True))
-                d, s = _mlp_apply(mlp, x, b0)
-                step = -step_mult * d * jnp.exp(exp_mult * s)
+                if g.ndim >= 2:
+                    dec3 = (mom_d, rms_d, fac_d)
+                    step, m, v, row, col = _factored_update(g, p, m, v, row, col, dec3, w0, b0, mlp, out_fn)
+                else:  # 0-D/1-D (small): direct, unfactored (row holds the full v̂, as RMSProp)
+                    m = _expand(mom_d, g.ndim) * m + (1 - _expand(mom_d, g.ndim)) * g
+                    v = rms_d * v + (1 - rms_d) * jnp.square(g)
+                    row = _expand(fac_d, g.ndim) * row + (1 - _expand(fac_d, g.ndim)) * jnp.square(g)
+                    x = _features(g, p, m, v, row, jax.lax.rsqrt(row + _EPS))
+                    # Per-tensor second-moment normalisation of every feature.
+                    x = x * jax.lax.rsqrt(_NORM_EPS + jnp.mean(jnp.square(x), axis=1, keepdims=True))
+                    step = out_fn(_mlp_apply(mlp, w0.T @ x + b0[:, None]))
                 out.append(step.reshape(g.shape).astype(g0.dtype))
                 new_m.append(m), new_v.append(v), new_r.append(row), new_c.append(col)
             new_state = AdafacMLPState(
