@@ -24,6 +24,8 @@ import numpy as np
 import optax
 import pytest
 
+import task_zoo
+from metaopt import optimizers
 from workers.estimators import EstimatorConfig, make_estimator
 
 A, X0, THETA, SIGMA, K, J = 1.0, 1.0, 0.1, 0.05, 5, 3
@@ -181,3 +183,23 @@ def test_initial_loss_normalisation_rescales_each_inner_run():
 def test_config_rejects_a_truncation_longer_than_the_horizon():
     with pytest.raises(ValueError, match="truncation_length <= inner_horizon"):
         EstimatorConfig(truncation_length=50, inner_horizon=20)
+
+
+LEARNED = [name for name in optimizers.names() if optimizers.make(name).learned]
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_every_learned_optimizer_can_be_meta_trained_with_pes(name):
+    """One PES truncation per registered learned optimizer on a small quadratic: a finite,
+    non-zero estimate of θ's size (the contract the workers rely on)."""
+    optimizer = optimizers.make(name)
+    theta = optimizer.init(jax.random.key(0))
+    spec = task_zoo.TaskSpec("quadratic", {"dim": 4, "log10_condition": 1.0, "noise": 0.1, "seed": 0})
+    task = task_zoo.task(spec)
+    estimator = make_estimator("pes", optimizer, num_particles=2, truncation_length=3, inner_horizon=6)
+    state = estimator.init(jax.random.key(1), theta, task)
+    for k in range(2):
+        state, grad, metrics = estimator.estimate(jax.random.key(2 + k), theta, state, task)
+    size = sum(x.size for x in jax.tree.leaves(theta))
+    assert grad.shape == (size,) and np.all(np.isfinite(grad)) and np.any(grad != 0)
+    assert np.isfinite(float(metrics["mean_loss"]))
