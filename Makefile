@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_PACKAGES := prometheus
 
-.PHONY: demo test lint proto bench lock system-deps venv clean
+.PHONY: demo test test-slow lint proto bench lock system-deps venv clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: venv system-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -m "not slow"
 
+# Long suites left out of `make test`: every benchmark in its --quick form.
+test-slow: venv system-deps
+	$(BIN)/pytest -m slow
+
 lint: venv
 	$(BIN)/ruff check .
 
@@ -42,6 +46,7 @@ bench: venv
 	$(BIN)/python benchmarks/lopt_step.py --out bench-out
 	$(BIN)/python benchmarks/worker_throughput.py --out bench-out
 	$(BIN)/python benchmarks/zoo.py --out bench-out
+	$(BIN)/python benchmarks/meta_training.py --out bench-out
 
 lock: venv
 	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^metaopt'; } > requirements.lock.new

@@ -78,6 +78,8 @@ class Learner:
         self._apply = jax.jit(self._apply_update)
 
         self._lock = threading.Lock()
+        self._busy_lock = threading.Lock()
+        self.busy_s = 0.0  # time spent in submit(), all streams together: the learner's load
         self.theta = jnp.asarray(wire.flatten(theta_template))
         self.outer_state = self._outer.init(self.theta)
         self.version = 0
@@ -92,6 +94,14 @@ class Learner:
 
     def submit(self, est: pb.GradientEstimate) -> pb.Ack:
         """Validate, then accumulate one estimate. Returns the ack to send back."""
+        started = time.perf_counter()
+        try:
+            return self._submit(est)
+        finally:
+            with self._busy_lock:
+                self.busy_s += time.perf_counter() - started
+
+    def _submit(self, est: pb.GradientEstimate) -> pb.Ack:
         reason, detail, flat = self._validate(est)
         if reason:
             self.metrics.rejected(Reason.Name(reason))

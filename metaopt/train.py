@@ -33,6 +33,8 @@ class RunResult:
     registry: str
     run_dir: str
     metrics_url: str
+    wall_s: float  # from the learner's start to the workers' stop
+    learner_busy_s: float  # time the learner spent validating and applying estimates
 
     def summary(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,11 +92,13 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
     log.info("job %s: learner on 127.0.0.1:%d, metrics at %s", job_id, port, metrics_url)
 
     checkpointer.start()
+    started = time.perf_counter()
     actors, runs = start_workers(spec, f"127.0.0.1:{port}", job_id)
     try:
         _follow(learner, runs, run_dir / "metrics.jsonl", progress, start=resumed_at or 0)
     finally:
         learner.stop()  # θ is final from here on
+        wall_s = time.perf_counter() - started
         try:
             checkpointer.stop()  # the final checkpoint first, before anything that may be slow
         finally:
@@ -121,7 +125,7 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
     return RunResult(
         job_id=job_id, outer_steps=learner.version, meta_loss_first=history[0].meta_loss,
         meta_loss_last=history[-1].meta_loss, artifact=artifact, registry=registry_uri,
-        run_dir=str(run_dir), metrics_url=metrics_url,
+        run_dir=str(run_dir), metrics_url=metrics_url, wall_s=wall_s, learner_busy_s=learner.busy_s,
     )
 
 

@@ -1,0 +1,559 @@
+"""Evaluate an optimizer on a suite of tasks against tuned hand-designed baselines.
+
+    suite = load_suite("smoke")                      # metaopt/suites/smoke.yaml, or a path
+    result = evaluate("quickstart:3", suite, registry="runs/registry")
+    write_report(result, "runs/eval/quickstart-smoke")
+
+Protocol, per task of the suite:
+
+* every baseline (a hand-designed optimizer) is tuned by `metaopt.tuning.random_search` over its
+  `search_space` with `suite.trials` trials, on the suite's `tuning_seed` (initial parameters
+  and minibatches of the tuning runs); the tuning seed is never an evaluation seed;
+* REF (the evaluated optimizer) and each tuned baseline then train the task from the same
+  initial parameters with the same minibatches on every evaluation seed (one jitted `lax.scan`
+  per run, seeds vmapped); the training loss (the minibatch loss at each step's parameters,
+  before its update) is recorded every step, the held-out ("test" split) loss at `test_points`
+  evenly spaced steps and after the last step (averaged over a few test batches).
+
+Metrics (per optimizer, averaged over seeds): `final_train_loss`, the mean training loss over the
+last 10% of the steps; `final_test_loss`, the held-out loss after the last step; `auc`, the mean
+training loss over the run divided by the initial loss (1.0: no progress, lower is better).
+The *best baseline* of a task is the one with the lowest final training loss; its final training
+loss is the task's *target*. `steps_to_reach` is the first step at which the trailing mean (over
+the same 10% window) of the seed-averaged training curve is at or below the target (None if never),
+and REF's `speedup` = the best baseline's steps-to-reach / REF's (None if REF never reaches it).
+
+Aggregates: `win_rate` (fraction of tasks where REF's final training loss is below the best
+baseline's), `reached_fraction`, `geomean_speedup` (over the tasks REF reaches the target),
+`geomean_final_loss_ratio` and `geomean_test_loss_ratio` (REF / best baseline), `mean_auc`.
+Non-finite numbers (diverged runs) are written as null.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+
+import task_zoo
+
+SUITES_DIR = pathlib.Path(__file__).resolve().parent / "suites"
+TEST_BATCHES = 4  # held-out loss = mean over this many test batches
+
+__all__ = [
+    "EvalInputError",
+    "Suite",
+    "SuiteTask",
+    "evaluate",
+    "load_suite",
+    "steps_to_reach",
+    "suite_names",
+    "write_report",
+]
+
+
+class EvalInputError(ValueError):
+    """Bad input to an evaluation: unknown suite, invalid suite file, bad optimizer reference."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteTask:
+    name: str
+    spec: task_zoo.TaskSpec
+    steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    tasks: tuple[SuiteTask, ...]
+    seeds: tuple[int, ...]
+    tuning_seed: int
+    baselines: tuple[str, ...] = ("adam",)
+    trials: int = 8
+    test_points: int = 10
+    path: str = ""
+
+
+def suite_names() -> list[str]:
+    """Names of the suites shipped in metaopt/suites/."""
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+_SUITE_KEYS = {"name", "description", "tasks", "seeds", "tuning_seed", "baselines", "trials", "test_points"}
+_TASK_KEYS = {"name", "spec", "steps"}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def load_suite(name_or_path: str | pathlib.Path) -> Suite:
+    """A shipped suite by name (`suite_names()`), or a suite YAML file by path.
+
+    Raises EvalInputError listing every problem of an invalid file.
+    """
+    path = pathlib.Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        path = SUITES_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise EvalInputError(f"unknown suite {str(name_or_path)!r}; shipped suites: {suite_names()} "
+                                 "(or pass the path of a suite YAML file)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise EvalInputError(f"cannot read suite file {path}: {e}") from e
+    except yaml.YAMLError as e:
+        raise EvalInputError(f"suite file {path} is not valid YAML: {e}") from e
+    errors: list[str] = []
+    if not isinstance(raw, dict):
+        raise EvalInputError(f"suite file {path}: expected a mapping at the top level, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - _SUITE_KEYS)
+    if unknown:
+        errors.append(f"unknown key(s) {unknown}; accepted: {sorted(_SUITE_KEYS)}")
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        errors.append(f"name must be a non-empty string, got {name!r}")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        errors.append(f"description must be a string, got {description!r}")
+    seeds = raw.get("seeds", [0])
+    if not (isinstance(seeds, list) and seeds and all(_is_int(s) and s >= 0 for s in seeds)):
+        errors.append(f"seeds must be a non-empty list of non-negative ints, got {seeds!r}")
+        seeds = []
+    elif len(set(seeds)) != len(seeds):
+        errors.append(f"seeds must be distinct, got {seeds!r}")
+    tuning_seed = raw.get("tuning_seed", 1000)
+    if not (_is_int(tuning_seed) and tuning_seed >= 0):
+        errors.append(f"tuning_seed must be a non-negative int, got {tuning_seed!r}")
+    elif tuning_seed in seeds:
+        errors.append(f"tuning_seed {tuning_seed} is also an evaluation seed: tune on a separate seed")
+    baselines = raw.get("baselines", ["adam"])
+    try:
+        baselines = check_baselines(baselines)
+    except EvalInputError as e:
+        errors.append(str(e))
+    trials = raw.get("trials", 8)
+    if not (_is_int(trials) and trials >= 1):
+        errors.append(f"trials must be an int >= 1, got {trials!r}")
+    test_points = raw.get("test_points", 10)
+    if not (_is_int(test_points) and test_points >= 1):
+        errors.append(f"test_points must be an int >= 1, got {test_points!r}")
+    tasks: list[SuiteTask] = []
+    raw_tasks = raw.get("tasks")
+    if not isinstance(raw_tasks, list) or not raw_tasks:
+        errors.append("tasks must be a non-empty list of {name, spec: {name, kwargs}, steps}")
+        raw_tasks = []
+    for i, t in enumerate(raw_tasks):
+        where = f"tasks[{i}]"
+        if not isinstance(t, dict):
+            errors.append(f"{where} must be a mapping, got {t!r}")
+            continue
+        bad = sorted(set(t) - _TASK_KEYS)
+        if bad:
+            errors.append(f"{where}: unknown key(s) {bad}; accepted: {sorted(_TASK_KEYS)}")
+        steps = t.get("steps")
+        if not (_is_int(steps) and steps >= 10):
+            errors.append(f"{where}: steps must be an int >= 10, got {steps!r}")
+        try:
+            spec = task_zoo.TaskSpec.from_json(json.dumps(t.get("spec")))
+            task_zoo.cost(spec)  # validates the family and its kwargs without building data
+        except (ValueError, TypeError) as e:
+            errors.append(f"{where}: invalid spec: {e}")
+            continue
+        tname = t.get("name", f"{spec.name}_{i}")
+        if not isinstance(tname, str) or not tname or "/" in tname:
+            errors.append(f"{where}: name must be a non-empty string without '/', got {tname!r}")
+            continue
+        if any(x.name == tname for x in tasks):
+            errors.append(f"{where}: duplicate task name {tname!r}")
+        tasks.append(SuiteTask(tname, spec, steps if _is_int(steps) else 0))
+    if errors:
+        raise EvalInputError(f"invalid suite file {path}:\n  " + "\n  ".join(errors))
+    return Suite(name, description, tuple(tasks), tuple(seeds), tuning_seed, tuple(baselines), trials,
+                 test_points, str(path))
+
+
+def check_baselines(baselines: Any) -> list[str]:
+    """The baseline names, checked: hand-designed optimizers with a search space."""
+    from metaopt import optimizers
+
+    if isinstance(baselines, str):
+        baselines = [b.strip() for b in baselines.split(",") if b.strip()]
+    if not isinstance(baselines, list | tuple) or not baselines:
+        raise EvalInputError(f"baselines must be a non-empty list of optimizer names, got {baselines!r}")
+    tunable = [n for n in optimizers.names() if getattr(optimizers.make(n), "search_space", None)]
+    bad = [b for b in baselines if b not in tunable]
+    if bad:
+        raise EvalInputError(f"baseline(s) {bad} cannot be tuned; baselines must be one of {tunable}")
+    if len(set(baselines)) != len(baselines):
+        raise EvalInputError(f"duplicate baselines in {list(baselines)}")
+    return list(baselines)
+
+
+# --------------------------------------------------------------------------- REF resolution
+
+
+@dataclasses.dataclass
+class _Ref:
+    ref: str
+    kind: str  # "hand-designed" | "builtin-learned" | "registry"
+    optimizer_name: str
+    make_tx: Any  # num_steps -> optax transformation
+    info: dict[str, Any]
+
+
+def resolve_ref(ref: str, registry: str | None = None) -> _Ref:
+    """REF: a registered optimizer name (hand-designed, default hyperparameters; a learned one at
+    its init θ) or, with `registry`, a registry reference NAME[:VERSION]. A name that is both
+    is looked up in the registry when one is given."""
+    from metaopt import optimizers
+    from metaopt import registry as reg
+
+    if not isinstance(ref, str) or not ref:
+        raise EvalInputError(f"REF must be a non-empty string, got {ref!r}")
+    builtin = ref in optimizers.names()
+    if registry is not None:
+        try:
+            name, _ = reg.parse_ref(ref)
+            in_registry = bool(reg.list_versions(registry, name))
+        except ValueError as e:
+            if not builtin:
+                raise EvalInputError(str(e)) from e
+            in_registry = False
+        if in_registry or not builtin:
+            try:
+                trained = reg.load(ref, registry)
+            except LookupError as e:
+                raise EvalInputError(str(e)) from e
+            return _Ref(trained.ref, "registry", trained.optimizer_name, trained.as_optax,
+                        {"registry": registry, "hparams": trained.hparams})
+    if builtin:
+        opt = optimizers.make(ref)
+        if opt.learned:
+            theta = jax.tree.map(jnp.asarray, opt.init(jax.random.key(0)))
+            return _Ref(ref, "builtin-learned", ref, lambda n: opt.as_optax(theta, n),
+                        {"hparams": opt.hparams, "theta": "init(key(0))"})
+        return _Ref(ref, "hand-designed", ref, lambda n: opt.as_optax({}, n), {"hparams": opt.hparams})
+    try:
+        reg.parse_ref(ref)
+    except ValueError as e:
+        raise EvalInputError(
+            f"{ref!r} is neither a registered optimizer ({optimizers.names()}) nor a registry ref: {e}"
+        ) from e
+    raise EvalInputError(
+        f"{ref!r} is not a registered optimizer name ({optimizers.names()}); for a trained optimizer "
+        "from a registry, pass the registry (--registry URI)"
+    )
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _train(task, tx, steps: int, seed_keys: jax.Array, test_every: int):
+    """(train (S, steps), test (S, steps) NaN except every `test_every` steps, final_test (S,))."""
+
+    def test_loss(p, k):
+        ks = jax.random.split(k, TEST_BATCHES)
+        vals = [task.loss(p, kk, task.batch(jax.random.fold_in(kk, 1), task_zoo.TEST)) for kk in ks]
+        return jnp.mean(jnp.stack(vals)).astype(jnp.float32)
+
+    def one(key):
+        k_init, k_steps, k_final = jax.random.split(key, 3)
+        params = task.init(k_init)
+
+        def body(carry, xs):
+            p, s = carry
+            i, k = xs
+            k_batch, k_loss, k_test = jax.random.split(k, 3)
+            value, g = jax.value_and_grad(task.loss)(p, k_loss, task.batch(k_batch, task_zoo.TRAIN))
+            t = jax.lax.cond(i % test_every == 0, lambda: test_loss(p, k_test),
+                             lambda: jnp.full((), jnp.nan, jnp.float32))
+            u, s = tx.update(g, s, p, loss=value)
+            return (optax.apply_updates(p, u), s), (value.astype(jnp.float32), t)
+
+        keys = jax.random.split(k_steps, steps)
+        (p, _), (train, test) = jax.lax.scan(body, (params, tx.init(params)), (jnp.arange(steps), keys))
+        return train, test, test_loss(p, k_final)
+
+    out = jax.jit(jax.vmap(one))(seed_keys)
+    return tuple(np.asarray(x, np.float64) for x in out)
+
+
+def steps_to_reach(curve: Any, target: float, window: int = 1) -> int | None:
+    """First step count t (1-based) at which the trailing mean of curve[t-window:t] is <= target;
+    None if never (or if the target is not finite)."""
+    c = np.asarray(curve, np.float64)
+    window = max(1, int(window))
+    if c.size < window or not np.isfinite(target):
+        return None
+    cs = np.concatenate([[0.0], np.cumsum(c)])
+    trailing = (cs[window:] - cs[:-window]) / window  # trailing[j] = mean(c[j : j + window])
+    hits = np.flatnonzero(np.isfinite(trailing) & (trailing <= target))
+    return int(hits[0]) + window if hits.size else None
+
+
+def _summarise(train: np.ndarray, test: np.ndarray, final_test: np.ndarray, window: int) -> dict:
+    finite = np.all(np.isfinite(train), axis=1) & np.isfinite(final_test)
+    per_seed = []
+    for s in range(train.shape[0]):
+        if not finite[s]:
+            per_seed.append({"final_train_loss": math.inf, "final_test_loss": math.inf, "auc": math.inf})
+            continue
+        per_seed.append({
+            "final_train_loss": float(np.mean(train[s, -window:])),
+            "final_test_loss": float(final_test[s]),
+            "auc": float(np.mean(train[s]) / train[s, 0]) if train[s, 0] > 0 else math.nan,
+        })
+    mean = {k: float(np.mean([p[k] for p in per_seed])) for k in ("final_train_loss", "final_test_loss", "auc")}
+    points = np.flatnonzero(~np.all(np.isnan(test), axis=0))
+    return {
+        **mean,
+        "diverged_seeds": int(np.sum(~finite)),
+        "per_seed": per_seed,
+        "curve": np.mean(train, axis=0).tolist(),
+        "test_curve": {"steps": [*points.tolist(), train.shape[1]],
+                       "loss": [*np.mean(test[:, points], axis=0).tolist(), float(np.mean(final_test))]},
+    }
+
+
+def evaluate(
+    optimizer_ref: str,
+    suite: Suite | str,
+    registry: str | None = None,
+    seeds: list[int] | None = None,
+    baselines: list[str] | None = None,
+    trials: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate `optimizer_ref` on `suite` against tuned baselines (module docstring)."""
+    from tqdm import tqdm
+
+    from metaopt.tuning import random_search
+
+    if not isinstance(suite, Suite):
+        suite = load_suite(suite)
+    ref = resolve_ref(optimizer_ref, registry)
+    seeds = list(suite.seeds if seeds is None else seeds)
+    if not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
+        raise EvalInputError(f"seeds must be a non-empty list of non-negative ints, got {seeds!r}")
+    if suite.tuning_seed in seeds:
+        raise EvalInputError(f"seed {suite.tuning_seed} is the suite's tuning seed; evaluate on other seeds")
+    baselines = check_baselines(list(suite.baselines) if baselines is None else baselines)
+    trials = suite.trials if trials is None else trials
+    if not (_is_int(trials) and trials >= 1):
+        raise EvalInputError(f"trials must be an int >= 1, got {trials!r}")
+
+    started = time.time()
+    seed_keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
+    seed_keys = jax.random.wrap_key_data(seed_keys)
+    tasks_out = []
+    bar = tqdm(suite.tasks, desc=f"eval {ref.ref} on {suite.name}", unit="task", file=sys.stderr,
+               disable=not progress)
+    for index, st in enumerate(bar):
+        bar.set_postfix_str(st.name)
+        task = task_zoo.task(st.spec)
+        window = max(1, st.steps // 10)
+        test_every = max(1, st.steps // suite.test_points)
+        tune_key = jax.random.fold_in(jax.random.key(suite.tuning_seed), index)
+        base_out = {}
+        for b_index, b in enumerate(baselines):
+            from metaopt import optimizers
+
+            tuned = random_search(jax.random.fold_in(tune_key, b_index), b, task, num_steps=st.steps,
+                                  trials=trials, seed_key=jax.random.fold_in(tune_key, 10_000))
+            hparams = tuned.best_hparams or optimizers.make(b).hparams
+            tx = optimizers.make(b, **hparams).as_optax({}, st.steps)
+            summary = _summarise(*_train(task, tx, st.steps, seed_keys, test_every), window)
+            base_out[b] = {
+                "hparams": hparams,
+                "tuning": {"trials": tuned.trials, "best_loss": tuned.best_loss,
+                           "all_diverged": tuned.best_hparams is None},
+                **summary,
+            }
+        ref_out = _summarise(*_train(task, ref.make_tx(st.steps), st.steps, seed_keys, test_every), window)
+        best = min(baselines, key=lambda b: base_out[b]["final_train_loss"])
+        target = base_out[best]["final_train_loss"]
+        base_steps = steps_to_reach(base_out[best]["curve"], target, window)
+        ref_steps = steps_to_reach(ref_out["curve"], target, window)
+        for b in baselines:
+            base_out[b]["steps_to_reach"] = steps_to_reach(base_out[b]["curve"], target, window)
+        ref_out["steps_to_reach"] = ref_steps
+        ref_out["speedup"] = base_steps / ref_steps if ref_steps and base_steps else None
+        tasks_out.append({
+            "name": st.name,
+            "spec": {"name": st.spec.name, "kwargs": dict(st.spec.kwargs)},
+            "steps": st.steps,
+            "best_baseline": best,
+            "target_loss": target,
+            "final_loss_ratio": _ratio(ref_out["final_train_loss"], target),
+            "test_loss_ratio": _ratio(ref_out["final_test_loss"], base_out[best]["final_test_loss"]),
+            "win": bool(ref_out["final_train_loss"] < target),
+            "ref": ref_out,
+            "baselines": base_out,
+        })
+    bar.close()
+    result = {
+        "ref": ref.ref,
+        "ref_kind": ref.kind,
+        "ref_optimizer": ref.optimizer_name,
+        "ref_info": ref.info,
+        "suite": suite.name,
+        "suite_description": suite.description,
+        "suite_path": suite.path,
+        "seeds": seeds,
+        "tuning_seed": suite.tuning_seed,
+        "baselines": baselines,
+        "trials": trials,
+        "tasks": tasks_out,
+        "aggregate": _aggregate(tasks_out, baselines),
+        "elapsed_s": round(time.time() - started, 2),
+    }
+    return _clean(result)
+
+
+def _ratio(a: float, b: float) -> float:
+    if not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
+        return math.nan if math.isfinite(a) else math.inf
+    return a / b
+
+
+def _geomean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and math.isfinite(x) and x > 0]
+    return float(math.exp(sum(map(math.log, xs)) / len(xs))) if xs else None
+
+
+def _aggregate(tasks: list[dict], baselines: list[str]) -> dict[str, Any]:
+    n = len(tasks)
+    speedups = [t["ref"]["speedup"] for t in tasks]
+
+    def mean(xs):
+        xs = [x for x in xs if math.isfinite(x)]
+        return float(np.mean(xs)) if xs else None
+
+    return {
+        "num_tasks": n,
+        "wins": sum(t["win"] for t in tasks),
+        "win_rate": sum(t["win"] for t in tasks) / n,
+        "reached_fraction": sum(s is not None for s in speedups) / n,
+        "geomean_speedup": _geomean(speedups),
+        "geomean_final_loss_ratio": _geomean([t["final_loss_ratio"] for t in tasks]),
+        "geomean_test_loss_ratio": _geomean([t["test_loss_ratio"] for t in tasks]),
+        "mean_auc": {"ref": mean([t["ref"]["auc"] for t in tasks]),
+                     **{b: mean([t["baselines"][b]["auc"] for t in tasks]) for b in baselines}},
+        "diverged_runs": {"ref": sum(t["ref"]["diverged_seeds"] for t in tasks),
+                          **{b: sum(t["baselines"][b]["diverged_seeds"] for t in tasks) for b in baselines}},
+    }
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: non-finite floats -> None, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(result: dict[str, Any], out_dir: str | pathlib.Path) -> dict[str, str]:
+    """Write result.json, one loss-curve PNG per task (tasks/NAME.png) and summary.png into
+    `out_dir`; return {what: path}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = pathlib.Path(out_dir)
+    (out / "tasks").mkdir(parents=True, exist_ok=True)
+    written = {"json": str(out / "result.json")}
+    (out / "result.json").write_text(json.dumps(result, indent=1, allow_nan=False))
+    for t in result["tasks"]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        runs = [(f"{result['ref']} (REF)", t["ref"])]
+        runs += [(f"{b} (tuned)", t["baselines"][b]) for b in result["baselines"]]
+        positive = True
+        for i, (label, run) in enumerate(runs):
+            color = f"C{i}"
+            curve = np.array([np.nan if v is None else v for v in run["curve"]], np.float64)
+            ax.plot(np.arange(curve.size), curve, color=color, lw=1, label=f"{label} train")
+            tc = run["test_curve"]
+            test = np.array([np.nan if v is None else v for v in tc["loss"]], np.float64)
+            ax.plot(tc["steps"], test, "o--", color=color, ms=3, lw=0.8, label=f"{label} held-out")
+            vals = np.concatenate([curve, test])
+            positive &= bool(np.all(vals[np.isfinite(vals)] > 0))
+        if t["target_loss"] is not None:
+            ax.axhline(t["target_loss"], color="gray", lw=0.6, ls=":", label="best baseline final")
+        ax.set(xlabel="step", ylabel="loss (mean over seeds)", title=f"{result['suite']} / {t['name']}")
+        if positive:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "tasks" / f"{t['name']}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written[f"task:{t['name']}"] = str(path)
+
+    names = [t["name"] for t in result["tasks"]]
+    ratios = [t["final_loss_ratio"] for t in result["tasks"]]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(names) + 2), 4))
+    shown = [r if r is not None else np.nan for r in ratios]
+    colors = ["C2" if (r is not None and r < 1) else "C3" for r in ratios]
+    ax.bar(range(len(names)), shown, color=colors)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    if all(r is not None and r > 0 for r in ratios):
+        ax.set_yscale("log")
+    agg = result["aggregate"]
+    sp = agg["geomean_speedup"]
+    ax.set(ylabel="final train loss: REF / best tuned baseline",
+           title=f"{result['ref']} on {result['suite']}: wins {agg['wins']}/{agg['num_tasks']}, "
+                 f"geomean speedup {'n/a' if sp is None else f'{sp:.2f}x'}")
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=100)
+    plt.close(fig)
+    written["summary"] = str(out / "summary.png")
+    return written
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A short plain-text table of the per-task results and the aggregate."""
+
+    def f(x, spec=".4g"):
+        return "-" if x is None else format(x, spec)
+
+    rows = [("task", "best baseline", "REF final", "base final", "ratio", "REF test", "REF auc", "speedup")]
+    for t in result["tasks"]:
+        b = t["baselines"][t["best_baseline"]]
+        sp = t["ref"]["speedup"]
+        rows.append((t["name"], t["best_baseline"], f(t["ref"]["final_train_loss"]), f(b["final_train_loss"]),
+                     f(t["final_loss_ratio"], ".3f"), f(t["ref"]["final_test_loss"]), f(t["ref"]["auc"], ".3f"),
+                     "never" if sp is None else f"{sp:.2f}x"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    a = result["aggregate"]
+    sp = a["geomean_speedup"]
+    lines.append(
+        f"{result['ref']} on {result['suite']}: wins {a['wins']}/{a['num_tasks']} "
+        f"(win rate {a['win_rate']:.2f}), reached target on {a['reached_fraction']:.0%} of tasks, "
+        f"geomean speedup {'n/a' if sp is None else f'{sp:.2f}x'}, "
+        f"geomean final-loss ratio {f(a['geomean_final_loss_ratio'], '.3f')}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,23 @@
+"""Every benchmark runs in its quick form and prints its figures as JSON (slow: `pytest -m slow`)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = sorted((pathlib.Path(__file__).resolve().parent.parent / "benchmarks").glob("*.py"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.stem)
+def test_benchmark_quick_json(script, tmp_path):
+    done = subprocess.run([sys.executable, str(script), "--quick", "--json", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert isinstance(result, dict) and result
+    assert any(tmp_path.iterdir()), "nothing written to --out"

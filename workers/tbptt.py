@@ -1,0 +1,87 @@
+"""Truncated backpropagation through time (TBPTT), behind the `ESEstimator` interface.
+
+`num_particles` independent particles (no antithetic pairs, no perturbation: `sigma` is
+ignored) carry their inner state across truncations exactly as PES does (same resets,
+`stagger`, data keys and loss normalisation, reusing `ESEstimator`'s inner step). Each
+`estimate` unrolls `truncation_length` steps and returns
+
+    ĝ = mean over particles of  ∇θ [mean meta-loss of the truncation],
+
+by `jax.grad` through the K-step unroll. The carried-in inner state is a constant: the
+gradient does not flow into how θ shaped it, which is TBPTT's truncation bias (none when
+truncation_length == inner_horizon and truncations line up with inner runs: then ĝ is the
+exact gradient of the whole-run loss). After an inner reset inside a truncation the gradient
+does flow through the fresh run. A particle whose gradient is not finite contributes zero.
+Cost: P·K inner steps forward plus their backward pass (≈ 2–3× a forward step).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from metaopt.optimizers.base import Optimizer, Theta
+from task_zoo.base import Task
+from workers.estimators import ESEstimator, EstimatorConfig, ParticleState, make_estimator
+from workers.full_es import FullES
+
+
+class TruncatedBackprop(ESEstimator):
+    """TBPTT; `init` then `estimate` per truncation, like PES. State leading axis is P."""
+
+    def _init(self, key: jax.Array, theta: Theta, task: Task) -> ParticleState:
+        P = self.config.num_particles
+        state = super()._init(key, theta, task)  # [2P] halves that are identical copies
+        first = lambda x: x[:P]  # noqa: E731
+        return state.replace(
+            params=jax.tree.map(first, state.params),
+            opt_state=jax.tree.map(first, state.opt_state),
+            initial_loss=state.initial_loss[:P],
+        )
+
+    def _estimate(self, key: jax.Array, theta: Theta, state: ParticleState, task: Task):
+        cfg = self.config
+        P, K = cfg.num_particles, cfg.truncation_length
+        reset_keys = jax.random.split(key, P)
+
+        def truncation_loss(theta_i, key_i, *carry):
+            def body(carry, _):
+                return self._inner_step(task, theta_i, carry, key_i)
+
+            carry, (losses, resets) = jax.lax.scan(body, carry, length=K)
+            return jnp.mean(losses), (carry, losses, resets)
+
+        def particle(key_i, *carry):
+            # θ is differentiated only inside this truncation: the carried-in state is an input,
+            # a constant to jax.grad (the truncation bias).
+            return jax.grad(truncation_loss, has_aux=True)(theta, key_i, *carry)
+
+        grads, (carry, losses, resets) = jax.vmap(particle)(
+            reset_keys, state.params, state.opt_state, state.step, state.episode_key,
+            state.initial_loss,
+        )
+        params, opt_state, step, episode_key, initial_loss = carry
+        flat = jax.vmap(lambda g: ravel_pytree(g)[0])(grads).astype(jnp.float32)  # [P, |θ|]
+        finite = jnp.all(jnp.isfinite(flat), axis=1, keepdims=True)
+        grad = jnp.mean(jnp.where(finite, flat, 0.0), axis=0)
+        new_state = state.replace(
+            params=params, opt_state=opt_state, step=step, episode_key=episode_key,
+            initial_loss=initial_loss,
+        )
+        metrics = {"mean_loss": jnp.mean(losses), "resets": jnp.sum(jnp.any(resets, axis=1))}
+        return new_state, grad, metrics
+
+
+COMPARISON_KINDS = ("pes", "truncated_es", "full_es", "tbptt")
+
+
+def make_comparison_estimator(kind: str, optimizer: Optimizer, **settings) -> ESEstimator:
+    """`kind` is one of `COMPARISON_KINDS`; `settings` are `EstimatorConfig` fields (for
+    "full_es" and "tbptt" `persistent` is meaningless and must not be given)."""
+    if kind in ("pes", "truncated_es"):
+        return make_estimator(kind, optimizer, **settings)
+    classes = {"full_es": FullES, "tbptt": TruncatedBackprop}
+    if kind not in classes:
+        raise ValueError(f"unknown estimator {kind!r}; known: {sorted(COMPARISON_KINDS)}")
+    return classes[kind](optimizer, EstimatorConfig(**settings))
