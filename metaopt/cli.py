@@ -91,6 +91,68 @@ def pull(
     typer.echo(path)
 
 
+@app.command("eval")
+def eval_(
+    ref: Annotated[
+        str, typer.Argument(help="A registry ref NAME[:VERSION] (with --registry) or an optimizer name.")
+    ],
+    suite: Annotated[
+        str, typer.Option("--suite", help="Suite name (smoke, in_distribution, ...) or YAML path.")
+    ],
+    seeds: Annotated[
+        int | None, typer.Option("--seeds", min=1, help="Evaluate on the first K seeds of the suite.")
+    ] = None,
+    out: Annotated[
+        pathlib.Path | None, typer.Option("--out", help="Report directory (default: runs/eval/REF-SUITE).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary line at the end.")] = False,
+    registry_uri: Annotated[
+        str | None, typer.Option("--registry", help="Registry root for a registry ref: a path or fsspec URI.")
+    ] = None,
+    baselines: Annotated[
+        str | None,
+        typer.Option("--baselines", help="Comma-separated tuned baselines (default: the suite's)."),
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option("--trials", min=1, help="Random-search trials per baseline per task.")
+    ] = None,
+) -> None:
+    """Evaluate an optimizer on a task suite against tuned baselines; writes JSON and plots."""
+    from metaopt import evaluation
+
+    try:
+        spec = evaluation.load_suite(suite)
+        seed_list = None
+        if seeds is not None:
+            seed_list = list(spec.seeds[:seeds])
+            if len(seed_list) < seeds:  # more seeds than the suite lists: continue past its largest
+                extra = (s for s in range(max(spec.seeds) + 1, 2**31) if s != spec.tuning_seed)
+                seed_list += [next(extra) for _ in range(seeds - len(seed_list))]
+        base_list = evaluation.check_baselines(baselines) if baselines is not None else None
+        evaluation.resolve_ref(ref, registry_uri)  # bad input fails here, before any training
+    except evaluation.EvalInputError as err:
+        _fail(str(err))
+    show_progress = sys.stderr.isatty() or not as_json
+    try:
+        result = evaluation.evaluate(ref, spec, registry=registry_uri, seeds=seed_list, baselines=base_list,
+                                     trials=trials, progress=show_progress)
+    except evaluation.EvalInputError as err:
+        _fail(str(err))
+    except (ValueError, OSError) as err:
+        _fail(str(err), code=1)
+    out_dir = out or pathlib.Path("runs") / "eval" / f"{ref.replace(':', '_').replace('/', '_')}-{spec.name}"
+    try:
+        written = evaluation.write_report(result, out_dir)
+    except OSError as err:
+        _fail(f"cannot write the report to {out_dir}: {err}", code=1)
+    if not as_json:
+        typer.echo(evaluation.format_table(result))
+        typer.echo(f"report: {written['json']}, plots in {out_dir} (summary.png, tasks/*.png)")
+        return
+    typer.echo(json.dumps({"ref": result["ref"], "suite": result["suite"], "seeds": result["seeds"],
+                           "baselines": result["baselines"], **result["aggregate"], "out": str(out_dir)}))
+
+
 list_app = typer.Typer(help="List what the registries hold.", no_args_is_help=True)
 app.add_typer(list_app, name="list")
 

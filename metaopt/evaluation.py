@@ -32,6 +32,7 @@ Non-finite numbers (diverged runs) are written as null.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -48,7 +49,7 @@ import yaml
 import task_zoo
 
 SUITES_DIR = pathlib.Path(__file__).resolve().parent / "suites"
-TEST_BATCHES = 4  # held-out loss = mean over this many test batches
+TEST_BATCHES = 2  # held-out loss = mean over this many test batches
 
 __all__ = [
     "EvalInputError",
@@ -118,7 +119,8 @@ def load_suite(name_or_path: str | pathlib.Path) -> Suite:
         raise EvalInputError(f"suite file {path} is not valid YAML: {e}") from e
     errors: list[str] = []
     if not isinstance(raw, dict):
-        raise EvalInputError(f"suite file {path}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise EvalInputError(f"suite file {path}: expected a mapping at the top level, "
+                             f"got {type(raw).__name__}")
     unknown = sorted(set(raw) - _SUITE_KEYS)
     if unknown:
         errors.append(f"unknown key(s) {unknown}; accepted: {sorted(_SUITE_KEYS)}")
@@ -169,6 +171,9 @@ def load_suite(name_or_path: str | pathlib.Path) -> Suite:
         try:
             spec = task_zoo.TaskSpec.from_json(json.dumps(t.get("spec")))
             task_zoo.cost(spec)  # validates the family and its kwargs without building data
+        except KeyError as e:
+            errors.append(f"{where}: invalid spec: missing kwarg {e}")
+            continue
         except (ValueError, TypeError) as e:
             errors.append(f"{where}: invalid spec: {e}")
             continue
@@ -210,7 +215,8 @@ class _Ref:
     ref: str
     kind: str  # "hand-designed" | "builtin-learned" | "registry"
     optimizer_name: str
-    make_tx: Any  # num_steps -> optax transformation
+    hparams: dict[str, Any]
+    theta: Any
     info: dict[str, Any]
 
 
@@ -237,15 +243,15 @@ def resolve_ref(ref: str, registry: str | None = None) -> _Ref:
                 trained = reg.load(ref, registry)
             except LookupError as e:
                 raise EvalInputError(str(e)) from e
-            return _Ref(trained.ref, "registry", trained.optimizer_name, trained.as_optax,
-                        {"registry": registry, "hparams": trained.hparams})
+            theta = jax.tree.map(jnp.asarray, trained.theta)
+            return _Ref(trained.ref, "registry", trained.optimizer_name, dict(trained.hparams), theta,
+                        {"registry": registry})
     if builtin:
         opt = optimizers.make(ref)
         if opt.learned:
             theta = jax.tree.map(jnp.asarray, opt.init(jax.random.key(0)))
-            return _Ref(ref, "builtin-learned", ref, lambda n: opt.as_optax(theta, n),
-                        {"hparams": opt.hparams, "theta": "init(key(0))"})
-        return _Ref(ref, "hand-designed", ref, lambda n: opt.as_optax({}, n), {"hparams": opt.hparams})
+            return _Ref(ref, "builtin-learned", ref, dict(opt.hparams), theta, {"theta": "init(key(0))"})
+        return _Ref(ref, "hand-designed", ref, dict(opt.hparams), {}, {})
     try:
         reg.parse_ref(ref)
     except ValueError as e:
@@ -261,15 +267,27 @@ def resolve_ref(ref: str, registry: str | None = None) -> _Ref:
 # --------------------------------------------------------------------------- training
 
 
-def _train(task, tx, steps: int, seed_keys: jax.Array, test_every: int):
-    """(train (S, steps), test (S, steps) NaN except every `test_every` steps, final_test (S,))."""
+def _split_hparams(hparams: dict[str, Any]) -> tuple[tuple, dict[str, float]]:
+    """(static hparams as a hashable tuple, float hparams to pass traced)."""
+    floats = {k: float(v) for k, v in hparams.items() if isinstance(v, float)}
+    static = tuple(sorted((k, v) for k, v in hparams.items() if k not in floats))
+    return static, floats
 
-    def test_loss(p, k):
+
+@functools.cache
+def _program(optimizer_name: str, static: tuple, steps: int, test_every: int):
+    """Jitted (task, theta, floats, seed_keys) -> (train (S, steps), test (S, steps), final_test (S,)).
+
+    Cached: tasks of the same shape, and tuned hyperparameters, reuse one compiled program."""
+    from metaopt import optimizers
+
+    def test_loss(task, p, k):
         ks = jax.random.split(k, TEST_BATCHES)
         vals = [task.loss(p, kk, task.batch(jax.random.fold_in(kk, 1), task_zoo.TEST)) for kk in ks]
         return jnp.mean(jnp.stack(vals)).astype(jnp.float32)
 
-    def one(key):
+    def one(task, theta, floats, key):
+        tx = optimizers.make(optimizer_name, **dict(static), **floats).as_optax(theta, steps)
         k_init, k_steps, k_final = jax.random.split(key, 3)
         params = task.init(k_init)
 
@@ -278,28 +296,39 @@ def _train(task, tx, steps: int, seed_keys: jax.Array, test_every: int):
             i, k = xs
             k_batch, k_loss, k_test = jax.random.split(k, 3)
             value, g = jax.value_and_grad(task.loss)(p, k_loss, task.batch(k_batch, task_zoo.TRAIN))
-            t = jax.lax.cond(i % test_every == 0, lambda: test_loss(p, k_test),
+            t = jax.lax.cond(i % test_every == 0, lambda: test_loss(task, p, k_test),
                              lambda: jnp.full((), jnp.nan, jnp.float32))
             u, s = tx.update(g, s, p, loss=value)
             return (optax.apply_updates(p, u), s), (value.astype(jnp.float32), t)
 
         keys = jax.random.split(k_steps, steps)
         (p, _), (train, test) = jax.lax.scan(body, (params, tx.init(params)), (jnp.arange(steps), keys))
-        return train, test, test_loss(p, k_final)
+        return train, test, test_loss(task, p, k_final)
 
-    out = jax.jit(jax.vmap(one))(seed_keys)
+    return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))
+
+
+def _train(task, optimizer_name: str, hparams: dict[str, Any], theta: Any, steps: int,
+           seed_keys: jax.Array, test_every: int):
+    """Train `task` with make(optimizer_name, **hparams) at θ on every seed key (see _program)."""
+    static, floats = _split_hparams(hparams)
+    try:
+        out = _program(optimizer_name, static, steps, test_every)(task, theta, floats, seed_keys)
+    except jax.errors.ConcretizationTypeError:  # the optimizer needs concrete float hparams
+        out = _program(optimizer_name, tuple(sorted(hparams.items())), steps, test_every)(
+            task, theta, {}, seed_keys)
     return tuple(np.asarray(x, np.float64) for x in out)
 
 
 def steps_to_reach(curve: Any, target: float, window: int = 1) -> int | None:
     """First step count t (1-based) at which the trailing mean of curve[t-window:t] is <= target;
     None if never (or if the target is not finite)."""
-    c = np.asarray(curve, np.float64)
+    c = np.asarray([np.nan if v is None else v for v in curve], np.float64)
     window = max(1, int(window))
-    if c.size < window or not np.isfinite(target):
+    if c.size < window or target is None or not np.isfinite(target):
         return None
-    cs = np.concatenate([[0.0], np.cumsum(c)])
-    trailing = (cs[window:] - cs[:-window]) / window  # trailing[j] = mean(c[j : j + window])
+    # trailing[j] = mean(c[j : j + window]); a window holding a NaN is NaN and never counts
+    trailing = np.lib.stride_tricks.sliding_window_view(c, window).mean(axis=1)
     hits = np.flatnonzero(np.isfinite(trailing) & (trailing <= target))
     return int(hits[0]) + window if hits.size else None
 
@@ -316,7 +345,8 @@ def _summarise(train: np.ndarray, test: np.ndarray, final_test: np.ndarray, wind
             "final_test_loss": float(final_test[s]),
             "auc": float(np.mean(train[s]) / train[s, 0]) if train[s, 0] > 0 else math.nan,
         })
-    mean = {k: float(np.mean([p[k] for p in per_seed])) for k in ("final_train_loss", "final_test_loss", "auc")}
+    keys = ("final_train_loss", "final_test_loss", "auc")
+    mean = {k: float(np.mean([p[k] for p in per_seed])) for k in keys}
     points = np.flatnonzero(~np.all(np.isnan(test), axis=0))
     return {
         **mean,
@@ -326,6 +356,9 @@ def _summarise(train: np.ndarray, test: np.ndarray, final_test: np.ndarray, wind
         "test_curve": {"steps": [*points.tolist(), train.shape[1]],
                        "loss": [*np.mean(test[:, points], axis=0).tolist(), float(np.mean(final_test))]},
     }
+
+
+_TUNING_CACHE: dict[tuple, Any] = {}
 
 
 def evaluate(
@@ -340,6 +373,7 @@ def evaluate(
     """Evaluate `optimizer_ref` on `suite` against tuned baselines (module docstring)."""
     from tqdm import tqdm
 
+    from metaopt import optimizers
     from metaopt.tuning import random_search
 
     if not isinstance(suite, Suite):
@@ -369,20 +403,22 @@ def evaluate(
         tune_key = jax.random.fold_in(jax.random.key(suite.tuning_seed), index)
         base_out = {}
         for b_index, b in enumerate(baselines):
-            from metaopt import optimizers
-
-            tuned = random_search(jax.random.fold_in(tune_key, b_index), b, task, num_steps=st.steps,
-                                  trials=trials, seed_key=jax.random.fold_in(tune_key, 10_000))
+            cache_key = (b, st.spec.to_json(), st.steps, trials, suite.tuning_seed, index, b_index)
+            if cache_key not in _TUNING_CACHE:  # deterministic in its key: reuse within a process
+                _TUNING_CACHE[cache_key] = random_search(
+                    jax.random.fold_in(tune_key, b_index), b, task, num_steps=st.steps, trials=trials,
+                    seed_key=jax.random.fold_in(tune_key, 10_000))
+            tuned = _TUNING_CACHE[cache_key]
             hparams = tuned.best_hparams or optimizers.make(b).hparams
-            tx = optimizers.make(b, **hparams).as_optax({}, st.steps)
-            summary = _summarise(*_train(task, tx, st.steps, seed_keys, test_every), window)
+            summary = _summarise(*_train(task, b, hparams, {}, st.steps, seed_keys, test_every), window)
             base_out[b] = {
                 "hparams": hparams,
                 "tuning": {"trials": tuned.trials, "best_loss": tuned.best_loss,
                            "all_diverged": tuned.best_hparams is None},
                 **summary,
             }
-        ref_out = _summarise(*_train(task, ref.make_tx(st.steps), st.steps, seed_keys, test_every), window)
+        curves = _train(task, ref.optimizer_name, ref.hparams, ref.theta, st.steps, seed_keys, test_every)
+        ref_out = _summarise(*curves, window)
         best = min(baselines, key=lambda b: base_out[b]["final_train_loss"])
         target = base_out[best]["final_train_loss"]
         base_steps = steps_to_reach(base_out[best]["curve"], target, window)
@@ -408,6 +444,7 @@ def evaluate(
         "ref": ref.ref,
         "ref_kind": ref.kind,
         "ref_optimizer": ref.optimizer_name,
+        "ref_hparams": ref.hparams,
         "ref_info": ref.info,
         "suite": suite.name,
         "suite_description": suite.description,
@@ -513,7 +550,7 @@ def write_report(result: dict[str, Any], out_dir: str | pathlib.Path) -> dict[st
 
     names = [t["name"] for t in result["tasks"]]
     ratios = [t["final_loss_ratio"] for t in result["tasks"]]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(names) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.7 * len(names) + 2), 4.5))
     shown = [r if r is not None else np.nan for r in ratios]
     colors = ["C2" if (r is not None and r < 1) else "C3" for r in ratios]
     ax.bar(range(len(names)), shown, color=colors)
@@ -523,9 +560,9 @@ def write_report(result: dict[str, Any], out_dir: str | pathlib.Path) -> dict[st
         ax.set_yscale("log")
     agg = result["aggregate"]
     sp = agg["geomean_speedup"]
-    ax.set(ylabel="final train loss: REF / best tuned baseline",
-           title=f"{result['ref']} on {result['suite']}: wins {agg['wins']}/{agg['num_tasks']}, "
-                 f"geomean speedup {'n/a' if sp is None else f'{sp:.2f}x'}")
+    ax.set_ylabel("final train loss: REF / best tuned baseline", fontsize=9)
+    ax.set_title(f"{result['ref']} on {result['suite']}: wins {agg['wins']}/{agg['num_tasks']}, "
+                 f"geomean speedup {'n/a' if sp is None else f'{sp:.2f}x'}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "summary.png", dpi=100)
     plt.close(fig)
@@ -543,9 +580,11 @@ def format_table(result: dict[str, Any]) -> str:
     for t in result["tasks"]:
         b = t["baselines"][t["best_baseline"]]
         sp = t["ref"]["speedup"]
-        rows.append((t["name"], t["best_baseline"], f(t["ref"]["final_train_loss"]), f(b["final_train_loss"]),
-                     f(t["final_loss_ratio"], ".3f"), f(t["ref"]["final_test_loss"]), f(t["ref"]["auc"], ".3f"),
-                     "never" if sp is None else f"{sp:.2f}x"))
+        rows.append((
+            t["name"], t["best_baseline"], f(t["ref"]["final_train_loss"]), f(b["final_train_loss"]),
+            f(t["final_loss_ratio"], ".3f"), f(t["ref"]["final_test_loss"]), f(t["ref"]["auc"], ".3f"),
+            "never" if sp is None else f"{sp:.2f}x",
+        ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     a = result["aggregate"]

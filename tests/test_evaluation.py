@@ -1,0 +1,181 @@
+"""metaopt.evaluation and `metaopt eval`: suites, tuned baselines, metrics, reports."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from metaopt import evaluation, optimizers, registry
+from metaopt.cli import app
+
+TASK_KEYS = {"name", "spec", "steps", "best_baseline", "target_loss", "final_loss_ratio", "test_loss_ratio",
+             "win", "ref", "baselines"}
+RUN_KEYS = {"final_train_loss", "final_test_loss", "auc", "diverged_seeds", "per_seed", "curve", "test_curve",
+            "steps_to_reach"}
+AGGREGATE_KEYS = {"num_tasks", "wins", "win_rate", "reached_fraction", "geomean_speedup",
+                  "geomean_final_loss_ratio", "geomean_test_loss_ratio", "mean_auc", "diverged_runs"}
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    return evaluation.load_suite("smoke")
+
+
+@pytest.fixture(scope="module")
+def momentum_result(smoke):
+    return evaluation.evaluate("momentum", smoke, progress=False)
+
+
+@pytest.fixture(scope="module")
+def learned_registry(tmp_path_factory):
+    reg = str(tmp_path_factory.mktemp("registry"))
+    opt = optimizers.make("small_fc")
+    theta = jax.tree.map(np.asarray, opt.init(jax.random.key(0)))
+    ref = registry.publish(reg, "small-fc-init", "small_fc", opt.hparams, theta, {"test": True})
+    return reg, ref
+
+
+def test_shipped_suites_load_and_are_what_they_say():
+    assert {"smoke", "in_distribution", "out_of_distribution"} <= set(evaluation.suite_names())
+    smoke = evaluation.load_suite("smoke")
+    assert 2 <= len(smoke.tasks) <= 3 and all(t.steps <= 200 for t in smoke.tasks) and len(smoke.seeds) == 1
+    ind = evaluation.load_suite("in_distribution")
+    assert len(ind.tasks) == 8 and len(ind.seeds) == 3 and all(t.steps == 1000 for t in ind.tasks)
+    assert {t.spec.name for t in ind.tasks} == {"quadratic", "mlp"}
+    ood = evaluation.load_suite("out_of_distribution")
+    assert {"mlp", "cnn"} <= {t.spec.name for t in ood.tasks}
+    assert {"transformer_lm", "lstm_lm"} & {t.spec.name for t in ood.tasks}
+    for suite in (smoke, ind, ood):
+        assert suite.tuning_seed not in suite.seeds and suite.baselines == ("adam",)
+
+
+def test_suite_errors_are_clear(tmp_path):
+    with pytest.raises(evaluation.EvalInputError, match=r"unknown suite 'nope'.*smoke"):
+        evaluation.load_suite("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: bad\nseeds: [0, 1]\ntuning_seed: 1\nbaselines: [small_fc]\nbogus: 1\n"
+        "tasks:\n  - {spec: {name: nofamily, kwargs: {}}, steps: 100}\n"
+        "  - {spec: {name: quadratic}, steps: 2}\n"
+    )
+    with pytest.raises(evaluation.EvalInputError) as err:
+        evaluation.load_suite(bad)
+    text = str(err.value)
+    for needle in ("bogus", "tuning_seed 1 is also an evaluation seed", "small_fc", "nofamily",
+                   "steps must be an int >= 10"):
+        assert needle in text, text
+
+
+def test_steps_to_reach_on_a_constructed_curve():
+    curve = [10.0, 8.0, 6.0, 4.0, 2.0, 1.0, 1.0, 1.0]
+    assert evaluation.steps_to_reach(curve, 4.0) == 4  # the 4th loss is the first <= 4
+    assert evaluation.steps_to_reach(curve, 3.0, window=2) == 5  # mean(4, 2) = 3 at step 5
+    assert evaluation.steps_to_reach(curve, 0.5) is None
+    assert evaluation.steps_to_reach(curve, float("nan")) is None
+    assert evaluation.steps_to_reach([np.nan, 1.0], 2.0) == 2  # a NaN step never counts
+
+
+def test_ref_resolution_errors_are_clear(tmp_path):
+    with pytest.raises(evaluation.EvalInputError, match="pass the registry"):
+        evaluation.resolve_ref("quickstart:3")
+    with pytest.raises(evaluation.EvalInputError, match="no published optimizer named 'quickstart'"):
+        evaluation.resolve_ref("quickstart", str(tmp_path))
+    assert evaluation.resolve_ref("adam").kind == "hand-designed"
+    assert evaluation.resolve_ref("small_fc").kind == "builtin-learned"
+
+
+def _check_result(result, suite, ref):
+    assert result["ref"] == ref and result["suite"] == "smoke"
+    assert result["seeds"] == list(suite.seeds) and suite.tuning_seed not in result["seeds"]
+    assert set(result["aggregate"]) == AGGREGATE_KEYS
+    assert result["aggregate"]["num_tasks"] == len(suite.tasks) == len(result["tasks"])
+    assert 0.0 <= result["aggregate"]["win_rate"] <= 1.0
+    for t, st in zip(result["tasks"], suite.tasks, strict=True):
+        assert set(t) == TASK_KEYS and t["name"] == st.name and t["steps"] == st.steps
+        assert RUN_KEYS | {"speedup"} <= set(t["ref"])
+        assert len(t["ref"]["curve"]) == st.steps and len(t["ref"]["per_seed"]) == len(suite.seeds)
+        assert t["ref"]["test_curve"]["steps"][-1] == st.steps and len(t["ref"]["test_curve"]["loss"]) >= 2
+        adam = t["baselines"]["adam"]
+        assert RUN_KEYS | {"hparams", "tuning"} <= set(adam)
+        # the tuner ran: one record per trial, and the evaluated hparams are its best trial's
+        assert len(adam["tuning"]["trials"]) == suite.trials
+        best = min(adam["tuning"]["trials"], key=lambda r: r["final_loss"])
+        assert adam["hparams"] == best["hparams"]
+        assert t["target_loss"] == adam["final_train_loss"]
+        # the best baseline reaches its own final loss, at the latest on the last step
+        assert adam["steps_to_reach"] is not None and adam["steps_to_reach"] <= st.steps
+        assert t["win"] == (t["ref"]["final_train_loss"] < t["target_loss"])
+        if t["ref"]["steps_to_reach"] is None:
+            assert t["ref"]["speedup"] is None
+        else:
+            assert t["ref"]["speedup"] == pytest.approx(adam["steps_to_reach"] / t["ref"]["steps_to_reach"])
+        assert 0 < t["ref"]["auc"] < 2
+    json.dumps(result, allow_nan=False)  # strict JSON
+
+
+def test_smoke_with_a_hand_designed_ref(momentum_result, smoke, tmp_path):
+    _check_result(momentum_result, smoke, "momentum")
+    assert momentum_result["ref_kind"] == "hand-designed"
+    written = evaluation.write_report(momentum_result, tmp_path / "report")
+    assert json.loads(pathlib.Path(written["json"]).read_text())["aggregate"] == momentum_result["aggregate"]
+    pngs = [pathlib.Path(p) for k, p in written.items() if k != "json"]
+    assert len(pngs) == len(smoke.tasks) + 1
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    table = evaluation.format_table(momentum_result)
+    assert all(t.name in table for t in smoke.tasks) and "geomean speedup" in table
+
+
+def test_smoke_with_a_learned_ref_from_a_registry(learned_registry, smoke, momentum_result):
+    reg, ref = learned_registry
+    result = evaluation.evaluate(ref, smoke, registry=reg, progress=False)
+    _check_result(result, smoke, ref)
+    assert result["ref_kind"] == "registry" and result["ref_optimizer"] == "small_fc"
+    # same suite, same tuning seed: the baselines are identical whatever REF is
+    for a, b in zip(result["tasks"], momentum_result["tasks"], strict=True):
+        assert a["baselines"]["adam"]["hparams"] == b["baselines"]["adam"]["hparams"]
+        assert a["baselines"]["adam"]["final_train_loss"] == b["baselines"]["adam"]["final_train_loss"]
+
+
+def test_cli_bad_input_is_exit_code_2(tmp_path):
+    runner = CliRunner()
+    cases = [
+        (["eval", "momentum", "--suite", "nope"], "unknown suite"),
+        (["eval", "quickstart:1", "--suite", "smoke"], "--registry"),
+        (["eval", "not-an-optimizer", "--suite", "smoke", "--registry", str(tmp_path)], "no published"),
+        (["eval", "momentum", "--suite", "smoke", "--baselines", "adam,small_fc"], "cannot be tuned"),
+    ]
+    for args, needle in cases:
+        done = runner.invoke(app, args)
+        assert done.exit_code == 2, (args, done.output)
+        assert needle in done.output, (args, done.output)
+
+
+def test_cli_eval_end_to_end(tmp_path):
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(
+        "name: tiny\ndescription: one quadratic\nseeds: [0]\ntuning_seed: 7\ntrials: 2\ntest_points: 2\n"
+        "tasks:\n  - {name: q, spec: {name: quadratic, kwargs: {dim: 4, log10_condition: 1.0, noise: 0.0, "
+        "seed: 1}}, steps: 30}\n"
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "metaopt.cli", "eval", "momentum", "--suite", str(suite), "--seeds", "2",
+         "--baselines", "sgd", "--out", str(out), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["ref"] == "momentum" and line["suite"] == "tiny" and line["seeds"] == [0, 1]
+    assert line["baselines"] == ["sgd"] and line["num_tasks"] == 1 and line["out"] == str(out)
+    result = json.loads((out / "result.json").read_text())
+    assert set(result["tasks"][0]["baselines"]) == {"sgd"} and result["tuning_seed"] == 7
+    assert all(len(b["tuning"]["trials"]) == 2 for b in result["tasks"][0]["baselines"].values())
+    assert (out / "summary.png").stat().st_size > 0 and (out / "tasks" / "q.png").stat().st_size > 0
