@@ -120,10 +120,10 @@ class Learner:
             np.add(self._sum, flat, out=self._sum)
             self._count += 1
             self._loss_sum += est.mean_loss
-            self._inner_steps += 2 * est.num_particles * est.inner_steps
+            self._inner_steps += est.inner_steps
             if self._count >= self.config.meta_batch_size:
                 finished = self._outer_step()
-        self.metrics.accepted(est.task.name, 2 * est.num_particles * est.inner_steps, staleness)
+        self.metrics.accepted(est.task.name, est.inner_steps, staleness)
         if finished is not None:
             self.metrics.outer_step(finished)
             self._notify(finished.step)

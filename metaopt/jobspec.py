@@ -75,7 +75,7 @@ class OptimizerSpec(_Frozen):
 
 
 class EstimatorSpec(_Frozen):
-    kind: Literal["pes", "truncated_es"] = "pes"
+    kind: Literal["pes", "truncated_es", "full_es", "tbptt"] = "pes"
     num_particles: int = Field(8, ge=1)  # antithetic pairs per worker
     truncation_length: int = Field(20, ge=1)  # inner steps per estimate
     inner_horizon: int = Field(200, ge=1)  # inner steps before a particle resets

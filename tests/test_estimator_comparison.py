@@ -17,8 +17,8 @@ import pytest
 
 import task_zoo
 from metaopt import optimizers
-from tests.test_estimators import A, THETA, X0, FakeLearnedStepSize, ScalarQuadratic, gaussian_moment
-from workers.tbptt import COMPARISON_KINDS, make_comparison_estimator
+from tests.test_estimators import THETA, X0, A, FakeLearnedStepSize, ScalarQuadratic, gaussian_moment
+from workers.estimators import ESTIMATORS, make_estimator
 
 SIGMA, H = 0.05, 10
 RUNS, PAIRS = 30, 2000  # full ES: 30 independent estimates, each a mean over 2000 antithetic pairs
@@ -36,7 +36,7 @@ def full_run_loss(theta, horizon=H):
 def _setup(kind, **settings):
     settings = {"num_particles": 4, "truncation_length": H, "inner_horizon": H, "sigma": SIGMA,
                 "stagger": False, "loss_normalization": "none", **settings}
-    estimator = make_comparison_estimator(kind, FakeLearnedStepSize(), **settings)
+    estimator = make_estimator(kind, FakeLearnedStepSize(), **settings)
     return estimator, ScalarQuadratic(a=jnp.asarray(A, jnp.float32)), FakeLearnedStepSize().init(None)
 
 
@@ -91,29 +91,35 @@ def _quadratic_task():
     return task_zoo.task(spec)
 
 
-@pytest.mark.parametrize("kind", COMPARISON_KINDS)
+def _check_interface(kind, optimizer, task):
+    estimator = make_estimator(
+        kind, optimizer, num_particles=2, truncation_length=3, inner_horizon=6,
+    )
+    assert estimator.optimizer is optimizer and estimator.config.num_particles == 2
+    assert hasattr(estimator.estimate, "lower") and hasattr(estimator.init, "lower")  # jitted
+    theta = optimizer.init(jax.random.key(0))
+    state = estimator.init(jax.random.key(1), theta, task)
+    for k in range(2):
+        state, grad, metrics = estimator.estimate(jax.random.key(2 + k), theta, state, task)
+    size = sum(x.size for x in jax.tree.leaves(theta))
+    assert grad.shape == (size,) and grad.dtype == jnp.float32
+    assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+    assert np.isfinite(float(metrics["mean_loss"])) and "resets" in metrics
+
+
+@pytest.mark.parametrize("kind", ESTIMATORS)
 def test_every_estimator_shares_the_interface(kind):
-    """Two calls each, on the scalar problem and on a real task with a learned optimizer: a
-    jitted estimate, a flat finite float32 estimate of θ's size, a finite mean_loss."""
-    name = next(n for n in optimizers.names() if optimizers.make(n).learned)
-    cases = [(FakeLearnedStepSize(), ScalarQuadratic(a=jnp.asarray(A, jnp.float32))),
-             (optimizers.make(name), _quadratic_task())]
-    for optimizer, task in cases:
-        estimator = make_comparison_estimator(
-            kind, optimizer, num_particles=2, truncation_length=3, inner_horizon=6,
-        )
-        assert estimator.optimizer is optimizer and estimator.config.num_particles == 2
-        assert hasattr(estimator.estimate, "lower") and hasattr(estimator.init, "lower")  # jitted
-        theta = optimizer.init(jax.random.key(0))
-        state = estimator.init(jax.random.key(1), theta, task)
-        for k in range(2):
-            state, grad, metrics = estimator.estimate(jax.random.key(2 + k), theta, state, task)
-        size = sum(x.size for x in jax.tree.leaves(theta))
-        assert grad.shape == (size,) and grad.dtype == jnp.float32
-        assert np.all(np.isfinite(grad)) and np.any(grad != 0)
-        assert np.isfinite(float(metrics["mean_loss"])) and "resets" in metrics
+    """Two calls each, on the scalar problem and on a task_zoo quadratic: jitted `init` and
+    `estimate`, a flat finite float32 estimate of θ's size, a finite mean_loss."""
+    for task in (ScalarQuadratic(a=jnp.asarray(A, jnp.float32)), _quadratic_task()):
+        _check_interface(kind, FakeLearnedStepSize(), task)
+
+
+@pytest.mark.slow  # ~10 s of compilation on a shared CPU
+def test_tbptt_differentiates_through_a_real_learned_optimizer():
+    _check_interface("tbptt", optimizers.make("small_fc"), _quadratic_task())
 
 
 def test_unknown_kind_is_rejected():
     with pytest.raises(ValueError, match="unknown estimator"):
-        make_comparison_estimator("reinforce", FakeLearnedStepSize())
+        make_estimator("reinforce", FakeLearnedStepSize())

@@ -87,3 +87,19 @@ def test_a_worker_with_another_optimizer_is_refused_with_a_clear_error():
             PESWorker(other, f"127.0.0.1:{port}", "worker-0", "job-r").run()
     finally:
         server.stop(grace=None)
+
+
+@pytest.mark.parametrize("kind", ["truncated_es", "full_es", "tbptt"])
+def test_every_estimator_kind_meta_trains_through_the_real_learner(kind):
+    spec = SPEC.with_overrides(**{"estimator.kind": kind, "stop.max_outer_steps": 3})
+    theta0 = optimizers.make("small_fc", hidden=8).init(jax.random.key(0))
+    learner = Learner(LearnerConfig(job_id="job-k", max_outer_steps=3, meta_batch_size=1), theta0)
+    server, port = make_server(learner, "127.0.0.1", 0)
+    try:
+        worker = PESWorker(spec, f"127.0.0.1:{port}", "worker-0", "job-k")
+        stats = worker.run()
+    finally:
+        server.stop(grace=None)
+    assert learner.version == 3 and stats["accepted"] >= 2
+    per_estimate = worker.estimator.inner_steps_per_estimate
+    assert all(step.inner_steps == per_estimate for step in learner.history)

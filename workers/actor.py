@@ -111,9 +111,8 @@ class PESWorker:
             self.truncations_left -= 1
             if not client.send(self._message(flat, version, self.task_spec, float(metrics["mean_loss"]))):
                 return
-            cfg = self.estimator.config
             self.stats["estimates_sent"] += 1
-            self.stats["inner_steps"] += 2 * cfg.num_particles * cfg.truncation_length
+            self.stats["inner_steps"] += self.estimator.inner_steps_per_estimate
 
     def _sample_task(self, key):
         spec = self.mixture.sample(key)
@@ -127,7 +126,7 @@ class PESWorker:
             job_id=self.job_id, worker_id=self.worker_id, run_id=self.run_id,
             sequence=self.sequence, theta_version=version,
             task=pb.TaskSpec(name=spec.name, kwargs_json=json.dumps(dict(spec.kwargs), sort_keys=True)),
-            num_particles=cfg.num_particles, inner_steps=cfg.truncation_length,
+            num_particles=cfg.num_particles, inner_steps=self.estimator.inner_steps_per_estimate,
             mean_loss=mean_loss, encoding=pb.ENCODING_FLOAT32_LE,
             values=values, length=length, crc32=crc,
         )

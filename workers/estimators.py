@@ -105,6 +105,11 @@ class ESEstimator:
         self.init = jax.jit(self._init)
         self.estimate = jax.jit(self._estimate, donate_argnums=(2,))
 
+    @property
+    def inner_steps_per_estimate(self) -> int:
+        """Inner training steps one `estimate` runs: both halves of every pair, K steps each."""
+        return 2 * self.config.num_particles * self.config.truncation_length
+
     def _inner_tx(self, theta: Theta) -> optax.GradientTransformationExtraArgs:
         return self.optimizer.as_optax(theta, num_steps=self.config.inner_horizon)
 
@@ -134,12 +139,20 @@ class ESEstimator:
             accumulator=accumulator,
         )
 
-    def _inner_step(self, task: Task, theta_i, carry, reset_key):
-        """One inner step of one particle half; resets first if its horizon is reached."""
+    def _inner_step(self, task: Task, theta_i, carry, reset_key, fresh):
+        """One inner step of one particle half; resets first (to `fresh`, the inner state
+        `_fresh_inner(theta_i, task, reset_key)`) if its horizon is reached."""
+        carry, reset, loss, grads = self._inner_grad(task, carry, reset_key, fresh)
+        params, opt_state, *rest = carry
+        params, opt_state = self._inner_update(theta_i, params, opt_state, grads, loss)
+        return self._inner_finish((params, opt_state, *rest), reset, loss)
+
+    def _inner_grad(self, task: Task, carry, reset_key, fresh):
+        """The part of `_inner_step` before the optimizer: reset, then the loss and gradient."""
         params, opt_state, step, episode_key, initial_loss = carry
         reset = step >= self.config.inner_horizon
         # Under vmap a branch would run both sides anyway, so select instead of `lax.cond`.
-        fresh_params, fresh_opt_state = self._fresh_inner(theta_i, task, reset_key)
+        fresh_params, fresh_opt_state = fresh
         params = _select(reset, fresh_params, params)
         opt_state = _select(reset, fresh_opt_state, opt_state)
         step = jnp.where(reset, 0, step)
@@ -148,8 +161,14 @@ class ESEstimator:
         data_key = jax.random.fold_in(episode_key, step + 1)
         batch_key, loss_key = jax.random.split(data_key)
         loss, grads = jax.value_and_grad(task.loss)(params, loss_key, task.batch(batch_key, TRAIN))
+        return (params, opt_state, step, episode_key, initial_loss), reset, loss, grads
+
+    def _inner_update(self, theta_i, params, opt_state, grads, loss):
         updates, opt_state = self._inner_tx(theta_i).update(grads, opt_state, params, loss=loss)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), opt_state
+
+    def _inner_finish(self, carry, reset, loss):
+        params, opt_state, step, episode_key, initial_loss = carry
         # A first step (after a reset, or the first one a staggered particle takes) sets the scale.
         initial_loss = jnp.where(reset | jnp.isnan(initial_loss), loss, initial_loss)
         return (params, opt_state, step + 1, episode_key, initial_loss), (
@@ -179,16 +198,39 @@ class ESEstimator:
         perturbed = jax.tree.map(lambda t, e: jnp.concatenate([t + e, t - e]), theta, eps)
         reset_keys = _both_halves(jax.random.split(reset_key, P))
 
-        def unroll(theta_i, key_i, *carry):
+        def unroll(args):
+            theta_i, key_i, *carry = args
+            # The reset key is fixed for the truncation: the fresh inner state is computed
+            # once, not at every step.
+            fresh = self._fresh_inner(theta_i, task, key_i)
+
             def body(carry, _):
-                return self._inner_step(task, theta_i, carry, key_i)
+                return self._inner_step(task, theta_i, carry, key_i, fresh)
 
-            return jax.lax.scan(body, carry, length=K)
+            return jax.lax.scan(body, tuple(carry), length=K)
 
-        (params, opt_state, step, episode_key, initial_loss), (losses, resets) = jax.vmap(unroll)(
-            perturbed, reset_keys, state.params, state.opt_state, _both_halves(state.step),
-            _both_halves(state.episode_key), state.initial_loss,
-        )
+        args = (perturbed, reset_keys, state.params, state.opt_state, _both_halves(state.step),
+                _both_halves(state.episode_key), state.initial_loss)
+        if jax.default_backend() == "cpu":
+            # On CPU the learned optimizer runs one half at a time (`lax.map`): under vmap its
+            # per-parameter buffers are 2P times wider and fall out of cache (its update is
+            # ~80% of a step here). Everything else is vmapped over the 2P halves.
+            # 1.25-1.45x faster for 8-32 pairs of the 64→32→10 MLP; the same numerics.
+            fresh = jax.vmap(self._fresh_inner, in_axes=(0, None, 0))(perturbed, task, reset_keys)
+
+            def body(carry, _):
+                carry, reset, loss, grads = jax.vmap(self._inner_grad, in_axes=(None, 0, 0, 0))(
+                    task, carry, reset_keys, fresh)
+                params, opt_state, *rest = carry
+                params, opt_state = jax.lax.map(
+                    lambda a: self._inner_update(*a), (perturbed, params, opt_state, grads, loss))
+                return jax.vmap(self._inner_finish)((params, opt_state, *rest), reset, loss)
+
+            carry, (losses, resets) = jax.lax.scan(body, tuple(args[2:]), length=K)
+            out = carry, (losses.T, resets.T)  # [2P, K]
+        else:
+            out = jax.vmap(unroll)(args)
+        (params, opt_state, step, episode_key, initial_loss), (losses, resets) = out
         # losses, resets: [2P, K]. A pair resets in both halves at the same step.
         after_reset = jnp.cumsum(resets[:P], axis=1) > 0  # [P, K]
         diff = losses[:P] - losses[P:]
@@ -215,9 +257,19 @@ class ESEstimator:
         return new_state, ravel_pytree(grad)[0].astype(jnp.float32), metrics
 
 
+ESTIMATORS = ("pes", "truncated_es", "full_es", "tbptt")
+
+
 def make_estimator(kind: str, optimizer: Optimizer, **settings) -> ESEstimator:
-    """`kind` is "pes" or "truncated_es"; `settings` are `EstimatorConfig` fields."""
-    kinds = {"pes": True, "truncated_es": False}
-    if kind not in kinds:
-        raise ValueError(f"unknown estimator {kind!r}; known: {sorted(kinds)}")
-    return ESEstimator(optimizer, EstimatorConfig(persistent=kinds[kind], **settings))
+    """`kind` is one of ESTIMATORS; `settings` are `EstimatorConfig` fields. All four share
+    the interface (`init`, `estimate`, `inner_steps_per_estimate`), so they can be compared."""
+    if kind in ("pes", "truncated_es"):
+        return ESEstimator(optimizer, EstimatorConfig(persistent=kind == "pes", **settings))
+    # Imported here: both build on ESEstimator, so they import this module.
+    from workers.full_es import FullES
+    from workers.tbptt import TruncatedBackprop
+
+    classes = {"full_es": FullES, "tbptt": TruncatedBackprop}
+    if kind not in classes:
+        raise ValueError(f"unknown estimator {kind!r}; known: {list(ESTIMATORS)}")
+    return classes[kind](optimizer, EstimatorConfig(**settings))

@@ -24,6 +24,18 @@ from task_zoo.base import Task
 from workers.estimators import ESEstimator, EstimatorConfig, ParticleState
 
 
+def unroll_truncation(estimator: ESEstimator, task: Task, theta_i, carry, reset_key, length: int):
+    """`lax.scan` of `ESEstimator._inner_step` over `length` steps for one particle half:
+    returns (carry, (meta-losses [length], resets [length])). A reset inside it restarts from
+    `_fresh_inner(theta_i, task, reset_key)` (computed once, as `ESEstimator` does)."""
+    fresh = estimator._fresh_inner(theta_i, task, reset_key)
+
+    def body(carry, _):
+        return estimator._inner_step(task, theta_i, carry, reset_key, fresh)
+
+    return jax.lax.scan(body, carry, length=length)
+
+
 class FullES(ESEstimator):
     """Antithetic ES over whole inner runs; same interface as `ESEstimator`."""
 
@@ -31,6 +43,11 @@ class FullES(ESEstimator):
         super().__init__(optimizer, config)
         # The state passes through unchanged: nothing to donate.
         self.estimate = jax.jit(self._estimate)
+
+    @property
+    def inner_steps_per_estimate(self) -> int:
+        """Forward inner steps one `estimate` unrolls (ESEstimator's is 2·P·K)."""
+        return 2 * self.config.num_particles * self.config.inner_horizon
 
     def _init(self, key: jax.Array, theta: Theta, task: Task) -> ParticleState:
         # A minimal state (no inner params): the interface's, carrying nothing between calls.
@@ -50,12 +67,8 @@ class FullES(ESEstimator):
         def one_run(theta_i, key_i):
             params, opt_state = self._fresh_inner(theta_i, task, key_i)
             carry = (params, opt_state, jnp.int32(0), key_i, jnp.float32(jnp.nan))
-
-            def body(carry, _):
-                # step < inner_horizon throughout: no reset, so the reset key is never used.
-                return self._inner_step(task, theta_i, carry, key_i)
-
-            _, (losses, _) = jax.lax.scan(body, carry, length=H)
+            # step < inner_horizon throughout: no reset happens.
+            _, (losses, _) = unroll_truncation(self, task, theta_i, carry, key_i, H)
             return losses
 
         return jax.vmap(one_run)(thetas, episode_keys)

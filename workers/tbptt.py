@@ -21,14 +21,19 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from metaopt.optimizers.base import Optimizer, Theta
+from metaopt.optimizers.base import Theta
 from task_zoo.base import Task
-from workers.estimators import ESEstimator, EstimatorConfig, ParticleState, make_estimator
-from workers.full_es import FullES
+from workers.estimators import ESEstimator, ParticleState
+from workers.full_es import unroll_truncation
 
 
 class TruncatedBackprop(ESEstimator):
     """TBPTT; `init` then `estimate` per truncation, like PES. State leading axis is P."""
+
+    @property
+    def inner_steps_per_estimate(self) -> int:
+        """Forward inner steps one `estimate` unrolls (plus their backward pass)."""
+        return self.config.num_particles * self.config.truncation_length
 
     def _init(self, key: jax.Array, theta: Theta, task: Task) -> ParticleState:
         P = self.config.num_particles
@@ -46,10 +51,7 @@ class TruncatedBackprop(ESEstimator):
         reset_keys = jax.random.split(key, P)
 
         def truncation_loss(theta_i, key_i, *carry):
-            def body(carry, _):
-                return self._inner_step(task, theta_i, carry, key_i)
-
-            carry, (losses, resets) = jax.lax.scan(body, carry, length=K)
+            carry, (losses, resets) = unroll_truncation(self, task, theta_i, carry, key_i, K)
             return jnp.mean(losses), (carry, losses, resets)
 
         def particle(key_i, *carry):
@@ -71,17 +73,3 @@ class TruncatedBackprop(ESEstimator):
         )
         metrics = {"mean_loss": jnp.mean(losses), "resets": jnp.sum(jnp.any(resets, axis=1))}
         return new_state, grad, metrics
-
-
-COMPARISON_KINDS = ("pes", "truncated_es", "full_es", "tbptt")
-
-
-def make_comparison_estimator(kind: str, optimizer: Optimizer, **settings) -> ESEstimator:
-    """`kind` is one of `COMPARISON_KINDS`; `settings` are `EstimatorConfig` fields (for
-    "full_es" and "tbptt" `persistent` is meaningless and must not be given)."""
-    if kind in ("pes", "truncated_es"):
-        return make_estimator(kind, optimizer, **settings)
-    classes = {"full_es": FullES, "tbptt": TruncatedBackprop}
-    if kind not in classes:
-        raise ValueError(f"unknown estimator {kind!r}; known: {sorted(COMPARISON_KINDS)}")
-    return classes[kind](optimizer, EstimatorConfig(**settings))
