@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaopt.optimizers.small_fc import TIMESCALES
+from metaopt.optimizers.small_fc import TIMESCALES, init_adam_seeded_mlp
 
 MOM_DECAYS = (0.9, 0.99, 0.999)
 RMS_DECAY = 0.999
@@ -144,28 +144,6 @@ def _block_loop(dims, body, init):
     if n == 1:  # a single block: no loop
         return step(jnp.int32(0), init)
     return jax.lax.fori_loop(0, n, step, init)
-
-
-def _init_mlp(key: jax.Array, hidden: int, hidden_layers: int) -> dict[str, jax.Array]:
-    """Random MLP whose direction output is ≈ the normalised m_0.9·rsqrt(v) (see docstring)."""
-    sizes = [NUM_FEATURES + len(TIMESCALES)] + [hidden] * hidden_layers + [2]
-    keys = jax.random.split(key, len(sizes) - 1)
-    mlp = {}
-    for i, (k, fan_in, fan_out) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True)):
-        last = i == len(sizes) - 2
-        std = (0.01 if last else 1.0) / np.sqrt(fan_in)
-        w = std * jax.random.truncated_normal(k, -2.0, 2.0, (fan_in, fan_out), jnp.float32)
-        if last and i == 0:  # no hidden layers: d is the feature itself
-            w = w.at[_ADAM_FEATURE, 0].set(1.0)
-        elif last:
-            w = w.at[0, 0].set(1.0).at[1, 0].set(-1.0)
-        elif i == 0:
-            w = w.at[:, :2].set(0.0).at[_ADAM_FEATURE, 0].set(1.0).at[_ADAM_FEATURE, 1].set(-1.0)
-        else:  # pass relu(±x) through unchanged (relu of a non-negative value is itself)
-            w = w.at[:, :2].set(0.0).at[0, 0].set(1.0).at[1, 1].set(1.0)
-        mlp[f"w{i}"] = w
-        mlp[f"b{i}"] = jnp.zeros((fan_out,), jnp.float32)
-    return mlp
 
 
 def _mlp_apply(mlp: dict, h: jax.Array) -> jax.Array:
@@ -261,7 +239,9 @@ class AdafacMLP:
     def init(self, key: jax.Array) -> dict:
         zeros = lambda n: jnp.zeros((n,), jnp.float32)  # noqa: E731 (θ_decay = 0: initial decay)
         decays = {"momentum": zeros(len(MOM_DECAYS)), "rms": zeros(1), "adafactor": zeros(len(FAC_DECAYS))}
-        return {"mlp": _init_mlp(key, self.hidden, self.hidden_layers), "decays": decays}
+        num_inputs = NUM_FEATURES + len(TIMESCALES)
+        mlp = init_adam_seeded_mlp(key, num_inputs, _ADAM_FEATURE, self.hidden, self.hidden_layers)
+        return {"mlp": mlp, "decays": decays}
 
     def as_optax(self, theta: Any, num_steps: int) -> optax.GradientTransformationExtraArgs:
         mlp, dec = theta["mlp"], theta["decays"]

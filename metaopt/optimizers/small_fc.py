@@ -153,14 +153,15 @@ def _features(g, p, m, v, a, b):
     return [g, p, *m, v, r, *(m * r), g * fr, m[2] * fr, a, b]
 
 
-def _init_mlp(key: jax.Array, hidden: int, hidden_layers: int) -> dict[str, jax.Array]:
-    """Random MLP whose direction output d ≈ normalised m_0.9·rsqrt(v) at init.
+def init_adam_seeded_mlp(key: jax.Array, num_inputs: int, adam_feature: int, hidden: int,
+                         hidden_layers: int) -> dict[str, jax.Array]:
+    """Random MLP whose direction output d ≈ input `adam_feature` (a normalised Adam-like step).
 
-    Hidden units 0 and 1 carry relu(x) and relu(-x) of that feature (index _ADAM_FEATURE)
-    through every hidden layer and the output takes d = h0 - h1; all other weights are
-    random, with the output layer 100x smaller so they only perturb this Adam-like step.
+    Hidden units 0 and 1 carry relu(x) and relu(-x) of that feature through every hidden layer
+    and the output takes d = h0 - h1; all other weights are random, with the output layer 100x
+    smaller so they only perturb this Adam-like step. Shared with adafac_mlp.
     """
-    sizes = [NUM_FEATURES + len(TIMESCALES)] + [hidden] * hidden_layers + [2]
+    sizes = [num_inputs] + [hidden] * hidden_layers + [2]
     keys = jax.random.split(key, len(sizes) - 1)
     mlp = {}
     for i, (k, fan_in, fan_out) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True)):
@@ -168,11 +169,11 @@ def _init_mlp(key: jax.Array, hidden: int, hidden_layers: int) -> dict[str, jax.
         std = (0.01 if last else 1.0) / np.sqrt(fan_in)
         w = std * jax.random.truncated_normal(k, -2.0, 2.0, (fan_in, fan_out), jnp.float32)
         if last and i == 0:  # no hidden layers: d is the feature itself
-            w = w.at[_ADAM_FEATURE, 0].set(1.0)
+            w = w.at[adam_feature, 0].set(1.0)
         elif last:
             w = w.at[0, 0].set(1.0).at[1, 0].set(-1.0)
         elif i == 0:
-            w = w.at[:, :2].set(0.0).at[_ADAM_FEATURE, 0].set(1.0).at[_ADAM_FEATURE, 1].set(-1.0)
+            w = w.at[:, :2].set(0.0).at[adam_feature, 0].set(1.0).at[adam_feature, 1].set(-1.0)
         else:
             w = w.at[:, :2].set(0.0).at[0, 0].set(1.0).at[1, 1].set(1.0)
         mlp[f"w{i}"] = w
@@ -216,7 +217,8 @@ class SmallFC:
         return dataclasses.asdict(self)
 
     def init(self, key: jax.Array) -> dict:
-        return {"mlp": _init_mlp(key, self.hidden, self.hidden_layers)}
+        num_inputs = NUM_FEATURES + len(TIMESCALES)
+        return {"mlp": init_adam_seeded_mlp(key, num_inputs, _ADAM_FEATURE, self.hidden, self.hidden_layers)}
 
     def as_optax(self, theta: Any, num_steps: int) -> optax.GradientTransformationExtraArgs:
         mlp = theta["mlp"]
