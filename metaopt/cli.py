@@ -72,7 +72,7 @@ def train(
 
 @app.command()
 def pull(
-    ref: Annotated[str, typer.Argument(help="NAME or NAME:VERSION (default: the newest version).")],
+    ref: Annotated[str, typer.Argument(help="NAME, NAME:VERSION or NAME@ALIAS (default: newest).")],
     registry_uri: Annotated[str, typer.Option("--registry", help="Registry root: a path or fsspec URI.")],
     dest: Annotated[
         pathlib.Path | None, typer.Option("--dest", help="Local directory (default: the cache).")

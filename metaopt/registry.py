@@ -22,6 +22,7 @@ from typing import Any
 
 import safetensors.numpy
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError
 
 from metaopt.storage import (
@@ -42,6 +43,7 @@ __all__ = [
     "ArtifactNotFoundError",
     "CorruptArtifactError",
     "TrainedOptimizer",
+    "aliases",
     "default_cache_dir",
     "list_names",
     "list_versions",
@@ -50,13 +52,15 @@ __all__ = [
     "publish",
     "pull",
     "resolve",
+    "set_alias",
 ]
 
 THETA_FILE = "theta.safetensors"
 MANIFEST_FILE = "manifest.json"
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _VERSION_RE = re.compile(r"[1-9][0-9]*")
-_REF_FORMS = "NAME, NAME:VERSION or NAME:latest (NAME like 'my-opt.v2', VERSION like 3)"
+_REF_FORMS = "NAME, NAME:VERSION, NAME:latest or NAME@ALIAS (NAME like 'my-opt.v2', VERSION like 3)"
+ALIASES_FILE = "aliases.json"  # NAME/aliases.json: {alias: version}; aliases move, versions don't
 
 
 class ArtifactNotFoundError(LookupError):
@@ -76,10 +80,16 @@ def _join(root: str, *parts: Any) -> str:
     return "/".join([root.rstrip("/"), *map(str, parts)])
 
 
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """ "NAME" / "NAME:latest" -> (NAME, None); "NAME:VERSION" -> (NAME, VERSION)."""
-    if not isinstance(ref, str) or ref.count(":") > 1:
+def parse_ref(ref: str) -> tuple[str, int | str | None]:
+    """ "NAME" / "NAME:latest" -> (NAME, None); "NAME:VERSION" -> (NAME, VERSION);
+    "NAME@ALIAS" -> (NAME, "ALIAS")."""
+    if not isinstance(ref, str) or ref.count(":") + ref.count("@") > 1:
         raise ValueError(f"invalid registry ref {ref!r}; accepted forms: {_REF_FORMS}")
+    if "@" in ref:
+        name, _, alias = ref.partition("@")
+        if not _NAME_RE.fullmatch(name) or not _valid_alias(alias):
+            raise ValueError(f"invalid registry ref {ref!r}; accepted forms: {_REF_FORMS}")
+        return name, alias
     name, _, version = ref.partition(":")
     if not _NAME_RE.fullmatch(name) or len(name) > 128:
         raise ValueError(f"invalid name in registry ref {ref!r}; accepted forms: {_REF_FORMS}")
@@ -91,6 +101,43 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
             f"integers; accepted forms: {_REF_FORMS}"
         )
     return name, int(version)
+
+
+def _valid_alias(alias: str) -> bool:
+    return bool(_NAME_RE.fullmatch(alias)) and not alias.isdigit() and alias != "latest"
+
+
+def aliases(registry_uri: str, name: str) -> dict[str, int]:
+    """{alias: version} of `name` (empty if it has none)."""
+    fs, path = url_to_fs(_join(registry_uri, name, ALIASES_FILE))
+    if not fs.exists(path):
+        return {}
+    try:
+        table = json.loads(fs.cat_file(path))
+        return {str(k): int(v) for k, v in table.items()}
+    except (ValueError, TypeError, AttributeError) as err:
+        raise CorruptArtifactError(f"{_join(registry_uri, name, ALIASES_FILE)} is unreadable ({err}); "
+                                   "set the aliases again with set_alias") from None
+
+
+def set_alias(registry_uri: str, name: str, version: int, alias: str) -> None:
+    """Point `name@alias` at an existing version (aliases move; versions never change).
+    One writer at a time: concurrent alias updates of one name may lose one of them."""
+    if not _valid_alias(alias):
+        raise ValueError(f"invalid alias {alias!r}: like a name ({_NAME_RE.pattern}), not a number "
+                         "and not 'latest'")
+    if version not in list_versions(registry_uri, name):
+        raise ArtifactNotFoundError(f"{name}:{version} is not in {registry_uri}; available versions: "
+                                    f"{list_versions(registry_uri, name)}")
+    table = aliases(registry_uri, name) | {alias: int(version)}
+    fs, path = url_to_fs(_join(registry_uri, name, ALIASES_FILE))
+    data = json.dumps(table, indent=2, sort_keys=True).encode()
+    if isinstance(fs, LocalFileSystem):  # write aside, then rename over: never half-written
+        tmp = f"{path}.tmp-{os.getpid()}"
+        fs.pipe_file(tmp, data)
+        os.replace(tmp, path)
+    else:  # object stores replace a whole object at once
+        fs.pipe_file(path, data)
 
 
 def _numeric_dirs(registry_uri: str, name: str) -> list[int]:
@@ -120,6 +167,12 @@ def list_names(registry_uri: str) -> list[str]:
 def resolve(registry_uri: str, ref: str) -> tuple[str, int]:
     """(name, version) for `ref`; no version means the newest committed version."""
     name, version = parse_ref(ref)
+    if isinstance(version, str):
+        table = aliases(registry_uri, name)
+        if version not in table:
+            raise ArtifactNotFoundError(f"{name} has no alias {version!r} in {registry_uri}; "
+                                        f"its aliases: {sorted(table) or 'none'}")
+        version = table[version]
     versions = list_versions(registry_uri, name)
     if not versions:
         raise ArtifactNotFoundError(

@@ -200,3 +200,25 @@ def test_pull_never_replaces_a_folder_that_is_not_an_artifact(tmp_path):
     empty.mkdir()
     assert registry.pull("opt", registry_uri, str(empty)) == str(empty)  # an empty folder is fine
     assert registry.pull("opt", registry_uri, str(empty)) == str(empty)  # and so is re-pulling into it
+
+
+def test_aliases_move_and_resolve(tmp_path):
+    registry_uri = str(tmp_path / "reg")
+    for _ in range(2):
+        registry.publish(registry_uri, "opt", "adam", {}, {}, {"job_id": "j"})
+    assert registry.aliases(registry_uri, "opt") == {}
+    registry.set_alias(registry_uri, "opt", 1, "champion")
+    assert registry.resolve(registry_uri, "opt@champion") == ("opt", 1)
+    assert registry.load("opt@champion", registry=registry_uri).version == 1
+    registry.set_alias(registry_uri, "opt", 2, "champion")  # aliases move
+    assert registry.resolve(registry_uri, "opt@champion") == ("opt", 2)
+    assert registry.list_versions(registry_uri, "opt") == [1, 2]  # versions stay
+    with pytest.raises(LookupError, match="no alias 'best'.*champion"):
+        registry.resolve(registry_uri, "opt@best")
+    with pytest.raises(LookupError, match="available versions"):
+        registry.set_alias(registry_uri, "opt", 9, "champion")
+    for bad in ("3", "latest", "Bad Alias"):
+        with pytest.raises(ValueError, match="invalid alias"):
+            registry.set_alias(registry_uri, "opt", 1, bad)
+    with pytest.raises(ValueError, match="NAME@ALIAS"):
+        registry.parse_ref("opt@champion:2")
