@@ -19,7 +19,7 @@ from flax import struct
 from task_zoo._layers import ACTIVATIONS, draw, split_data
 from task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
 from task_zoo.base import TaskCost, TaskSpec
-from task_zoo.images import DIGITS, check_dataset, check_datasets, image_info, load_images
+from task_zoo.images import DIGITS, check_datasets, check_image_spec, image_info, load_images
 
 NAME = "cnn"
 KERNEL = 3
@@ -183,14 +183,7 @@ class CNNFamily:
             raise spec_error(spec, "channels, depth and batch_size must be >= 1")
         if kw["downsample"] not in DOWNSAMPLES:
             raise spec_error(spec, f"downsample must be one of {list(DOWNSAMPLES)}")
-        if kw["activation"] not in ACTIVATIONS:
-            raise spec_error(spec, f"activation must be one of {sorted(ACTIVATIONS)}")
-        if kw["init_scale"] < 0:
-            raise spec_error(spec, "init_scale must be >= 0")
-        try:
-            check_dataset(kw["dataset"])
-        except ValueError as e:
-            raise spec_error(spec, str(e)) from None
+        check_image_spec(spec, kw)
         return kw
 
     def cost(self, spec: TaskSpec) -> TaskCost:

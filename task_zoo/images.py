@@ -25,6 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from task_zoo._layers import ACTIVATIONS
+from task_zoo._spec import spec_error
+from task_zoo.base import TaskSpec
+
 DIGITS = "digits"
 IDX_PREFIX = "idx:"
 DIGITS_TRAIN = 1500
@@ -181,3 +185,15 @@ def image_info(dataset: str) -> tuple[tuple[int, int, int], int]:
         raise ValueError(f"{path}: images must have 3 or 4 idx dims, got {dims}")
     shape = dims[1:] + (1,) * (4 - len(dims))
     return shape, int(max(int(lab.max()) for lab in labels)) + 1  # type: ignore[return-value]
+
+
+def check_image_spec(spec: TaskSpec, kw: dict) -> None:
+    """The checks every image family makes of its spec kwargs: activation, init_scale, dataset."""
+    if kw["activation"] not in ACTIVATIONS:
+        raise spec_error(spec, f"activation must be one of {sorted(ACTIVATIONS)}")
+    if kw["init_scale"] < 0:
+        raise spec_error(spec, "init_scale must be >= 0")
+    try:
+        check_dataset(kw["dataset"])
+    except ValueError as e:
+        raise spec_error(spec, str(e)) from None
