@@ -1,6 +1,10 @@
 """Train a fresh model with a trained optimizer from the registry, next to Adam.
 
-After `make demo`:
+On a fresh clone, with the reference optimizer committed in examples/registry:
+
+    .venv/bin/python examples/use_trained_optimizer.py
+
+or, after `make demo`, with what the demo trained:
 
     .venv/bin/python examples/use_trained_optimizer.py --ref quickstart --registry runs/registry
 
@@ -11,6 +15,7 @@ optimizer is an ordinary optax.GradientTransformationExtraArgs: `tx.init`, `tx.u
 from __future__ import annotations
 
 import argparse
+import pathlib
 
 import jax
 import optax
@@ -40,12 +45,12 @@ def train(task, tx, steps: int, seed: int = 0) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ref", default="quickstart", help="NAME or NAME:VERSION in the registry")
-    parser.add_argument("--registry", default="runs/registry")
+    parser.add_argument("--ref", default="reference@champion", help="NAME, NAME:VERSION or NAME@ALIAS")
+    parser.add_argument("--registry", default=str(pathlib.Path(__file__).parent / "registry"))
     parser.add_argument("--task", default='{"name": "mlp", "kwargs": {"width": 32, "depth": 1, '
                         '"activation": "relu", "batch_size": 64, "seed": 7}}', help="a TaskSpec as JSON")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--adam-lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--adam-lr", type=float, default=1e-2)
     parser.add_argument("--plot", default="trained_vs_adam.png")
     args = parser.parse_args()
 

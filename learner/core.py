@@ -214,8 +214,10 @@ class Learner:
             listener(version)
 
     def stop(self) -> None:
-        """End the job: workers are told to stop; further estimates are not needed."""
-        self.done.set()
+        """End the job: workers are told to stop; further estimates are not needed. Under the
+        lock, so an outer step in progress lands before, and none after (history is final)."""
+        with self._lock:
+            self.done.set()
         self._notify(-1)
 
     def next_worker_seed(self) -> int:

@@ -27,6 +27,9 @@ def train(
     max_outer_steps: Annotated[
         int | None, typer.Option("--max-outer-steps", min=1, help="Override stop.max_outer_steps.")
     ] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option("--max-minutes", min=0.001, help="Override stop.max_minutes (wall clock).")
+    ] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Override workers.count.")] = None,
     out: Annotated[pathlib.Path, typer.Option("--out", help="Root for run directories and the registry.")] = (
         pathlib.Path("runs")
@@ -41,7 +44,8 @@ def train(
 
     try:
         spec = load_job_spec(config)
-        overrides = {"stop.max_outer_steps": max_outer_steps, "workers.count": workers}
+        overrides = {"stop.max_outer_steps": max_outer_steps, "stop.max_minutes": max_minutes,
+                     "workers.count": workers}
         spec = spec.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
     except JobSpecError as err:
         _fail(str(err))

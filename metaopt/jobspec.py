@@ -80,10 +80,18 @@ class EstimatorSpec(_Frozen):
     truncation_length: int = Field(20, ge=1)  # inner steps per estimate
     inner_horizon: int = Field(200, ge=1)  # inner steps before a particle resets
     sigma: float = Field(0.01, gt=0)  # perturbation standard deviation
-    # meta-loss: inner loss divided by the inner run's first loss ("initial") or raw ("none")
-    loss_normalization: Literal["initial", "none"] = "initial"
+    # meta-loss: inner loss divided by the inner run's first loss ("initial"), the log of that
+    # ratio ("log"), or raw ("none")
+    loss_normalization: Literal["initial", "log", "none"] = "initial"
     max_loss_ratio: float = Field(10.0, gt=0)  # cap on normalised losses (diverged runs)
+    min_loss_ratio: float = Field(1e-6, gt=0)  # "log": floor on the ratio (no pay for loss → 0)
     truncations_per_task: int | None = Field(None, ge=1)  # default: one inner horizon
+    # Spread each worker's particles over random points of their first inner run. Off by
+    # default: a worker keeps a task for one horizon, so a staggered particle would never finish
+    # a run, and steps late in a run would count less and less towards the meta-loss (the
+    # optimizer then learns to make fast early progress and neglects the final loss). Unstaggered
+    # particles train whole inner runs when inner_horizon is a multiple of truncation_length.
+    stagger: bool = False
 
     @model_validator(mode="after")
     def _truncation_fits(self):
@@ -92,6 +100,9 @@ class EstimatorSpec(_Frozen):
                 f"truncation_length ({self.truncation_length}) must not exceed inner_horizon "
                 f"({self.inner_horizon})"
             )
+        if self.min_loss_ratio >= self.max_loss_ratio:
+            raise ValueError(f"min_loss_ratio ({self.min_loss_ratio}) must be below max_loss_ratio "
+                             f"({self.max_loss_ratio})")
         return self
 
     @property
@@ -123,7 +134,12 @@ class WorkersSpec(_Frozen):
 
 
 class StopSpec(_Frozen):
+    """The run stops at whichever comes first."""
+
     max_outer_steps: int = Field(100, ge=1)
+    # Wall-clock minutes of meta-training (from the workers' start) in one `metaopt train`
+    # invocation, at least one outer step; a resumed job gets a fresh budget.
+    max_minutes: float | None = Field(None, gt=0)
 
 
 class JobSpec(_Frozen):

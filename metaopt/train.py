@@ -95,7 +95,9 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
     started = time.perf_counter()
     actors, runs = start_workers(spec, f"127.0.0.1:{port}", job_id)
     try:
-        _follow(learner, runs, run_dir / "metrics.jsonl", progress, start=resumed_at or 0)
+        budget_s = spec.stop.max_minutes * 60 if spec.stop.max_minutes else None
+        _follow(learner, runs, run_dir / "metrics.jsonl", progress, start=resumed_at or 0,
+                budget_s=budget_s)
     finally:
         learner.stop()  # θ is final from here on
         wall_s = time.perf_counter() - started
@@ -110,7 +112,8 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
     (run_dir / "workers.json").write_text(json.dumps(worker_stats, indent=2))
 
     history = learner.history
-    plot_meta_loss(history, run_dir / "meta_loss.png", title=job_id)
+    plot_meta_loss(history, run_dir / "meta_loss.png", title=job_id,
+                   normalization=spec.estimator.loss_normalization)
     registry_uri = str(out_dir / "registry")
     artifact = registry.publish(
         registry_uri, spec.artifact_name or spec.name, optimizer.name, dict(optimizer.hparams),
@@ -161,8 +164,10 @@ def _raise_if_a_worker_failed(runs, job_id: str) -> None:
             ) from None
 
 
-def _follow(learner, runs, metrics_path: pathlib.Path, progress: bool, start: int) -> None:
-    """Show a progress bar and write one metrics.jsonl line per outer step until done."""
+def _follow(learner, runs, metrics_path: pathlib.Path, progress: bool, start: int,
+            budget_s: float | None = None) -> None:
+    """Show a progress bar and write one metrics.jsonl line per outer step until done, or
+    until `budget_s` seconds have passed."""
     from tqdm import tqdm
 
     total = learner.config.max_outer_steps
@@ -190,6 +195,11 @@ def _follow(learner, runs, metrics_path: pathlib.Path, progress: bool, start: in
                                 est_per_s=f"{estimates / max(time.time() - started, 1e-9):.1f}")
             if finished and written >= len(learner.history):
                 break
+            if budget_s is not None and written > start and time.time() - started >= budget_s:
+                # At least one outer step (the first may wait for compilation). Stop the learner
+                # here, then loop once more so that every step it took reaches metrics.jsonl.
+                log.info("stopping: the run's budget of %.1f minutes is spent", budget_s / 60)
+                learner.stop()
             _raise_if_a_worker_failed(runs, learner.config.job_id)
     bar.close()
 
@@ -209,7 +219,7 @@ def _collect(runs, timeout_s: float = 60.0) -> list:
     return stats
 
 
-def plot_meta_loss(history, path: pathlib.Path, title: str) -> None:
+def plot_meta_loss(history, path: pathlib.Path, title: str, normalization: str = "initial") -> None:
     """Meta-loss per outer step with a running mean, as a PNG."""
     import matplotlib
 
@@ -225,8 +235,9 @@ def plot_meta_loss(history, path: pathlib.Path, title: str) -> None:
         window = max(5, len(losses) // 20)
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1:], smooth, lw=2, label=f"running mean ({window})")
-    ax.set(xlabel="outer step", ylabel="meta-loss (inner loss / initial loss)", title=title)
-    ax.set_yscale("log")
+    ax.set(xlabel="outer step", ylabel=f"meta-loss ({normalization})", title=title)
+    if np.all(losses > 0):  # "initial" and "none"; the "log" meta-loss is mostly negative
+        ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

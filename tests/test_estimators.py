@@ -180,9 +180,24 @@ def test_initial_loss_normalisation_rescales_each_inner_run():
     assert grads["initial"] == pytest.approx(grads["none"] / (0.5 * A * X0**2), rel=1e-5)
 
 
+def test_log_normalisation_is_the_log_of_the_capped_initial_ratio():
+    """"log": log(min(loss / initial, cap)), floored at min_loss_ratio; NaN and inf count as
+    the cap, as with "initial", so a diverged particle is a large finite meta-loss."""
+    loss = jnp.asarray([2.0, 0.5, 1e-12, 100.0, np.nan, np.inf], jnp.float32)
+    initial = jnp.full((6,), 4.0, jnp.float32)
+    ratio = make_estimator("pes", FakeLearnedStepSize(), loss_normalization="initial")
+    log = make_estimator("pes", FakeLearnedStepSize(), loss_normalization="log", min_loss_ratio=1e-3)
+    expected_ratio = np.array([0.5, 0.125, 2.5e-13, 10.0, 10.0, 10.0])
+    np.testing.assert_allclose(ratio._meta_loss(loss, initial), expected_ratio, rtol=1e-6)
+    expected_log = np.log(np.maximum(expected_ratio, 1e-3))
+    np.testing.assert_allclose(log._meta_loss(loss, initial), expected_log, rtol=1e-6)
+
+
 def test_config_rejects_a_truncation_longer_than_the_horizon():
     with pytest.raises(ValueError, match="truncation_length <= inner_horizon"):
         EstimatorConfig(truncation_length=50, inner_horizon=20)
+    with pytest.raises(ValueError, match="min_loss_ratio < max_loss_ratio"):
+        EstimatorConfig(min_loss_ratio=20.0)
 
 
 LEARNED = [name for name in optimizers.names() if optimizers.make(name).learned]

@@ -14,6 +14,9 @@ def test_a_minimal_spec_gets_the_documented_defaults():
     assert spec.optimizer.name == "small_fc" and spec.estimator.kind == "pes"
     assert spec.task_balance == "weight" and spec.tasks[0].augment is None
     assert spec.estimator.task_lifetime == 10  # inner_horizon 200 / truncation_length 20
+    # Whole inner runs, one per task; the estimator gets the choice.
+    assert spec.estimator.settings["stagger"] is False
+    assert spec.stop.max_minutes is None
 
 
 def test_overrides_are_revalidated():
@@ -38,7 +41,9 @@ def test_augmentation_and_cost_balance():
     ({"tasks": [{"family": "quadratic", "kwargs": {"dims": "eight"}}]}, "tasks.0"),
     ({"estimator": {"truncation_length": 300}}, "estimator"),
     ({"optimizer": {"name": "small_fc", "hparams": {"hiden": 3}}}, "optimizer"),
-    ({"stop": {"max_outer_steps": 10, "max_minutes": 3}}, "stop.max_minutes"),
+    ({"stop": {"max_outer_steps": 10, "max_minutes": 0}}, "stop.max_minutes"),
+    ({"estimator": {"stagger": "sometimes"}}, "estimator.stagger"),
+    ({"estimator": {"min_loss_ratio": 20}}, "estimator"),
 ])
 def test_invalid_specs_name_the_field(change, where):
     with pytest.raises(JobSpecError) as err:

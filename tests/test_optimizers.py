@@ -196,3 +196,29 @@ def test_small_fc_theta_is_differentiable():
     g = jax.grad(meta_loss)(theta)
     for k in ("w0", "w1", "w2"):
         assert np.all(np.isfinite(g["mlp"][k])) and np.any(g["mlp"][k] != 0), k
+
+
+@pytest.mark.parametrize("scale, exp_mult", [(1e-6, 0.001), (1.0, 0.001), (1e4, 0.001), (1.0, 0.3)])
+def test_untrained_small_fc_is_adam_without_bias_correction(scale, exp_mult):
+    """The initial θ steps by -step_mult · m/sqrt(v) (EMAs 0.9 and 0.999 from zero, a slow NumPy
+    reference) up to its small random terms, at any gradient scale: the Adam ratios are not
+    normalised per tensor, so their size (the gradient's signal-to-noise ratio) reaches the step,
+    and a run that reaches its noise floor anneals as Adam does. 30 steps of noisy gradients
+    with a shrinking mean, on a 2-D and a 1-D tensor; tolerance: 3% of the step's RMS. Also at
+    the reference recipe's exp_mult, which scales the random magnitude terms 300x."""
+    opt = optimizers.make("small_fc", hidden=16, hidden_layers=1, step_mult=0.01, exp_mult=exp_mult)
+    tx = opt.as_optax(opt.init(jax.random.key(0)), 1000)
+    params = {"w": jnp.zeros((20, 30)), "b": jnp.zeros((30,))}
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    m = {k: np.zeros(np.shape(v)) for k, v in params.items()}
+    v = {k: np.zeros(np.shape(x)) for k, x in params.items()}
+    for t in range(30):
+        grads = {k: scale * (np.exp(-t / 10) + rng.normal(size=np.shape(x))) for k, x in params.items()}
+        updates, state = tx.update(jax.tree.map(jnp.float32, grads), state, params)
+        for k, g in grads.items():
+            m[k] = 0.9 * m[k] + 0.1 * g
+            v[k] = 0.999 * v[k] + 0.001 * g**2
+            expected = -0.01 * m[k] / np.sqrt(v[k])
+            err = np.sqrt(np.mean((np.asarray(updates[k]) - expected) ** 2))
+            assert err < 0.03 * np.sqrt(np.mean(expected**2)), (t, k)

@@ -98,3 +98,17 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_without_duplicate_steps(t
     assert json.loads(done.stdout.strip().splitlines()[-1])["outer_steps"] == target
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, target + 1))
+
+
+def test_a_time_budget_ends_the_run_cleanly_and_publishes_the_optimizer(tmp_path):
+    """stop.max_minutes (here `--max-minutes`) stops a run that has outer steps left, as its
+    step limit would: exit 0, a final checkpoint, the optimizer in the registry."""
+    command = [sys.executable, "-m", "metaopt.cli", "train", str(DATA / "e2e.yaml"), "--out", str(tmp_path),
+               "--job-id", "budget", "--max-outer-steps", "1000000", "--max-minutes", "0.25", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0 < result["outer_steps"] < 1_000_000 and result["artifact"] == "e2e:1"
+    assert 15 <= result["wall_s"] < 120
+    step, _, _ = storage.latest_checkpoint(str(tmp_path / "runs" / "budget" / "checkpoints"))
+    assert step == result["outer_steps"]

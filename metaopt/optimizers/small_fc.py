@@ -8,23 +8,29 @@ Every scalar parameter is updated by the same small MLP applied to F=18 features
   g, p,                       gradient and parameter value
   m_k (5)                     momenta, EMA of g with decays MOM_DECAYS
   v, rsqrt(v)                 EMA of g² (decay RMS_DECAY) and its inverse square root
-  m_k·rsqrt(v) (5)            Adam-like normalised momenta
+  m_k·rsqrt(v) (5)            Adam ratios: momenta over the RMS gradient
   g·rsqrt(v̂), m_0.9·rsqrt(v̂)  Adafactor-normalised grad / momentum (decay FAC_DECAY)
   a, b                        the Adafactor row / column factors: a = rsqrt(v_row),
                               b = rsqrt(v_col / mean(v_row)); rsqrt(v̂) is taken as a·b
 v̂ is the rank-1 Adafactor estimate v_row ⊗ v_col / mean(v_row) over the last two axes of
 a ≥2-D tensor. 0-D and 1-D tensors keep an unfactored v̂ (as RMSProp): a = rsqrt(v̂), b = 1.
-Each feature is divided by its root-mean-square over its own tensor
-("second-moment normalisation", as the reference), so grads of 1e-8 or 1e8 give unit-scale
-inputs. A training-progress embedding tanh(step / num_steps / τ - 1) for τ in TIMESCALES is
-shared by all parameters of a step, so it is folded into the first-layer bias (exact).
+The five Adam ratios m_k·rsqrt(v) are used as they are: they are scale-free already, and their
+size is the gradient's signal-to-noise ratio, which falls as training reaches its noise floor.
+Every other feature is divided by its root-mean-square over its own tensor ("second-moment
+normalisation", as the reference), so grads of 1e-8 or 1e8 give unit-scale inputs. Normalising
+the ratios too (as the reference does) removes Adam's own annealing: the untrained optimizer
+then keeps a constant step to the end (measured on 8x8-digits MLPs: update RMS ~0.008 at step
+900 vs Adam's 0.0003), which a short meta-training run cannot relearn from the time features
+alone (docs/reference_optimizer.md).
+A training-progress embedding tanh(step / num_steps / τ - 1) for τ in TIMESCALES is shared by
+all parameters of a step, so it is folded into the first-layer bias (exact).
 MLP: (F + 6) → hidden → … → 2 (relu); outputs direction d and magnitude m and
     update = -step_mult · d · exp(exp_mult · m).
 
 Meta-parameters θ = {"mlp": {"w0","b0",…}}: with defaults (hidden=32, hidden_layers=2)
-24·32+32 + 32·32+32 + 32·2+2 = 1922 float32. The initial θ makes d ≈ the normalised
-Adam direction m_0.9·rsqrt(v) plus small random terms, so the untrained optimizer is a
-stable descent method (step ≈ 1e-3 per parameter).
+24·32+32 + 32·32+32 + 32·2+2 = 1922 float32. The initial θ makes d ≈ the Adam direction
+m_0.9·rsqrt(v) plus small random terms, so the untrained optimizer is Adam (without bias
+correction) at learning rate `step_mult`, a stable descent method.
 
 Optimizer state per parameter: 5 momenta + 1 second moment = 6 float32 (plus O(rows+cols)
 Adafactor factors per ≥2-D tensor, and ≤ GRANULE-1 padding floats per tensor).
@@ -59,8 +65,11 @@ NUM_FEATURES = 18
 GRANULE = 128  # per-tensor padding unit; normalisation scales are per granule
 CHUNK = 16384  # elements per lax.map iteration: (32, CHUNK) f32 activations = 2 MiB
 _EPS = 1e-8  # inside rsqrt of second moments
+_RATIO_EPS = 1e-30  # inside rsqrt(v) of the Adam ratios: scale-free for grads above ~1e-13
 _NORM_EPS = 1e-5  # second-moment normaliser, as the reference
 _ADAM_FEATURE = 11  # index of m_0.9·rsqrt(v) in _features
+# Features divided by their per-tensor RMS; the Adam ratios m_k·rsqrt(v) (9-13) are scale-free.
+_NORMALISED = np.asarray([not 9 <= i <= 13 for i in range(NUM_FEATURES)])
 
 
 class SmallFCState(NamedTuple):
@@ -149,13 +158,15 @@ def _features(g, p, m, v, a, b):
     g, p, v, a, b: (C,); m: (5, C). See the module docstring for the list.
     """
     r = jax.lax.rsqrt(v + _EPS)
+    # |m_k| <= sqrt(v / (1 - RMS_DECAY)) elementwise, so the ratios stay below ~32 in size.
+    ratios = m * jax.lax.rsqrt(v + _RATIO_EPS)
     fr = a * b  # ≈ rsqrt(v̂), the Adafactor preconditioner
-    return [g, p, *m, v, r, *(m * r), g * fr, m[2] * fr, a, b]
+    return [g, p, *m, v, r, *ratios, g * fr, m[2] * fr, a, b]
 
 
 def init_adam_seeded_mlp(key: jax.Array, num_inputs: int, adam_feature: int, hidden: int,
                          hidden_layers: int) -> dict[str, jax.Array]:
-    """Random MLP whose direction output d ≈ input `adam_feature` (a normalised Adam-like step).
+    """Random MLP whose direction output d ≈ input `adam_feature` (an Adam-like step).
 
     Hidden units 0 and 1 carry relu(x) and relu(-x) of that feature through every hidden layer
     and the output takes d = h0 - h1; all other weights are random, with the output layer 100x
@@ -182,7 +193,8 @@ def init_adam_seeded_mlp(key: jax.Array, num_inputs: int, adam_feature: int, hid
 
 
 def _mlp_apply(mlp: dict, x: jax.Array, b0: jax.Array) -> jax.Array:
-    """x: (F, C) normalised features; b0: (hidden,) first-layer bias incl. time → (2, C).
+    """x: (F, C) features (scaled as in update_fn); b0: (hidden,) first-layer bias incl. time
+    → (2, C).
 
     Feature-major layout: W^T @ X keeps every activation row contiguous, which XLA:CPU
     runs ~1.4x faster than X @ W for these skinny matrices and needs no transposes.
@@ -275,6 +287,7 @@ class SmallFC:
             seg_sum = jax.ops.segment_sum(sums.reshape(-1, NUM_FEATURES), lay.granule_seg, nseg)
             counts = np.maximum(np.asarray(lay.sizes + [1], np.float32), 1.0)[:, None]
             scale = jax.lax.rsqrt(_NORM_EPS + seg_sum / counts)  # (segments, F)
+            scale = jnp.where(_NORMALISED, scale, 1.0)
             gscale = scale[lay.granule_seg].reshape(lay.num_chunks, -1, NUM_FEATURES)
             gscale = gscale.transpose(0, 2, 1)  # (chunks, F, granules per chunk)
 
@@ -282,7 +295,7 @@ class SmallFC:
             tfeat = jnp.tanh(frac / jnp.asarray(TIMESCALES, jnp.float32) - 1.0)
             b0 = mlp["b0"] + tfeat @ mlp["w0"][NUM_FEATURES:]
 
-            # Pass 2: normalised features → MLP → step, one cache-sized chunk at a time.
+            # Pass 2: scaled features → MLP → step, one cache-sized chunk at a time.
             def step(xs):
                 g, p, m, v, a, b, s = xs
                 x = jnp.stack(_features(g, p, m, v, a, b))  # (F, C)

@@ -1,0 +1,66 @@
+"""The committed reference optimizer (examples/registry, `reference@champion`) works on a fresh
+clone: it loads, trains as an optax optimizer, and `metaopt eval` accepts it."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+
+import metaopt
+import task_zoo
+from metaopt import registry
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REGISTRY = str(ROOT / "examples" / "registry")
+
+
+def test_champion_is_version_1_of_reference_and_says_how_it_was_trained():
+    assert registry.aliases(REGISTRY, "reference")["champion"] == 1
+    trained = metaopt.load("reference@champion", registry=REGISTRY)
+    assert (trained.name, trained.version, trained.optimizer_name) == ("reference", 1, "small_fc")
+    provenance = trained.manifest["provenance"]
+    recipe = provenance["spec"]
+    assert recipe["name"] == "small_fc_digits" and recipe["artifact_name"] == "reference"
+    assert provenance["outer_steps"] > 1000 and provenance["estimator"]["kind"] == "pes"
+
+
+def test_champion_trains_an_mlp_as_an_optax_optimizer():
+    """300 steps of the in_distribution suite's mlp_a (a task meta-training never saw, from the
+    family it trained on), on fresh seeds: the loss falls by a factor of 20."""
+    spec = task_zoo.TaskSpec("mlp", {"activation": "relu", "batch_size": 64, "dataset": "digits", "depth": 1,
+                                     "init_scale": 0.76, "seed": 558520774, "width": 32})
+    task = task_zoo.task(spec)
+    tx = metaopt.load("reference@champion", registry=REGISTRY).as_optax(num_steps=300)
+    params = task.init(jax.random.key(0))
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, key):
+        batch_key, loss_key = jax.random.split(key)
+        loss, grads = jax.value_and_grad(task.loss)(params, loss_key, task.batch(batch_key, task_zoo.TRAIN))
+        updates, state = tx.update(grads, state, params, loss=loss)
+        return optax.apply_updates(params, updates), state, loss
+
+    losses = []
+    for key in jax.random.split(jax.random.key(1), 300):
+        params, state, loss = step(params, state, key)
+        losses.append(float(loss))
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-30:]) < np.mean(losses[:5]) / 20
+
+
+def test_metaopt_eval_runs_the_champion_on_the_smoke_suite(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "metaopt.cli", "eval", "reference@champion", "--registry", REGISTRY,
+         "--suite", "smoke", "--out", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["ref"] == "reference:1" and summary["num_tasks"] == 2
+    assert (tmp_path / "summary.png").exists()
