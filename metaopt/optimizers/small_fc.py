@@ -68,8 +68,9 @@ _EPS = 1e-8  # inside rsqrt of second moments
 _RATIO_EPS = 1e-30  # inside rsqrt(v) of the Adam ratios: scale-free for grads above ~1e-13
 _NORM_EPS = 1e-5  # second-moment normaliser, as the reference
 _ADAM_FEATURE = 11  # index of m_0.9·rsqrt(v) in _features
-# Features divided by their per-tensor RMS; the Adam ratios m_k·rsqrt(v) (9-13) are scale-free.
-_NORMALISED = np.asarray([not 9 <= i <= 13 for i in range(NUM_FEATURES)])
+# Indices of the features divided by their per-tensor RMS; the Adam ratios m_k·rsqrt(v) (9-13)
+# are scale-free, so pass 1 does not even sum their squares.
+_NORMALISED = [i for i in range(NUM_FEATURES) if not 9 <= i <= 13]
 
 
 class SmallFCState(NamedTuple):
@@ -280,14 +281,15 @@ class SmallFC:
                 m = mom_decays * m + (1 - mom_decays) * g
                 v = RMS_DECAY * v + (1 - RMS_DECAY) * jnp.square(g)
                 # One small reduction per feature fuses better than stacking first.
-                sums = [(x * x * msk).reshape(-1, GRANULE).sum(-1) for x in _features(g, p, m, v, a, b)]
-                return m, v, jnp.stack(sums, axis=-1)  # (granules per chunk, F)
+                feats = _features(g, p, m, v, a, b)
+                sums = [(feats[i] * feats[i] * msk).reshape(-1, GRANULE).sum(-1) for i in _NORMALISED]
+                return m, v, jnp.stack(sums, axis=-1)  # (granules per chunk, normalised features)
 
             m_p, v_p, sums = jax.lax.map(stats, (g_p, p_p, state.momenta, state.rms, a_p, b_p, valid))
-            seg_sum = jax.ops.segment_sum(sums.reshape(-1, NUM_FEATURES), lay.granule_seg, nseg)
+            seg_sum = jax.ops.segment_sum(sums.reshape(-1, len(_NORMALISED)), lay.granule_seg, nseg)
             counts = np.maximum(np.asarray(lay.sizes + [1], np.float32), 1.0)[:, None]
-            scale = jax.lax.rsqrt(_NORM_EPS + seg_sum / counts)  # (segments, F)
-            scale = jnp.where(_NORMALISED, scale, 1.0)
+            scale = jnp.ones((nseg, NUM_FEATURES), jnp.float32).at[:, _NORMALISED].set(
+                jax.lax.rsqrt(_NORM_EPS + seg_sum / counts))  # (segments, F); 1 for the ratios
             gscale = scale[lay.granule_seg].reshape(lay.num_chunks, -1, NUM_FEATURES)
             gscale = gscale.transpose(0, 2, 1)  # (chunks, F, granules per chunk)
 
