@@ -7,9 +7,13 @@ initial θ (hidden width 32); PES with truncation length 10, for 1, 8 and 32 ant
   - `adam_steps_per_s`: plain training with optax Adam, one model, a jitted scan of steps;
   - `lopt_steps_per_s`: the same with the learned optimizer;
   - `pes_inner_steps_per_s`: the PES estimator's truncations, 2 · pairs · truncation_length
-    inner steps each (both halves counted), i.e. what a worker computes per second,
-    excluding the network; `estimates_per_s` is truncations (gradient estimates) per second.
-`pes_vs_adam` is the ratio of the last to the first: the overhead of estimation per inner step.
+    inner steps each (both halves counted), i.e. what a worker given this machine's cores
+    computes per second, excluding the network; `estimates_per_s` is truncations (gradient
+    estimates) per second. The process sees one jax CPU device per core, as a worker with
+    `workers.cpus` ≥ 2 does, and the estimator splits the halves across them;
+    `pes_one_device_inner_steps_per_s` is the same estimator on one device (XLA's own
+    threads only). Plain training runs on one device, with XLA's threads, as a user runs it.
+`pes_vs_adam` is the ratio of PES to Adam: the overhead of estimation per inner step.
 For scale: google/learned_optimization's TruncatedPES does about 3,000 inner steps/s (19
 estimates/s) on the reference configuration on our 2-core CPU; the goal is 3x that.
 
@@ -20,17 +24,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import time
 
 import jax
-import jax.numpy as jnp
-import optax
 
-import task_zoo
-from metaopt import optimizers
-from workers.estimators import make_estimator
+# One jax CPU device per core, set before jax starts (as workers.actor.worker_env does).
+jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
+
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import task_zoo  # noqa: E402
+from metaopt import optimizers  # noqa: E402
+from workers.estimators import make_estimator  # noqa: E402
 
 TASK = task_zoo.TaskSpec("mlp", {"width": 32, "depth": 1, "activation": "relu", "batch_size": 128, "seed": 0})
 TRUNCATION_LENGTH = 10
@@ -73,10 +82,11 @@ def plain_training(task, tx, steps: int):
     return lambda: train(jax.random.key(0)).block_until_ready()
 
 
-def pes_truncation(task, lopt, particles: int):
-    """A blocking callable running one PES truncation (one gradient estimate)."""
-    estimator = make_estimator("pes", lopt, num_particles=particles, truncation_length=TRUNCATION_LENGTH,
-                               inner_horizon=10 * TRUNCATION_LENGTH)
+def pes_truncation(task, lopt, particles: int, devices=None):
+    """A blocking callable running one PES truncation (one gradient estimate) on `devices`
+    (default: all)."""
+    estimator = make_estimator("pes", lopt, devices=devices, num_particles=particles,
+                               truncation_length=TRUNCATION_LENGTH, inner_horizon=10 * TRUNCATION_LENGTH)
     theta = lopt.init(jax.random.key(0))
     state = [estimator.init(jax.random.key(1), theta, task)]
     key = [jax.random.key(2)]
@@ -99,18 +109,23 @@ def run(quick: bool) -> dict:
     learned = plain_training(task, lopt.as_optax(jax.tree.map(jnp.asarray, theta), 1000), plain_steps)
     rows = []
     for particles in particle_counts:
-        seconds = _interleaved({"adam": adam, "lopt": learned, "pes": pes_truncation(task, lopt, particles)},
-                               repeats)
+        seconds = _interleaved({
+            "adam": adam, "lopt": learned, "pes": pes_truncation(task, lopt, particles),
+            "pes_one_device": pes_truncation(task, lopt, particles, jax.devices()[:1]),
+        }, repeats)
         adam_rate, lopt_rate = plain_steps / seconds["adam"], plain_steps / seconds["lopt"]
         pes_rate = 2 * particles * TRUNCATION_LENGTH / seconds["pes"]
         rows.append({
             "particles": particles, "reference": particles == REFERENCE_PARTICLES,
             "adam_steps_per_s": adam_rate, "lopt_steps_per_s": lopt_rate,
             "pes_inner_steps_per_s": pes_rate, "estimates_per_s": 1.0 / seconds["pes"],
+            "pes_one_device_inner_steps_per_s": 2 * particles * TRUNCATION_LENGTH / seconds["pes_one_device"],
             "lopt_vs_adam": lopt_rate / adam_rate, "pes_vs_adam": pes_rate / adam_rate,
+            "vs_learned_optimization": pes_rate / LEARNED_OPTIMIZATION_STEPS_PER_S,
         })
     return {
         "benchmark": "worker_throughput", "device": str(jax.devices()[0]), "quick": quick,
+        "cpu_devices": len(jax.devices("cpu")),
         "task": TASK.to_json(), "parameters": int(n_params), "optimizer": "small_fc",
         "truncation_length": TRUNCATION_LENGTH,
         "learned_optimization_steps_per_s": LEARNED_OPTIMIZATION_STEPS_PER_S,
@@ -126,11 +141,13 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.27
-    for i, (key, name) in enumerate([("adam_steps_per_s", "Adam, 1 model"),
-                                     ("lopt_steps_per_s", "small_fc, 1 model"),
-                                     ("pes_inner_steps_per_s", "PES worker (both halves)")]):
-        ax.bar([x + (i - 1) * width for x in range(len(rows))], [r[key] for r in rows], width, label=name)
+    bars = [("adam_steps_per_s", "Adam, 1 model"), ("lopt_steps_per_s", "small_fc, 1 model"),
+            ("pes_one_device_inner_steps_per_s", "PES, one device (both halves)"),
+            ("pes_inner_steps_per_s", f"PES worker, {result['cpu_devices']} devices (both halves)")]
+    width = 0.8 / len(bars)
+    for i, (key, name) in enumerate(bars):
+        offset = (i - (len(bars) - 1) / 2) * width
+        ax.bar([x + offset for x in range(len(rows))], [r[key] for r in rows], width, label=name)
     ax.axhline(result["learned_optimization_steps_per_s"], color="gray", ls=":",
                label="learned_optimization PES (8 pairs)")
     ax.axhline(result["target_steps_per_s"], color="gray", ls="--", label="target (3x)")
@@ -154,7 +171,9 @@ def main() -> None:
         print(f"{r['particles']:2d} pairs: adam {r['adam_steps_per_s']:.0f}/s, "
               f"small_fc {r['lopt_steps_per_s']:.0f}/s "
               f"({r['lopt_vs_adam']:.2f}x), PES {r['pes_inner_steps_per_s']:.0f} inner steps/s "
-              f"({r['pes_vs_adam']:.2f}x), {r['estimates_per_s']:.1f} estimates/s")
+              f"({r['pes_vs_adam']:.2f}x; one device {r['pes_one_device_inner_steps_per_s']:.0f}), "
+              f"{r['estimates_per_s']:.1f} estimates/s, "
+              f"{r['vs_learned_optimization']:.2f}x learned_optimization")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "worker_throughput.json").write_text(json.dumps(result, indent=2))

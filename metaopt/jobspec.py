@@ -129,6 +129,8 @@ class OuterSpec(_Frozen):
 
 class WorkersSpec(_Frozen):
     count: int = Field(2, ge=1)
+    # Ray CPUs per worker. A CPU-only worker with n >= 2 whole CPUs sees them as n jax devices
+    # and splits its particles across them (workers.actor.worker_env).
     cpus: float = Field(1.0, gt=0)
     gpus: float = Field(0.0, ge=0)
 

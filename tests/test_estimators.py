@@ -218,3 +218,46 @@ def test_every_learned_optimizer_can_be_meta_trained_with_pes(name):
     size = sum(x.size for x in jax.tree.leaves(theta))
     assert grad.shape == (size,) and np.all(np.isfinite(grad)) and np.any(grad != 0)
     assert np.isfinite(float(metrics["mean_loss"]))
+
+
+SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+import task_zoo
+from metaopt import optimizers
+from workers.estimators import make_estimator
+
+assert len(jax.devices()) == 2, jax.devices()
+task = task_zoo.task(task_zoo.TaskSpec(
+    "mlp", {"width": 8, "depth": 1, "activation": "relu", "batch_size": 16, "seed": 0}))
+lopt = optimizers.make("small_fc", hidden=8, hidden_layers=1)
+theta = lopt.init(jax.random.key(0))
+grads = {}
+for devices in (jax.devices(), jax.devices()[:1]):
+    est = make_estimator("pes", lopt, devices=devices, num_particles=2, truncation_length=5,
+                         inner_horizon=10)
+    state = est.init(jax.random.key(1), theta, task)
+    out = []
+    for i in range(3):  # a reset happens in the third truncation
+        state, grad, _ = est.estimate(jax.random.key(2 + i), theta, state, task)
+        out.append(np.asarray(grad))
+    grads[len(devices)] = np.stack(out)
+    params = jax.tree.leaves(state.params)[0]
+    assert len(params.sharding.device_set) == len(devices), params.sharding
+np.testing.assert_allclose(grads[2], grads[1], rtol=1e-4, atol=1e-6 * np.abs(grads[1]).max())
+print("ok", np.abs(grads[1]).max())
+"""
+
+
+def test_halves_split_across_two_cpu_devices_give_the_same_estimates():
+    """A worker with JAX_NUM_CPU_DEVICES=2 runs half of the particle halves on each device
+    (one per core); its estimates match one device's to float rounding, resets included.
+    (A subprocess: the device count is fixed when jax starts.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2"}
+    done = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok")

@@ -112,3 +112,17 @@ def test_a_time_budget_ends_the_run_cleanly_and_publishes_the_optimizer(tmp_path
     assert 15 <= result["wall_s"] < 120
     step, _, _ = storage.latest_checkpoint(str(tmp_path / "runs" / "budget" / "checkpoints"))
     assert step == result["outer_steps"]
+
+
+def test_a_worker_with_two_cpus_splits_its_particles_across_two_devices(tmp_path):
+    """`workers.cpus: 2` gives the Ray worker process two jax CPU devices (one per core), and
+    its estimator runs half of the particle halves on each."""
+    spec = (DATA / "e2e.yaml").read_text().replace("workers: {count: 2}", "workers: {count: 1, cpus: 2}")
+    assert "cpus: 2" in spec
+    (tmp_path / "job.yaml").write_text(spec)
+    done = subprocess.run([sys.executable, "-m", "metaopt.cli", "train", str(tmp_path / "job.yaml"),
+                           "--out", str(tmp_path), "--job-id", "two-cpus", "--max-outer-steps", "3",
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    workers = json.loads((tmp_path / "runs" / "two-cpus" / "workers.json").read_text())
+    assert [w["devices"] for w in workers] == [2], workers

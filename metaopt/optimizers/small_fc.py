@@ -62,7 +62,9 @@ RMS_DECAY = 0.999
 FAC_DECAY = 0.99
 TIMESCALES = (0.03, 0.1, 0.3, 0.6, 1.0, 3.0)  # in units of the whole run (step/num_steps)
 NUM_FEATURES = 18
-GRANULE = 128  # per-tensor padding unit; normalisation scales are per granule
+# Per-tensor padding unit; normalisation scales are per granule. Small, as padding is
+# computed like data: 128 made the 2,410 parameters of the 64→32→10 MLP 2,688.
+GRANULE = 32
 CHUNK = 16384  # elements per lax.map iteration: (32, CHUNK) f32 activations = 2 MiB
 _EPS = 1e-8  # inside rsqrt of second moments
 _RATIO_EPS = 1e-30  # inside rsqrt(v) of the Adam ratios: scale-free for grads above ~1e-13
@@ -104,7 +106,6 @@ class _Layout:
         # Segment id of every granule; the trailing padding is a dummy segment len(shapes).
         seg = [i for i, n in enumerate(self.padded) for _ in range(n // GRANULE)]
         self.granule_seg = np.asarray(seg + [len(shapes)] * (extra // GRANULE), np.int32)
-        self.offsets = [int(o) for o in np.cumsum([0] + self.padded[:-1])]
         # Number of real (non-padding) elements in every granule.
         valid = [
             min(GRANULE, n - j * GRANULE)
@@ -114,12 +115,15 @@ class _Layout:
         self.granule_valid = np.asarray(valid + [0] * (extra // GRANULE), np.int32)
 
     def pack(self, leaves: list[jax.Array]) -> jax.Array:
-        # Each leaf is written in place into one zero buffer (dynamic_update_slice), so XLA
-        # does not materialise padded copies of the leaves before concatenating them.
-        out = jnp.zeros((self.num_chunks * self.chunk,), jnp.float32)
-        for x, off in zip(leaves, self.offsets, strict=True):
-            out = jax.lax.dynamic_update_slice(out, jnp.ravel(x).astype(jnp.float32), (off,))
-        return out.reshape(self.num_chunks, self.chunk)
+        # One concatenate of the zero-padded leaves: XLA fuses the pads into it, one pass over
+        # the data (a chain of dynamic_update_slices costs a kernel and a copy per leaf).
+        parts = []
+        for x, n, n_pad in zip(leaves, self.sizes, self.padded, strict=True):
+            parts.append(jnp.pad(jnp.ravel(x).astype(jnp.float32), (0, n_pad - n)))
+        extra = self.num_chunks * self.chunk - sum(self.padded)
+        if extra:
+            parts.append(jnp.zeros((extra,), jnp.float32))
+        return jnp.concatenate(parts).reshape(self.num_chunks, self.chunk)
 
     def unpack(self, packed: jax.Array) -> list[jax.Array]:
         flat, out, off = packed.reshape(-1), [], 0
