@@ -1,16 +1,22 @@
 """The learner's state machine: θ, the outer optimizer, and meta-batch aggregation.
 
-Transport-free: the gRPC service (`learner.server`) hands it decoded messages. Every accepted
-estimate is added into one preallocated float32 accumulator; when `meta_batch_size` of them
-are in, their mean is clipped and applied with optax Adam, θ's version moves by one, and
-listeners (the open worker streams) hear of it. θ's version is the number of outer steps.
+Transport-free: the gRPC service (`learner.server`) hands it messages. Every accepted
+estimate is added into a preallocated float32 accumulator; when `meta_batch_size` of them
+are in, the full accumulator goes to the updater thread and the next free one takes its
+place, so the outer update (clip, optax Adam, serialising θ once for all readers) stays off
+the receive path. There are `max_pending_batches + 1` accumulators: when all are full or in
+use, `submit` blocks, which withholds the stream's ack and so the worker's credit (back
+pressure through credit, never an unbounded buffer). θ's version is the number of outer
+steps; listeners (the open worker streams) hear of each one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import jax
@@ -35,11 +41,12 @@ class LearnerConfig:
     max_staleness: int = 2  # accept estimates computed at most this many versions ago
     max_estimate_norm: float = 1e6  # larger estimates are rejected as poisoned
     max_in_flight: int = 2  # unacknowledged estimates a worker may have
+    max_pending_batches: int = 1  # full meta-batches waiting for or in the outer update
     seed: int = 0
     task_families: tuple[str, ...] = ()  # accepted task families (metric labels); () = any
 
     def __post_init__(self):
-        for name in ("max_outer_steps", "meta_batch_size", "max_in_flight"):
+        for name in ("max_outer_steps", "meta_batch_size", "max_in_flight", "max_pending_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_staleness < 0 or not (self.clip_norm > 0 and self.max_estimate_norm > 0):
@@ -56,12 +63,26 @@ class OuterStep:
     estimates: int
     inner_steps: int  # inner steps behind the meta-batch, both antithetic halves counted
     time: float  # unix seconds
+    workers: int = 0  # distinct workers whose estimates are in the meta-batch
 
 
 def make_outer_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(config.clip_norm), optax.adam(config.outer_learning_rate)
     )
+
+
+class _Batch:
+    """A meta-batch being filled: a preallocated sum of estimates and its bookkeeping."""
+
+    def __init__(self, size: int):
+        self.sum = np.zeros(size, np.float32)
+        self.count, self.loss_sum, self.inner_steps, self.workers = 0, 0.0, 0, set()
+
+    def clear(self) -> _Batch:
+        self.sum.fill(0.0)
+        self.count, self.loss_sum, self.inner_steps, self.workers = 0, 0.0, 0, set()
+        return self
 
 
 class Learner:
@@ -77,59 +98,90 @@ class Learner:
         self._outer = make_outer_optimizer(config)
         self._apply = jax.jit(self._apply_update)
 
+        # One lock for θ, its version, history and the batches; `_batch_free` wakes submitters
+        # waiting for an accumulator.
         self._lock = threading.Lock()
+        self._batch_free = threading.Condition(self._lock)
         self._busy_lock = threading.Lock()
-        self.busy_s = 0.0  # time spent in submit(), all streams together: the learner's load
+        self.busy_s = 0.0  # time spent validating, accumulating and updating: the learner's load
         self.theta = jnp.asarray(wire.flatten(theta_template))
         self.outer_state = self._outer.init(self.theta)
         self.version = 0
         self.rng = np.asarray(jax.random.key_data(jax.random.key(config.seed)))
         self.history: list[OuterStep] = []
         self.done = threading.Event()
-        self._reset_batch()
         self._theta_message = wire.theta_message(np.asarray(self.theta), 0, self.structure)
         self._listeners: list[Callable[[int], None]] = []
+        self._filling: _Batch | None = _Batch(self.size)
+        self._free = [_Batch(self.size) for _ in range(config.max_pending_batches)]
+        self._pending = 0  # full batches queued for or in the updater
+        self._updates: queue.Queue = queue.Queue()
+        self._last_sequence: dict[tuple[str, str], int] = {}  # (worker, run id) → last accepted
+        self.accepted_by_worker: Counter[str] = Counter()
+        self._updater = threading.Thread(target=self._update_loop, daemon=True, name="learner-updater")
+        self._updater.start()
 
     # -- the hot path -------------------------------------------------------------------
 
-    def submit(self, est: pb.GradientEstimate) -> pb.Ack:
-        """Validate, then accumulate one estimate. Returns the ack to send back."""
+    def submit(self, est: pb.GradientEstimate, values: bytes | memoryview | None = None) -> pb.Ack:
+        """Validate, then accumulate one estimate; returns the ack to send back. `values`, if
+        given, replaces `est.values` (a chunked estimate's reassembled buffer). Blocks while
+        every accumulator is full."""
         started = time.perf_counter()
+        waited = 0.0
         try:
-            return self._submit(est)
+            ack, waited = self._submit(est, est.values if values is None else values)
+            return ack
         finally:
-            with self._busy_lock:
-                self.busy_s += time.perf_counter() - started
+            self._add_busy(time.perf_counter() - started - waited)
 
-    def _submit(self, est: pb.GradientEstimate) -> pb.Ack:
-        reason, detail, flat = self._validate(est)
+    def _reject(self, est: pb.GradientEstimate, reason: int, detail: str) -> pb.Ack:
+        self.metrics.rejected(Reason.Name(reason))
+        return pb.Ack(sequence=est.sequence, accepted=False, reason=reason, detail=detail)
+
+    def _submit(self, est: pb.GradientEstimate, values) -> tuple[pb.Ack, float]:
+        reason, detail, flat = self._validate(est, values)
         if reason:
-            self.metrics.rejected(Reason.Name(reason))
-            return pb.Ack(sequence=est.sequence, accepted=False, reason=reason, detail=detail)
-        finished = None
+            return self._reject(est, reason, detail), 0.0
+        waited = 0.0
         with self._lock:
+            if self._filling is None and not self.done.is_set():
+                wait_started = time.perf_counter()
+                while self._filling is None and not self.done.is_set():
+                    self._batch_free.wait()
+                waited = time.perf_counter() - wait_started
             if self.done.is_set():
-                self.metrics.rejected(Reason.Name(Reason.REJECT_REASON_JOB_FINISHED))
-                return pb.Ack(sequence=est.sequence, accepted=False,
-                              reason=Reason.REJECT_REASON_JOB_FINISHED, detail="the job is finished")
+                return self._reject(est, Reason.REJECT_REASON_JOB_FINISHED, "the job is finished"), waited
+            stream = (est.worker_id, est.run_id)
+            if est.sequence <= self._last_sequence.get(stream, 0):
+                detail = f"sequence {est.sequence} of {est.worker_id}/{est.run_id} was already seen"
+                return self._reject(est, Reason.REJECT_REASON_REPLAYED, detail), waited
             staleness = self.version - est.theta_version
             if staleness > self.config.max_staleness:  # θ may have moved since _validate
-                self.metrics.rejected(Reason.Name(Reason.REJECT_REASON_STALE))
-                return pb.Ack(sequence=est.sequence, accepted=False,
-                              reason=Reason.REJECT_REASON_STALE, detail="θ moved on")
-            np.add(self._sum, flat, out=self._sum)
-            self._count += 1
-            self._loss_sum += est.mean_loss
-            self._inner_steps += est.inner_steps
-            if self._count >= self.config.meta_batch_size:
-                finished = self._outer_step()
+                return self._reject(est, Reason.REJECT_REASON_STALE, "θ moved on"), waited
+            self._last_sequence[stream] = est.sequence
+            self.accepted_by_worker[est.worker_id] += 1
+            batch = self._filling
+            np.add(batch.sum, flat, out=batch.sum)
+            batch.count += 1
+            batch.loss_sum += est.mean_loss
+            batch.inner_steps += est.inner_steps
+            batch.workers.add(est.worker_id)
+            if batch.count >= self.config.meta_batch_size:
+                self._pending += 1
+                self._updates.put(batch)
+                self._filling = self._free.pop() if self._free else None
+            buffered = self._buffered()
         self.metrics.accepted(est.task.name, est.inner_steps, staleness)
-        if finished is not None:
-            self.metrics.outer_step(finished)
-            self._notify(finished.step)
-        return pb.Ack(sequence=est.sequence, accepted=True)
+        self.metrics.buffered(buffered)
+        return pb.Ack(sequence=est.sequence, accepted=True), waited
 
-    def _validate(self, est: pb.GradientEstimate):
+    def _buffered(self) -> int:
+        """Accepted estimates not yet applied. Caller holds the lock."""
+        filling = self._filling.count if self._filling is not None else 0
+        return filling + self._pending * self.config.meta_batch_size
+
+    def _validate(self, est: pb.GradientEstimate, values):
         """(reason, detail, flat values); reason 0 means valid."""
         if est.job_id != self.config.job_id:
             return Reason.REJECT_REASON_WRONG_JOB, f"this learner serves {self.config.job_id!r}", None
@@ -137,22 +189,27 @@ class Learner:
         if families and est.task.name not in families:
             detail = f"task family {est.task.name!r} is not in {families}"
             return Reason.REJECT_REASON_INVALID_FIELD, detail, None
-        if est.num_particles < 1 or est.inner_steps < 1:
-            detail = f"num_particles {est.num_particles} and inner_steps {est.inner_steps} must be >= 1"
+        if est.num_particles < 1 or est.inner_steps < 1 or est.sequence < 1:
+            detail = (f"num_particles {est.num_particles}, inner_steps {est.inner_steps} and "
+                      f"sequence {est.sequence} must be >= 1")
             return Reason.REJECT_REASON_INVALID_FIELD, detail, None
-        if est.encoding != pb.ENCODING_FLOAT32_LE:
+        if est.encoding not in wire.DECODERS:
             return Reason.REJECT_REASON_UNKNOWN_ENCODING, f"encoding {est.encoding}", None
         if est.length != self.size:
             return Reason.REJECT_REASON_WRONG_SHAPE, f"length {est.length}, θ has {self.size}", None
         try:
-            flat = wire.decode(est.values, est.length, est.crc32)
+            flat = wire.decode(values, est.length, est.crc32, est.encoding)
         except ValueError as err:
             bad_checksum = "checksum" in str(err)
             reason = Reason.REJECT_REASON_BAD_CHECKSUM if bad_checksum else Reason.REJECT_REASON_WRONG_SHAPE
             return reason, str(err), None
-        if not (np.isfinite(flat).all() and np.isfinite(est.mean_loss)):
+        # One pass: the squared norm is NaN or Inf iff a value is (or the norm overflows).
+        norm = float(np.sqrt(np.dot(flat, flat)))
+        if not (np.isfinite(norm) and np.isfinite(est.mean_loss)):
+            if np.isfinite(flat).all() and np.isfinite(est.mean_loss):
+                detail = f"norm overflows float32 (> {self.config.max_estimate_norm:.3g})"
+                return Reason.REJECT_REASON_NORM_TOO_LARGE, detail, None
             return Reason.REJECT_REASON_NON_FINITE, "NaN or Inf in the estimate or its loss", None
-        norm = float(np.linalg.norm(flat))
         if norm > self.config.max_estimate_norm:
             detail = f"norm {norm:.3g} > {self.config.max_estimate_norm:.3g}"
             return Reason.REJECT_REASON_NORM_TOO_LARGE, detail, None
@@ -163,32 +220,60 @@ class Learner:
             return Reason.REJECT_REASON_STALE, f"θ version {est.theta_version}, current {version}", None
         return 0, "", flat
 
-    def _outer_step(self) -> OuterStep:
-        """Apply the mean of the meta-batch. Caller holds the lock."""
+    def _add_busy(self, seconds: float) -> None:
+        with self._busy_lock:
+            self.busy_s += seconds
+
+    # -- the updater thread -------------------------------------------------------------
+
+    def _update_loop(self) -> None:
+        while (batch := self._updates.get()) is not None:
+            self._outer_step(batch)
+
+    def _outer_step(self, batch: _Batch) -> OuterStep | None:
+        """Apply the mean of a full meta-batch, then give its accumulator back. θ, the outer
+        state and the version change only here (and in `restore`), so they are read without
+        the lock and committed under it."""
         started = time.perf_counter()
-        grad = jnp.asarray(self._sum / self._count)
-        self.theta, self.outer_state = self._apply(self.theta, self.outer_state, grad)
-        self.version += 1
-        self._theta_message = wire.theta_message(np.asarray(self.theta), self.version, self.structure)
-        record = OuterStep(
-            step=self.version, meta_loss=self._loss_sum / self._count,
-            gradient_norm=float(jnp.linalg.norm(grad)), estimates=self._count,
-            inner_steps=self._inner_steps, time=time.time(),
-        )
-        self.history.append(record)
-        self._reset_batch()
-        self.metrics.outer_update_seconds.observe(time.perf_counter() - started)
-        if self.version >= self.config.max_outer_steps:
-            self.done.set()
-        return record
+        try:
+            if self.done.is_set():
+                return None  # the job ended while this batch waited
+            grad = jnp.asarray(batch.sum / np.float32(batch.count))
+            theta, outer_state = self._apply(self.theta, self.outer_state, grad)
+            version = self.version + 1
+            message = wire.theta_message(np.asarray(theta), version, self.structure)
+            record = OuterStep(
+                step=version, meta_loss=batch.loss_sum / batch.count,
+                gradient_norm=float(jnp.linalg.norm(grad)), estimates=batch.count,
+                inner_steps=batch.inner_steps, time=time.time(), workers=len(batch.workers),
+            )
+            with self._lock:
+                if self.done.is_set():
+                    return None  # stopped during the update: history is final
+                self.theta, self.outer_state, self.version = theta, outer_state, version
+                self._theta_message = message
+                self.history.append(record)
+                if self.version >= self.config.max_outer_steps:
+                    self.done.set()
+                    self._batch_free.notify_all()
+            self.metrics.outer_update_seconds.observe(time.perf_counter() - started)
+            self.metrics.outer_step(record)
+            self._notify(record.step)
+            return record
+        finally:
+            with self._lock:
+                self._pending -= 1
+                batch.clear()
+                if self._filling is None:
+                    self._filling = batch
+                else:
+                    self._free.append(batch)
+                self._batch_free.notify_all()
+            self._add_busy(time.perf_counter() - started)
 
     def _apply_update(self, theta, outer_state, grad):
         updates, outer_state = self._outer.update(grad, outer_state, theta)
         return optax.apply_updates(theta, updates), outer_state
-
-    def _reset_batch(self):
-        self._sum = np.zeros(self.size, np.float32)
-        self._count, self._loss_sum, self._inner_steps = 0, 0.0, 0
 
     # -- readers ------------------------------------------------------------------------
 
@@ -199,6 +284,12 @@ class Learner:
     def theta_tree(self):
         with self._lock:
             return wire.unflatten(np.asarray(self.theta), self.template)
+
+    def wait_idle(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every full meta-batch has been applied (or dropped, if the job ended);
+        False on timeout."""
+        with self._batch_free:
+            return self._batch_free.wait_for(lambda: self._pending == 0, timeout_s)
 
     def add_listener(self, listener: Callable[[int], None]) -> None:
         """`listener(version)` is called after every outer step (and on stop, with -1)."""
@@ -215,9 +306,12 @@ class Learner:
 
     def stop(self) -> None:
         """End the job: workers are told to stop; further estimates are not needed. Under the
-        lock, so an outer step in progress lands before, and none after (history is final)."""
+        lock, so once it returns no outer step lands (history is final): a meta-batch still
+        in the updater is dropped, as is the one being filled."""
         with self._lock:
             self.done.set()
+            self._batch_free.notify_all()
+        self._updates.put(None)  # ends the updater thread
         self._notify(-1)
 
     def next_worker_seed(self) -> int:
@@ -264,7 +358,8 @@ class Learner:
             self.rng = np.array(arrays["rng"])
             self.version = int(meta["version"])
             self.history = [OuterStep(**h) for h in meta["history"]]
-            self._reset_batch()
+            if self._filling is not None:
+                self._filling.clear()
             self._theta_message = wire.theta_message(np.asarray(self.theta), self.version, self.structure)
             if self.version >= self.config.max_outer_steps:
                 self.done.set()

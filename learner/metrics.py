@@ -1,6 +1,8 @@
 """The learner's Prometheus metrics, in a registry of its own (several learners may share a
 process in tests). Names follow Prometheus conventions: prefix `metaopt_`, base units,
-`_total` for counters; labels only from bounded sets (job, task family, reject reason)."""
+`_total` for counters; labels only from bounded sets (job, task family, reject reason).
+Per-worker counts stay in the learner (`Learner.accepted_by_worker`): with hundreds of
+workers, and a new run id per restart, a worker label would grow without bound."""
 
 from __future__ import annotations
 
@@ -45,6 +47,12 @@ class LearnerMetrics:
             "metaopt_last_checkpoint_timestamp_seconds", "Unix time of the last committed "
             "checkpoint.", job, registry=r)
         self._workers = Gauge("metaopt_workers_connected", "Open worker streams.", job, registry=r)
+        self._buffered = Gauge(
+            "metaopt_buffered_estimates", "Accepted estimates not yet applied in an outer step.",
+            job, registry=r)
+        self._step_workers = Gauge(
+            "metaopt_outer_step_workers", "Distinct workers whose estimates made the last outer "
+            "step.", job, registry=r)
 
     def accepted(self, task_family: str, inner_steps: int, staleness: int) -> None:
         self._accepted.labels(self.job_id, task_family).inc()
@@ -54,7 +62,11 @@ class LearnerMetrics:
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.job_id, reason.removeprefix("REJECT_REASON_").lower()).inc()
 
+    def buffered(self, estimates: int) -> None:
+        self._buffered.labels(self.job_id).set(estimates)
+
     def outer_step(self, step: OuterStep) -> None:
+        self._step_workers.labels(self.job_id).set(step.workers)
         self._outer_steps.labels(self.job_id).inc()
         self._meta_loss.labels(self.job_id).set(step.meta_loss)
         self._theta_version.labels(self.job_id).set(step.step)

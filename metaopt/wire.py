@@ -57,19 +57,42 @@ def unflatten(flat: np.ndarray, like):
     return jax.tree.unflatten(treedef, [p.reshape(np.shape(x)) for p, x in zip(parts, leaves, strict=True)])
 
 
-def encode(flat: np.ndarray) -> tuple[bytes, int, int]:
-    """(little-endian float32 bytes, length, crc32) of a flat vector."""
-    data = np.ascontiguousarray(flat, FLOAT32_LE).tobytes()
+def encode(flat: np.ndarray, encoding: int = pb.ENCODING_FLOAT32_LE) -> tuple[bytes, int, int]:
+    """(bytes, length, crc32) of a flat vector, as float32 or bfloat16 (little-endian)."""
+    if encoding == pb.ENCODING_BFLOAT16_LE:
+        bits = np.ascontiguousarray(flat, FLOAT32_LE).view("<u4")
+        # Round to nearest even on the 16 bits dropped (NaN and Inf stay NaN and Inf).
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+        data = np.where(np.isfinite(flat), rounded, bits >> 16).astype("<u2").tobytes()
+    elif encoding == pb.ENCODING_FLOAT32_LE:
+        data = np.ascontiguousarray(flat, FLOAT32_LE).tobytes()
+    else:
+        raise ValueError(f"unknown encoding {encoding}")
     return data, int(flat.size), zlib.crc32(data)
 
 
-def decode(values: bytes, length: int, crc32: int) -> np.ndarray:
-    """A read-only float32 view of `values`, after checking length and checksum."""
-    if len(values) != 4 * length:
-        raise ValueError(f"buffer has {len(values)} bytes, expected 4 × {length}")
+def _bfloat16_to_float32(data) -> np.ndarray:
+    return (np.frombuffer(data, "<u2").astype("<u4") << 16).view(FLOAT32_LE)
+
+
+# Bytes per value and decoder (buffer → float32 array) of every encoding the learner accepts.
+DECODERS = {
+    pb.ENCODING_FLOAT32_LE: (4, lambda data: np.frombuffer(data, FLOAT32_LE)),
+    pb.ENCODING_BFLOAT16_LE: (2, _bfloat16_to_float32),
+}
+
+
+def decode(values, length: int, crc32: int, encoding: int = pb.ENCODING_FLOAT32_LE) -> np.ndarray:
+    """The float32 values of a buffer, after checking length and checksum: a read-only view
+    without a copy for float32, a new array for bfloat16."""
+    if encoding not in DECODERS:
+        raise ValueError(f"unknown encoding {encoding}")
+    width, to_float32 = DECODERS[encoding]
+    if len(values) != width * length:
+        raise ValueError(f"buffer has {len(values)} bytes, expected {width} × {length}")
     if zlib.crc32(values) != crc32:
         raise ValueError("checksum mismatch: the buffer was corrupted in transit")
-    return np.frombuffer(values, FLOAT32_LE)
+    return to_float32(values)
 
 
 def theta_message(flat: np.ndarray, version: int, structure: pb.ThetaStructure) -> pb.Theta:

@@ -3,6 +3,7 @@ server (port 0, with the standard health service)."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import urllib.request
@@ -33,11 +34,15 @@ def make_learner(**overrides) -> Learner:
     return Learner(LearnerConfig(**(config | overrides)), THETA0)
 
 
+SEQUENCE = itertools.count(1)  # estimates of worker "w", run "r": each sequence is new
+
+
 def estimate(values, version=0, job_id="job-1", loss=1.0, length=None, crc=None, family="quadratic",
-             particles=2) -> pb.GradientEstimate:
+             particles=2, sequence=None) -> pb.GradientEstimate:
     data, n, checksum = wire.encode(np.asarray(values, np.float32))
     return pb.GradientEstimate(
-        job_id=job_id, worker_id="w", run_id="r", sequence=1, theta_version=version,
+        job_id=job_id, worker_id="w", run_id="r", theta_version=version,
+        sequence=next(SEQUENCE) if sequence is None else sequence,
         task=pb.TaskSpec(name=family, kwargs_json="{}"), num_particles=particles, inner_steps=3,
         mean_loss=loss, encoding=pb.ENCODING_FLOAT32_LE, values=data,
         length=n if length is None else length, crc32=checksum if crc is None else crc,
@@ -55,7 +60,7 @@ def test_one_meta_batch_matches_optax_adam_with_clipping():
     assert learner.submit(estimate(g1, loss=2.0)).accepted
     assert learner.version == 0  # half a meta-batch does nothing yet
     assert learner.submit(estimate(g2, loss=4.0)).accepted
-    assert learner.version == 1
+    assert learner.wait_idle() and learner.version == 1
 
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.01))
     grad_tree = wire.unflatten(((g1.astype(np.float32) + g2.astype(np.float32)) / 2), THETA0)
@@ -95,6 +100,7 @@ def test_stale_estimates_are_rejected():
     learner = make_learner(meta_batch_size=1, max_staleness=1)
     for _ in range(3):
         assert learner.submit(estimate(np.ones(SIZE) * 0.1, version=learner.version)).accepted
+        learner.wait_idle()
     before = np.array(learner.theta)
     ack = learner.submit(estimate(np.ones(SIZE), version=1))  # current is 3, bound is 1
     assert ack.reason == pb.REJECT_REASON_STALE
@@ -107,6 +113,7 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     rng = np.random.default_rng(1)
     for _ in range(3):
         learner.submit(estimate(rng.normal(size=SIZE), version=learner.version))
+    assert learner.wait_idle()
     learner.next_worker_seed()
     Checkpointer(learner, str(tmp_path)).save()
 
@@ -179,10 +186,14 @@ def test_grpc_health_and_get_theta(served):
 def test_grpc_stream_acks_pushes_versions_and_stops(served):
     learner, channel = served
     stub = pb_grpc.LearnerStub(channel)
-    messages = [hello(learner.digest)] + [
-        pb.WorkerMessage(estimate=estimate(np.ones(SIZE) * 0.1, version=v)) for v in (0, 1)
-    ]
-    replies = [m.WhichOneof("kind") for m in stub.Connect(iter(messages), timeout=10)]
+
+    def worker():  # keeps its stream open, as a worker does, until the job is over
+        yield hello(learner.digest)
+        for _ in range(2):
+            yield pb.WorkerMessage(estimate=estimate(np.ones(SIZE) * 0.1, version=0))
+        learner.done.wait(10)
+
+    replies = [m.WhichOneof("kind") for m in stub.Connect(worker(), timeout=10)]
     assert replies[0] == "welcome"
     assert replies.count("ack") == 2 and replies.count("theta_updated") == 2
     assert replies.count("stop") == 1  # max_outer_steps=2 reached
@@ -213,6 +224,7 @@ def test_metrics_scrape_passes_promtool():
     learner = make_learner(meta_batch_size=1)
     learner.submit(estimate(np.ones(SIZE) * 0.1))
     learner.submit(estimate(np.full(SIZE, np.nan)))
+    assert learner.wait_idle()
     server, port = learner.metrics.serve("127.0.0.1", 0)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:

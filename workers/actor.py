@@ -22,7 +22,7 @@ import task_zoo
 from metaopt import optimizers, wire
 from metaopt._proto import learner_pb2 as pb
 from metaopt.jobspec import JobSpec, parse_job_spec
-from workers.client import LearnerClient
+from workers.client import ClientTLS, LearnerClient
 from workers.estimators import make_estimator
 
 log = logging.getLogger(__name__)
@@ -30,9 +30,15 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 
 
 class PESWorker:
-    def __init__(self, spec: dict | JobSpec, learner_address: str, worker_id: str, job_id: str):
+    """`token`: the job's bearer token, if the learner wants one; `tls`: how to reach a TLS
+    learner; `encoding`: of the estimates on the wire (bfloat16 halves their size)."""
+
+    def __init__(self, spec: dict | JobSpec, learner_address: str, worker_id: str, job_id: str,
+                 token: str | None = None, tls: ClientTLS | None = None,
+                 encoding: int = pb.ENCODING_FLOAT32_LE):
         self.spec = spec if isinstance(spec, JobSpec) else parse_job_spec(spec)
         self.address, self.worker_id, self.job_id = learner_address, worker_id, job_id
+        self.token, self.tls, self.encoding = token, tls, encoding
         self.run_id = uuid.uuid4().hex  # new per incarnation: a restart is visible
         self.optimizer = optimizers.make(self.spec.optimizer.name, **self.spec.optimizer.hparams)
         self.template = self.optimizer.init(jax.random.key(0))
@@ -63,7 +69,7 @@ class PESWorker:
         backoff = 0.1
         while True:
             try:
-                client = LearnerClient(self.address, self.hello(), connect_timeout_s)
+                client = LearnerClient(self.address, self.hello(), connect_timeout_s, self.token, self.tls)
             except grpc.RpcError as err:
                 if err.code() not in RETRYABLE:
                     raise RuntimeError(f"worker {self.worker_id}: learner refused: {err.details()}") from None
@@ -120,14 +126,14 @@ class PESWorker:
 
     def _message(self, flat, version, spec, mean_loss) -> pb.GradientEstimate:
         self.sequence += 1
-        values, length, crc = wire.encode(flat)
+        values, length, crc = wire.encode(flat, self.encoding)
         cfg = self.estimator.config
         return pb.GradientEstimate(
             job_id=self.job_id, worker_id=self.worker_id, run_id=self.run_id,
             sequence=self.sequence, theta_version=version,
             task=pb.TaskSpec(name=spec.name, kwargs_json=json.dumps(dict(spec.kwargs), sort_keys=True)),
             num_particles=cfg.num_particles, inner_steps=self.estimator.inner_steps_per_estimate,
-            mean_loss=mean_loss, encoding=pb.ENCODING_FLOAT32_LE,
+            mean_loss=mean_loss, encoding=self.encoding,
             values=values, length=length, crc32=crc,
         )
 
@@ -141,7 +147,8 @@ def worker_env(spec: JobSpec) -> dict[str, str]:
     return {"JAX_NUM_CPU_DEVICES": str(cpus)} if spec.workers.gpus == 0 and cpus >= 2 else {}
 
 
-def start_workers(spec: JobSpec, learner_address: str, job_id: str, count: int | None = None):
+def start_workers(spec: JobSpec, learner_address: str, job_id: str, count: int | None = None,
+                  token: str | None = None, tls: ClientTLS | None = None):
     """Create `count` PESWorker Ray actors (restarted by Ray if they die) and start their
     loops; returns (actors, run futures). Ray must already be initialised."""
     import ray
@@ -152,7 +159,7 @@ def start_workers(spec: JobSpec, learner_address: str, job_id: str, count: int |
     )
     spec_data = spec.model_dump(mode="json")
     actors = [
-        remote.remote(spec_data, learner_address, f"worker-{i}", job_id)
+        remote.remote(spec_data, learner_address, f"worker-{i}", job_id, token, tls)
         for i in range(count or spec.workers.count)
     ]
     return actors, [actor.run.remote() for actor in actors]

@@ -2,11 +2,14 @@
 
 Sending blocks until the learner has returned a credit (an Ack), so a worker never has more
 than `max_in_flight` estimates in flight and never polls. θ news and the job's end arrive on
-the same stream and are read by a background thread.
+the same stream and are read by a background thread. Estimates larger than CHUNK_BYTES go as
+a header and EstimateChunks. Every call carries the job's token, if there is one, over TLS if
+configured.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -15,27 +18,52 @@ import time
 import grpc
 import numpy as np
 
+from learner import security
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
 from metaopt._proto import learner_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 STREAM_DEADLINE_S = 7 * 24 * 3600.0
+CHUNK_BYTES = 4 * 1024 * 1024  # estimates above this travel in chunks of this size
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),  # θ arrives whole
+    ("grpc.max_send_message_length", 2 * CHUNK_BYTES),
     ("grpc.keepalive_time_ms", 20_000),  # notice a dead learner within about a minute
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientTLS:
+    """TLS to the learner: the CA that signed its certificate; a client certificate and key
+    for mutual TLS; `server_name` if the address is not a name in the learner's certificate."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+
+def open_channel(address: str, tls: ClientTLS | None = None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    options = list(CHANNEL_OPTIONS)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    credentials = security.channel_credentials(tls.ca_file, tls.cert_file, tls.key_file)
+    return grpc.secure_channel(address, credentials, options=options)
+
+
 class LearnerClient:
     """Opens the stream and completes the handshake; raises `grpc.RpcError` if it cannot."""
 
-    def __init__(self, address: str, hello: pb.Hello, connect_timeout_s: float = 10.0):
+    def __init__(self, address: str, hello: pb.Hello, connect_timeout_s: float = 10.0,
+                 token: str | None = None, tls: ClientTLS | None = None):
         self.job_id = hello.job_id
         self.digest = hello.theta_structure_digest
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.metadata = security.token_call_metadata(token) if token else None
+        self.channel = open_channel(address, tls)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
             self.stub = pb_grpc.LearnerStub(self.channel)
@@ -43,7 +71,8 @@ class LearnerClient:
             self._outbox.put(pb.WorkerMessage(hello=hello))
             # The deadline bounds the whole stream; it is long, but a learner that never
             # answers the Hello must not hold a worker forever.
-            self._responses = self.stub.Connect(iter(self._outbox.get, None), timeout=STREAM_DEADLINE_S)
+            self._responses = self.stub.Connect(iter(self._outbox.get, None), timeout=STREAM_DEADLINE_S,
+                                                metadata=self.metadata)
             welcome = _first(self._responses, connect_timeout_s)
         except grpc.FutureTimeoutError:
             self.channel.close()
@@ -95,7 +124,8 @@ class LearnerClient:
 
     def fetch_theta(self, like) -> tuple[int, object]:
         """(version, θ as a pytree shaped like `like`)."""
-        theta = self.stub.GetTheta(pb.GetThetaRequest(job_id=self.job_id), timeout=30)
+        theta = self.stub.GetTheta(pb.GetThetaRequest(job_id=self.job_id), timeout=30,
+                                   metadata=self.metadata)
         if theta.structure_digest != self.digest:
             raise ValueError("the learner's θ has another structure than this worker's optimizer")
         flat = wire.decode(theta.values, theta.length, theta.crc32)
@@ -106,12 +136,30 @@ class LearnerClient:
         self.credits.acquire()
         if not self.alive:
             return False
-        self._outbox.put(pb.WorkerMessage(estimate=estimate))
+        for message in split_estimate(estimate):
+            self._outbox.put(message)
         return True
 
     def close(self) -> None:
         self._outbox.put(None)  # half-close our side
         self.channel.close()
+
+
+def split_estimate(estimate: pb.GradientEstimate, chunk_bytes: int = CHUNK_BYTES) -> list[pb.WorkerMessage]:
+    """The messages that carry `estimate`: itself, or (its values moved out, so `estimate`
+    becomes the header) a header and its chunks if its values exceed `chunk_bytes`."""
+    values = estimate.values
+    if len(values) <= chunk_bytes:
+        return [pb.WorkerMessage(estimate=estimate)]
+    header = estimate
+    header.ClearField("values")
+    header.chunks = -(-len(values) // chunk_bytes)
+    view = memoryview(values)
+    return [pb.WorkerMessage(estimate=header)] + [
+        pb.WorkerMessage(chunk=pb.EstimateChunk(sequence=estimate.sequence, index=i,
+                                                values=bytes(view[i * chunk_bytes:(i + 1) * chunk_bytes])))
+        for i in range(header.chunks)
+    ]
 
 
 def _first(responses, timeout_s: float) -> pb.Welcome:

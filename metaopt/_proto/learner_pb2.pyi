@@ -11,6 +11,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ENCODING_UNSPECIFIED: _ClassVar[Encoding]
     ENCODING_FLOAT32_LE: _ClassVar[Encoding]
+    ENCODING_BFLOAT16_LE: _ClassVar[Encoding]
 
 class RejectReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,8 +27,11 @@ class RejectReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REJECT_REASON_UNKNOWN_ENCODING: _ClassVar[RejectReason]
     REJECT_REASON_JOB_FINISHED: _ClassVar[RejectReason]
     REJECT_REASON_INVALID_FIELD: _ClassVar[RejectReason]
+    REJECT_REASON_REPLAYED: _ClassVar[RejectReason]
+    REJECT_REASON_BAD_CHUNK: _ClassVar[RejectReason]
 ENCODING_UNSPECIFIED: Encoding
 ENCODING_FLOAT32_LE: Encoding
+ENCODING_BFLOAT16_LE: Encoding
 REJECT_REASON_UNSPECIFIED: RejectReason
 REJECT_REASON_WRONG_JOB: RejectReason
 REJECT_REASON_WRONG_SHAPE: RejectReason
@@ -40,6 +44,8 @@ REJECT_REASON_NOT_CONNECTED: RejectReason
 REJECT_REASON_UNKNOWN_ENCODING: RejectReason
 REJECT_REASON_JOB_FINISHED: RejectReason
 REJECT_REASON_INVALID_FIELD: RejectReason
+REJECT_REASON_REPLAYED: RejectReason
+REJECT_REASON_BAD_CHUNK: RejectReason
 
 class TaskSpec(_message.Message):
     __slots__ = ("name", "kwargs_json")
@@ -62,7 +68,7 @@ class Hello(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., run_id: _Optional[str] = ..., theta_structure_digest: _Optional[str] = ...) -> None: ...
 
 class GradientEstimate(_message.Message):
-    __slots__ = ("job_id", "worker_id", "run_id", "sequence", "theta_version", "task", "num_particles", "inner_steps", "mean_loss", "encoding", "values", "length", "crc32")
+    __slots__ = ("job_id", "worker_id", "run_id", "sequence", "theta_version", "task", "num_particles", "inner_steps", "mean_loss", "encoding", "values", "length", "crc32", "chunks")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +82,7 @@ class GradientEstimate(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     run_id: str
@@ -89,15 +96,28 @@ class GradientEstimate(_message.Message):
     values: bytes
     length: int
     crc32: int
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., run_id: _Optional[str] = ..., sequence: _Optional[int] = ..., theta_version: _Optional[int] = ..., task: _Optional[_Union[TaskSpec, _Mapping]] = ..., num_particles: _Optional[int] = ..., inner_steps: _Optional[int] = ..., mean_loss: _Optional[float] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., values: _Optional[bytes] = ..., length: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+    chunks: int
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., run_id: _Optional[str] = ..., sequence: _Optional[int] = ..., theta_version: _Optional[int] = ..., task: _Optional[_Union[TaskSpec, _Mapping]] = ..., num_particles: _Optional[int] = ..., inner_steps: _Optional[int] = ..., mean_loss: _Optional[float] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., values: _Optional[bytes] = ..., length: _Optional[int] = ..., crc32: _Optional[int] = ..., chunks: _Optional[int] = ...) -> None: ...
+
+class EstimateChunk(_message.Message):
+    __slots__ = ("sequence", "index", "values")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    index: int
+    values: bytes
+    def __init__(self, sequence: _Optional[int] = ..., index: _Optional[int] = ..., values: _Optional[bytes] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "estimate")
+    __slots__ = ("hello", "estimate", "chunk")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     estimate: GradientEstimate
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., estimate: _Optional[_Union[GradientEstimate, _Mapping]] = ...) -> None: ...
+    chunk: EstimateChunk
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., estimate: _Optional[_Union[GradientEstimate, _Mapping]] = ..., chunk: _Optional[_Union[EstimateChunk, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("theta_version", "max_in_flight", "seed")

@@ -1,0 +1,67 @@
+"""Fixtures shared by test files: `pki`, certificates for TLS tests, made here with
+`cryptography` (EC P-256 keys: fast)."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# --- certificates ---------------------------------------------------------------------------
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _cert(subject: str, key, issuer: str, issuer_key, *, ca: bool = False, san=None, usage=None):
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False,
+            encipher_only=False, decipher_only=False), critical=True)
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    if usage:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> dict[str, str]:
+    """Paths of PEM files: ca, server_cert/key, client_cert/key (from ca), other_ca, and
+    other_client_cert/key (from other_ca)."""
+    out = tmp_path_factory.mktemp("pki")
+    paths: dict[str, str] = {}
+
+    def write(name: str, cert, key=None):
+        paths[name if key is None else f"{name}_cert"] = str(out / f"{name}.crt")
+        (out / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        if key is not None:
+            paths[f"{name}_key"] = str(out / f"{name}.key")
+            (out / f"{name}.key").write_bytes(key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()))
+
+    for ca_name, leaf_prefix in (("ca", ""), ("other_ca", "other_")):
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        write(ca_name, _cert(ca_name, ca_key, ca_name, ca_key, ca=True))
+        client_key = ec.generate_private_key(ec.SECP256R1())
+        write(f"{leaf_prefix}client", _cert(f"{leaf_prefix}worker", client_key, ca_name, ca_key,
+                                            usage=ExtendedKeyUsageOID.CLIENT_AUTH), client_key)
+        if ca_name == "ca":
+            server_key = ec.generate_private_key(ec.SECP256R1())
+            san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            write("server", _cert("localhost", server_key, ca_name, ca_key, san=san,
+                                  usage=ExtendedKeyUsageOID.SERVER_AUTH), server_key)
+    return paths
