@@ -74,6 +74,121 @@ def train(
         )
 
 
+def _tls_options(cert: pathlib.Path | None, key: pathlib.Path | None):
+    """A certificate without its key (or the reverse) is a mistake."""
+    if (cert is None) != (key is None):
+        _fail("--tls-cert and --tls-key go together")
+
+
+@app.command("serve-learner")
+def serve_learner(
+    config: Annotated[pathlib.Path, typer.Argument(help="Job spec YAML (the same as the workers').")],
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="gRPC port (0: any free).")] = 50051,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "0.0.0.0",
+    metrics_port: Annotated[int, typer.Option("--metrics-port", min=0, max=65535,
+                                              help="Prometheus /metrics port (0: any free one).")] = 9090,
+    token_file: Annotated[pathlib.Path | None, typer.Option(
+        "--token-file", help="File holding the job's bearer token; every worker must send it.")] = None,
+    tls_cert: Annotated[pathlib.Path | None, typer.Option("--tls-cert", help="Certificate (PEM).")] = None,
+    tls_key: Annotated[pathlib.Path | None, typer.Option("--tls-key", help="Its private key (PEM).")] = None,
+    tls_client_ca: Annotated[pathlib.Path | None, typer.Option(
+        "--tls-client-ca", help="CA of the workers' certificates: mutual TLS.")] = None,
+    out: Annotated[pathlib.Path, typer.Option("--out", help="Root for run directories and the registry.")] = (
+        pathlib.Path("runs")),
+    job_id: Annotated[str | None, typer.Option(
+        "--job-id", help="Job id (workers need it); an existing one resumes from its checkpoint.")] = None,
+    max_outer_steps: Annotated[
+        int | None, typer.Option("--max-outer-steps", min=1, help="Override stop.max_outer_steps.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary line at the end.")] = False,
+) -> None:
+    """Run a job's learner alone, as in its own pod; workers elsewhere join with `metaopt worker`."""
+    from learner.security import TLSConfig, read_token
+    from metaopt.jobspec import JobSpecError, load_job_spec
+
+    _tls_options(tls_cert, tls_key)
+    if tls_client_ca is not None and tls_cert is None:
+        _fail("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    try:
+        spec = load_job_spec(config)
+        if max_outer_steps is not None:
+            spec = spec.with_overrides(**{"stop.max_outer_steps": max_outer_steps})
+        token = read_token(token_file) if token_file else None
+    except (JobSpecError, ValueError, OSError) as err:
+        _fail(str(err))
+    client_ca = str(tls_client_ca) if tls_client_ca else None
+    tls = TLSConfig(str(tls_cert), str(tls_key), client_ca) if tls_cert else None
+    from metaopt.train import new_job_id
+    from metaopt.train import serve_learner as run_learner
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    job_id = job_id or new_job_id(spec)
+
+    def listening(address: str, metrics_url: str) -> None:
+        typer.echo(f"job {job_id}: learner listening on {address}, metrics at {metrics_url}", err=True)
+
+    try:
+        summary = run_learner(spec, str(out), job_id, host, port, token, tls, metrics_port, listening,
+                              progress=sys.stderr.isatty() or not as_json)
+    except (ValueError, OSError, RuntimeError) as err:
+        _fail(str(err), code=1)
+    except KeyboardInterrupt:
+        _fail(f"interrupted; the last checkpoint is kept: resume with --job-id {job_id}", code=130)
+    typer.echo(json.dumps(summary) if as_json else
+               f"job {job_id}: {summary['outer_steps']} outer steps; trained optimizer "
+               f"{summary['artifact']} in {summary['registry']}")
+
+
+@app.command()
+def worker(
+    config: Annotated[pathlib.Path, typer.Argument(help="Job spec YAML (the same as the learner's).")],
+    learner: Annotated[str, typer.Option("--learner", help="The learner's address, HOST:PORT.")],
+    job_id: Annotated[str, typer.Option("--job-id", help="The job id the learner serves.")],
+    worker_id: Annotated[str | None, typer.Option("--worker-id", help="Default: HOSTNAME-PID.")] = None,
+    token_file: Annotated[pathlib.Path | None, typer.Option(
+        "--token-file", help="File holding the job's bearer token.")] = None,
+    tls_ca: Annotated[pathlib.Path | None, typer.Option(
+        "--tls-ca", help="CA of the learner's certificate: connect with TLS.")] = None,
+    tls_cert: Annotated[pathlib.Path | None, typer.Option(
+        "--tls-cert", help="This worker's certificate, for mutual TLS.")] = None,
+    tls_key: Annotated[pathlib.Path | None, typer.Option("--tls-key", help="Its private key.")] = None,
+    tls_server_name: Annotated[str | None, typer.Option(
+        "--tls-server-name", help="Name in the learner's certificate, if not the address's host.")] = None,
+    bfloat16: Annotated[bool, typer.Option(
+        "--bfloat16", help="Send estimates as bfloat16: half the bytes, relative error <= 2^-8.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line of stats at the end.")] = False,
+) -> None:
+    """Run one PES worker against a learner started elsewhere (`metaopt serve-learner`)."""
+    import os
+    import socket
+
+    from learner.security import read_token
+    from metaopt.jobspec import JobSpecError, load_job_spec
+
+    _tls_options(tls_cert, tls_key)
+    if tls_cert is not None and tls_ca is None:
+        _fail("--tls-cert needs --tls-ca (mutual TLS is TLS first)")
+    try:
+        spec = load_job_spec(config)
+        token = read_token(token_file) if token_file else None
+    except (JobSpecError, ValueError, OSError) as err:
+        _fail(str(err))
+    from metaopt._proto import learner_pb2 as pb
+    from workers.actor import PESWorker
+    from workers.client import ClientTLS
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    tls = (ClientTLS(str(tls_ca), str(tls_cert) if tls_cert else None, str(tls_key) if tls_key else None,
+                     tls_server_name) if tls_ca else None)
+    encoding = pb.ENCODING_BFLOAT16_LE if bfloat16 else pb.ENCODING_FLOAT32_LE
+    worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    try:
+        stats = PESWorker(spec, learner, worker_id, job_id, token, tls, encoding).run()
+    except RuntimeError as err:
+        _fail(str(err), code=1)
+    typer.echo(json.dumps(stats) if as_json else
+               f"worker {worker_id}: {stats['accepted']} estimates accepted, {stats['rejected']} rejected")
+
+
 @app.command()
 def pull(
     ref: Annotated[str, typer.Argument(help="NAME, NAME:VERSION or NAME@ALIAS (default: newest).")],

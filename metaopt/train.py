@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pathlib
+import secrets
 import signal
 import threading
 import time
@@ -54,13 +55,9 @@ def _code_version() -> str:
 def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
           progress: bool = True) -> RunResult:
     """Run the job to its stopping rule; resumes if `job_id`'s run directory has a checkpoint."""
-    import jax
     import ray
 
-    from learner.checkpointing import Checkpointer
-    from learner.core import Learner, LearnerConfig
     from learner.server import make_server
-    from metaopt import optimizers, registry
     from workers.actor import start_workers
 
     _start_ray(spec)  # first: Ray forks its processes, which is unsafe once threads run
@@ -69,67 +66,131 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
         # the run as Ctrl-C does, through the cleanup below that writes the final checkpoint.
         signal.signal(signal.SIGTERM, _interrupt)
     job_id = job_id or new_job_id(spec)
-    out_dir = pathlib.Path(out).resolve()
-    run_dir = out_dir / "runs" / job_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "job.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
-
-    optimizer = optimizers.make(spec.optimizer.name, **spec.optimizer.hparams)
-    theta0 = optimizer.init(jax.random.key(spec.seed))
-    learner = Learner(LearnerConfig(
-        job_id=job_id, max_outer_steps=spec.stop.max_outer_steps, seed=spec.seed,
-        outer_learning_rate=spec.outer.learning_rate, clip_norm=spec.outer.clip_norm,
-        meta_batch_size=spec.outer.meta_batch_size, max_staleness=spec.outer.max_staleness,
-        max_estimate_norm=spec.outer.max_estimate_norm, max_in_flight=spec.outer.max_in_flight,
-        task_families=tuple(t.family for t in spec.tasks),
-    ), theta0)
-    checkpointer = Checkpointer(learner, str(run_dir / "checkpoints"), spec.checkpoint_interval_s)
-    resumed_at = checkpointer.restore_latest()
+    run = _LearnerRun(spec, out, job_id)
+    learner = run.learner
+    # A fresh token per run: only this run's workers can submit to its learner.
+    token = secrets.token_urlsafe(32)
     # One pool thread per worker stream, plus room for GetTheta calls and reconnects.
-    server, port = make_server(learner, "127.0.0.1", 0, max_workers=2 * spec.workers.count + 8)
+    server, port = make_server(learner, "127.0.0.1", 0, max_workers=2 * spec.workers.count + 8, token=token)
     metrics_server, metrics_port = learner.metrics.serve("127.0.0.1", 0)
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     log.info("job %s: learner on 127.0.0.1:%d, metrics at %s", job_id, port, metrics_url)
 
-    checkpointer.start()
+    run.checkpointer.start()
     started = time.perf_counter()
-    actors, runs = start_workers(spec, f"127.0.0.1:{port}", job_id)
+    actors, runs = start_workers(spec, f"127.0.0.1:{port}", job_id, token=token)
     try:
-        budget_s = spec.stop.max_minutes * 60 if spec.stop.max_minutes else None
-        _follow(learner, runs, run_dir / "metrics.jsonl", progress, start=resumed_at or 0,
-                budget_s=budget_s)
+        run.follow(runs, progress)
     finally:
         learner.stop()  # θ is final from here on
         wall_s = time.perf_counter() - started
         try:
-            checkpointer.stop()  # the final checkpoint first, before anything that may be slow
+            run.checkpointer.stop()  # the final checkpoint first, before anything that may be slow
         finally:
             worker_stats = _collect(runs)
             for actor in actors:
                 ray.kill(actor)
             server.stop(grace=2).wait()
             metrics_server.shutdown()
-    (run_dir / "workers.json").write_text(json.dumps(worker_stats, indent=2))
-
+    (run.run_dir / "workers.json").write_text(json.dumps(worker_stats, indent=2))
+    artifact, registry_uri = run.publish()
     history = learner.history
-    plot_meta_loss(history, run_dir / "meta_loss.png", title=job_id,
-                   normalization=spec.estimator.loss_normalization)
-    registry_uri = str(out_dir / "registry")
-    artifact = registry.publish(
-        registry_uri, spec.artifact_name or spec.name, optimizer.name, dict(optimizer.hparams),
-        learner.theta_tree(),
-        provenance={
-            "job_id": job_id, "code_version": _code_version(),
-            "task_families": [t.family for t in spec.tasks], "outer_steps": learner.version,
-            "meta_loss_first": history[0].meta_loss, "meta_loss_last": history[-1].meta_loss,
-            "estimator": spec.estimator.model_dump(), "spec": spec.model_dump(mode="json"),
-        },
-    )
     return RunResult(
         job_id=job_id, outer_steps=learner.version, meta_loss_first=history[0].meta_loss,
         meta_loss_last=history[-1].meta_loss, artifact=artifact, registry=registry_uri,
-        run_dir=str(run_dir), metrics_url=metrics_url, wall_s=wall_s, learner_busy_s=learner.busy_s,
+        run_dir=str(run.run_dir), metrics_url=metrics_url, wall_s=wall_s, learner_busy_s=learner.busy_s,
     )
+
+
+class _LearnerRun:
+    """What `train` and `serve_learner` share: the run directory, the learner (resumed from
+    the run's last checkpoint if there is one), its checkpointer, following the run, and
+    publishing the trained optimizer to the registry beside the runs."""
+
+    def __init__(self, spec: JobSpec, out: str, job_id: str):
+        import jax
+
+        from learner.checkpointing import Checkpointer
+        from learner.core import Learner, LearnerConfig
+        from metaopt import optimizers
+
+        self.spec, self.job_id = spec, job_id
+        self.out_dir = pathlib.Path(out).resolve()
+        self.run_dir = self.out_dir / "runs" / job_id
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "job.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+        self.optimizer = optimizers.make(spec.optimizer.name, **spec.optimizer.hparams)
+        theta0 = self.optimizer.init(jax.random.key(spec.seed))
+        self.learner = Learner(LearnerConfig(
+            job_id=job_id, max_outer_steps=spec.stop.max_outer_steps, seed=spec.seed,
+            outer_learning_rate=spec.outer.learning_rate, clip_norm=spec.outer.clip_norm,
+            meta_batch_size=spec.outer.meta_batch_size, max_staleness=spec.outer.max_staleness,
+            max_estimate_norm=spec.outer.max_estimate_norm, max_in_flight=spec.outer.max_in_flight,
+            task_families=tuple(t.family for t in spec.tasks),
+        ), theta0)
+        self.checkpointer = Checkpointer(self.learner, str(self.run_dir / "checkpoints"),
+                                         spec.checkpoint_interval_s)
+        self.resumed_at = self.checkpointer.restore_latest() or 0
+
+    def follow(self, runs, progress: bool) -> None:
+        budget_s = self.spec.stop.max_minutes * 60 if self.spec.stop.max_minutes else None
+        _follow(self.learner, runs, self.run_dir / "metrics.jsonl", progress, start=self.resumed_at,
+                budget_s=budget_s)
+
+    def publish(self) -> tuple[str, str]:
+        """Plot the meta-loss and publish θ; (artifact NAME:VERSION, registry URI)."""
+        from metaopt import registry
+
+        spec, learner, history = self.spec, self.learner, self.learner.history
+        plot_meta_loss(history, self.run_dir / "meta_loss.png", title=self.job_id,
+                       normalization=spec.estimator.loss_normalization)
+        registry_uri = str(self.out_dir / "registry")
+        artifact = registry.publish(
+            registry_uri, spec.artifact_name or spec.name, self.optimizer.name,
+            dict(self.optimizer.hparams), learner.theta_tree(),
+            provenance={
+                "job_id": self.job_id, "code_version": _code_version(),
+                "task_families": [t.family for t in spec.tasks], "outer_steps": learner.version,
+                "meta_loss_first": history[0].meta_loss, "meta_loss_last": history[-1].meta_loss,
+                "estimator": spec.estimator.model_dump(), "spec": spec.model_dump(mode="json"),
+            },
+        )
+        return artifact, registry_uri
+
+
+def serve_learner(spec: JobSpec, out: str, job_id: str, host: str, port: int,
+                  token: str | None = None, tls=None, metrics_port: int = 0,
+                  on_listening=None, progress: bool = True) -> dict:
+    """Run the job's learner alone (as in its own pod): workers elsewhere join it by address
+    (`metaopt worker`). Serves until the stopping rule (or SIGTERM), then checkpoints and
+    publishes like `train`. `on_listening(address, metrics_url)` is called once it serves."""
+    from learner.server import make_server
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    run = _LearnerRun(spec, out, job_id)
+    learner = run.learner
+    server, bound = make_server(learner, host, port, max_workers=max(64, 2 * spec.workers.count + 8),
+                                token=token, tls=tls)
+    metrics_server, metrics_bound = learner.metrics.serve(host, metrics_port)
+    run.checkpointer.start()
+    try:
+        if on_listening is not None:
+            on_listening(f"{host}:{bound}", f"http://{host}:{metrics_bound}/metrics")
+        run.follow([], progress)
+    finally:
+        learner.stop()
+        try:
+            run.checkpointer.stop()
+        finally:
+            server.stop(grace=2).wait()
+            metrics_server.shutdown()
+    if not learner.history:
+        raise RuntimeError(f"job {job_id}: stopped before any outer step; nothing to publish")
+    artifact, registry_uri = run.publish()
+    return {"job_id": job_id, "outer_steps": learner.version, "artifact": artifact,
+            "registry": registry_uri, "run_dir": str(run.run_dir),
+            "accepted_by_worker": dict(learner.accepted_by_worker)}
 
 
 def _interrupt(signum, frame) -> None:
@@ -151,6 +212,8 @@ class WorkerFailed(RuntimeError):
 
 
 def _raise_if_a_worker_failed(runs, job_id: str) -> None:
+    if not runs:  # a learner of its own: its workers are not ours to watch
+        return
     import ray
 
     finished, _ = ray.wait(runs, num_returns=len(runs), timeout=0)

@@ -1,0 +1,45 @@
+"""`metaopt serve-learner` runs a job's learner alone; `metaopt worker` processes started
+separately join it by address with the job's token (real processes, real gRPC)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+DATA = pathlib.Path(__file__).parent / "data"
+CLI = [sys.executable, "-m", "metaopt.cli"]
+
+
+def test_workers_started_elsewhere_join_a_learner_of_its_own(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("the-job-token\n")
+    (tmp_path / "wrong").write_text("not-the-token")
+    learner = subprocess.Popen(
+        [*CLI, "serve-learner", str(DATA / "e2e.yaml"), "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", "0", "--token-file", str(token), "--out", str(tmp_path), "--job-id", "solo",
+         "--max-outer-steps", "3", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = learner.stderr.readline()
+        address = re.search(r"listening on (\S+),", line)
+        assert address, line + learner.stderr.read()[-2000:]
+        worker = [*CLI, "worker", str(DATA / "e2e.yaml"), "--learner", address.group(1), "--job-id", "solo"]
+        refused = subprocess.run([*worker, "--token-file", str(tmp_path / "wrong")], capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode == 1 and "wrong bearer token" in refused.stderr, refused.stderr[-2000:]
+        joined = subprocess.run([*worker, "--token-file", str(token), "--worker-id", "w-1", "--json"],
+                                capture_output=True, text=True, timeout=300)
+        assert joined.returncode == 0, joined.stderr[-2000:]
+        out, err = learner.communicate(timeout=60)
+    finally:
+        learner.kill()
+    assert learner.returncode == 0, err[-2000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["outer_steps"] == 3 and summary["artifact"].startswith("e2e:")
+    # 3 outer steps of 2 estimates, and perhaps one more in the batch the job's end dropped.
+    assert list(summary["accepted_by_worker"]) == ["w-1"] and summary["accepted_by_worker"]["w-1"] >= 6
+    assert json.loads(joined.stdout.strip().splitlines()[-1])["accepted"] >= 6
+    assert (tmp_path / "runs" / "solo" / "checkpoints").is_dir()
