@@ -128,37 +128,34 @@ class Learner:
         given, replaces `est.values` (a chunked estimate's reassembled buffer). Blocks while
         every accumulator is full."""
         started = time.perf_counter()
-        waited = 0.0
         try:
-            ack, waited = self._submit(est, est.values if values is None else values)
-            return ack
+            return self._submit(est, est.values if values is None else values)
         finally:
-            self._add_busy(time.perf_counter() - started - waited)
+            self._add_busy(time.perf_counter() - started)
 
     def _reject(self, est: pb.GradientEstimate, reason: int, detail: str) -> pb.Ack:
         self.metrics.rejected(Reason.Name(reason))
         return pb.Ack(sequence=est.sequence, accepted=False, reason=reason, detail=detail)
 
-    def _submit(self, est: pb.GradientEstimate, values) -> tuple[pb.Ack, float]:
+    def _submit(self, est: pb.GradientEstimate, values) -> pb.Ack:
         reason, detail, flat = self._validate(est, values)
         if reason:
-            return self._reject(est, reason, detail), 0.0
-        waited = 0.0
+            return self._reject(est, reason, detail)
         with self._lock:
             if self._filling is None and not self.done.is_set():
                 wait_started = time.perf_counter()
                 while self._filling is None and not self.done.is_set():
                     self._batch_free.wait()
-                waited = time.perf_counter() - wait_started
+                self._add_busy(wait_started - time.perf_counter())  # waiting is not load
             if self.done.is_set():
-                return self._reject(est, Reason.REJECT_REASON_JOB_FINISHED, "the job is finished"), waited
+                return self._reject(est, Reason.REJECT_REASON_JOB_FINISHED, "the job is finished")
             stream = (est.worker_id, est.run_id)
             if est.sequence <= self._last_sequence.get(stream, 0):
                 detail = f"sequence {est.sequence} of {est.worker_id}/{est.run_id} was already seen"
-                return self._reject(est, Reason.REJECT_REASON_REPLAYED, detail), waited
+                return self._reject(est, Reason.REJECT_REASON_REPLAYED, detail)
             staleness = self.version - est.theta_version
             if staleness > self.config.max_staleness:  # θ may have moved since _validate
-                return self._reject(est, Reason.REJECT_REASON_STALE, "θ moved on"), waited
+                return self._reject(est, Reason.REJECT_REASON_STALE, "θ moved on")
             self._last_sequence[stream] = est.sequence
             self.accepted_by_worker[est.worker_id] += 1
             batch = self._filling
@@ -174,7 +171,7 @@ class Learner:
             buffered = self._buffered()
         self.metrics.accepted(est.task.name, est.inner_steps, staleness)
         self.metrics.buffered(buffered)
-        return pb.Ack(sequence=est.sequence, accepted=True), waited
+        return pb.Ack(sequence=est.sequence, accepted=True)
 
     def _buffered(self) -> int:
         """Accepted estimates not yet applied. Caller holds the lock."""
