@@ -142,13 +142,14 @@ class Learner:
         if reason:
             return self._reject(est, reason, detail)
         with self._lock:
-            if self._filling is None and not self.done.is_set():
+            if self._filling is None and self._wants_estimates():
                 wait_started = time.perf_counter()
-                while self._filling is None and not self.done.is_set():
+                while self._filling is None and self._wants_estimates():
                     self._batch_free.wait()
                 self._add_busy(wait_started - time.perf_counter())  # waiting is not load
-            if self.done.is_set():
-                return self._reject(est, Reason.REJECT_REASON_JOB_FINISHED, "the job is finished")
+            if not self._wants_estimates():
+                detail = "the job is finished" if self.done.is_set() else "the last outer step is full"
+                return self._reject(est, Reason.REJECT_REASON_JOB_FINISHED, detail)
             stream = (est.worker_id, est.run_id)
             if est.sequence <= self._last_sequence.get(stream, 0):
                 detail = f"sequence {est.sequence} of {est.worker_id}/{est.run_id} was already seen"
@@ -172,6 +173,12 @@ class Learner:
         self.metrics.accepted(est.task.name, est.inner_steps, staleness)
         self.metrics.buffered(buffered)
         return pb.Ack(sequence=est.sequence, accepted=True)
+
+    def _wants_estimates(self) -> bool:
+        """Whether another estimate can still count in an outer step: once the full batches
+        reach `max_outer_steps`, more would be acknowledged and then never applied. Caller
+        holds the lock."""
+        return not self.done.is_set() and self.version + self._pending < self.config.max_outer_steps
 
     def _buffered(self) -> int:
         """Accepted estimates not yet applied. Caller holds the lock."""

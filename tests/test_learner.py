@@ -108,12 +108,23 @@ def test_stale_estimates_are_rejected():
     assert learner.submit(estimate(np.ones(SIZE) * 0.1, version=2)).accepted  # within the bound
 
 
+def test_no_estimate_is_accepted_beyond_the_last_outer_step():
+    """Every accepted estimate counts in exactly one outer step: once the full meta-batches
+    reach max_outer_steps, more would be acknowledged and then dropped, so they are refused."""
+    learner = make_learner(meta_batch_size=2, max_outer_steps=2, max_pending_batches=2)
+    acks = [learner.submit(estimate(np.ones(SIZE) * 0.1)) for _ in range(6)]
+    assert [ack.accepted for ack in acks] == [True] * 4 + [False] * 2
+    assert {ack.reason for ack in acks[4:]} == {pb.REJECT_REASON_JOB_FINISHED}
+    assert learner.wait_idle() and learner.version == 2 and learner.done.is_set()
+    assert sum(step.estimates for step in learner.history) == sum(learner.accepted_by_worker.values())
+
+
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     learner = make_learner(meta_batch_size=1)
     rng = np.random.default_rng(1)
-    for _ in range(3):
-        learner.submit(estimate(rng.normal(size=SIZE), version=learner.version))
-    assert learner.wait_idle()
+    for _ in range(3):  # each after the last is applied, so none is stale
+        assert learner.submit(estimate(rng.normal(size=SIZE), version=learner.version)).accepted
+        assert learner.wait_idle()
     learner.next_worker_seed()
     Checkpointer(learner, str(tmp_path)).save()
 

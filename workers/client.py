@@ -110,6 +110,9 @@ class LearnerClient:
     def _on_ack(self, ack: pb.Ack) -> None:
         if ack.accepted:
             self.accepted += 1
+        elif ack.reason == pb.REJECT_REASON_JOB_FINISHED:  # the last outer step is full: done
+            self.rejected += 1
+            self.stopped.set()
         else:
             self.rejected += 1
             if time.monotonic() - self._last_warning > 30:  # at most one warning per 30 s
