@@ -47,6 +47,7 @@ bench: venv
 	$(BIN)/python benchmarks/worker_throughput.py --out bench-out
 	$(BIN)/python benchmarks/zoo.py --out bench-out
 	$(BIN)/python benchmarks/meta_training.py --out bench-out
+	$(BIN)/python benchmarks/learner_ingest.py --out bench-out
 
 lock: venv
 	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^metaopt'; } > requirements.lock.new

@@ -123,22 +123,24 @@ class Learner:
 
     # -- the hot path -------------------------------------------------------------------
 
-    def submit(self, est: pb.GradientEstimate, values: bytes | memoryview | None = None) -> pb.Ack:
+    def submit(self, est: pb.GradientEstimate, values: list | None = None) -> pb.Ack:
         """Validate, then accumulate one estimate; returns the ack to send back. `values`, if
-        given, replaces `est.values` (a chunked estimate's reassembled buffer). Blocks while
-        every accumulator is full."""
+        given, replaces `est.values`: the buffers a chunked estimate's values arrived in, in
+        order (they are read where they lie, not joined). Blocks while every accumulator is
+        full."""
         started = time.perf_counter()
         try:
-            return self._submit(est, est.values if values is None else values)
+            return self._submit(est, [est.values] if values is None else values)
         finally:
             self._add_busy(time.perf_counter() - started)
 
     def _reject(self, est: pb.GradientEstimate, reason: int, detail: str) -> pb.Ack:
         self.metrics.rejected(Reason.Name(reason))
-        return pb.Ack(sequence=est.sequence, accepted=False, reason=reason, detail=detail)
+        return pb.Ack(sequence=est.sequence, accepted=False, reason=reason, detail=detail,
+                      theta_version=self.version)
 
-    def _submit(self, est: pb.GradientEstimate, values) -> pb.Ack:
-        reason, detail, flat = self._validate(est, values)
+    def _submit(self, est: pb.GradientEstimate, segments: list) -> pb.Ack:
+        reason, detail, parts = self._validate(est, segments)
         if reason:
             return self._reject(est, reason, detail)
         with self._lock:
@@ -160,7 +162,11 @@ class Learner:
             self._last_sequence[stream] = est.sequence
             self.accepted_by_worker[est.worker_id] += 1
             batch = self._filling
-            np.add(batch.sum, flat, out=batch.sum)
+            start = 0
+            for part in parts:
+                into = batch.sum[start:start + part.size]
+                np.add(into, part, out=into)
+                start += part.size
             batch.count += 1
             batch.loss_sum += est.mean_loss
             batch.inner_steps += est.inner_steps
@@ -172,7 +178,7 @@ class Learner:
             buffered = self._buffered()
         self.metrics.accepted(est.task.name, est.inner_steps, staleness)
         self.metrics.buffered(buffered)
-        return pb.Ack(sequence=est.sequence, accepted=True)
+        return pb.Ack(sequence=est.sequence, accepted=True, theta_version=self.version)
 
     def _wants_estimates(self) -> bool:
         """Whether another estimate can still count in an outer step: once the full batches
@@ -185,8 +191,8 @@ class Learner:
         filling = self._filling.count if self._filling is not None else 0
         return filling + self._pending * self.config.meta_batch_size
 
-    def _validate(self, est: pb.GradientEstimate, values):
-        """(reason, detail, flat values); reason 0 means valid."""
+    def _validate(self, est: pb.GradientEstimate, segments: list):
+        """(reason, detail, the values as float32 arrays, one per segment); reason 0 means valid."""
         if est.job_id != self.config.job_id:
             return Reason.REJECT_REASON_WRONG_JOB, f"this learner serves {self.config.job_id!r}", None
         families = self.config.task_families
@@ -202,15 +208,15 @@ class Learner:
         if est.length != self.size:
             return Reason.REJECT_REASON_WRONG_SHAPE, f"length {est.length}, θ has {self.size}", None
         try:
-            flat = wire.decode(values, est.length, est.crc32, est.encoding)
+            parts = wire.decode_segments(segments, est.length, est.crc32, est.encoding)
         except ValueError as err:
             bad_checksum = "checksum" in str(err)
             reason = Reason.REJECT_REASON_BAD_CHECKSUM if bad_checksum else Reason.REJECT_REASON_WRONG_SHAPE
             return reason, str(err), None
         # One pass: the squared norm is NaN or Inf iff a value is (or the norm overflows).
-        norm = float(np.sqrt(np.dot(flat, flat)))
+        norm = float(np.sqrt(sum(float(np.dot(part, part)) for part in parts)))
         if not (np.isfinite(norm) and np.isfinite(est.mean_loss)):
-            if np.isfinite(flat).all() and np.isfinite(est.mean_loss):
+            if all(np.isfinite(part).all() for part in parts) and np.isfinite(est.mean_loss):
                 detail = f"norm overflows float32 (> {self.config.max_estimate_norm:.3g})"
                 return Reason.REJECT_REASON_NORM_TOO_LARGE, detail, None
             return Reason.REJECT_REASON_NON_FINITE, "NaN or Inf in the estimate or its loss", None
@@ -222,7 +228,7 @@ class Learner:
             return Reason.REJECT_REASON_FUTURE_VERSION, f"θ version {est.theta_version} > {version}", None
         if version - est.theta_version > self.config.max_staleness:
             return Reason.REJECT_REASON_STALE, f"θ version {est.theta_version}, current {version}", None
-        return 0, "", flat
+        return 0, "", parts
 
     def _add_busy(self, seconds: float) -> None:
         with self._busy_lock:
@@ -242,13 +248,13 @@ class Learner:
         try:
             if self.done.is_set():
                 return None  # the job ended while this batch waited
-            grad = jnp.asarray(batch.sum / np.float32(batch.count))
-            theta, outer_state = self._apply(self.theta, self.outer_state, grad)
+            theta, outer_state, grad_norm = self._apply(self.theta, self.outer_state, batch.sum,
+                                                        np.float32(batch.count))
             version = self.version + 1
             message = wire.theta_message(np.asarray(theta), version, self.structure)
             record = OuterStep(
                 step=version, meta_loss=batch.loss_sum / batch.count,
-                gradient_norm=float(jnp.linalg.norm(grad)), estimates=batch.count,
+                gradient_norm=float(grad_norm), estimates=batch.count,
                 inner_steps=batch.inner_steps, time=time.time(), workers=len(batch.workers),
             )
             with self._lock:
@@ -275,9 +281,11 @@ class Learner:
                 self._batch_free.notify_all()
             self._add_busy(time.perf_counter() - started)
 
-    def _apply_update(self, theta, outer_state, grad):
+    def _apply_update(self, theta, outer_state, grad_sum, count):
+        """One dispatch for the whole step (each separate jax call costs tens of µs)."""
+        grad = grad_sum / count
         updates, outer_state = self._outer.update(grad, outer_state, theta)
-        return optax.apply_updates(theta, updates), outer_state
+        return optax.apply_updates(theta, updates), outer_state, jnp.linalg.norm(grad)
 
     # -- readers ------------------------------------------------------------------------
 

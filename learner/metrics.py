@@ -54,16 +54,27 @@ class LearnerMetrics:
             "metaopt_outer_step_workers", "Distinct workers whose estimates made the last outer "
             "step.", job, registry=r)
 
+        # Labelled children of the per-estimate metrics, looked up once (labels() takes a lock
+        # and builds a key on every call, which counts at thousands of estimates a second).
+        self._per_family: dict[str, tuple] = {}
+        self._staleness_child = self._staleness.labels(job_id)
+        self._buffered_child = self._buffered.labels(job_id)
+
     def accepted(self, task_family: str, inner_steps: int, staleness: int) -> None:
-        self._accepted.labels(self.job_id, task_family).inc()
-        self._inner_steps.labels(self.job_id, task_family).inc(inner_steps)
-        self._staleness.labels(self.job_id).observe(staleness)
+        children = self._per_family.get(task_family)
+        if children is None:
+            children = self._per_family[task_family] = (
+                self._accepted.labels(self.job_id, task_family),
+                self._inner_steps.labels(self.job_id, task_family))
+        children[0].inc()
+        children[1].inc(inner_steps)
+        self._staleness_child.observe(staleness)
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.job_id, reason.removeprefix("REJECT_REASON_").lower()).inc()
 
     def buffered(self, estimates: int) -> None:
-        self._buffered.labels(self.job_id).set(estimates)
+        self._buffered_child.set(estimates)
 
     def outer_step(self, step: OuterStep) -> None:
         self._step_workers.labels(self.job_id).set(step.workers)

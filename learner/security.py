@@ -46,8 +46,9 @@ def token_call_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return ((TOKEN_METADATA_KEY, f"Bearer {token}"),)
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses, with UNAUTHENTICATED, every call that does not carry this job's bearer token.
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses, with UNAUTHENTICATED, every call that does not carry this job's bearer token
+    (an interceptor for asyncio servers, as `learner.background` runs).
 
     Health checks (`/grpc.health.v1.Health/...`) pass without a token so that load balancers
     and Kubernetes probes, which know no token, can still see the server. `on_reject` is called
@@ -65,18 +66,18 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._token = token.encode("utf-8")
         self._on_reject = on_reject
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(_HEALTH_PREFIX):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         reason, detail = self._check(handler_call_details.invocation_metadata or ())
         if reason is None:
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         if self._on_reject is not None:
             try:
                 self._on_reject(reason)
             except Exception:  # a broken counter must not turn the refusal into UNKNOWN
                 log.exception("on_reject(%r) failed", reason)
-        return _aborting_handler(continuation(handler_call_details), detail)
+        return _aborting_handler(await continuation(handler_call_details), detail)
 
     def _check(self, metadata) -> tuple[str | None, str]:
         """(None, "") for the right token, else (reason, detail for the client)."""
@@ -99,8 +100,8 @@ def _aborting_handler(handler: grpc.RpcMethodHandler | None, detail: str) -> grp
     For an unknown method (`handler` None) the caller is still refused as unauthenticated
     rather than told UNIMPLEMENTED; a stream-stream handler serves any kind of call there."""
 
-    def abort(_request, context: grpc.ServicerContext):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, detail)
+    async def abort(_request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, detail)
 
     request_streaming = handler.request_streaming if handler is not None else True
     response_streaming = handler.response_streaming if handler is not None else True

@@ -1,35 +1,50 @@
 """The learner's gRPC service: worker streams in, acks and θ news out; θ on request.
 
-A stream belongs to one worker incarnation. Its first message must be a Hello whose job and
-θ structure match; then every estimate gets an Ack, which is also the worker's credit back
-(workers keep at most `max_in_flight` estimates unacknowledged; a stream's estimates are read
-one at a time, so one that ignores its credit is held back by gRPC's own flow control, not
-buffered). An estimate with `chunks` > 0 is reassembled from the EstimateChunks that follow
-it into the stream's own buffer (reused, so one per stream at most) and then checked whole.
-θ version changes and the end of the job are pushed to every stream. Keepalive pings notice
-a worker that vanished without closing its stream; its stream, and so its credit, then ends.
+It runs on asyncio (`learner.background`): the event loop only moves messages. Everything a
+message asks of the learner (chunk parsing, checksum, validation, accumulation, which may
+block while every meta-batch accumulator is full) happens on one ingest thread, in arrival
+order, and the acks go back to the loop in batches. (Settling small estimates on the loop
+instead was measured slower: the ingest thread overlaps with the loop on a second core.) So:
+
+* A stream belongs to one worker incarnation. Its first message must be a Hello whose job and
+  θ structure match; then every estimate gets an Ack, which is also the worker's credit back
+  and tells θ's current version. A stream may have at most `MAX_QUEUED` messages waiting for
+  the ingest thread; beyond that its reader stops reading, so a worker that ignores its credit
+  is held back by gRPC's own flow control instead of being buffered.
+* An estimate with `chunks` > 0 is collected from the EstimateChunks that follow it. Chunks are
+  parsed by hand (`wire.parse_chunk`) so their values stay where gRPC put them: the checksum,
+  the norm and the sum into the accumulator read them in place, piece by piece.
+* θ news is sent to a stream only if no ack has told it the version yet, in rounds at most
+  `ANNOUNCE_INTERVAL_S` apart: busy workers learn versions from their acks, and hundreds of
+  streams cost no more than a few messages per outer step. The end of the job goes to all.
+* θ is serialised once per version and sent as those bytes to every GetTheta.
+* Keepalive pings notice a worker that vanished without closing its stream; its stream, and
+  so its credit, then ends.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import queue
 import threading
-from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from learner import security
+from learner.background import BackgroundServer
 from learner.core import Learner
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
-from metaopt._proto import learner_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "metaopt.v1.Learner"
-_END = object()  # closes a stream's outbox
 MAX_RECEIVE_BYTES = 8 * 1024 * 1024  # larger estimates must be chunked (workers use CHUNK_BYTES)
+MAX_QUEUED = 8  # messages of one stream waiting for the ingest thread
+ANNOUNCE_INTERVAL_S = 0.1
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),  # θ goes out whole, once per GetTheta
@@ -39,81 +54,204 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # workers ping every 20 s
     ("grpc.http2.max_pings_without_data", 0),
 ]
+_END = object()  # closes a stream's outbox
+_STOP = pb.LearnerMessage(stop=pb.Stop(reason="the job is finished"))
 
 
-class LearnerService(pb_grpc.LearnerServicer):
-    def __init__(self, learner: Learner):
-        self.learner = learner
+@dataclasses.dataclass(eq=False)
+class _Stream:
+    """One open Connect call. `outbox`, `queued`, `drained` and `told` belong to the loop;
+    `chunked` to the ingest thread."""
 
-    def GetTheta(self, request: pb.GetThetaRequest, context: grpc.ServicerContext) -> pb.Theta:
+    hello: pb.Hello
+    chunked: _Reassembly
+    outbox: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+    queued: int = 0  # messages handed to the ingest thread and not yet processed
+    drained: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    told: int = 0  # the newest θ version this stream has been sent
+
+
+class LearnerService:
+    """Connect and GetTheta, registered with hand-written method handlers so that GetTheta can
+    answer with θ's bytes as the learner serialised them."""
+
+    def __init__(self, learner: Learner, loop: asyncio.AbstractEventLoop):
+        self.learner, self.loop = learner, loop
+        self.streams: set[_Stream] = set()
+        self._news = asyncio.Event()
+        self._ingest: queue.SimpleQueue = queue.SimpleQueue()
+        self._theta = (-1, b"")  # (version, serialised Theta)
+        threading.Thread(target=self._ingest_loop, daemon=True, name="learner-ingest").start()
+        self._announcer = loop.create_task(self._announce())
+        learner.add_listener(self._on_version)
+
+    def _on_version(self, version: int) -> None:  # on the learner's updater thread
+        finished = version < 0 or self.learner.done.is_set()
+        try:  # the end of the job goes out at once, θ news in the announcer's next round
+            self.loop.call_soon_threadsafe(self._stop_all if finished else self._news.set)
+        except RuntimeError:
+            pass  # the loop is closed: the server stopped
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            # Requests stay bytes until the ingest thread: chunks are read in place there.
+            "Connect": grpc.stream_stream_rpc_method_handler(
+                self.connect, response_serializer=pb.LearnerMessage.SerializeToString),
+            "GetTheta": grpc.unary_unary_rpc_method_handler(
+                self.get_theta, request_deserializer=pb.GetThetaRequest.FromString),
+        })
+
+    def close(self) -> None:
+        """After the server stopped: no more news, and the ingest thread ends."""
+        self.learner.remove_listener(self._on_version)
+        self._ingest.put(None)
+
+    # -- GetTheta ---------------------------------------------------------------------------
+
+    async def get_theta(self, request: pb.GetThetaRequest, context) -> bytes:
         if request.job_id != self.learner.config.job_id:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id!r} on this learner")
-        return self.learner.theta_message()
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id!r} on this learner")
+        message = self.learner.theta_message()
+        if self._theta[0] != message.version:
+            self._theta = (message.version, message.SerializeToString())
+        return self._theta[1]
 
-    def Connect(self, requests, context: grpc.ServicerContext):
-        hello = self._handshake(requests, context)
-        outbox: queue.Queue = queue.Queue()
+    # -- Connect: the loop's side -------------------------------------------------------------
 
-        def on_version(version: int) -> None:
-            if version >= 0:
-                outbox.put(pb.LearnerMessage(theta_updated=pb.ThetaUpdated(theta_version=version)))
-            if self.learner.done.is_set():
-                outbox.put(pb.LearnerMessage(stop=pb.Stop(reason="the job is finished")))
-
-        def read_estimates() -> None:
-            chunked = _Reassembly(self.learner)
-            try:
-                for message in requests:
-                    for ack in self._receive(hello, message, chunked):
-                        outbox.put(pb.LearnerMessage(ack=ack))
-            except grpc.RpcError:
-                pass  # the worker went away; its unacknowledged estimates are simply gone
-            except Exception:  # a bug must end this stream loudly, not leave the worker waiting
-                log.exception("stream of %s/%s failed", hello.worker_id, hello.run_id)
-            finally:
-                outbox.put(_END)
-
+    async def connect(self, requests, context):
+        hello = await self._handshake(requests, context)
         learner = self.learner
-        learner.add_listener(on_version)
+        stream = _Stream(hello, _Reassembly(learner), told=learner.version)
+        self.streams.add(stream)
         learner.metrics.worker_connected(+1)
-        context.add_callback(lambda: outbox.put(_END))
+        reader = None
         try:
             yield pb.LearnerMessage(welcome=pb.Welcome(
-                theta_version=learner.version, max_in_flight=learner.config.max_in_flight,
+                theta_version=stream.told, max_in_flight=learner.config.max_in_flight,
                 seed=learner.next_worker_seed(),
             ))
             if learner.done.is_set():
-                yield pb.LearnerMessage(stop=pb.Stop(reason="the job is finished"))
+                yield _STOP
                 return
-            threading.Thread(target=read_estimates, daemon=True, name="estimate-reader").start()
-            while (message := outbox.get()) is not _END:
+            reader = asyncio.create_task(self._read(stream, requests))
+            while (message := await stream.outbox.get()) is not _END:
                 yield message
         finally:
-            learner.remove_listener(on_version)
+            if reader is not None:
+                reader.cancel()
+            self.streams.discard(stream)
             learner.metrics.worker_connected(-1)
 
-    def _handshake(self, requests, context) -> pb.Hello:
-        first = next(requests, None)
+    async def _handshake(self, requests, context) -> pb.Hello:
+        first = await anext(aiter(requests), None)
+        try:
+            first = pb.WorkerMessage.FromString(first) if first is not None else None
+        except DecodeError:
+            first = None
         if first is None or first.WhichOneof("kind") != "hello":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a stream must begin with a Hello")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a stream must begin with a Hello")
         hello = first.hello
         if hello.job_id != self.learner.config.job_id:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no job {hello.job_id!r} on this learner")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {hello.job_id!r} on this learner")
         if hello.theta_structure_digest != self.learner.digest:
-            context.abort(
+            await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the worker's θ structure differs from the learner's: both must build the same "
                 "learned optimizer (same name and hyperparameters) from the same job spec",
             )
         return hello
 
-    def _receive(self, hello: pb.Hello, message: pb.WorkerMessage, chunked: _Reassembly) -> list[pb.Ack]:
+    async def _read(self, stream: _Stream, requests) -> None:
+        try:
+            async for message in requests:
+                while stream.queued >= MAX_QUEUED:
+                    stream.drained.clear()
+                    await stream.drained.wait()
+                stream.queued += 1
+                self._ingest.put((stream, message))
+        except grpc.RpcError:
+            pass  # the worker went away; its unacknowledged estimates are simply gone
+        finally:
+            self._ingest.put((stream, None))  # ends the stream once its acks are out
+
+    def _deliver(self, settled: list) -> None:
+        """On the loop: the ingest thread's results, (stream, acks or None at the end)."""
+        for stream, messages in settled:
+            if messages is not None:
+                stream.queued -= 1
+                stream.drained.set()
+            self._post(stream, messages)
+
+    @staticmethod
+    def _post(stream: _Stream, messages: list | None) -> None:
+        if messages is None:
+            stream.outbox.put_nowait(_END)
+            return
+        for message in messages:
+            stream.told = max(stream.told, message.ack.theta_version)
+            stream.outbox.put_nowait(message)
+
+    async def _announce(self) -> None:
+        """Tell streams of new θ versions that no ack has told them."""
+        while True:
+            await self._news.wait()
+            self._news.clear()
+            version = self.learner.version
+            news = pb.LearnerMessage(theta_updated=pb.ThetaUpdated(theta_version=version))
+            for stream in self.streams:
+                if stream.told < version:
+                    stream.told = version
+                    stream.outbox.put_nowait(news)
+            await asyncio.sleep(ANNOUNCE_INTERVAL_S)
+
+    def _stop_all(self) -> None:
+        self._announcer.cancel()
+        for stream in self.streams:
+            stream.outbox.put_nowait(_STOP)
+
+    # -- Connect: the ingest thread's side ----------------------------------------------------
+
+    def _ingest_loop(self) -> None:
+        """Settle messages in arrival order; hand the acks to the loop in batches (one wake-up
+        of the loop per batch, not per ack). Ends at None, which `close` puts."""
+        while True:
+            items = [self._ingest.get()]
+            while len(items) < 256:
+                try:
+                    items.append(self._ingest.get_nowait())
+                except queue.Empty:
+                    break
+            settled = [self._settle(*item) for item in items if item is not None]
+            try:
+                self.loop.call_soon_threadsafe(self._deliver, settled)
+            except RuntimeError:  # the loop is closed: the server stopped under us
+                return
+            if None in items:
+                return
+
+    def _settle(self, stream: _Stream, message: bytes | None) -> tuple[_Stream, list | None]:
+        if message is None:
+            return stream, None
+        try:
+            return stream, [pb.LearnerMessage(ack=ack) for ack in self._receive(stream, message)]
+        except DecodeError:
+            log.warning("ending the stream of %s/%s: a message that is not a WorkerMessage",
+                        stream.hello.worker_id, stream.hello.run_id)
+            return stream, None
+        except Exception:  # a bug must end this stream loudly, not leave the worker waiting
+            log.exception("stream of %s/%s failed", stream.hello.worker_id, stream.hello.run_id)
+            return stream, None
+
+    def _receive(self, stream: _Stream, raw: bytes) -> list[pb.Ack]:
         """The acks a message settles: none for a chunk in the middle of an estimate, one for
         an inline estimate or a last chunk, two when a new estimate cuts off a chunked one."""
-        kind = message.WhichOneof("kind")
-        acks = []
-        if kind == "chunk":
-            done = chunked.add(message.chunk)
+        chunked, hello, acks = stream.chunked, stream.hello, []
+        chunk = wire.parse_chunk(raw)
+        message = pb.WorkerMessage.FromString(raw) if chunk is None else None
+        if chunk is None and message.WhichOneof("kind") == "chunk":  # unusual, but well-formed
+            chunk = message.chunk.sequence, message.chunk.index, message.chunk.values
+        if chunk is not None:
+            done = chunked.add(*chunk)
             if done is not None:
                 est, values = done
                 acks.append(self.learner.submit(est, values) if values is not None
@@ -122,10 +260,11 @@ class LearnerService(pb_grpc.LearnerServicer):
         if chunked.pending is not None:  # anything but its next chunk cuts a chunked estimate off
             acks.append(self._bad_chunk(chunked.drop(), "the estimate's chunks did not all arrive"))
         est = message.estimate
-        if kind != "estimate" or (est.worker_id, est.run_id) != (hello.worker_id, hello.run_id):
+        ours = (est.worker_id, est.run_id) == (hello.worker_id, hello.run_id)
+        if message.WhichOneof("kind") != "estimate" or not ours:
             self.learner.metrics.rejected("NOT_CONNECTED")
             detail = "expected an estimate from the worker and run id of this stream's Hello"
-            acks.append(pb.Ack(sequence=est.sequence, accepted=False,
+            acks.append(pb.Ack(sequence=est.sequence, accepted=False, theta_version=self.learner.version,
                                reason=pb.REJECT_REASON_NOT_CONNECTED, detail=detail))
         elif est.chunks and chunked.start(est):
             pass  # its values follow
@@ -135,80 +274,79 @@ class LearnerService(pb_grpc.LearnerServicer):
 
     def _bad_chunk(self, est: pb.GradientEstimate, detail: str) -> pb.Ack:
         self.learner.metrics.rejected("BAD_CHUNK")
-        return pb.Ack(sequence=est.sequence, accepted=False, reason=pb.REJECT_REASON_BAD_CHUNK, detail=detail)
+        return pb.Ack(sequence=est.sequence, accepted=False, reason=pb.REJECT_REASON_BAD_CHUNK,
+                      detail=detail, theta_version=self.learner.version)
 
 
 class _Reassembly:
-    """One stream's chunked estimate in progress, in a buffer reused from one to the next."""
+    """One stream's chunked estimate in progress: its chunks' values, kept where they arrived
+    (views into the received messages), to be checked and added without being joined."""
 
     def __init__(self, learner: Learner):
         self.learner = learner
         self.pending: pb.GradientEstimate | None = None
-        self.buffer = bytearray()
-        self.filled = self.next_index = 0
+        self.segments: list[memoryview] = []
+        self.expected = self.filled = 0
 
     def start(self, est: pb.GradientEstimate) -> bool:
         """Begin collecting `est`'s chunks; False if its header is wrong (the learner then
         refuses it with the precise reason)."""
         if est.encoding not in wire.DECODERS or est.length != self.learner.size or est.values:
             return False
-        size = wire.DECODERS[est.encoding][0] * est.length
-        if len(self.buffer) != size:
-            self.buffer = bytearray(size)
-        self.pending, self.filled, self.next_index = est, 0, 0
+        self.pending, self.segments, self.filled = est, [], 0
+        self.expected = wire.DECODERS[est.encoding][0] * est.length
         return True
 
-    def add(self, chunk: pb.EstimateChunk):
-        """None while more chunks are due; (estimate, values) when the last one arrived, with
-        values None if a chunk was out of place. A stray chunk is counted and dropped."""
+    def add(self, sequence: int, index: int, values):
+        """None while more chunks are due; (estimate, segments) when the last one arrived, with
+        segments None if a chunk was out of place. A stray chunk is counted and dropped."""
         est = self.pending
         if est is None:
             self.learner.metrics.rejected("BAD_CHUNK")
             return None
-        end = self.filled + len(chunk.values)
-        if chunk.sequence != est.sequence or chunk.index != self.next_index or end > len(self.buffer):
+        self.filled += len(values)
+        if (sequence != est.sequence or index != len(self.segments) or not len(values)
+                or self.filled > self.expected):
             return self.drop(), None
-        self.buffer[self.filled:end] = chunk.values
-        self.filled, self.next_index = end, self.next_index + 1
-        if self.next_index < est.chunks:
+        self.segments.append(values)
+        if len(self.segments) < est.chunks:
             return None
-        self.pending = None
-        # A short total is caught by the learner's length check.
-        return est, memoryview(self.buffer)[:end]
+        segments, self.pending, self.segments = self.segments, None, []
+        return est, segments  # a short total is caught by the learner's length check
 
     def drop(self) -> pb.GradientEstimate:
-        est, self.pending = self.pending, None
+        est, self.pending, self.segments = self.pending, None, []
         return est
 
 
-def make_server(learner: Learner, host: str = "127.0.0.1", port: int = 0, max_workers: int = 64,
-                token: str | None = None, tls: security.TLSConfig | None = None) -> tuple[grpc.Server, int]:
+def make_server(learner: Learner, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                tls: security.TLSConfig | None = None) -> tuple[BackgroundServer, int]:
     """A started gRPC server with the Learner and standard health services; (server, port).
 
-    Each open worker stream holds one thread of the pool: size `max_workers` above the number
-    of workers (calls beyond the pool wait for a thread). With `token`, every call but health
-    checks must carry it (refusals are counted as rejected estimates, reason missing_token or
-    wrong_token); with `tls`, the port speaks TLS (mutual TLS if `tls.ca_file` is set)."""
+    With `token`, every call but health checks must carry it (refusals are counted as rejected
+    estimates, reason missing_token or wrong_token); with `tls`, the port speaks TLS (mutual
+    TLS if `tls.ca_file` is set). `server.stop(grace)` stops it."""
     interceptors = []
     if token is not None:
         interceptors.append(security.TokenInterceptor(token, on_reject=learner.metrics.rejected))
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="learner-grpc"),
-        interceptors=interceptors, options=SERVER_OPTIONS,
-    )
-    pb_grpc.add_LearnerServicer_to_server(LearnerService(learner), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
+    async def setup(server: grpc.aio.Server):
+        service = LearnerService(learner, asyncio.get_running_loop())
+        server.add_generic_rpc_handlers((service.handler(),))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return service.close
+
     address = f"{host}:{port}"
+    credentials = tls.server_credentials() if tls is not None else None
     try:
-        bound = (server.add_secure_port(address, tls.server_credentials()) if tls is not None
-                 else server.add_insecure_port(address))
-    except RuntimeError as err:  # gRPC reports a key that does not match its certificate here
-        raise OSError(f"could not serve TLS on {address}: {err}; check that the key file belongs "
-                      "to the certificate file") from None
-    if bound == 0:
-        raise OSError(f"could not bind the learner's gRPC server to {address}")
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
+        server = BackgroundServer(address, setup, credentials, interceptors, SERVER_OPTIONS,
+                                  name="learner-grpc")
+    except OSError:
+        if tls is not None:
+            raise OSError(f"could not serve TLS on {address}; check that the address is free and "
+                          "that the key file belongs to the certificate file") from None
+        raise OSError(f"could not bind the learner's gRPC server to {address}") from None
+    return server, server.port

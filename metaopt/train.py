@@ -71,7 +71,7 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
     # A fresh token per run: only this run's workers can submit to its learner.
     token = secrets.token_urlsafe(32)
     # One pool thread per worker stream, plus room for GetTheta calls and reconnects.
-    server, port = make_server(learner, "127.0.0.1", 0, max_workers=2 * spec.workers.count + 8, token=token)
+    server, port = make_server(learner, "127.0.0.1", 0, token=token)
     metrics_server, metrics_port = learner.metrics.serve("127.0.0.1", 0)
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     log.info("job %s: learner on 127.0.0.1:%d, metrics at %s", job_id, port, metrics_url)
@@ -170,8 +170,7 @@ def serve_learner(spec: JobSpec, out: str, job_id: str, host: str, port: int,
         signal.signal(signal.SIGTERM, _interrupt)
     run = _LearnerRun(spec, out, job_id)
     learner = run.learner
-    server, bound = make_server(learner, host, port, max_workers=max(64, 2 * spec.workers.count + 8),
-                                token=token, tls=tls)
+    server, bound = make_server(learner, host, port, token=token, tls=tls)
     metrics_server, metrics_bound = learner.metrics.serve(host, metrics_port)
     run.checkpointer.start()
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import subprocess
+import time
 import urllib.request
 
 import grpc
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from learner.checkpointing import Checkpointer
 from learner.core import Learner, LearnerConfig
-from learner.server import make_server
+from learner.server import ANNOUNCE_INTERVAL_S, make_server
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
 from metaopt._proto import learner_pb2_grpc as pb_grpc
@@ -94,6 +95,24 @@ def test_invalid_estimates_change_nothing_and_are_counted(bad, reason):
     np.testing.assert_array_equal(np.array(learner.theta), before)
     assert learner.version == 0
     assert sample_value(learner, "metaopt_gradient_estimates_rejected_total", job="job-1", reason=reason) == 1
+
+
+def test_acks_tell_theta_version_and_staleness_is_counted_in_its_buckets():
+    learner = make_learner(meta_batch_size=1, max_staleness=2)
+    staleness = []
+    for version in (0, 1, 2, 2, 2):  # each applied before the next: staleness 0, 0, 0, 1, 2
+        before = learner.version
+        staleness.append(before - version)
+        ack = learner.submit(estimate(np.ones(SIZE) * 0.1, version=version))
+        # The ack tells θ's version when it was made: before this estimate's own update, or
+        # after it if the updater was quicker.
+        assert ack.accepted and before <= ack.theta_version <= before + 1
+        assert learner.wait_idle()
+    assert staleness == [0, 0, 0, 1, 2] and learner.version == 5
+    bucket = lambda le: sample_value(  # noqa: E731
+        learner, "metaopt_estimate_staleness_versions_bucket", job="job-1", le=le)
+    assert [bucket(le) for le in ("0.0", "1.0", "2.0", "4.0", "+Inf")] == [3, 4, 5, 5, 5]
+    assert sample_value(learner, "metaopt_estimate_staleness_versions_sum", job="job-1") == 3
 
 
 def test_stale_estimates_are_rejected():
@@ -200,15 +219,22 @@ def test_grpc_stream_acks_pushes_versions_and_stops(served):
 
     def worker():  # keeps its stream open, as a worker does, until the job is over
         yield hello(learner.digest)
-        for _ in range(2):
-            yield pb.WorkerMessage(estimate=estimate(np.ones(SIZE) * 0.1, version=0))
+        yield pb.WorkerMessage(estimate=estimate(np.ones(SIZE) * 0.1, version=0))
+        deadline = time.monotonic() + 10
+        while learner.version < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(3 * ANNOUNCE_INTERVAL_S)  # time for version 1's news, if no ack told it
+        yield pb.WorkerMessage(estimate=estimate(np.ones(SIZE) * 0.1, version=1))
         learner.done.wait(10)
 
-    replies = [m.WhichOneof("kind") for m in stub.Connect(worker(), timeout=10)]
-    assert replies[0] == "welcome"
-    assert replies.count("ack") == 2 and replies.count("theta_updated") == 2
-    assert replies.count("stop") == 1  # max_outer_steps=2 reached
-    assert replies.index("stop") > max(i for i, r in enumerate(replies) if r == "theta_updated")
+    replies = list(stub.Connect(worker(), timeout=10))
+    kinds = [m.WhichOneof("kind") for m in replies]
+    assert kinds[0] == "welcome" and kinds.count("ack") == 2
+    assert kinds[-1] == "stop" and kinds.count("stop") == 1  # max_outer_steps=2 reached
+    # θ's new versions reach the stream in acks or, when no ack told it, as ThetaUpdated.
+    told = [m.ack.theta_version if k == "ack" else m.theta_updated.theta_version
+            for m, k in zip(replies, kinds, strict=True) if k in ("ack", "theta_updated")]
+    assert told == sorted(told) and 1 in told
     assert learner.version == 2
 
 

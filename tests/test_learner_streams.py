@@ -114,12 +114,18 @@ def test_chunk_faults_are_rejected_and_change_nothing(serve):
     h2, *c2 = split_estimate(estimate(np.ones(SIZE), 2), 16)
     h3, *c3 = split_estimate(estimate(np.ones(SIZE), 3), 16)
     stray = split_estimate(estimate(np.ones(SIZE), 9), 16)[1]
+    h4, *c4 = split_estimate(estimate(np.ones(SIZE), 4), 16)
+    empty = pb.WorkerMessage(chunk=pb.EstimateChunk(sequence=4, index=0))
+    ragged = split_estimate(estimate(np.ones(SIZE), 5), 6)  # 6-byte chunks split float32 values
     replies = acks(port, [hello(learner), header, chunks[0], corrupt, chunks[2],  # bad checksum
                           h2, c2[1], c2[0], c2[2],  # out of order
                           h3, c3[0], stray,  # another estimate's chunk cuts it off
+                          h4, empty, *c4,  # an empty chunk (endless ones would never fill it)
+                          *ragged,
                           ])
-    reasons = [pb.RejectReason.Name(a.reason) for a in replies]
-    assert reasons == ["REJECT_REASON_BAD_CHECKSUM", "REJECT_REASON_BAD_CHUNK", "REJECT_REASON_BAD_CHUNK"]
+    reasons = [pb.RejectReason.Name(a.reason).removeprefix("REJECT_REASON_") for a in replies]
+    assert reasons == ["BAD_CHECKSUM", "BAD_CHUNK", "BAD_CHUNK", "BAD_CHUNK", "WRONG_SHAPE"]
+    assert "whole values" in replies[-1].detail
     assert rejected(learner, "bad_chunk") >= 2 and rejected(learner, "bad_checksum") == 1
     np.testing.assert_array_equal(np.asarray(learner.theta), before)
 
@@ -316,7 +322,7 @@ def test_256_concurrent_worker_streams_are_all_served(serve):
     """Four processes of 64 streams each: all 256 are open at once, then each sends two
     estimates; every one is accepted."""
     learner = make_learner(meta_batch_size=8)
-    port = serve(learner, max_workers=256 + 16)
+    port = serve(learner)
     procs = [subprocess.Popen([sys.executable, "-c", STREAMS_SCRIPT, str(port), learner.digest,
                                str(64 * k), "64"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for k in range(4)]

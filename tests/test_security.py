@@ -4,12 +4,11 @@ same CA, and an unrelated CA for the negative cases (the `pki` fixture, tests/co
 
 from __future__ import annotations
 
-from concurrent import futures
-
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from learner.background import BackgroundServer
 from learner.security import (
     TLSConfig,
     TokenInterceptor,
@@ -28,35 +27,39 @@ UNARY, STREAM = "/test.Echo/Unary", "/test.Echo/Stream"
 
 def _echo_service() -> grpc.GenericRpcHandler:
     """One unary-unary and one stream-stream method, bytes in and out (no serializers)."""
+
+    async def unary(request, context):
+        return request
+
+    async def stream(requests, context):
+        async for request in requests:
+            yield request
+
     return grpc.method_handlers_generic_handler("test.Echo", {
-        "Unary": grpc.unary_unary_rpc_method_handler(lambda request, context: request),
-        "Stream": grpc.stream_stream_rpc_method_handler(lambda requests, context: (r for r in requests)),
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "Stream": grpc.stream_stream_rpc_method_handler(stream),
     })
 
 
 @pytest.fixture
 def start_server():
     """start_server(interceptors=(), credentials=None) -> port; every server is stopped after."""
-    started: list[grpc.Server] = []
+    started: list[BackgroundServer] = []
+
+    async def setup(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((_echo_service(),))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
     def start(interceptors=(), credentials: grpc.ServerCredentials | None = None) -> int:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=list(interceptors))
-        server.add_generic_rpc_handlers((_echo_service(),))
-        health_servicer = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        server = BackgroundServer("127.0.0.1:0", setup, credentials, interceptors)
         started.append(server)
-        if credentials is None:
-            port = server.add_insecure_port("127.0.0.1:0")
-        else:
-            port = server.add_secure_port("127.0.0.1:0", credentials)
-        assert port != 0
-        server.start()
-        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        return port
+        return server.port
 
     yield start
     for server in started:
-        server.stop(None).wait()
+        assert server.stop(None).wait(10)
 
 
 def _channel(port: int, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:

@@ -1,10 +1,10 @@
 """A worker's connection to the learner: one Connect stream plus GetTheta calls.
 
 Sending blocks until the learner has returned a credit (an Ack), so a worker never has more
-than `max_in_flight` estimates in flight and never polls. θ news and the job's end arrive on
-the same stream and are read by a background thread. Estimates larger than CHUNK_BYTES go as
-a header and EstimateChunks. Every call carries the job's token, if there is one, over TLS if
-configured.
+than `max_in_flight` estimates in flight and never polls. θ's version (in every ack, and in
+ThetaUpdated news) and the job's end arrive on the same stream and are read by a background
+thread. Estimates larger than CHUNK_BYTES go as a header and EstimateChunks. Every call
+carries the job's token, if there is one, over TLS if configured.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ class LearnerClient:
             self.credits.release()  # wake a sender waiting for credit
 
     def _on_ack(self, ack: pb.Ack) -> None:
+        self.latest_version = max(self.latest_version, ack.theta_version)
         if ack.accepted:
             self.accepted += 1
         elif ack.reason == pb.REJECT_REASON_JOB_FINISHED:  # the last outer step is full: done

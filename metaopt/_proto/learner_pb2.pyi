@@ -130,16 +130,18 @@ class Welcome(_message.Message):
     def __init__(self, theta_version: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("sequence", "accepted", "reason", "detail")
+    __slots__ = ("sequence", "accepted", "reason", "detail", "theta_version")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    THETA_VERSION_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     accepted: bool
     reason: RejectReason
     detail: str
-    def __init__(self, sequence: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[_Union[RejectReason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+    theta_version: int
+    def __init__(self, sequence: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[_Union[RejectReason, str]] = ..., detail: _Optional[str] = ..., theta_version: _Optional[int] = ...) -> None: ...
 
 class ThetaUpdated(_message.Message):
     __slots__ = ("theta_version",)
