@@ -90,28 +90,14 @@ DECODERS = {
 def decode(values, length: int, crc32: int, encoding: int = pb.ENCODING_FLOAT32_LE) -> np.ndarray:
     """The float32 values of a buffer, after checking length and checksum: a read-only view
     without a copy for float32, a new array for bfloat16."""
-    return decode_segments([values], length, crc32, encoding)[0]
-
-
-def decode_segments(segments, length: int, crc32: int,
-                    encoding: int = pb.ENCODING_FLOAT32_LE) -> list[np.ndarray]:
-    """`decode` for values that arrived in pieces (a chunked estimate): one float32 array per
-    piece, views without copies for float32, after checking the length and checksum of the
-    whole. Every piece must hold whole values."""
     if encoding not in DECODERS:
         raise ValueError(f"unknown encoding {encoding}")
     width, to_float32 = DECODERS[encoding]
-    total = sum(len(s) for s in segments)
-    if total != width * length:
-        raise ValueError(f"buffer has {total} bytes, expected {width} × {length}")
-    if any(len(s) % width for s in segments):
-        raise ValueError(f"a chunk does not hold whole values of {width} bytes")
-    crc = 0
-    for segment in segments:
-        crc = checksum(segment, crc)
-    if crc != crc32:
+    if len(values) != width * length:
+        raise ValueError(f"buffer has {len(values)} bytes, expected {width} × {length}")
+    if checksum(values) != crc32:
         raise ValueError("checksum mismatch: the buffer was corrupted in transit")
-    return [to_float32(s) for s in segments]
+    return to_float32(values)
 
 
 def parse_chunk(message: bytes) -> tuple[int, int, memoryview] | None:

@@ -1,6 +1,6 @@
 """Arrays on the wire (metaopt/wire.py): the hand parser of chunk messages against protobuf's
-own, on generated and on arbitrary bytes (hypothesis, 300 examples each), and decoding values
-that arrived in pieces."""
+own, on generated and on arbitrary bytes (hypothesis, 300 examples each); the checksum is
+zlib's."""
 
 from __future__ import annotations
 
@@ -51,16 +51,7 @@ def test_parse_chunk_declines_other_messages_and_damage():
         pb.WorkerMessage.FromString(chunk[:-1])
 
 
-def test_values_in_pieces_decode_like_the_whole():
-    flat = np.random.default_rng(0).normal(size=1000).astype(np.float32)
-    data, n, crc = wire.encode(flat)
-    pieces = [memoryview(data)[:400], memoryview(data)[400:2000], memoryview(data)[2000:]]
-    parts = wire.decode_segments(pieces, n, crc)
-    np.testing.assert_array_equal(np.concatenate(parts), flat)
-    assert crc == zlib.crc32(data)  # the checksum is zlib's, whoever computes it
-    with pytest.raises(ValueError, match="checksum"):
-        wire.decode_segments([pieces[1], pieces[0], pieces[2]], n, crc)
-    with pytest.raises(ValueError, match="whole values"):
-        wire.decode_segments([memoryview(data)[:401], memoryview(data)[401:]], n, crc)
-    with pytest.raises(ValueError, match="bytes"):
-        wire.decode_segments(pieces[:2], n, crc)
+def test_checksum_is_zlibs_crc32_and_continues():
+    data = np.random.default_rng(0).normal(size=1000).astype(np.float32).tobytes()
+    assert wire.checksum(data) == zlib.crc32(data) == wire.encode(np.frombuffer(data, np.float32))[2]
+    assert wire.checksum(data[400:], wire.checksum(data[:400])) == zlib.crc32(data)
