@@ -179,19 +179,14 @@ class LearnerService:
     def _deliver(self, settled: list) -> None:
         """On the loop: the ingest thread's results, (stream, acks or None at the end)."""
         for stream, messages in settled:
-            if messages is not None:
-                stream.queued -= 1
-                stream.drained.set()
-            self._post(stream, messages)
-
-    @staticmethod
-    def _post(stream: _Stream, messages: list | None) -> None:
-        if messages is None:
-            stream.outbox.put_nowait(_END)
-            return
-        for message in messages:
-            stream.told = max(stream.told, message.ack.theta_version)
-            stream.outbox.put_nowait(message)
+            if messages is None:
+                stream.outbox.put_nowait(_END)
+                continue
+            stream.queued -= 1
+            stream.drained.set()
+            for message in messages:
+                stream.told = max(stream.told, message.ack.theta_version)
+                stream.outbox.put_nowait(message)
 
     async def _announce(self) -> None:
         """Tell streams of new θ versions that no ack has told them."""
