@@ -34,7 +34,7 @@ import grpc
 import numpy as np
 
 SIZES = {"small": 2_410, "large": 2_300_000}
-META_BATCH = {"small": 64, "large": 16}  # estimates per outer step
+META_BATCH = {"small": 64, "large": 64}  # estimates per outer step (VeLO: 512 of 2.3M values)
 MAX_IN_FLIGHT = 2
 JOB = "ingest"
 METHOD = "/metaopt.v1.Learner/Connect"
