@@ -237,9 +237,6 @@ def measure(pool: SenderPool, mode: str, size: str, streams: int, warm_s: float,
     else:
         server, port = _bare_server()
     digest = learner.digest if learner else ""
-    versions = []
-    if learner:  # outer steps in the window, read from the learner's history afterwards
-        start_version = learner.version
     started = time.time()
     cpu_started = time.process_time()
     result = pool.run(f"127.0.0.1:{port}", mode, SIZES[size], digest, streams, warm_s + window_s)
@@ -247,7 +244,6 @@ def measure(pool: SenderPool, mode: str, size: str, streams: int, warm_s: float,
     server.stop(grace=None).wait(10)
     if learner:
         learner.stop()
-        versions = [h.time for h in learner.history[start_version:]]
     lo, hi = started + warm_s, started + warm_s + window_s
     latencies = np.array([lat for t, lat in result["done"] if lo <= t < hi])
     per_s = len(latencies) / window_s
@@ -264,7 +260,7 @@ def measure(pool: SenderPool, mode: str, size: str, streams: int, warm_s: float,
         "sender_cpu_us_per_estimate": 1e6 * result["cpu_s"] / max(len(result["done"]), 1),
     }
     if learner:
-        row["outer_steps_per_s"] = sum(lo <= t < hi for t in versions) / window_s
+        row["outer_steps_per_s"] = sum(lo <= step.time < hi for step in learner.history) / window_s
         row["meta_batch_size"] = META_BATCH[size]
     return row
 

@@ -33,7 +33,8 @@ class BackgroundServer:
         self._stopped: threading.Event | None = None
         self._cleanup = None
         try:
-            self.port = self.call(self._start(address, setup, credentials, interceptors, options))
+            start = self._start(address, setup, credentials, interceptors, options)
+            self.port = asyncio.run_coroutine_threadsafe(start, self.loop).result()
         except BaseException:
             self.loop.call_soon_threadsafe(self.loop.stop)
             raise
@@ -56,10 +57,6 @@ class BackgroundServer:
             raise OSError(f"could not bind a gRPC server to {address}")
         await self.server.start()
         return port
-
-    def call(self, coroutine: Awaitable):
-        """Run `coroutine` on the server's loop and return its result (from another thread)."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def stop(self, grace: float | None = None) -> threading.Event:
         """Stop serving (open calls get `grace` seconds to finish) and end the loop's thread;
@@ -84,8 +81,3 @@ class BackgroundServer:
         else:
             self._stopped.set()
         return self._stopped
-
-    def wait_for_termination(self, timeout: float | None = None) -> bool:
-        """True once the server has stopped; False if `timeout` seconds passed first."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()

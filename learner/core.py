@@ -133,7 +133,8 @@ class Learner:
         finally:
             self._add_busy(time.perf_counter() - started)
 
-    def _reject(self, est: pb.GradientEstimate, reason: int, detail: str) -> pb.Ack:
+    def reject(self, est: pb.GradientEstimate, reason: int, detail: str) -> pb.Ack:
+        """Count a refusal of `est` and return its ack (also for the server's own refusals)."""
         self.metrics.rejected(Reason.Name(reason))
         return pb.Ack(sequence=est.sequence, accepted=False, reason=reason, detail=detail,
                       theta_version=self.version)
@@ -141,7 +142,7 @@ class Learner:
     def _submit(self, est: pb.GradientEstimate, values) -> pb.Ack:
         reason, detail, flat = self._validate(est, values)
         if reason:
-            return self._reject(est, reason, detail)
+            return self.reject(est, reason, detail)
         with self._lock:
             if self._filling is None and self._wants_estimates():
                 wait_started = time.perf_counter()
@@ -150,14 +151,14 @@ class Learner:
                 self._add_busy(wait_started - time.perf_counter())  # waiting is not load
             if not self._wants_estimates():
                 detail = "the job is finished" if self.done.is_set() else "the last outer step is full"
-                return self._reject(est, Reason.REJECT_REASON_JOB_FINISHED, detail)
+                return self.reject(est, Reason.REJECT_REASON_JOB_FINISHED, detail)
             stream = (est.worker_id, est.run_id)
             if est.sequence <= self._last_sequence.get(stream, 0):
                 detail = f"sequence {est.sequence} of {est.worker_id}/{est.run_id} was already seen"
-                return self._reject(est, Reason.REJECT_REASON_REPLAYED, detail)
+                return self.reject(est, Reason.REJECT_REASON_REPLAYED, detail)
             staleness = self.version - est.theta_version
             if staleness > self.config.max_staleness:  # θ may have moved since _validate
-                return self._reject(est, Reason.REJECT_REASON_STALE, "θ moved on")
+                return self.reject(est, Reason.REJECT_REASON_STALE, "θ moved on")
             self._last_sequence[stream] = est.sequence
             self.accepted_by_worker[est.worker_id] += 1
             batch = self._filling

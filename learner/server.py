@@ -252,17 +252,17 @@ class LearnerService:
             if done is not None:
                 est, segments = done
                 acks.append(self.learner.submit(est, self._gather(segments)) if segments is not None
-                            else self._bad_chunk(est, "chunks out of order or of the wrong size"))
+                            else self.learner.reject(est, pb.REJECT_REASON_BAD_CHUNK,
+                                                     "chunks out of order or of the wrong size"))
             return acks
         if chunked.pending is not None:  # anything but its next chunk cuts a chunked estimate off
-            acks.append(self._bad_chunk(chunked.drop(), "the estimate's chunks did not all arrive"))
+            acks.append(self.learner.reject(chunked.drop(), pb.REJECT_REASON_BAD_CHUNK,
+                                            "the estimate's chunks did not all arrive"))
         est = message.estimate
         ours = (est.worker_id, est.run_id) == (hello.worker_id, hello.run_id)
         if message.WhichOneof("kind") != "estimate" or not ours:
-            self.learner.metrics.rejected("NOT_CONNECTED")
             detail = "expected an estimate from the worker and run id of this stream's Hello"
-            acks.append(pb.Ack(sequence=est.sequence, accepted=False, theta_version=self.learner.version,
-                               reason=pb.REJECT_REASON_NOT_CONNECTED, detail=detail))
+            acks.append(self.learner.reject(est, pb.REJECT_REASON_NOT_CONNECTED, detail))
         elif est.chunks and chunked.start(est):
             pass  # its values follow
         else:
@@ -281,11 +281,6 @@ class LearnerService:
             view[at:at + len(segment)] = segment
             at += len(segment)
         return view[:total]
-
-    def _bad_chunk(self, est: pb.GradientEstimate, detail: str) -> pb.Ack:
-        self.learner.metrics.rejected("BAD_CHUNK")
-        return pb.Ack(sequence=est.sequence, accepted=False, reason=pb.REJECT_REASON_BAD_CHUNK,
-                      detail=detail, theta_version=self.learner.version)
 
 
 class _Reassembly:

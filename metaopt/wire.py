@@ -106,23 +106,22 @@ def parse_chunk(message: bytes) -> tuple[int, int, memoryview] | None:
     if `message` is anything else, or not exactly that, for protobuf to parse."""
     view = memoryview(message)
     try:
-        kind, start, end = _field(view, 0)
+        kind, chunk, end = _field(view, 0)
         if kind != (3, 2) or end != len(view):  # WorkerMessage.chunk, length-delimited, alone
             return None
-        sequence = index = 0
-        values = view[0:0]
-        while start < end:
-            (number, wire_type), value_start, value_end = _field(view, start)
-            if (number, wire_type) == (1, 0):
-                sequence = _varint(view, value_start)[0]
-            elif (number, wire_type) == (2, 0):
-                index = _varint(view, value_start)[0]
-            elif (number, wire_type) == (3, 2):
-                values = view[value_start:value_end]
+        sequence = index = start = 0
+        values = chunk[0:0]
+        while start < len(chunk):
+            kind, value, start = _field(chunk, start)
+            if kind == (1, 0):
+                sequence = value
+            elif kind == (2, 0):
+                index = value
+            elif kind == (3, 2):
+                values = value
             else:
                 return None
-            start = value_end
-        return (sequence, index, values) if start == end else None
+        return sequence, index, values
     except IndexError:
         return None
 
@@ -141,18 +140,18 @@ def _varint(view: memoryview, at: int) -> tuple[int, int]:
             raise IndexError("varint too long")
 
 
-def _field(view: memoryview, at: int) -> tuple[tuple[int, int], int, int]:
-    """((field number, wire type), start, end) of the field at `at`: for a varint, the
-    varint's own bytes; for a length-delimited field, its payload."""
+def _field(view: memoryview, at: int) -> tuple[tuple[int, int], int | memoryview, int]:
+    """((field number, wire type), value, position after it) of the field at `at`: a varint's
+    value, or a length-delimited field's payload as a view."""
     key, at = _varint(view, at)
     wire_type = key & 7
     if wire_type == 0:
-        return (key >> 3, 0), at, _varint(view, at)[1]
+        return (key >> 3, 0), *_varint(view, at)
     if wire_type == 2:
         size, at = _varint(view, at)
         if at + size > len(view):
             raise IndexError("field runs past the message")
-        return (key >> 3, 2), at, at + size
+        return (key >> 3, 2), view[at:at + size], at + size
     raise IndexError(f"wire type {wire_type} is not used in an EstimateChunk")
 
 

@@ -111,12 +111,11 @@ class LearnerClient:
         self.latest_version = max(self.latest_version, ack.theta_version)
         if ack.accepted:
             self.accepted += 1
-        elif ack.reason == pb.REJECT_REASON_JOB_FINISHED:  # the last outer step is full: done
-            self.rejected += 1
-            self.stopped.set()
         else:
             self.rejected += 1
-            if time.monotonic() - self._last_warning > 30:  # at most one warning per 30 s
+            if ack.reason == pb.REJECT_REASON_JOB_FINISHED:  # the last outer step is full: done
+                self.stopped.set()
+            elif time.monotonic() - self._last_warning > 30:  # at most one warning per 30 s
                 self._last_warning = time.monotonic()
                 log.warning("learner rejected estimate %d (%s: %s); %d rejected so far",
                             ack.sequence, pb.RejectReason.Name(ack.reason), ack.detail, self.rejected)
