@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := prometheus
+DEBIAN_PACKAGES := prometheus redis-server
 
 .PHONY: demo test test-slow lint proto bench lock system-deps venv clean
 
@@ -19,9 +19,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP)
 
-# Real tools the tests run: promtool (Debian's prometheus) checks the learner's metrics.
+# Real tools the tests run: promtool (Debian's prometheus) checks the learner's metrics;
+# redis-server backs the job store tests.
 system-deps:
-	@command -v promtool >/dev/null || { \
+	@command -v promtool >/dev/null && command -v redis-server >/dev/null || { \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  $(SUDO) apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES); }
 
