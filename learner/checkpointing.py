@@ -3,6 +3,8 @@
 A snapshot (θ, outer state, RNG, step, history) is copied under the learner's lock, then
 written without it, so workers are never held up by storage. Writes are atomic
 (`metaopt.storage.save_checkpoint`): an interrupted write never hides the last good checkpoint.
+The root is a path or any fsspec URI (s3://, gs://, see `metaopt.storage` for S3 endpoints); on
+a shared store, a learner resumes its job from the last good checkpoint wherever it starts.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, learner: Learner, root_uri: str, interval_s: float = 30.0, keep: int = 3):
-        self.learner, self.root_uri = learner, root_uri
+    def __init__(self, learner: Learner, root_uri: str, interval_s: float = 30.0, keep: int = 3,
+                 meta: dict | None = None):
+        """`meta`: JSON fields every checkpoint carries besides the learner's own (the job spec,
+        the code version), so that a checkpoint alone can be published or resumed anywhere."""
+        self.learner, self.root_uri, self.meta = learner, root_uri, meta or {}
         self.interval_s, self.keep = interval_s, keep
         self.last_saved_step: int | None = None
         self._stopped = threading.Event()
@@ -44,7 +49,7 @@ class Checkpointer:
             if step == self.last_saved_step:
                 return None
             started = time.perf_counter()
-            uri = storage.save_checkpoint(self.root_uri, step, arrays, meta, keep=self.keep)
+            uri = storage.save_checkpoint(self.root_uri, step, arrays, {**self.meta, **meta}, keep=self.keep)
             self.learner.metrics.checkpoint_written(time.perf_counter() - started)
             self.last_saved_step = step
             return uri

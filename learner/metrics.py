@@ -59,6 +59,7 @@ class LearnerMetrics:
         self._per_family: dict[str, tuple] = {}
         self._staleness_child = self._staleness.labels(job_id)
         self._buffered_child = self._buffered.labels(job_id)
+        self.workers_connected = 0
 
     def accepted(self, task_family: str, inner_steps: int, staleness: int) -> None:
         children = self._per_family.get(task_family)
@@ -87,6 +88,7 @@ class LearnerMetrics:
         self._last_checkpoint.labels(self.job_id).set(time.time())
 
     def worker_connected(self, delta: int) -> None:
+        self.workers_connected += delta  # for the job record; the gauge is for Prometheus
         self._workers.labels(self.job_id).inc(delta)
 
     def serve(self, host: str = "127.0.0.1", port: int = 0):

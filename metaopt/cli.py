@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from metaopt import cli_jobs, cli_registry
+
 app = typer.Typer(
     help="Meta-train learned optimizers and use the trained ones.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -49,6 +51,7 @@ def train(
         spec = spec.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
     except JobSpecError as err:
         _fail(str(err))
+    from metaopt.jobstore import JobStoreError
     from metaopt.train import WorkerFailed, new_job_id
     from metaopt.train import train as run_training
 
@@ -57,7 +60,7 @@ def train(
     job_id = job_id or new_job_id(spec)
     try:
         result = run_training(spec, out=str(out), job_id=job_id, progress=show_progress)
-    except (WorkerFailed, ValueError, OSError) as err:
+    except (WorkerFailed, JobStoreError, ValueError, OSError) as err:
         _fail(str(err), code=1)
     except KeyboardInterrupt:
         _fail(f"interrupted; the last checkpoint is kept: resume with --job-id {job_id}", code=130)
@@ -189,25 +192,7 @@ def worker(
                f"worker {worker_id}: {stats['accepted']} estimates accepted, {stats['rejected']} rejected")
 
 
-@app.command()
-def pull(
-    ref: Annotated[str, typer.Argument(help="NAME, NAME:VERSION or NAME@ALIAS (default: newest).")],
-    registry_uri: Annotated[str, typer.Option("--registry", help="Registry root: a path or fsspec URI.")],
-    dest: Annotated[
-        pathlib.Path | None, typer.Option("--dest", help="Local directory (default: the cache).")
-    ] = None,
-) -> None:
-    """Copy a trained optimizer out of a registry, verifying the sha256 of every file."""
-    from metaopt import registry
-    from metaopt.storage import CorruptArtifactError
-
-    try:
-        path = registry.pull(ref, registry_uri, str(dest) if dest else None)
-    except (CorruptArtifactError, OSError) as err:
-        _fail(str(err), code=1)
-    except (ValueError, LookupError) as err:
-        _fail(str(err))
-    typer.echo(path)
+cli_registry.register(app)  # publish, pull, registry list|alias
 
 
 @app.command("eval")
@@ -271,6 +256,8 @@ def eval_(
     typer.echo(json.dumps({"ref": result["ref"], "suite": result["suite"], "seeds": result["seeds"],
                            "baselines": result["baselines"], **result["aggregate"], "out": str(out_dir)}))
 
+
+cli_jobs.register(app)  # submit, status, logs, cancel, list-jobs
 
 list_app = typer.Typer(help="List what the registries hold.", no_args_is_help=True)
 app.add_typer(list_app, name="list")

@@ -144,6 +144,32 @@ class StopSpec(_Frozen):
     max_minutes: float | None = Field(None, gt=0)
 
 
+class StorageSpec(_Frozen):
+    """Where a job keeps what must outlive its processes."""
+
+    # Checkpoints (ROOT/runs/JOB_ID/checkpoints) and the registry (ROOT/registry): a path or an
+    # fsspec URI such as s3://bucket/metaopt or gs://bucket/metaopt. Default: `--out` of
+    # `metaopt train`. On a cluster, a shared store, so that a learner resumes wherever it starts.
+    # An S3-compatible store's endpoint comes from $AWS_ENDPOINT_URL, credentials from AWS's
+    # usual variables and files: nothing secret belongs in a job spec.
+    root: str | None = None
+    # The job store: redis://USER@HOST:PORT/DB (the password from $METAOPT_REDIS_PASSWORD), or
+    # None for an in-process store that lives as long as the run.
+    job_store: str | None = None
+    job_store_prefix: str = Field("metaopt", pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @field_validator("job_store")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "memory://")):
+            raise ValueError(f"job_store must be a redis:// or rediss:// URL, got {url!r}")
+        if url is not None and re.match(r"^rediss?://[^/@]*:[^/@]*@", url):
+            raise ValueError("job_store must not carry a password (it would be stored with the job); "
+                             "give the user only, redis://USER@HOST:PORT/DB, and the password "
+                             "in $METAOPT_REDIS_PASSWORD")
+        return url
+
+
 class JobSpec(_Frozen):
     name: str = Field(pattern=NAME_PATTERN)
     seed: int = 0
@@ -156,6 +182,7 @@ class JobSpec(_Frozen):
     workers: WorkersSpec = WorkersSpec()
     stop: StopSpec = StopSpec()
     checkpoint_interval_s: float = Field(30.0, gt=0)
+    storage: StorageSpec = StorageSpec()
     artifact_name: str | None = Field(None, pattern=NAME_PATTERN)  # default: the job name
 
     @field_validator("tasks")

@@ -6,9 +6,17 @@ Layout under a registry root URI (any fsspec URI or local path):
     NAME/VERSION/manifest.json       name, version, optimizer {name, hparams}, theta_structure,
                                      provenance, created_at, files {name: {sha256, size}}
     NAME/VERSION/COMMIT.json         written last; sha256 of both files (see metaopt.storage)
+    NAME/aliases.json                {alias: version}, e.g. {"champion": 3}
 
-Versions count 1, 2, … and are never overwritten. A local pull cache uses the same layout, so
-the cache root is itself a registry that `load` can read offline.
+Versions count 1, 2, … and are never overwritten. Aliases move: `latest` is always the newest
+committed version (it moves by itself on every publish); the others (`champion`, …) move only
+when `set_alias` points them elsewhere.
+
+Pulls go through a local cache keyed by content, not by name: CACHE/sha256/DIGEST, where DIGEST
+is the sha256 of the artifact's COMMIT.json file table (the sha256 and size of every file). The
+same NAME:VERSION of two registries can never collide there, identical artifacts are stored
+once, and a hit (cached bytes present and verified) reads only the registry's small COMMIT.json.
+`load` from a remote (non-local) registry goes through the cache too.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import datetime as _dt
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,15 +51,21 @@ from metaopt.storage import (
 __all__ = [
     "ArtifactNotFoundError",
     "CorruptArtifactError",
+    "LATEST",
     "TrainedOptimizer",
     "aliases",
+    "check_name",
+    "content_digest",
     "default_cache_dir",
+    "default_registry",
     "list_names",
     "list_versions",
     "load",
+    "load_path",
     "parse_ref",
     "publish",
     "pull",
+    "read_manifest",
     "resolve",
     "set_alias",
 ]
@@ -61,13 +76,16 @@ _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _VERSION_RE = re.compile(r"[1-9][0-9]*")
 _REF_FORMS = "NAME, NAME:VERSION, NAME:latest or NAME@ALIAS (NAME like 'my-opt.v2', VERSION like 3)"
 ALIASES_FILE = "aliases.json"  # NAME/aliases.json: {alias: version}; aliases move, versions don't
+LATEST = "latest"  # the alias of the newest version: computed, never stored, never set by hand
+DEFAULT_REGISTRY = "runs/registry"  # what `metaopt train` writes under its default --out runs
 
 
 class ArtifactNotFoundError(LookupError):
     """The requested name or version is not in the registry."""
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """`name` if it is a valid optimizer name in a registry, else ValueError saying why."""
     if not isinstance(name, str) or len(name) > 128 or not _NAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid optimizer name {name!r}: use lowercase letters, digits, '_', '.', '-', "
@@ -81,19 +99,19 @@ def _join(root: str, *parts: Any) -> str:
 
 
 def parse_ref(ref: str) -> tuple[str, int | str | None]:
-    """ "NAME" / "NAME:latest" -> (NAME, None); "NAME:VERSION" -> (NAME, VERSION);
+    """ "NAME" / "NAME:latest" / "NAME@latest" -> (NAME, None); "NAME:VERSION" -> (NAME, VERSION);
     "NAME@ALIAS" -> (NAME, "ALIAS")."""
     if not isinstance(ref, str) or ref.count(":") + ref.count("@") > 1:
         raise ValueError(f"invalid registry ref {ref!r}; accepted forms: {_REF_FORMS}")
     if "@" in ref:
         name, _, alias = ref.partition("@")
-        if not _NAME_RE.fullmatch(name) or not _valid_alias(alias):
+        if not _NAME_RE.fullmatch(name) or not (alias == LATEST or _valid_alias(alias)):
             raise ValueError(f"invalid registry ref {ref!r}; accepted forms: {_REF_FORMS}")
-        return name, alias
+        return (name, None) if alias == LATEST else (name, alias)
     name, _, version = ref.partition(":")
     if not _NAME_RE.fullmatch(name) or len(name) > 128:
         raise ValueError(f"invalid name in registry ref {ref!r}; accepted forms: {_REF_FORMS}")
-    if not _ or version == "latest":
+    if not _ or version == LATEST:
         return name, None
     if not _VERSION_RE.fullmatch(version):
         raise ValueError(
@@ -104,32 +122,55 @@ def parse_ref(ref: str) -> tuple[str, int | str | None]:
 
 
 def _valid_alias(alias: str) -> bool:
-    return bool(_NAME_RE.fullmatch(alias)) and not alias.isdigit() and alias != "latest"
+    return (isinstance(alias, str) and len(alias) <= 128 and bool(_NAME_RE.fullmatch(alias))
+            and not alias.isdigit() and alias != LATEST)
 
 
-def aliases(registry_uri: str, name: str) -> dict[str, int]:
-    """{alias: version} of `name` (empty if it has none)."""
+def _check_alias(alias: str) -> str:
+    if alias == LATEST:
+        raise ValueError(f"alias {LATEST!r} cannot be set: it is always the newest version and moves by "
+                         "itself on every publish; pick another alias, e.g. 'champion'")
+    if not _valid_alias(alias):
+        raise ValueError(f"invalid alias {alias!r}: use lowercase letters, digits, '_', '.', '-' "
+                         "(starting with a letter or digit), not only digits, e.g. 'champion'")
+    return alias
+
+
+def _stored_aliases(registry_uri: str, name: str) -> dict[str, int]:
     fs, path = url_to_fs(_join(registry_uri, name, ALIASES_FILE))
     if not fs.exists(path):
         return {}
     try:
         table = json.loads(fs.cat_file(path))
-        return {str(k): int(v) for k, v in table.items()}
+        return {str(k): int(v) for k, v in table.items() if k != LATEST}
     except (ValueError, TypeError, AttributeError) as err:
         raise CorruptArtifactError(f"{_join(registry_uri, name, ALIASES_FILE)} is unreadable ({err}); "
                                    "set the aliases again with set_alias") from None
 
 
-def set_alias(registry_uri: str, name: str, version: int, alias: str) -> None:
-    """Point `name@alias` at an existing version (aliases move; versions never change).
-    One writer at a time: concurrent alias updates of one name may lose one of them."""
-    if not _valid_alias(alias):
-        raise ValueError(f"invalid alias {alias!r}: like a name ({_NAME_RE.pattern}), not a number "
-                         "and not 'latest'")
-    if version not in list_versions(registry_uri, name):
+def aliases(registry_uri: str, name: str) -> dict[str, int]:
+    """{alias: version} of `name`, `latest` (the newest version) included; empty if none."""
+    table = _stored_aliases(registry_uri, name)
+    versions = list_versions(registry_uri, name)
+    return table | {LATEST: versions[-1]} if versions else table
+
+
+def set_alias(registry_uri: str, name: str, version: int, alias: str) -> int | None:
+    """Point `name@alias` at an existing version (aliases move; versions never change); return
+    the version it pointed at before (None if it is new). `latest` moves by itself and cannot
+    be set. One writer at a time: concurrent alias updates of one name may lose one of them."""
+    check_name(name)
+    _check_alias(alias)
+    versions = list_versions(registry_uri, name)
+    if not versions:
+        raise ArtifactNotFoundError(f"no published optimizer named {name!r} in {registry_uri}; "
+                                    f"available names: {list_names(registry_uri) or 'none'}")
+    if isinstance(version, bool) or version not in versions:
         raise ArtifactNotFoundError(f"{name}:{version} is not in {registry_uri}; available versions: "
-                                    f"{list_versions(registry_uri, name)}")
-    table = aliases(registry_uri, name) | {alias: int(version)}
+                                    f"{versions}")
+    table = _stored_aliases(registry_uri, name)
+    previous = table.get(alias)
+    table[alias] = int(version)
     fs, path = url_to_fs(_join(registry_uri, name, ALIASES_FILE))
     data = json.dumps(table, indent=2, sort_keys=True).encode()
     if isinstance(fs, LocalFileSystem):  # write aside, then rename over: never half-written
@@ -138,6 +179,7 @@ def set_alias(registry_uri: str, name: str, version: int, alias: str) -> None:
         os.replace(tmp, path)
     else:  # object stores replace a whole object at once
         fs.pipe_file(path, data)
+    return previous
 
 
 def _numeric_dirs(registry_uri: str, name: str) -> list[int]:
@@ -149,7 +191,7 @@ def _numeric_dirs(registry_uri: str, name: str) -> list[int]:
 
 def list_versions(registry_uri: str, name: str) -> list[int]:
     """Committed versions of `name`, ascending (uncommitted ones are invisible)."""
-    _check_name(name)
+    check_name(name)
     return [
         v for v in _numeric_dirs(registry_uri, name) if is_committed(_join(registry_uri, name, v))
     ]
@@ -165,13 +207,13 @@ def list_names(registry_uri: str) -> list[str]:
 
 
 def resolve(registry_uri: str, ref: str) -> tuple[str, int]:
-    """(name, version) for `ref`; no version means the newest committed version."""
+    """(name, version) for `ref`; no version (or `latest`) means the newest committed version."""
     name, version = parse_ref(ref)
     if isinstance(version, str):
-        table = aliases(registry_uri, name)
+        table = _stored_aliases(registry_uri, name)
         if version not in table:
             raise ArtifactNotFoundError(f"{name} has no alias {version!r} in {registry_uri}; "
-                                        f"its aliases: {sorted(table) or 'none'}")
+                                        f"its aliases: {sorted(table) + [LATEST]}")
         version = table[version]
     versions = list_versions(registry_uri, name)
     if not versions:
@@ -188,6 +230,26 @@ def resolve(registry_uri: str, ref: str) -> tuple[str, int]:
     return name, version
 
 
+def read_manifest(registry_uri: str, name: str, version: int) -> dict[str, Any]:
+    """The manifest of NAME:VERSION, checked against its COMMIT.json (θ itself is not read)."""
+    uri = _join(registry_uri, check_name(name), version)
+    try:
+        marker = read_marker(uri)
+    except FileNotFoundError:
+        raise ArtifactNotFoundError(f"{name}:{version} is not in {registry_uri}") from None
+    fs, path = url_to_fs(_join(uri, MANIFEST_FILE))
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise _corrupt(uri, MANIFEST_FILE, "is missing") from None
+    if sha256_hex(data) != marker["files"].get(MANIFEST_FILE, {}).get("sha256"):
+        raise _corrupt(uri, MANIFEST_FILE, "does not match its sha256 in COMMIT.json")
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise _corrupt(uri, MANIFEST_FILE, f"is not JSON ({e})") from e
+
+
 def publish(
     registry_uri: str,
     name: str,
@@ -195,12 +257,16 @@ def publish(
     hparams: dict[str, Any],
     theta: Any,
     provenance: dict[str, Any],
+    aliases: Sequence[str] = (),
 ) -> str:
-    """Publish θ as the next version of `name`; return its ref "NAME:VERSION".
+    """Publish θ as the next version of `name`, then point `aliases` at it; return "NAME:VERSION".
 
-    Fails with FileExistsError (never overwrites) if another publisher takes the same version.
+    Never overwrites: a version taken meanwhile by another publisher is skipped for the next one
+    (FileExistsError after a few such races). `latest` moves to the new version by itself.
     """
-    _check_name(name)
+    check_name(name)
+    for alias in aliases:
+        _check_alias(alias)  # before publishing: a bad alias must not leave a half-done publish
     if not isinstance(optimizer_name, str) or not optimizer_name:
         raise ValueError(f"optimizer_name must be a non-empty string, got {optimizer_name!r}")
     for what, value in (("hparams", hparams), ("provenance", provenance)):
@@ -213,27 +279,44 @@ def publish(
 
     flat = flatten_tree(theta)
     theta_bytes = safetensors.numpy.save(contiguous(flat))
-    existing = _numeric_dirs(registry_uri, name)
-    version = (existing[-1] if existing else 0) + 1
-    manifest = {
-        "name": name,
-        "version": version,
-        "optimizer": {"name": optimizer_name, "hparams": hparams},
-        "theta_structure": tree_structure(theta),
-        "provenance": provenance,
-        "created_at": _dt.datetime.now(_dt.UTC).isoformat(),
-        "files": {THETA_FILE: {"sha256": sha256_hex(theta_bytes), "size": len(theta_bytes)}},
-    }
-    files = {THETA_FILE: theta_bytes, MANIFEST_FILE: json.dumps(manifest, indent=2).encode()}
-    uri = _join(registry_uri, name, version)
-    try:
-        write_committed(uri, files, {"kind": "metaopt.registry", "name": name, "version": version})
-    except FileExistsError as e:
-        raise FileExistsError(
-            f"{name}:{version} was published concurrently by someone else; nothing was "
-            "overwritten: publish again to get the next version"
-        ) from e
+    for attempt in range(_PUBLISH_ATTEMPTS):
+        existing = _numeric_dirs(registry_uri, name)
+        version = (existing[-1] if existing else 0) + 1
+        manifest = {
+            "name": name,
+            "version": version,
+            "optimizer": {"name": optimizer_name, "hparams": hparams},
+            "theta_structure": tree_structure(theta),
+            "provenance": provenance,
+            "created_at": _dt.datetime.now(_dt.UTC).isoformat(),
+            "files": {THETA_FILE: {"sha256": sha256_hex(theta_bytes), "size": len(theta_bytes)}},
+        }
+        files = {THETA_FILE: theta_bytes, MANIFEST_FILE: json.dumps(manifest, indent=2).encode()}
+        try:
+            write_committed(_join(registry_uri, name, version), files,
+                            {"kind": "metaopt.registry", "name": name, "version": version})
+            break
+        except FileExistsError as e:
+            if attempt + 1 == _PUBLISH_ATTEMPTS:
+                raise FileExistsError(
+                    f"{name}:{version} was published concurrently by someone else; nothing was "
+                    "overwritten: publish again to get the next version"
+                ) from e
+    for alias in aliases:
+        set_alias(registry_uri, name, version, alias)
     return f"{name}:{version}"
+
+
+_PUBLISH_ATTEMPTS = 3
+
+
+# --------------------------------------------------------------------------------------------
+# Pulling, through the cache
+
+
+def default_registry() -> str:
+    """The registry used when none is given: $METAOPT_REGISTRY, else runs/registry."""
+    return os.environ.get("METAOPT_REGISTRY") or DEFAULT_REGISTRY
 
 
 def default_cache_dir() -> str:
@@ -243,31 +326,78 @@ def default_cache_dir() -> str:
     )
 
 
-def pull(ref: str, registry_uri: str, dest_dir: str | None = None) -> str:
-    """Copy an artifact into local `dest_dir` (default: the cache's NAME/VERSION), verified.
+def content_digest(file_table: dict[str, Any]) -> str:
+    """sha256 of a COMMIT.json file table {file: {sha256, size}}: names an artifact's content.
 
-    A valid copy already there is reused; a damaged one is replaced.
+    The manifest (hashed in that table) holds the name, version, θ's hash and the creation time,
+    so two artifacts share a digest only if every byte of every file is the same."""
+    table = {f: {"sha256": i["sha256"], "size": i["size"]} for f, i in file_table.items()}
+    return sha256_hex(json.dumps(table, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _cache_path(digest: str) -> str:
+    return os.path.join(default_cache_dir(), "sha256", digest)
+
+
+def pull(ref: str, registry_uri: str, dest_dir: str | None = None) -> str:
+    """Copy an artifact, verified, into local `dest_dir` (default: the cache); return its path.
+
+    Only the registry's COMMIT.json is read when the content is already in the cache (or in
+    `dest_dir`) and verifies; a damaged copy is replaced.
     """
     name, version = resolve(registry_uri, ref)
+    return _pull_resolved(registry_uri, name, version, dest_dir)[0]
+
+
+def _pull_resolved(registry_uri: str, name: str, version: int,
+                   dest_dir: str | None = None) -> tuple[str, dict[str, bytes]]:
+    """(local path, verified files) of NAME:VERSION."""
     src = _join(registry_uri, name, version)
-    dest = dest_dir or os.path.join(default_cache_dir(), name, str(version))
-    wanted = read_marker(src)["files"]
-    _refuse_foreign_directory(dest)
     try:
-        if read_marker(dest)["files"] == wanted:
-            read_committed(dest)  # verify the cached bytes, not only the marker
-            return dest
-    except (FileNotFoundError, CorruptArtifactError):
-        pass  # absent or damaged: fetch again
-    try:
-        files, meta = read_committed(src)
+        wanted = read_marker(src)["files"]
     except CorruptArtifactError as e:
-        raise CorruptArtifactError(
-            f"{e} (re-publish {name} if the registry copy is damaged)"
-        ) from e
-    write_committed(dest, files, meta, overwrite=True)
+        raise CorruptArtifactError(f"{e} (re-publish {name} if the registry copy is damaged)") from e
+    cached = _cache_path(content_digest(wanted))
+    if dest_dir is not None:
+        _refuse_foreign_directory(dest_dir)
+        files = _holding(dest_dir, wanted, name, version)
+        if files is not None:
+            return dest_dir, files
+    files = _holding(cached, wanted, name, version)
+    if files is not None and dest_dir is None:
+        return cached, files
+    if files is None:  # a miss: fetch from the registry
+        try:
+            files, meta = read_committed(src)
+        except CorruptArtifactError as e:
+            raise CorruptArtifactError(
+                f"{e} (re-publish {name} if the registry copy is damaged)"
+            ) from e
+        _check_artifact(files, src, name, version, "re-publish it")
+    else:
+        meta = read_marker(cached).get("meta", {})
+    dest = dest_dir or cached
+    try:
+        write_committed(dest, files, meta, overwrite=True)
+    except (FileExistsError, FileNotFoundError):
+        # Another process filled the same cache entry at the same moment: use theirs if good.
+        if _holding(dest, wanted, name, version) is None:
+            raise
     read_committed(dest)  # verify what landed on disk
-    return dest
+    return dest, files
+
+
+def _holding(local: str, wanted: dict[str, Any], name: str, version: int) -> dict[str, bytes] | None:
+    """The files of a verified local copy of the artifact whose file table is `wanted`, or None
+    (absent, or damaged: to be fetched again)."""
+    try:
+        if read_marker(local)["files"] != wanted:
+            return None
+        files, _ = read_committed(local)  # the bytes, not only the marker
+        _check_artifact(files, local, name, version, "re-pull it")
+        return files
+    except (FileNotFoundError, CorruptArtifactError):
+        return None
 
 
 def _refuse_foreign_directory(dest: str) -> None:
@@ -278,6 +408,10 @@ def _refuse_foreign_directory(dest: str) -> None:
             f"{dest} exists, is not empty and holds no pulled artifact; pull into a new or empty "
             "directory (its files would be replaced)"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
 
 
 @dataclass(frozen=True, eq=False)
@@ -307,49 +441,46 @@ class TrainedOptimizer:
         return opt.as_optax(jax.tree.map(jnp.asarray, self.theta), num_steps)
 
 
-def _corrupt(uri: str, fname: str, why: str) -> CorruptArtifactError:
-    return CorruptArtifactError(
-        f"{uri}/{fname} {why}; the artifact is damaged: re-pull it, or re-publish it if the "
-        "registry copy itself is bad"
-    )
+def _corrupt(uri: str, fname: str, why: str, fix: str = "") -> CorruptArtifactError:
+    fix = fix or "re-pull it, or re-publish it if the registry copy itself is bad"
+    return CorruptArtifactError(f"{uri}/{fname} {why}; the artifact is damaged: {fix}")
 
 
-def load(ref: str, registry: str) -> TrainedOptimizer:
-    """Read, verify and rebuild the artifact `ref` from `registry` (a registry root URI)."""
-    name, version = resolve(registry, ref)
-    uri = _join(registry, name, version)
-    try:
-        files, _ = read_committed(uri)
-    except CorruptArtifactError as e:
-        raise CorruptArtifactError(f"{e} (re-pull, or re-publish {name}:{version})") from e
+def _check_artifact(files: dict[str, bytes], uri: str, name: str | None, version: int | None,
+                    fix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(manifest, flat θ) of an artifact's files whose bytes match COMMIT.json, after checking
+    that the manifest describes NAME:VERSION (if given) and θ's hash, arrays, shapes and dtypes."""
     for fname in (THETA_FILE, MANIFEST_FILE):
         if fname not in files:
-            raise _corrupt(uri, fname, "is missing")
+            raise _corrupt(uri, fname, "is missing", fix)
     try:
         manifest = json.loads(files[MANIFEST_FILE])
-        opt_name = manifest["optimizer"]["name"]
-        hparams = manifest["optimizer"]["hparams"]
+        optimizer = manifest["optimizer"]
+        if not isinstance(optimizer["name"], str) or not isinstance(optimizer["hparams"], dict):
+            raise TypeError(f"optimizer is {optimizer!r}, not {{name: str, hparams: dict}}")
         structure = {s["path"]: s for s in manifest["theta_structure"]}
         claimed = manifest["files"][THETA_FILE]
     except (ValueError, KeyError, TypeError) as e:
-        raise _corrupt(uri, MANIFEST_FILE, f"is not a valid manifest ({e!r})") from e
-    if manifest.get("name") != name or manifest.get("version") != version:
+        raise _corrupt(uri, MANIFEST_FILE, f"is not a valid manifest ({e!r})", fix) from e
+    if name is not None and (manifest.get("name") != name or manifest.get("version") != version):
         raise _corrupt(
             uri,
             MANIFEST_FILE,
             f"describes {manifest.get('name')}:{manifest.get('version')}, not {name}:{version}",
+            fix,
         )
     if claimed.get("sha256") != sha256_hex(files[THETA_FILE]):
-        raise _corrupt(uri, THETA_FILE, "does not match the sha256 in manifest.json")
+        raise _corrupt(uri, THETA_FILE, "does not match the sha256 in manifest.json", fix)
     try:
         flat = safetensors.numpy.load(files[THETA_FILE])
     except SafetensorError as e:
-        raise _corrupt(uri, THETA_FILE, f"is unreadable ({e})") from e
+        raise _corrupt(uri, THETA_FILE, f"is unreadable ({e})", fix) from e
     if set(flat) != set(structure):
         raise _corrupt(
             uri,
             THETA_FILE,
             f"has arrays {sorted(flat)} but manifest.json lists {sorted(structure)}",
+            fix,
         )
     for path, arr in flat.items():
         want = structure[path]
@@ -359,5 +490,38 @@ def load(ref: str, registry: str) -> TrainedOptimizer:
                 THETA_FILE,
                 f"array {path!r} is {arr.dtype}{list(arr.shape)} "
                 f"but manifest.json says {want['dtype']}{want['shape']}",
+                fix,
             )
-    return TrainedOptimizer(name, version, opt_name, hparams, unflatten_tree(flat), manifest)
+    return manifest, flat
+
+
+def _trained(manifest: dict[str, Any], flat: dict[str, Any]) -> TrainedOptimizer:
+    opt = manifest["optimizer"]
+    return TrainedOptimizer(manifest["name"], manifest["version"], opt["name"], opt["hparams"],
+                            unflatten_tree(flat), manifest)
+
+
+def load(ref: str, registry: str | None = None) -> TrainedOptimizer:
+    """Read, verify and rebuild the artifact `ref` from `registry` (a registry root URI; default
+    `default_registry()`). From a remote registry, through the local cache: loading the same
+    artifact twice downloads it once."""
+    registry = registry or default_registry()
+    name, version = resolve(registry, ref)
+    uri = _join(registry, name, version)
+    if not isinstance(url_to_fs(uri)[0], LocalFileSystem):
+        uri, files = _pull_resolved(registry, name, version)
+        return _trained(*_check_artifact(files, uri, name, version))
+    try:
+        files, _ = read_committed(uri)
+    except CorruptArtifactError as e:
+        raise CorruptArtifactError(f"{e} (re-pull, or re-publish {name}:{version})") from e
+    return _trained(*_check_artifact(files, uri, name, version))
+
+
+def load_path(uri: str) -> TrainedOptimizer:
+    """Read, verify and rebuild the artifact directory at `uri`, e.g. the path `pull` returned."""
+    try:
+        files, _ = read_committed(uri)
+    except CorruptArtifactError as e:
+        raise CorruptArtifactError(f"{e} (pull it again)") from e
+    return _trained(*_check_artifact(files, uri, None, None, "pull it again"))

@@ -1,19 +1,39 @@
 """Storage helpers: array trees, atomic "committed" directories and checkpoints, over fsspec.
 
-Every URI goes through `fsspec.core.url_to_fs`, so plain paths, `file://…`, `memory://…` and
-(with the right fsspec plugin installed) `s3://…` / `gs://…` all work.
+Every URI goes through `fsspec.core.url_to_fs`, so plain paths, `file://…`, `memory://…`,
+`s3://…` (s3fs, also for S3-compatible stores) and `gs://…` (gcsfs) all work.
 
 A *committed directory* is a directory of files plus a `COMMIT.json` marker written LAST that
 holds the sha256 and size of every file. Readers only trust a directory whose marker exists and
 whose files all match it, so an interrupted or tampered write is never mistaken for a good one.
 On local disks the directory is also built in a hidden temporary sibling and renamed into place,
-so a half-written directory is never visible under its final name at all.
+so a half-written directory is never visible under its final name at all. Object stores have no
+rename and need none: each object appears whole or not at all, the files go up first and the
+marker last (created only if absent when the directory must be new: `If-None-Match` on S3).
+
+Object stores, freshness: s3fs and gcsfs cache directory listings for the life of the process and
+answer `exists`, `info`, even `cat_file` from them, so a file another process wrote after an `ls`
+looks missing. Every function here therefore drops the cached listing of the directory it works
+on, and listing leaves nothing cached behind.
+
+S3-compatible stores (MinIO, Ceph, moto…): the endpoint comes from the environment, read by
+botocore when s3fs makes its client, exactly as for the `aws` CLI:
+
+    AWS_ENDPOINT_URL_S3=http://minio:9000   # S3 only; wins over AWS_ENDPOINT_URL
+    AWS_ENDPOINT_URL=http://minio:9000      # every AWS service (or `endpoint_url` in ~/.aws/config)
+
+fsspec's own settings work too: `FSSPEC_S3_ENDPOINT_URL` (read once, when fsspec is imported) or,
+in-process, `fsspec.config.conf["s3"] = {"endpoint_url": …}`. Credentials come from AWS's usual
+variables and files (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance roles), never
+from job specs. s3fs keeps one client per set of arguments: a process that changes these
+variables after its first s3:// call must call `s3fs.S3FileSystem.clear_instance_cache()`.
 
 Nothing here unpickles anything: arrays are stored with safetensors, metadata as JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -26,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import safetensors.numpy
+from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError
@@ -36,6 +57,8 @@ MARKER = "COMMIT.json"
 _MARKER_FORMAT = "metaopt.committed/1"
 _CKPT_RE = re.compile(r"ckpt-(\d{9,})")
 _ARRAYS_FILE = "arrays.safetensors"
+# Protocols without real directories: `makedirs` there would create a missing *bucket*.
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 class CorruptArtifactError(ValueError):
@@ -165,9 +188,25 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _fs(uri: str) -> tuple[AbstractFileSystem, str]:
+    """`url_to_fs(uri)`, minus this process's cached listing of `uri` (and of its parents).
+
+    s3fs and gcsfs answer `exists`/`info`/`size` from a listing cached by an earlier `ls`, and
+    `cat_file` asks `size` first: a file another process wrote since would look missing.
+    """
+    fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def _is_object_store(fs: AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return not _OBJECT_STORES.isdisjoint(protocols)
+
+
 def is_committed(uri: str) -> bool:
     """Whether `uri` has a commit marker (cheap; does not verify hashes)."""
-    fs, path = url_to_fs(uri)
+    fs, path = _fs(uri)
     return fs.exists(_join(path, MARKER))
 
 
@@ -194,7 +233,7 @@ def write_committed(
     except TypeError as e:
         raise TypeError(f"meta for {uri} is not JSON-serialisable ({e}); pass plain types") from e
 
-    fs, path = url_to_fs(uri)
+    fs, path = _fs(uri)
     if isinstance(fs, LocalFileSystem):
         _write_committed_local(path, files, marker_bytes, overwrite)
     else:
@@ -241,34 +280,48 @@ def _write_committed_local(path: str, files: dict, marker_bytes: bytes, overwrit
 
 
 def _write_committed_remote(fs, path, files, marker_bytes, writer, overwrite) -> None:
-    if fs.exists(path):
-        if not overwrite:
-            raise _exists_error(path)
-        remove_committed(fs.unstrip_protocol(path))
-    fs.makedirs(path, exist_ok=True)
-    for fname, data in files.items():
-        fs.pipe_file(_join(path, fname), data)
-    fs.pipe_file(_join(path, MARKER), marker_bytes)  # LAST: only now does the directory count
-    # Object stores have no atomic rename or create-if-absent; read the marker back so that a
-    # writer who lost a race fails loudly (the winner's hashes guard its files from our writes).
-    back = json.loads(fs.cat_file(_join(path, MARKER)))
+    # No renames here (object stores have none): the directory stays uncommitted, hence invisible
+    # to readers, until its marker lands. Replacing one uncommits it first, so an interrupted
+    # replacement leaves no directory that counts at this name, never a mix of old and new.
+    if overwrite:
+        _remove(fs, path)
+    elif fs.exists(path):
+        raise _exists_error(path)
+    if not _is_object_store(fs):
+        fs.makedirs(path, exist_ok=True)
+    if files:
+        # Each object appears whole or not at all (a multipart upload only when completed);
+        # async filesystems upload them concurrently.
+        fs.pipe({_join(path, fname): data for fname, data in files.items()})
+    marker = _join(path, MARKER)
+    try:
+        # LAST: only now does the directory count. A new directory's marker is created only if
+        # absent (atomic on S3 and GCS), so of two racing writers exactly one commits.
+        fs.pipe_file(marker, marker_bytes, mode="overwrite" if overwrite else "create")
+    except FileExistsError:
+        raise _exists_error(path) from None
+    # For stores that ignore the precondition: a writer who lost a race fails loudly (the
+    # winner's hashes guard its files from our writes).
+    back = json.loads(fs.cat_file(marker))
     if back.get("writer") != writer:
         raise _exists_error(path)
 
 
+def _remove(fs: AbstractFileSystem, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(_join(path, MARKER))  # first: from here on the directory no longer counts
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=True)
+
+
 def remove_committed(uri: str) -> None:
     """Delete a committed directory, marker first so it is never seen half-deleted as valid."""
-    fs, path = url_to_fs(uri)
-    marker = _join(path, MARKER)
-    if fs.exists(marker):
-        fs.rm_file(marker)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    _remove(*_fs(uri))
 
 
 def read_marker(uri: str) -> dict[str, Any]:
     """Parse and validate the `COMMIT.json` of `uri` (without reading the files)."""
-    fs, path = url_to_fs(uri)
+    fs, path = _fs(uri)
     try:
         raw = fs.cat_file(_join(path, MARKER))
     except FileNotFoundError:
@@ -322,11 +375,13 @@ def read_committed(uri: str) -> tuple[dict[str, bytes], dict[str, Any]]:
 
 def list_subdirs(uri: str) -> list[str]:
     """Names of the sub-directories of `uri` (empty when `uri` does not exist)."""
-    fs, path = url_to_fs(uri)
+    fs, path = _fs(uri)
     try:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
+    finally:
+        fs.invalidate_cache(path)  # leave no listing behind for later `exists` calls to trust
     return sorted(_basename(e["name"]) for e in entries if e.get("type") == "directory")
 
 
@@ -344,7 +399,7 @@ def _ckpt_steps(root_uri: str) -> list[int]:
     return sorted(steps, reverse=True)
 
 
-def _ckpt_uri(root_uri: str, step: int) -> str:
+def checkpoint_uri(root_uri: str, step: int) -> str:
     return _join(root_uri, f"ckpt-{step:09d}")
 
 
@@ -358,7 +413,9 @@ def save_checkpoint(
 ) -> str:
     """Commit `root/ckpt-{step:09d}/` (arrays.safetensors + meta), then prune to `keep` newest.
 
-    Re-saving an existing step replaces it (a resumed run redoing that step).
+    Re-saving an existing step replaces it (a resumed run redoing that step); until the new
+    one is committed that step does not count, and `latest_checkpoint` falls back past it.
+    Pruning never touches the new checkpoint nor anything newer (see `_prune`).
     """
     if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -368,24 +425,31 @@ def save_checkpoint(
         if not isinstance(k, str) or not k:
             raise ValueError(f"checkpoint array names must be non-empty strings, got {k!r}")
     blob = safetensors.numpy.save(contiguous(arrays))
-    uri = _ckpt_uri(root_uri, int(step))
+    uri = checkpoint_uri(root_uri, int(step))
     # The caller's meta is nested so that its keys can never collide with ours.
     wrapped = {"kind": "metaopt.checkpoint", "step": int(step), "meta": meta}
     write_committed(uri, {_ARRAYS_FILE: blob}, wrapped, overwrite=True)
-    _prune(root_uri, keep)
+    _prune(root_uri, keep, int(step))
     return uri
 
 
-def _prune(root_uri: str, keep: int) -> None:
-    # Only after the new checkpoint is committed: until then, the old ones are the fallback.
-    steps = _ckpt_steps(root_uri)
-    committed = [s for s in steps if is_committed(_ckpt_uri(root_uri, s))]
-    if len(committed) <= keep:
-        return
-    oldest_kept = committed[keep - 1]
-    for s in steps:
-        if s < oldest_kept:  # older committed ones and older crashed leftovers alike
-            remove_committed(_ckpt_uri(root_uri, s))
+def _prune(root_uri: str, keep: int, written: int) -> None:
+    """Keep the `keep` newest committed checkpoints up to `written`; delete older ones.
+
+    Called only once `written` is committed: until then, the old ones are the fallback. Steps
+    above `written` are left alone: they were saved before this run rewound to an older
+    checkpoint, so `latest_checkpoint` found them damaged or unfinished, and counting them
+    could delete every good checkpoint; redoing those steps replaces them.
+    """
+    steps = [s for s in _ckpt_steps(root_uri) if s <= written]  # newest first
+    kept = 0
+    for i, step in enumerate(steps):
+        if step == written or is_committed(checkpoint_uri(root_uri, step)):
+            kept += 1
+            if kept == keep:
+                for old in reversed(steps[i + 1 :]):  # oldest first; crashed leftovers too
+                    remove_committed(checkpoint_uri(root_uri, old))
+                return
 
 
 def latest_checkpoint(root_uri: str) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
@@ -394,7 +458,7 @@ def latest_checkpoint(root_uri: str) -> tuple[int, dict[str, np.ndarray], dict[s
     Corrupt or uncommitted checkpoints are skipped with a warning, falling back to older ones.
     """
     for step in _ckpt_steps(root_uri):
-        uri = _ckpt_uri(root_uri, step)
+        uri = checkpoint_uri(root_uri, step)
         try:
             files, meta = read_committed(uri)
             if _ARRAYS_FILE not in files:

@@ -7,6 +7,7 @@ Prometheus metrics on a free port, and the trained optimizer published to the re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -17,7 +18,6 @@ import secrets
 import signal
 import threading
 import time
-from importlib import metadata
 
 from metaopt.jobspec import JobSpec
 
@@ -45,40 +45,38 @@ def new_job_id(spec: JobSpec) -> str:
     return f"{spec.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
 
 
-def _code_version() -> str:
-    try:
-        return metadata.version("metaopt")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
           progress: bool = True) -> RunResult:
     """Run the job to its stopping rule; resumes if `job_id`'s run directory has a checkpoint."""
-    import ray
-
-    from learner.server import make_server
-    from workers.actor import start_workers
-
-    _start_ray(spec)  # first: Ray forks its processes, which is unsafe once threads run
+    host = _start_ray(spec)  # first: Ray forks its processes, which is unsafe once threads run
     if threading.current_thread() is threading.main_thread():
         # After Ray, which installs its own: SIGTERM (a scheduler's stop, a preemption) ends
         # the run as Ctrl-C does, through the cleanup below that writes the final checkpoint.
         signal.signal(signal.SIGTERM, _interrupt)
     job_id = job_id or new_job_id(spec)
     run = _LearnerRun(spec, out, job_id)
-    learner = run.learner
+    with run.recorded():
+        return _train(run, host, progress)
+
+
+def _train(run: _LearnerRun, host: str, progress: bool) -> RunResult:
+    import ray
+
+    from learner.server import make_server
+    from workers.actor import start_workers
+
+    spec, job_id, learner = run.spec, run.job_id, run.learner
     # A fresh token per run: only this run's workers can submit to its learner.
     token = secrets.token_urlsafe(32)
-    # One pool thread per worker stream, plus room for GetTheta calls and reconnects.
-    server, port = make_server(learner, "127.0.0.1", 0, token=token)
-    metrics_server, metrics_port = learner.metrics.serve("127.0.0.1", 0)
-    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    log.info("job %s: learner on 127.0.0.1:%d, metrics at %s", job_id, port, metrics_url)
+    listen = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"  # on a cluster, workers are elsewhere
+    server, port = make_server(learner, listen, 0, token=token)
+    metrics_server, metrics_port = learner.metrics.serve(listen, 0)
+    metrics_url = f"http://{host}:{metrics_port}/metrics"
+    log.info("job %s: learner on %s:%d, metrics at %s", job_id, host, port, metrics_url)
 
     run.checkpointer.start()
     started = time.perf_counter()
-    actors, runs = start_workers(spec, f"127.0.0.1:{port}", job_id, token=token)
+    actors, runs = start_workers(spec, f"{host}:{port}", job_id, token=token)
     try:
         run.follow(runs, progress)
     finally:
@@ -94,6 +92,7 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
             metrics_server.shutdown()
     (run.run_dir / "workers.json").write_text(json.dumps(worker_stats, indent=2))
     artifact, registry_uri = run.publish()
+    run.artifact = artifact
     history = learner.history
     return RunResult(
         job_id=job_id, outer_steps=learner.version, meta_loss_first=history[0].meta_loss,
@@ -104,8 +103,11 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
 
 class _LearnerRun:
     """What `train` and `serve_learner` share: the run directory, the learner (resumed from
-    the run's last checkpoint if there is one), its checkpointer, following the run, and
-    publishing the trained optimizer to the registry beside the runs."""
+    the job's last checkpoint if there is one), its checkpointer, its record in the job store,
+    following the run, and publishing the trained optimizer to the registry.
+
+    Local files (metrics.jsonl, plots) go to OUT/runs/JOB_ID; checkpoints and the registry to
+    the spec's storage root (default OUT): ROOT/runs/JOB_ID/checkpoints and ROOT/registry."""
 
     def __init__(self, spec: JobSpec, out: str, job_id: str):
         import jax
@@ -113,12 +115,17 @@ class _LearnerRun:
         from learner.checkpointing import Checkpointer
         from learner.core import Learner, LearnerConfig
         from metaopt import optimizers
+        from metaopt.jobrecorder import JobRecorder
+        from metaopt.jobstore import open_job_store
+        from metaopt.publishing import installed_code_version
 
-        self.spec, self.job_id = spec, job_id
+        self.spec, self.job_id, self.artifact = spec, job_id, None
         self.out_dir = pathlib.Path(out).resolve()
         self.run_dir = self.out_dir / "runs" / job_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "job.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+        root = (spec.storage.root or str(self.out_dir)).rstrip("/")
+        self.checkpoint_uri, self.registry_uri = f"{root}/runs/{job_id}/checkpoints", f"{root}/registry"
         self.optimizer = optimizers.make(spec.optimizer.name, **spec.optimizer.hparams)
         theta0 = self.optimizer.init(jax.random.key(spec.seed))
         self.learner = Learner(LearnerConfig(
@@ -128,9 +135,49 @@ class _LearnerRun:
             max_estimate_norm=spec.outer.max_estimate_norm, max_in_flight=spec.outer.max_in_flight,
             task_families=tuple(t.family for t in spec.tasks),
         ), theta0)
-        self.checkpointer = Checkpointer(self.learner, str(self.run_dir / "checkpoints"),
-                                         spec.checkpoint_interval_s)
-        self.resumed_at = self.checkpointer.restore_latest() or 0
+        self.checkpointer = Checkpointer(
+            self.learner, self.checkpoint_uri, spec.checkpoint_interval_s,
+            meta={"spec": spec.model_dump(mode="json"), "code_version": installed_code_version()})
+        # The lease before any checkpoint is read: a second learner of the job stops here.
+        store = open_job_store(spec.storage.job_store, spec.storage.job_store_prefix)
+        self.recorder = JobRecorder(store, job_id, self._record, on_lease_lost=self._lease_lost).start()
+        try:
+            self.resumed_at = self.checkpointer.restore_latest() or 0
+        except BaseException as err:
+            self.recorder.stop(_outcome(err))
+            raise
+
+    def _record(self) -> dict:
+        """The job record's progress fields (called from the recorder's thread)."""
+        from metaopt import storage
+
+        learner, history = self.learner, self.learner.history[-20:]
+        span = history[-1].time - history[0].time if len(history) > 1 else 0.0
+        saved = self.checkpointer.last_saved_step
+        return {
+            "spec": self.spec.model_dump(mode="json"), "theta_version": learner.version,
+            "max_outer_steps": self.spec.stop.max_outer_steps,
+            "meta_loss": history[-1].meta_loss if history else None,
+            "estimates_per_second": sum(h.estimates for h in history[1:]) / span if span > 0 else None,
+            "workers_alive": learner.metrics.workers_connected,
+            "last_checkpoint": None if saved is None else storage.checkpoint_uri(self.checkpoint_uri, saved),
+            "registry": self.registry_uri,
+        }
+
+    def _lease_lost(self, err) -> None:
+        log.error("job %s: %s; this learner stops", self.job_id, err)
+        self.learner.stop()
+
+    @contextlib.contextmanager
+    def recorded(self):
+        """Closes the job record with the run's outcome: SUCCEEDED with the artifact, STOPPED
+        after an interrupt, FAILED with the error."""
+        try:
+            yield
+        except BaseException as err:
+            self.recorder.stop(_outcome(err))
+            raise
+        self.recorder.stop({**self._record(), "state": "SUCCEEDED", "artifact": self.artifact})
 
     def follow(self, runs, progress: bool) -> None:
         budget_s = self.spec.stop.max_minutes * 60 if self.spec.stop.max_minutes else None
@@ -140,22 +187,17 @@ class _LearnerRun:
     def publish(self) -> tuple[str, str]:
         """Plot the meta-loss and publish θ; (artifact NAME:VERSION, registry URI)."""
         from metaopt import registry
+        from metaopt.publishing import provenance
 
         spec, learner, history = self.spec, self.learner, self.learner.history
         plot_meta_loss(history, self.run_dir / "meta_loss.png", title=self.job_id,
                        normalization=spec.estimator.loss_normalization)
-        registry_uri = str(self.out_dir / "registry")
         artifact = registry.publish(
-            registry_uri, spec.artifact_name or spec.name, self.optimizer.name,
+            self.registry_uri, spec.artifact_name or spec.name, self.optimizer.name,
             dict(self.optimizer.hparams), learner.theta_tree(),
-            provenance={
-                "job_id": self.job_id, "code_version": _code_version(),
-                "task_families": [t.family for t in spec.tasks], "outer_steps": learner.version,
-                "meta_loss_first": history[0].meta_loss, "meta_loss_last": history[-1].meta_loss,
-                "estimator": spec.estimator.model_dump(), "spec": spec.model_dump(mode="json"),
-            },
+            provenance=provenance(spec, self.job_id, history, learner.version),
         )
-        return artifact, registry_uri
+        return artifact, self.registry_uri
 
 
 def serve_learner(spec: JobSpec, out: str, job_id: str, host: str, port: int,
@@ -164,12 +206,17 @@ def serve_learner(spec: JobSpec, out: str, job_id: str, host: str, port: int,
     """Run the job's learner alone (as in its own pod): workers elsewhere join it by address
     (`metaopt worker`). Serves until the stopping rule (or SIGTERM), then checkpoints and
     publishes like `train`. `on_listening(address, metrics_url)` is called once it serves."""
-    from learner.server import make_server
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     run = _LearnerRun(spec, out, job_id)
-    learner = run.learner
+    with run.recorded():
+        return _serve(run, host, port, token, tls, metrics_port, on_listening, progress)
+
+
+def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening, progress) -> dict:
+    from learner.server import make_server
+
+    learner, job_id = run.learner, run.job_id
     server, bound = make_server(learner, host, port, token=token, tls=tls)
     metrics_server, metrics_bound = learner.metrics.serve(host, metrics_port)
     run.checkpointer.start()
@@ -187,23 +234,40 @@ def serve_learner(spec: JobSpec, out: str, job_id: str, host: str, port: int,
     if not learner.history:
         raise RuntimeError(f"job {job_id}: stopped before any outer step; nothing to publish")
     artifact, registry_uri = run.publish()
+    run.artifact = artifact
     return {"job_id": job_id, "outer_steps": learner.version, "artifact": artifact,
             "registry": registry_uri, "run_dir": str(run.run_dir),
             "accepted_by_worker": dict(learner.accepted_by_worker)}
+
+
+def _outcome(err: BaseException) -> dict:
+    if isinstance(err, KeyboardInterrupt):
+        return {"state": "STOPPED", "error": None}
+    return {"state": "FAILED", "error": f"{type(err).__name__}: {err}"}
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _start_ray(spec: JobSpec) -> None:
+def _start_ray(spec: JobSpec) -> str:
+    """Join the Ray cluster this process is a job of (`metaopt submit`), or start a local one.
+    Returns the host at which the workers will reach the learner."""
     import ray
 
+    # Ray sets RAY_ADDRESS to the cluster's GCS (HOST:PORT) for a job's driver; a user's shell
+    # may hold the dashboard's http:// address for `metaopt submit`, which is not a cluster to join.
+    cluster = os.environ.get("RAY_ADDRESS", "")
+    joining = bool(cluster) and not cluster.startswith(("http://", "https://"))
     if not ray.is_initialized():
         # Ray's own start-up notices would only clutter the progress bar; errors still show.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR,
-                 num_cpus=max(os.cpu_count() or 1, int(spec.workers.count * spec.workers.cpus)))
+        if joining:
+            ray.init(address=cluster, log_to_driver=False, logging_level=logging.ERROR)
+        else:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR,
+                     num_cpus=max(os.cpu_count() or 1, int(spec.workers.count * spec.workers.cpus)))
+    return ray.util.get_node_ip_address() if joining else "127.0.0.1"
 
 
 class WorkerFailed(RuntimeError):

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 
+import fsspec
 import numpy as np
 import pytest
+from fsspec.core import url_to_fs
 
 from metaopt import registry
-from metaopt.storage import CorruptArtifactError, read_committed
+from metaopt.storage import CorruptArtifactError, read_committed, read_marker, write_committed
 
 THETA = {"layer": {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}}
 PROV = {"job_id": "job-1", "code_version": "abc123", "outer_steps": 10, "meta_loss": 0.5}
@@ -92,14 +97,15 @@ def test_pull_copies_and_verifies(reg, tmp_path, monkeypatch):
     _publish(reg, theta={"w": np.ones(2, np.float32)})
     monkeypatch.setenv("METAOPT_REGISTRY_CACHE", str(tmp_path / "cache"))
     path = registry.pull("my-opt", reg)
-    assert path == str(tmp_path / "cache" / "my-opt" / "2")
-    # The cache is itself a registry, so it can be loaded offline.
-    loaded = registry.load("my-opt:2", str(tmp_path / "cache"))
-    assert loaded.theta["w"].tolist() == [1.0, 1.0]
+    marker = read_marker(f"{reg}/my-opt/2")
+    assert path == str(tmp_path / "cache" / "sha256" / registry.content_digest(marker["files"]))
+    # What pull printed can be loaded offline.
+    loaded = registry.load_path(path)
+    assert loaded.ref == "my-opt:2" and loaded.theta["w"].tolist() == [1.0, 1.0]
     dest = str(tmp_path / "elsewhere")
     assert registry.pull("my-opt:1", reg, dest) == dest
     assert set(read_committed(dest)[0]) == {"theta.safetensors", "manifest.json"}
-    # A damaged cached copy is replaced on the next pull.
+    # A damaged copy is replaced on the next pull.
     (tmp_path / "elsewhere" / "theta.safetensors").write_bytes(b"junk")
     registry.pull("my-opt:1", reg, dest)
     assert read_committed(dest)[0]["theta.safetensors"] != b"junk"
@@ -123,8 +129,6 @@ def test_tampering_is_detected(tmp_path, fname, damage):
 
 def test_load_rejects_structure_mismatch(tmp_path):
     """Even with consistent hashes, θ must match the manifest's theta_structure."""
-    from metaopt.storage import write_committed
-
     reg = str(tmp_path)
     _publish(reg)
     files, meta = read_committed(f"{reg}/my-opt/1")
@@ -206,19 +210,223 @@ def test_aliases_move_and_resolve(tmp_path):
     registry_uri = str(tmp_path / "reg")
     for _ in range(2):
         registry.publish(registry_uri, "opt", "adam", {}, {}, {"job_id": "j"})
-    assert registry.aliases(registry_uri, "opt") == {}
-    registry.set_alias(registry_uri, "opt", 1, "champion")
+    assert registry.aliases(registry_uri, "opt") == {"latest": 2}
+    assert registry.set_alias(registry_uri, "opt", 1, "champion") is None
     assert registry.resolve(registry_uri, "opt@champion") == ("opt", 1)
     assert registry.load("opt@champion", registry=registry_uri).version == 1
-    registry.set_alias(registry_uri, "opt", 2, "champion")  # aliases move
+    assert registry.set_alias(registry_uri, "opt", 2, "champion") == 1  # aliases move
     assert registry.resolve(registry_uri, "opt@champion") == ("opt", 2)
     assert registry.list_versions(registry_uri, "opt") == [1, 2]  # versions stay
     with pytest.raises(LookupError, match="no alias 'best'.*champion"):
         registry.resolve(registry_uri, "opt@best")
     with pytest.raises(LookupError, match="available versions"):
         registry.set_alias(registry_uri, "opt", 9, "champion")
-    for bad in ("3", "latest", "Bad Alias"):
+    for bad in ("3", "Bad Alias", "a/b", ""):
         with pytest.raises(ValueError, match="invalid alias"):
             registry.set_alias(registry_uri, "opt", 1, bad)
+    with pytest.raises(ValueError, match="moves by itself"):
+        registry.set_alias(registry_uri, "opt", 1, "latest")
+    with pytest.raises(LookupError, match="no published optimizer named 'nope'.*opt"):
+        registry.set_alias(registry_uri, "nope", 1, "champion")
     with pytest.raises(ValueError, match="NAME@ALIAS"):
         registry.parse_ref("opt@champion:2")
+
+
+# --- immutability ---------------------------------------------------------------------------
+
+
+def _files(root, name, version) -> dict[str, bytes]:
+    folder = root / name / str(version)
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_versions_are_immutable(tmp_path):
+    root = tmp_path / "reg"
+    assert _publish(str(root)) == "my-opt:1"
+    before = _files(root, "my-opt", 1)
+    assert _publish(str(root), theta={"w": np.ones(4, np.float32)}) == "my-opt:2"  # the next version
+    assert _files(root, "my-opt", 1) == before  # every byte of v1, its COMMIT.json too
+    assert registry.load("my-opt:1", str(root)).theta["layer"]["w"].tolist() == THETA["layer"]["w"].tolist()
+    # Writing over an existing version is refused, whoever tries.
+    with pytest.raises(FileExistsError, match="immutable"):
+        write_committed(str(root / "my-opt" / "1"), {"theta.safetensors": b"x"}, {})
+    assert _files(root, "my-opt", 1) == before
+
+
+def test_a_publisher_that_lost_a_race_takes_the_next_version(tmp_path, monkeypatch):
+    reg = str(tmp_path)
+    _publish(reg)
+    listings = iter([[]])  # its first listing is stale: it saw no version before the other's v1
+    real = registry._numeric_dirs
+    monkeypatch.setattr(registry, "_numeric_dirs", lambda *a: next(listings, None) or real(*a))
+    assert _publish(reg, theta={"w": np.ones(1, np.float32)}) == "my-opt:2"
+    assert set(registry.load("my-opt:1", reg).theta) == {"layer"}
+    assert set(registry.load("my-opt:2", reg).theta) == {"w"}
+
+
+# --- aliases --------------------------------------------------------------------------------
+
+
+def test_latest_follows_every_publish_and_champion_moves_only_when_set(tmp_path):
+    reg = str(tmp_path)
+    assert _publish(reg) == "my-opt:1"
+    assert registry.aliases(reg, "my-opt") == {"latest": 1}
+    registry.set_alias(reg, "my-opt", 1, "champion")
+    for version in (2, 3):
+        assert _publish(reg) == f"my-opt:{version}"
+        assert registry.aliases(reg, "my-opt") == {"latest": version, "champion": 1}
+        assert registry.resolve(reg, "my-opt@latest") == ("my-opt", version)
+        assert registry.resolve(reg, "my-opt") == ("my-opt", version)
+        assert registry.resolve(reg, "my-opt@champion") == ("my-opt", 1)
+    registry.set_alias(reg, "my-opt", 3, "champion")
+    assert registry.resolve(reg, "my-opt@champion") == ("my-opt", 3)
+    assert registry.load("my-opt@champion", reg).version == 3
+    # An alias given at publish time moves with it; a bad one stops the publish before it starts.
+    registry.publish(reg, "my-opt", "small_fc", {}, THETA, PROV, aliases=["champion", "candidate"])
+    assert registry.aliases(reg, "my-opt") == {"latest": 4, "champion": 4, "candidate": 4}
+    with pytest.raises(ValueError, match="moves by itself"):
+        registry.publish(reg, "my-opt", "small_fc", {}, THETA, PROV, aliases=["latest"])
+    assert registry.list_versions(reg, "my-opt") == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "my-opt" / "aliases.json").read_text()) == {"champion": 4, "candidate": 4}
+
+
+# --- tampering ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fname", ["theta.safetensors", "manifest.json"])
+def test_a_missing_file_is_named(tmp_path, fname):
+    reg = str(tmp_path / "reg")
+    _publish(reg)
+    (tmp_path / "reg" / "my-opt" / "1" / fname).unlink()
+    with pytest.raises(CorruptArtifactError, match=f"{fname} is missing"):
+        registry.load("my-opt:1", reg)
+    with pytest.raises(CorruptArtifactError, match=f"{fname} is missing"):
+        registry.pull("my-opt:1", reg, str(tmp_path / "d"))
+
+
+def test_swapped_theta_with_a_rewritten_marker_is_caught_by_the_manifest(tmp_path, monkeypatch):
+    """Someone replaced θ and rewrote COMMIT.json to match: the manifest's sha256 still says no."""
+    import safetensors.numpy
+
+    monkeypatch.setenv("METAOPT_REGISTRY_CACHE", str(tmp_path / "cache"))
+    reg = str(tmp_path / "reg")
+    _publish(reg)
+    files, meta = read_committed(f"{reg}/my-opt/1")
+    files["theta.safetensors"] = safetensors.numpy.save({"layer/w": np.full((2, 3), 9, np.float32),
+                                                         "layer/b": np.zeros(3, np.float32)})
+    write_committed(f"{reg}/my-opt/1", files, meta, overwrite=True)
+    with pytest.raises(CorruptArtifactError, match="theta.safetensors does not match the sha256 in manifest"):
+        registry.load("my-opt:1", reg)
+    with pytest.raises(CorruptArtifactError, match="theta.safetensors does not match"):
+        registry.pull("my-opt:1", reg)
+    assert not (tmp_path / "cache" / "sha256").exists() or not any((tmp_path / "cache" / "sha256").iterdir())
+
+
+def test_a_version_moved_under_another_number_is_refused(tmp_path):
+    reg = tmp_path / "reg"
+    _publish(str(reg))
+    _publish(str(reg))
+    (reg / "my-opt" / "2").rename(reg / "my-opt" / "old")
+    (reg / "my-opt" / "1").rename(reg / "my-opt" / "2")
+    with pytest.raises(CorruptArtifactError, match="describes my-opt:1, not my-opt:2"):
+        registry.load("my-opt:2", str(reg))
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def remote(tmp_path, monkeypatch):
+    """A registry on fsspec's in-memory filesystem (a remote one as far as the registry can tell)
+    and the cache in tmp_path."""
+    monkeypatch.setenv("METAOPT_REGISTRY_CACHE", str(tmp_path / "cache"))
+    root = f"memory://registry-tests-{uuid.uuid4().hex}"
+    yield root
+    fsspec.filesystem("memory").rm(root.removeprefix("memory://"), recursive=True)
+
+
+def _remove(uri: str) -> None:
+    fs, path = url_to_fs(uri)
+    fs.rm_file(path)
+
+
+def test_a_cache_hit_reads_only_the_commit_marker(remote, tmp_path):
+    _publish(remote)
+    first = registry.pull("my-opt:1", remote)
+    assert first.startswith(str(tmp_path / "cache" / "sha256"))
+    # Without θ or the manifest in the registry, only the cache can answer now.
+    _remove(f"{remote}/my-opt/1/theta.safetensors")
+    _remove(f"{remote}/my-opt/1/manifest.json")
+    assert registry.pull("my-opt:1", remote) == first
+    assert registry.pull("my-opt@latest", remote) == first
+    dest = str(tmp_path / "dest")
+    assert registry.pull("my-opt:1", remote, dest) == dest  # --dest is served from the cache too
+    np.testing.assert_array_equal(registry.load_path(dest).theta["layer"]["w"], THETA["layer"]["w"])
+
+
+def test_loading_from_a_remote_registry_downloads_once(remote, tmp_path):
+    _publish(remote)
+    assert registry.load("my-opt", remote).version == 1
+    _remove(f"{remote}/my-opt/1/theta.safetensors")
+    again = registry.load("my-opt", remote)  # from the cache
+    np.testing.assert_array_equal(again.theta["layer"]["w"], THETA["layer"]["w"])
+    # Another version is not in the cache: it is fetched, and the registry is still verified.
+    _publish(remote, theta={"w": np.ones(2, np.float32)})
+    assert registry.load("my-opt:2", remote).theta["w"].tolist() == [1.0, 1.0]
+    _publish(remote)
+    _remove(f"{remote}/my-opt/3/theta.safetensors")
+    with pytest.raises(CorruptArtifactError, match="3/theta.safetensors is missing"):
+        registry.load("my-opt:3", remote)
+
+
+def test_a_damaged_cache_copy_is_repaired(remote):
+    _publish(remote)
+    path = registry.pull("my-opt:1", remote)
+    theta_file = os.path.join(path, "theta.safetensors")
+    good = open(theta_file, "rb").read()
+    with open(theta_file, "wb") as f:
+        f.write(good[:-1] + bytes([good[-1] ^ 1]))
+    assert registry.pull("my-opt:1", remote) == path
+    assert open(theta_file, "rb").read() == good
+    os.remove(theta_file)
+    assert registry.load("my-opt:1", remote).version == 1 and open(theta_file, "rb").read() == good
+    # Damaged cache and damaged registry: nothing good to serve, and the error says where.
+    os.remove(theta_file)
+    _remove(f"{remote}/my-opt/1/theta.safetensors")
+    with pytest.raises(CorruptArtifactError, match="my-opt/1/theta.safetensors is missing"):
+        registry.pull("my-opt:1", remote)
+
+
+def test_the_cache_is_keyed_by_content_not_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAOPT_REGISTRY_CACHE", str(tmp_path / "cache"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    _publish(str(one))
+    _publish(str(two), theta={"w": np.ones(3, np.float32)})  # the same my-opt:1, other content
+    a, b = registry.pull("my-opt:1", str(one)), registry.pull("my-opt:1", str(two))
+    assert a != b
+    assert registry.load_path(a).theta["layer"]["b"].tolist() == [0, 0, 0]
+    assert registry.load_path(b).theta["w"].tolist() == [1, 1, 1]
+    mirror = tmp_path / "mirror"
+    shutil.copytree(one, mirror)  # a copy of a registry holds the same artifact: stored once
+    assert registry.pull("my-opt:1", str(mirror)) == a
+    assert len(os.listdir(tmp_path / "cache" / "sha256")) == 2
+
+
+def test_read_manifest_checks_it_against_the_commit_marker(tmp_path):
+    reg = str(tmp_path)
+    _publish(reg)
+    assert registry.read_manifest(reg, "my-opt", 1)["provenance"] == PROV
+    with pytest.raises(LookupError, match="my-opt:2 is not in"):
+        registry.read_manifest(reg, "my-opt", 2)
+    manifest = tmp_path / "my-opt" / "1" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace("job-1", "job-2"))
+    with pytest.raises(CorruptArtifactError, match="manifest.json does not match"):
+        registry.read_manifest(reg, "my-opt", 1)
+
+
+def test_load_defaults_to_the_registry_in_the_environment(tmp_path, monkeypatch):
+    _publish(str(tmp_path))
+    monkeypatch.setenv("METAOPT_REGISTRY", str(tmp_path))
+    assert registry.default_registry() == str(tmp_path) and registry.load("my-opt").version == 1
+    monkeypatch.delenv("METAOPT_REGISTRY")
+    assert registry.default_registry() == "runs/registry"

@@ -1,0 +1,185 @@
+"""`metaopt submit | status | logs | cancel | list-jobs` against a real Ray cluster: `ray start
+--head` on loopback (with token authentication, Ray's default), driven through the CLI as a
+user drives it. The job record comes from a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metaopt import storage
+from tests.redis_fixture import RedisServer
+
+DATA = Path(__file__).parent / "data"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(redis: RedisServer):
+    """A one-node Ray cluster with 2 CPUs; yields the environment a CLI user of it has."""
+    temp_dir = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths live under it
+    dashboard = f"http://127.0.0.1:{_free_port()}"
+    # The job store's password reaches the learner as it would on Kubernetes: in the head
+    # node's environment (from a Secret), never in the job spec.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_ADDRESS": dashboard, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "METAOPT_REDIS_PASSWORD": redis.password, "METAOPT_JOB_STORE": redis.url_for(redis.user)}
+    log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 (closed at teardown)
+    # Every port Ray would otherwise take at a fixed default: another Ray on this machine (a
+    # developer's, a test's) must not make this one's agents fail to start.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port")]
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", *ports,
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard.rsplit(":", 1)[1], "--num-cpus", "2",
+         "--temp-dir", temp_dir, "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        # Ready when its node is alive (the dashboard answers before the raylet registers).
+        ready = f"from metaopt.submit import cluster_nodes; assert cluster_nodes({dashboard!r})"
+        while subprocess.run([sys.executable, "-c", ready], env=env, capture_output=True).returncode:
+            assert head.poll() is None and time.monotonic() < deadline, log_text(temp_dir)
+            time.sleep(1)
+        yield env
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the cluster's processes
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def log_text(temp_dir: str) -> str:
+    return (Path(temp_dir) / "ray-start.log").read_text()[-3000:]
+
+
+def metaopt(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metaopt.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def write_spec(path: Path, **changes) -> Path:
+    spec = yaml.safe_load((DATA / "e2e.yaml").read_text())
+    spec.update({"workers": {"count": 1}, **changes})
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def wait_for(env: dict, job_id: str, states: set[str], timeout_s: float = 240) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = metaopt(env, "status", job_id, "--json")
+        assert done.returncode == 0, done.stderr
+        row = json.loads(done.stdout)
+        if row["status"] in states:
+            return row
+        assert time.monotonic() < deadline, f"{job_id}: {row}: {metaopt(env, 'logs', job_id).stdout[-3000:]}"
+        time.sleep(2)
+
+
+def test_a_submitted_job_completes_and_a_cancelled_one_stops_with_a_checkpoint(cluster, tmp_path):
+    env = cluster
+    store = {"root": str(tmp_path / "store"), "job_store": env["METAOPT_JOB_STORE"]}
+    short = write_spec(tmp_path / "short.yaml", stop={"max_outer_steps": 6}, storage=store)
+    long = write_spec(tmp_path / "long.yaml", stop={"max_outer_steps": 100000}, storage=store,
+                      checkpoint_interval_s=1)
+    # Both at once: the cluster holds two 1-CPU workers, and the test waits for both together.
+    for spec, job_id in ((short, "short-1"), (long, "long-1")):
+        done = metaopt(env, "submit", str(spec), "--job-id", job_id)
+        assert done.returncode == 0 and done.stdout.strip() == job_id, done.stderr
+
+    row = wait_for(env, "short-1", {"SUCCEEDED", "FAILED", "STOPPED"})
+    logs = metaopt(env, "logs", "short-1").stdout
+    assert row["status"] == "SUCCEEDED", logs[-3000:]
+    summary = json.loads(logs.strip().splitlines()[-1])  # `metaopt train --json`'s last line
+    assert summary["outer_steps"] == 6 and summary["artifact"] == "e2e:1"
+    record = row["record"]  # what the learner kept in Redis, as `metaopt status` shows it
+    assert record["state"] == "SUCCEEDED" and record["theta_version"] == 6, record
+    assert record["artifact"] == "e2e:1" and record["spec"]["stop"]["max_outer_steps"] == 6
+    assert record["last_checkpoint"].endswith("ckpt-000000006")
+    text = metaopt(env, "status", "short-1").stdout
+    assert "SUCCEEDED" in text and "theta_version: 6" in text
+
+    listed = json.loads(metaopt(env, "list-jobs", "--json").stdout)
+    assert {"short-1", "long-1"} <= {r["job_id"] for r in listed}
+
+    checkpoints = str(tmp_path / "store" / "runs" / "long-1" / "checkpoints")
+    deadline = time.monotonic() + 240
+    while storage.latest_checkpoint(checkpoints) is None:
+        assert time.monotonic() < deadline, metaopt(env, "logs", "long-1").stdout[-3000:]
+        time.sleep(1)
+    done = metaopt(env, "cancel", "long-1")
+    assert done.returncode == 0 and "stopping" in done.stdout, done.stderr
+    row = wait_for(env, "long-1", {"SUCCEEDED", "FAILED", "STOPPED"}, 120)
+    assert row["status"] == "STOPPED"
+    step, _, meta = storage.latest_checkpoint(checkpoints)
+    assert step >= 1 and meta["job_id"] == "long-1"
+    assert row["record"]["state"] == "STOPPED" and row["record"]["theta_version"] == step, row
+
+
+def test_submit_refuses_a_job_the_cluster_cannot_run_and_starts_nothing(cluster, tmp_path):
+    jobs_before = len(json.loads(metaopt(cluster, "list-jobs", "--json").stdout))
+
+    unknown = write_spec(tmp_path / "unknown.yaml", tasks=[{"family": "no_such_family"}])
+    done = metaopt(cluster, "submit", str(unknown))
+    assert done.returncode == 2 and "no_such_family" in done.stderr
+
+    gpus = write_spec(tmp_path / "gpus.yaml", workers={"count": 1, "gpus": 1})
+    done = metaopt(cluster, "submit", str(gpus))
+    assert done.returncode == 1 and "no node of the cluster has that much" in done.stderr, done.stderr
+    assert "0 GPUs" in done.stderr
+
+    unreachable = write_spec(tmp_path / "s3.yaml", storage={"root": "s3://metaopt-missing/runs"})
+    env = {**cluster, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "y", "AWS_MAX_ATTEMPTS": "1"}
+    done = metaopt(env, "submit", str(unreachable))
+    assert done.returncode == 1 and "storage.root s3://metaopt-missing/runs is unreachable" in done.stderr
+
+    assert len(json.loads(metaopt(cluster, "list-jobs", "--json").stdout)) == jobs_before
+
+
+def test_cluster_errors_say_what_to_do(cluster, tmp_path):
+    no_token = {k: v for k, v in cluster.items() if k != "RAY_AUTH_TOKEN"}
+    done = metaopt(no_token, "list-jobs")
+    assert done.returncode == 1 and "RAY_AUTH_TOKEN" in done.stderr
+
+    done = metaopt(cluster, "status", "no-such-job")
+    assert done.returncode == 1 and "no job no-such-job" in done.stderr and "list-jobs" in done.stderr
+
+    done = metaopt(cluster, "cancel", "no-such-job")
+    assert done.returncode == 1 and "no job no-such-job" in done.stderr
+
+    done = metaopt(cluster, "list-jobs", "--address", f"http://127.0.0.1:{_free_port()}")
+    assert done.returncode == 1 and "cannot reach the Ray dashboard" in done.stderr
+
+    done = metaopt(cluster, "list-jobs", "--address", "127.0.0.1:8265")
+    assert done.returncode == 2 and "http://" in done.stderr
