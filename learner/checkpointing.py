@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from learner.core import Learner
 from metaopt import storage
@@ -21,10 +22,12 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, learner: Learner, root_uri: str, interval_s: float = 30.0, keep: int = 3,
-                 meta: dict | None = None):
+                 meta: dict | None = None, may_write: Callable[[], bool] = lambda: True):
         """`meta`: JSON fields every checkpoint carries besides the learner's own (the job spec,
-        the code version), so that a checkpoint alone can be published or resumed anywhere."""
-        self.learner, self.root_uri, self.meta = learner, root_uri, meta or {}
+        the code version), so that a checkpoint alone can be published or resumed anywhere.
+        `may_write()` is asked before each write: False while this learner cannot be sure it
+        still holds the job's lease, since another learner may then be writing the same job."""
+        self.learner, self.root_uri, self.meta, self.may_write = learner, root_uri, meta or {}, may_write
         self.interval_s, self.keep = interval_s, keep
         self.last_saved_step: int | None = None
         self._stopped = threading.Event()
@@ -47,6 +50,11 @@ class Checkpointer:
         with self._write_lock:
             step, arrays, meta = self.learner.snapshot()
             if step == self.last_saved_step:
+                return None
+            if not self.may_write():
+                log.warning("job %s: checkpoint of step %d not written: the job's lease is not "
+                            "confirmed (job store unreachable, or another learner took it)",
+                            meta["job_id"], step)
                 return None
             started = time.perf_counter()
             uri = storage.save_checkpoint(self.root_uri, step, arrays, {**self.meta, **meta}, keep=self.keep)

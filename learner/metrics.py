@@ -88,7 +88,8 @@ class LearnerMetrics:
         self._last_checkpoint.labels(self.job_id).set(time.time())
 
     def worker_connected(self, delta: int) -> None:
-        self.workers_connected += delta  # for the job record; the gauge is for Prometheus
+        # For the job record (the gauge is Prometheus's); only the server's event loop calls this.
+        self.workers_connected += delta
         self._workers.labels(self.job_id).inc(delta)
 
     def serve(self, host: str = "127.0.0.1", port: int = 0):

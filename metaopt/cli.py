@@ -42,13 +42,15 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary line at the end.")] = False,
 ) -> None:
     """Meta-train locally: learner, Ray workers, checkpoints, registry, all on this machine."""
-    from metaopt.jobspec import JobSpecError, load_job_spec
+    from metaopt.jobspec import JobSpecError, check_job_id, load_job_spec
 
     try:
         spec = load_job_spec(config)
         overrides = {"stop.max_outer_steps": max_outer_steps, "stop.max_minutes": max_minutes,
                      "workers.count": workers}
         spec = spec.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
+        if job_id is not None:
+            check_job_id(job_id)
     except JobSpecError as err:
         _fail(str(err))
     from metaopt.jobstore import JobStoreError
@@ -106,7 +108,7 @@ def serve_learner(
 ) -> None:
     """Run a job's learner alone, as in its own pod; workers elsewhere join with `metaopt worker`."""
     from learner.security import TLSConfig, read_token
-    from metaopt.jobspec import JobSpecError, load_job_spec
+    from metaopt.jobspec import JobSpecError, check_job_id, load_job_spec
 
     _tls_options(tls_cert, tls_key)
     if tls_client_ca is not None and tls_cert is None:
@@ -115,6 +117,8 @@ def serve_learner(
         spec = load_job_spec(config)
         if max_outer_steps is not None:
             spec = spec.with_overrides(**{"stop.max_outer_steps": max_outer_steps})
+        if job_id is not None:
+            check_job_id(job_id)
         token = read_token(token_file) if token_file else None
     except (JobSpecError, ValueError, OSError) as err:
         _fail(str(err))

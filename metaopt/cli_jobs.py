@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 from typing import Annotated
 
@@ -13,9 +12,11 @@ from metaopt.submit import DEFAULT_ADDRESS, SubmitError
 
 Address = Annotated[str, typer.Option(
     "--address", envvar="RAY_ADDRESS", help="The Ray dashboard, as for `ray job`.")]
-JobStore = Annotated[str | None, typer.Option(
+JobStoreUrl = Annotated[str | None, typer.Option(
     "--job-store", envvar="METAOPT_JOB_STORE",
     help="redis://USER@HOST:PORT/DB of the jobs' records (password: $METAOPT_REDIS_PASSWORD).")]
+JobStorePrefix = Annotated[str, typer.Option(
+    "--job-store-prefix", envvar="METAOPT_JOB_STORE_PREFIX", help="The job spec's storage.job_store_prefix.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
@@ -47,40 +48,45 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Submit a meta-training job to a Ray cluster; prints its id at once."""
         from metaopt import submit as jobs
-        from metaopt.jobspec import JobSpecError, load_job_spec
+        from metaopt.jobspec import JobSpecError, check_job_id, load_job_spec
         from metaopt.train import new_job_id
 
         try:
             spec = load_job_spec(config)
             if max_outer_steps is not None:
                 spec = spec.with_overrides(**{"stop.max_outer_steps": max_outer_steps})
+            job_id = check_job_id(job_id) if job_id else new_job_id(spec)
         except JobSpecError as err:
             _fail(str(err), code=2)
-        job_id = job_id or new_job_id(spec)
         try:
-            jobs.submit(spec, _address(address), job_id)
+            submission_id = jobs.submit(spec, _address(address), job_id)
         except SubmitError as err:
             _fail(str(err))
-        typer.echo(json.dumps({"job_id": job_id, "address": address}) if as_json else job_id)
-        if not as_json:
-            typer.echo(f"follow it: metaopt status {job_id}; metaopt logs {job_id} --follow", err=True)
+        if as_json:
+            typer.echo(json.dumps({"job_id": job_id, "submission_id": submission_id, "address": address}))
+            return
+        typer.echo(job_id)
+        resumed = submission_id != job_id
+        again = f" as {submission_id}, resuming from the last checkpoint" if resumed else ""
+        typer.echo(f"submitted{again}; follow it: metaopt status {job_id}; metaopt logs {job_id} --follow",
+                   err=True)
 
     @app.command()
     def status(
         job_id: Annotated[str | None, typer.Argument(help="Job id (default: the newest job).")] = None,
         address: Address = DEFAULT_ADDRESS,
-        job_store: JobStore = None,
+        job_store: JobStoreUrl = None,
+        job_store_prefix: JobStorePrefix = "metaopt",
         as_json: AsJson = False,
     ) -> None:
         """A job's state on the cluster and, with a job store, its progress."""
         from metaopt import submit as jobs
 
         try:
-            job_id = job_id or jobs.latest_job(_address(address))
             row = jobs.job_info(_address(address), job_id)
         except SubmitError as err:
             _fail(str(err))
-        record = _record(job_store, job_id)
+        record = _read_record(job_store, job_store_prefix, row["job_id"])
         typer.echo(json.dumps({**row, "record": record}) if as_json else jobs.describe(row, record))
 
     @app.command()
@@ -97,6 +103,8 @@ def register(app: typer.Typer) -> None:
                 typer.echo(text, nl=False)
         except SubmitError as err:
             _fail(str(err))
+        except KeyboardInterrupt:  # the usual way to stop following
+            raise typer.Exit(130) from None
 
     @app.command()
     def cancel(
@@ -125,10 +133,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(rows))
             return
         for r in rows:
-            typer.echo(f"{r['job_id']:<40} {r['status']:<10} {r['message'] or ''}")
+            typer.echo(f"{r['job_id']:<32} {r['status']:<10} {r['submission_id']:<44} {r['message'] or ''}")
 
 
-def _record(url: str | None, job_id: str) -> dict | None:
+def _read_record(url: str | None, prefix: str, job_id: str) -> dict | None:
     """The job store's record of the job, or None without a store; a store that cannot be read
     is reported but does not hide Ray's answer."""
     if not url:
@@ -136,7 +144,11 @@ def _record(url: str | None, job_id: str) -> dict | None:
     from metaopt.jobstore import JobStoreError, open_job_store
 
     try:
-        return open_job_store(url, os.environ.get("METAOPT_JOB_STORE_PREFIX", "metaopt")).get(job_id)
+        store = open_job_store(url, prefix)
+        try:
+            return store.get(job_id)
+        finally:
+            store.close()
     except JobStoreError as err:
         typer.echo(f"warning: cannot read the job store: {err}", err=True)
         return None

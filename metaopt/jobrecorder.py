@@ -16,6 +16,10 @@ from metaopt.jobstore import RUNNING, STOPPED, JobStore, JobStoreError, Lease, L
 log = logging.getLogger(__name__)
 
 
+class LeaseLostError(JobStoreError):
+    """Another learner took over the job while this one ran; this one must not write on."""
+
+
 
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -52,12 +56,21 @@ class JobRecorder:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._confirmed_at = -float("inf")  # monotonic time the store last confirmed our lease
         self.lost_lease = False
+
+    def holds_lease(self) -> bool:
+        """Whether the lease is surely still ours: the store confirmed it less than half a TTL
+        ago. Writes that only the job's one learner may make (checkpoints) ask first: while the
+        store is unreachable the run goes on, but after half a TTL another learner could hold
+        the lease, so such writes wait until the store confirms it again."""
+        return not self.lost_lease and time.monotonic() - self._confirmed_at < self.lease_ttl_s / 2
 
     def start(self) -> JobRecorder:
         if self._thread is not None:
             raise RuntimeError(f"the recorder of job {self.job_id!r} is already started")
         self._lease = self.store.acquire_lease(self.job_id, self.owner, self.lease_ttl_s)
+        self._confirmed_at = time.monotonic()
         try:
             existing = self.store.get(self.job_id) or {}
             now = time.time()
@@ -65,7 +78,7 @@ class JobRecorder:
             # is what lets them survive Redis losing its data.
             self._base = {**existing, "created_at": existing.get("created_at", now), "started_at": now,
                           "state": RUNNING, "learner": self.owner, "error": None}
-            self.store.put(self.job_id, **self._record(strict=True))
+            self.store.put(self.job_id, **self._full_record(strict=True))
         except BaseException:
             self._release_quietly()
             raise
@@ -86,7 +99,7 @@ class JobRecorder:
         self._stopping.set()
         self._thread.join(timeout_s)
         with self._lock:
-            record = {**self._record(strict=False), "state": STOPPED, **(final or {})}
+            record = {**self._full_record(strict=False), "state": STOPPED, **(final or {})}
             while True:
                 try:
                     if self._keep_lease():
@@ -104,7 +117,7 @@ class JobRecorder:
                         return False
                     time.sleep(0.2)
 
-    def _record(self, *, strict: bool) -> dict[str, Any]:
+    def _full_record(self, *, strict: bool) -> dict[str, Any]:
         try:
             self._last_snapshot = dict(self._snapshot())
             self._snapshot_failing = False
@@ -122,10 +135,13 @@ class JobRecorder:
         assert self._lease is not None
         if self.lost_lease:
             return False
+        asked = time.monotonic()  # the TTL runs from the request, not from its answer
         if self._lease.renew():
+            self._confirmed_at = asked
             return True
         try:
             self._lease = self.store.acquire_lease(self.job_id, self.owner, self.lease_ttl_s)
+            self._confirmed_at = asked
         except LeaseHeldError as e:
             self.lost_lease = True
             log.error("job %s: lost the lease: %s", self.job_id, e)
@@ -148,7 +164,7 @@ class JobRecorder:
                         return
                     if not self._keep_lease():
                         return
-                    self.store.put(self.job_id, **self._record(strict=False))
+                    self.store.put(self.job_id, **self._full_record(strict=False))
             except Exception as e:  # the store is down, or a bad value: the run must go on regardless
                 if failures == 0:
                     since = time.monotonic()

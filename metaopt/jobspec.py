@@ -1,6 +1,6 @@
 """The meta-training job spec: one YAML file, validated once, then frozen.
 
-`metaopt train` and (later) `metaopt submit` take the same file. Every field has a default
+`metaopt train`, `metaopt serve-learner` and `metaopt submit` take the same file. Every field has a default
 except the task mix, so a spec can be as short as
 
     name: quickstart
@@ -161,9 +161,12 @@ class StorageSpec(_Frozen):
     @field_validator("job_store")
     @classmethod
     def _redis_url(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("redis://", "rediss://", "memory://")):
+        if url is None:
+            return None
+        scheme, _, rest = url.partition("://")
+        if scheme not in ("redis", "rediss"):
             raise ValueError(f"job_store must be a redis:// or rediss:// URL, got {url!r}")
-        if url is not None and re.match(r"^rediss?://[^/@]*:[^/@]*@", url):
+        if ":" in rest.rpartition("@")[0]:  # USER:PASSWORD@, even with a '/' in the password
             raise ValueError("job_store must not carry a password (it would be stored with the job); "
                              "give the user only, redis://USER@HOST:PORT/DB, and the password "
                              "in $METAOPT_REDIS_PASSWORD")
@@ -205,6 +208,14 @@ class JobSpec(_Frozen):
                 node = node[part]
             node[leaf] = value
         return parse_job_spec(data)
+
+
+def check_job_id(job_id: str) -> str:
+    """A job id names directories, Redis keys and Ray jobs: the same rule as a job name."""
+    if not re.fullmatch(NAME_PATTERN.strip("^$"), job_id):
+        raise JobSpecError(f"job id {job_id!r} is invalid: use lowercase letters, digits, '.', '_' and '-', "
+                           "starting with a letter or digit")
+    return job_id
 
 
 def _format(err: ValidationError) -> str:

@@ -25,12 +25,12 @@ renewed or released by Lua scripts that act only if the key still holds *our* to
 nonce is added to the owner's name), so a learner whose lease lapsed and was taken over learns
 it from `renew()` returning False and never deletes or extends the new holder's lease.
 
-**Outages.** The learner writes through a `metaopt.jobrecorder.JobRecorder`, which writes the FULL record every
-interval rather than deltas: after Redis restarts empty (it is not on the gradient path and may
-run without persistence) the record is whole again one interval after it is back, and the lease
-is taken again. Calls use 1 s socket timeouts and at most one immediate retry (which replaces a
-pooled connection that died with the server), so no call can block the learner for long, and an
-outage is logged once, not once per attempt.
+**Outages.** The learner writes through a `metaopt.jobrecorder.JobRecorder`, which writes the
+FULL record every interval rather than deltas: after Redis restarts empty (it is not on the
+gradient path and may run without persistence) the record is whole again one interval after it
+is back, and the lease is taken again. Calls use 1 s socket timeouts and at most one immediate
+retry (which replaces a pooled connection that died with the server), so no call can block the
+learner for long, and an outage is logged once, not once per attempt.
 
 **ACL.** A Redis user for the store needs keys `~{prefix}:*` and the commands in
 `ACL_COMMANDS` (the test fixture grants exactly these), e.g.

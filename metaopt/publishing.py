@@ -18,18 +18,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from typing import Any
 
 import numpy as np
 import safetensors.numpy
-from fsspec.core import url_to_fs
 from safetensors import SafetensorError
 
 from metaopt import registry, storage
-from metaopt.storage import CorruptArtifactError
+from metaopt.storage import ARRAYS_FILE, CHECKPOINT_DIR_RE, CorruptArtifactError, basename, fresh_fs
 
 __all__ = [
     "Checkpoint",
@@ -43,8 +41,6 @@ __all__ = [
 
 CHECKPOINTS_DIR = "checkpoints"
 JOB_FILE = "job.json"
-_ARRAYS_FILE = "arrays.safetensors"  # the one file of a checkpoint, as save_checkpoint names it
-_CKPT_RE = re.compile(r"ckpt-\d{9,}")
 
 
 class NotACheckpointError(ValueError):
@@ -135,22 +131,18 @@ def _parent(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
 
 
-def _basename(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
-
-
 def _read_checkpoint(uri: str) -> Checkpoint:
     try:
         files, wrapped = storage.read_committed(uri)
     except CorruptArtifactError as e:
         raise CorruptArtifactError(f"checkpoint {uri} is corrupt: {e}") from e
-    if wrapped.get("kind") != "metaopt.checkpoint" or _ARRAYS_FILE not in files:
+    if wrapped.get("kind") != "metaopt.checkpoint" or ARRAYS_FILE not in files:
         raise NotACheckpointError(f"{uri} is a committed directory but not a learner checkpoint "
                                   f"(its COMMIT.json says kind {wrapped.get('kind')!r})")
     try:
-        arrays = safetensors.numpy.load(files[_ARRAYS_FILE])
+        arrays = safetensors.numpy.load(files[ARRAYS_FILE])
     except SafetensorError as e:
-        raise CorruptArtifactError(f"checkpoint {uri}/{_ARRAYS_FILE} is unreadable: {e}") from e
+        raise CorruptArtifactError(f"checkpoint {uri}/{ARRAYS_FILE} is unreadable: {e}") from e
     return _checked(uri, int(wrapped.get("step", -1)), arrays, wrapped.get("meta", {}))
 
 
@@ -162,12 +154,12 @@ def _checked(uri: str, step: int, arrays: dict, meta: dict) -> Checkpoint:
             f"{' and meta ' + str(missing) if missing else ''}; it was written by another program"
         )
     parent = _parent(uri)
-    run_dir = _parent(parent) if _basename(parent) == CHECKPOINTS_DIR else None
+    run_dir = _parent(parent) if basename(parent) == CHECKPOINTS_DIR else None
     return Checkpoint(uri, run_dir, step, arrays, meta)
 
 
 def _ckpt_dirs(uri: str) -> list[str]:
-    return [d for d in storage.list_subdirs(uri) if _CKPT_RE.fullmatch(d)]
+    return [d for d in storage.list_subdirs(uri) if CHECKPOINT_DIR_RE.fullmatch(d)]
 
 
 def _newest_good(root: str, run_dir: str | None) -> Checkpoint:
@@ -187,13 +179,13 @@ def find_checkpoint(uri: str) -> Checkpoint:
     of a run directory (in its checkpoints/) or of a checkpoints/ folder. Local paths or fsspec
     URIs. NotACheckpointError if it is none of these; CorruptArtifactError if the checkpoint is
     damaged, or if every checkpoint of the run is."""
-    fs, path = url_to_fs(uri)
+    fs, path = fresh_fs(uri)
     if not fs.exists(path):
         raise NotACheckpointError(f"{uri} does not exist; give a run directory (RUN with "
                                   f"{CHECKPOINTS_DIR}/ inside) or one of its checkpoints")
     if storage.is_committed(uri):
         return _read_checkpoint(uri)
-    if _CKPT_RE.fullmatch(_basename(uri)):
+    if CHECKPOINT_DIR_RE.fullmatch(basename(uri)):
         raise CorruptArtifactError(f"checkpoint {uri} is unfinished (no COMMIT.json): its write was "
                                    "interrupted; publish another checkpoint of the run")
     checkpoints = f"{uri.rstrip('/')}/{CHECKPOINTS_DIR}"
@@ -201,7 +193,7 @@ def find_checkpoint(uri: str) -> Checkpoint:
         return _newest_good(checkpoints, uri.rstrip("/"))
     if _ckpt_dirs(uri):
         parent = _parent(uri)
-        return _newest_good(uri, parent if _basename(uri) == CHECKPOINTS_DIR else None)
+        return _newest_good(uri, parent if basename(uri) == CHECKPOINTS_DIR else None)
     if fs.exists(f"{path.rstrip('/')}/{CHECKPOINTS_DIR}") or fs.exists(f"{path.rstrip('/')}/{JOB_FILE}"):
         raise NotACheckpointError(f"run {uri} has no checkpoint yet (nothing in {CHECKPOINTS_DIR}/): "
                                   "it wrote none before it stopped; resume it to write one")
@@ -221,7 +213,7 @@ def _job_spec(checkpoint: Checkpoint) -> dict[str, Any]:
             f"is not in a run directory's {CHECKPOINTS_DIR}/ beside a {JOB_FILE}"
         )
     job = f"{checkpoint.run_dir}/{JOB_FILE}"
-    fs, path = url_to_fs(job)
+    fs, path = fresh_fs(job)
     try:
         spec = json.loads(fs.cat_file(path))
     except FileNotFoundError:

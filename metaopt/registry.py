@@ -6,6 +6,8 @@ Layout under a registry root URI (any fsspec URI or local path):
     NAME/VERSION/manifest.json       name, version, optimizer {name, hparams}, theta_structure,
                                      provenance, created_at, files {name: {sha256, size}}
     NAME/VERSION/COMMIT.json         written last; sha256 of both files (see metaopt.storage)
+    NAME/VERSION/.claim              object stores only: written first, by the one publisher
+                                     that may write this version (see metaopt.storage)
     NAME/aliases.json                {alias: version}, e.g. {"champion": 3}
 
 Versions count 1, 2, … and are never overwritten. Aliases move: `latest` is always the newest
@@ -30,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import safetensors.numpy
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError
 
@@ -38,6 +39,7 @@ from metaopt.storage import (
     CorruptArtifactError,
     contiguous,
     flatten_tree,
+    fresh_fs,
     is_committed,
     list_subdirs,
     read_committed,
@@ -137,7 +139,7 @@ def _check_alias(alias: str) -> str:
 
 
 def _stored_aliases(registry_uri: str, name: str) -> dict[str, int]:
-    fs, path = url_to_fs(_join(registry_uri, name, ALIASES_FILE))
+    fs, path = fresh_fs(_join(registry_uri, name, ALIASES_FILE))
     if not fs.exists(path):
         return {}
     try:
@@ -171,7 +173,7 @@ def set_alias(registry_uri: str, name: str, version: int, alias: str) -> int | N
     table = _stored_aliases(registry_uri, name)
     previous = table.get(alias)
     table[alias] = int(version)
-    fs, path = url_to_fs(_join(registry_uri, name, ALIASES_FILE))
+    fs, path = fresh_fs(_join(registry_uri, name, ALIASES_FILE))
     data = json.dumps(table, indent=2, sort_keys=True).encode()
     if isinstance(fs, LocalFileSystem):  # write aside, then rename over: never half-written
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -237,7 +239,7 @@ def read_manifest(registry_uri: str, name: str, version: int) -> dict[str, Any]:
         marker = read_marker(uri)
     except FileNotFoundError:
         raise ArtifactNotFoundError(f"{name}:{version} is not in {registry_uri}") from None
-    fs, path = url_to_fs(_join(uri, MANIFEST_FILE))
+    fs, path = fresh_fs(_join(uri, MANIFEST_FILE))
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
@@ -402,7 +404,7 @@ def _holding(local: str, wanted: dict[str, Any], name: str, version: int) -> dic
 
 def _refuse_foreign_directory(dest: str) -> None:
     """A pull replaces an earlier (maybe damaged) pull, but never a folder of someone else's."""
-    fs, path = url_to_fs(dest)
+    fs, path = fresh_fs(dest)
     if fs.exists(path) and fs.ls(path) and not is_committed(dest):
         raise ValueError(
             f"{dest} exists, is not empty and holds no pulled artifact; pull into a new or empty "
@@ -508,7 +510,7 @@ def load(ref: str, registry: str | None = None) -> TrainedOptimizer:
     registry = registry or default_registry()
     name, version = resolve(registry, ref)
     uri = _join(registry, name, version)
-    if not isinstance(url_to_fs(uri)[0], LocalFileSystem):
+    if not isinstance(fresh_fs(uri)[0], LocalFileSystem):
         uri, files = _pull_resolved(registry, name, version)
         return _trained(*_check_artifact(files, uri, name, version))
     try:

@@ -9,7 +9,10 @@ whose files all match it, so an interrupted or tampered write is never mistaken 
 On local disks the directory is also built in a hidden temporary sibling and renamed into place,
 so a half-written directory is never visible under its final name at all. Object stores have no
 rename and need none: each object appears whole or not at all, the files go up first and the
-marker last (created only if absent when the directory must be new: `If-None-Match` on S3).
+marker last. A new directory is first claimed with a small `.claim` object, created only if
+absent (`If-None-Match` on S3): only the writer that created it uploads anything, so a writer who
+lost a race never overwrites the winner's files. The claim stays: readers ignore it, and a
+claimant that died before its marker leaves an uncommitted directory that counts as taken.
 
 Object stores, freshness: s3fs and gcsfs cache directory listings for the life of the process and
 answer `exists`, `info`, even `cat_file` from them, so a file another process wrote after an `ls`
@@ -54,9 +57,10 @@ from safetensors import SafetensorError
 log = logging.getLogger(__name__)
 
 MARKER = "COMMIT.json"
+CLAIM = ".claim"  # object stores: who may write a new directory (see the module docstring)
 _MARKER_FORMAT = "metaopt.committed/1"
-_CKPT_RE = re.compile(r"ckpt-(\d{9,})")
-_ARRAYS_FILE = "arrays.safetensors"
+CHECKPOINT_DIR_RE = re.compile(r"ckpt-(\d{9,})")  # ckpt-{step:09d}, as checkpoint_uri names them
+ARRAYS_FILE = "arrays.safetensors"  # the one file of a checkpoint
 # Protocols without real directories: `makedirs` there would create a missing *bucket*.
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
@@ -158,15 +162,16 @@ def _check_file_name(name: str) -> None:
     # Names come from markers too, which may be hostile: refuse anything that could escape the dir.
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
         raise ValueError(f"file name {name!r} is invalid: use a plain name without '/'")
-    if name == MARKER:
-        raise ValueError(f"file name {MARKER!r} is reserved for the commit marker; rename it")
+    if name in (MARKER, CLAIM):
+        raise ValueError(f"file name {name!r} is reserved for committed directories; rename it")
 
 
 def _join(path: str, name: str) -> str:
     return path.rstrip("/") + "/" + name
 
 
-def _basename(path: str) -> str:
+def basename(path: str) -> str:
+    """The last component of a path or URI ("s3://b/x/ckpt-1/" -> "ckpt-1")."""
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -188,11 +193,12 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _fs(uri: str) -> tuple[AbstractFileSystem, str]:
+def fresh_fs(uri: str) -> tuple[AbstractFileSystem, str]:
     """`url_to_fs(uri)`, minus this process's cached listing of `uri` (and of its parents).
 
     s3fs and gcsfs answer `exists`/`info`/`size` from a listing cached by an earlier `ls`, and
-    `cat_file` asks `size` first: a file another process wrote since would look missing.
+    `cat_file` asks `size` first: a file another process wrote since would look missing. Open
+    every filesystem through this, not `url_to_fs`, in a process that may live long.
     """
     fs, path = url_to_fs(uri)
     fs.invalidate_cache(path)
@@ -206,7 +212,7 @@ def _is_object_store(fs: AbstractFileSystem) -> bool:
 
 def is_committed(uri: str) -> bool:
     """Whether `uri` has a commit marker (cheap; does not verify hashes)."""
-    fs, path = _fs(uri)
+    fs, path = fresh_fs(uri)
     return fs.exists(_join(path, MARKER))
 
 
@@ -225,7 +231,7 @@ def write_committed(
         "format": _MARKER_FORMAT,
         "files": {n: {"sha256": sha256_hex(b), "size": len(b)} for n, b in files.items()},
         "meta": meta,
-        "writer": uuid.uuid4().hex,  # lets a remote writer detect that someone else won a race
+        "writer": uuid.uuid4().hex,  # unique per write: a remote writer tells its claim from others'
         "committed_at": _dt.datetime.now(_dt.UTC).isoformat(),
     }
     try:
@@ -233,7 +239,7 @@ def write_committed(
     except TypeError as e:
         raise TypeError(f"meta for {uri} is not JSON-serialisable ({e}); pass plain types") from e
 
-    fs, path = _fs(uri)
+    fs, path = fresh_fs(uri)
     if isinstance(fs, LocalFileSystem):
         _write_committed_local(path, files, marker_bytes, overwrite)
     else:
@@ -285,25 +291,32 @@ def _write_committed_remote(fs, path, files, marker_bytes, writer, overwrite) ->
     # replacement leaves no directory that counts at this name, never a mix of old and new.
     if overwrite:
         _remove(fs, path)
-    elif fs.exists(path):
+    elif fs.exists(path):  # the cheap answer; racing writers can all pass it, the claim decides
         raise _exists_error(path)
     if not _is_object_store(fs):
         fs.makedirs(path, exist_ok=True)
+    if not overwrite:
+        # Before any file: writers racing for one new directory upload the same file names, and
+        # a loser's upload would overwrite the winner's files under the winner's marker. Only the
+        # writer whose claim was created goes on; the claim stays (see the module docstring).
+        _put_exclusive(fs, path, CLAIM, writer.encode(), create=True)
     if files:
         # Each object appears whole or not at all (a multipart upload only when completed);
         # async filesystems upload them concurrently.
         fs.pipe({_join(path, fname): data for fname, data in files.items()})
-    marker = _join(path, MARKER)
+    _put_exclusive(fs, path, MARKER, marker_bytes, create=not overwrite)  # LAST: now it counts
+
+
+def _put_exclusive(fs, path: str, name: str, data: bytes, *, create: bool) -> None:
+    """Write `path/name`; with `create`, only if absent (atomic on S3 and GCS), else FileExistsError."""
+    key = _join(path, name)
     try:
-        # LAST: only now does the directory count. A new directory's marker is created only if
-        # absent (atomic on S3 and GCS), so of two racing writers exactly one commits.
-        fs.pipe_file(marker, marker_bytes, mode="overwrite" if overwrite else "create")
+        fs.pipe_file(key, data, mode="create" if create else "overwrite")
     except FileExistsError:
         raise _exists_error(path) from None
-    # For stores that ignore the precondition: a writer who lost a race fails loudly (the
-    # winner's hashes guard its files from our writes).
-    back = json.loads(fs.cat_file(marker))
-    if back.get("writer") != writer:
+    # For stores that ignore the precondition: the last write wins there, and a writer whose
+    # object was replaced by another's fails loudly instead of carrying on.
+    if fs.cat_file(key) != data:
         raise _exists_error(path)
 
 
@@ -316,12 +329,12 @@ def _remove(fs: AbstractFileSystem, path: str) -> None:
 
 def remove_committed(uri: str) -> None:
     """Delete a committed directory, marker first so it is never seen half-deleted as valid."""
-    _remove(*_fs(uri))
+    _remove(*fresh_fs(uri))
 
 
 def read_marker(uri: str) -> dict[str, Any]:
     """Parse and validate the `COMMIT.json` of `uri` (without reading the files)."""
-    fs, path = _fs(uri)
+    fs, path = fresh_fs(uri)
     try:
         raw = fs.cat_file(_join(path, MARKER))
     except FileNotFoundError:
@@ -353,7 +366,7 @@ def read_committed(uri: str) -> tuple[dict[str, bytes], dict[str, Any]]:
     Raises CorruptArtifactError naming the file when one is missing, truncated or altered.
     """
     marker = read_marker(uri)
-    fs, path = url_to_fs(uri)
+    fs, path = fresh_fs(uri)
     files: dict[str, bytes] = {}
     for name, info in sorted(marker["files"].items()):
         try:
@@ -375,14 +388,14 @@ def read_committed(uri: str) -> tuple[dict[str, bytes], dict[str, Any]]:
 
 def list_subdirs(uri: str) -> list[str]:
     """Names of the sub-directories of `uri` (empty when `uri` does not exist)."""
-    fs, path = _fs(uri)
+    fs, path = fresh_fs(uri)
     try:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
     finally:
         fs.invalidate_cache(path)  # leave no listing behind for later `exists` calls to trust
-    return sorted(_basename(e["name"]) for e in entries if e.get("type") == "directory")
+    return sorted(basename(e["name"]) for e in entries if e.get("type") == "directory")
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,7 +406,7 @@ def _ckpt_steps(root_uri: str) -> list[int]:
     """Steps of every `ckpt-*` directory under root, committed or not, newest first."""
     steps = []
     for name in list_subdirs(root_uri):
-        m = _CKPT_RE.fullmatch(name)
+        m = CHECKPOINT_DIR_RE.fullmatch(name)
         if m:
             steps.append(int(m.group(1)))
     return sorted(steps, reverse=True)
@@ -428,7 +441,7 @@ def save_checkpoint(
     uri = checkpoint_uri(root_uri, int(step))
     # The caller's meta is nested so that its keys can never collide with ours.
     wrapped = {"kind": "metaopt.checkpoint", "step": int(step), "meta": meta}
-    write_committed(uri, {_ARRAYS_FILE: blob}, wrapped, overwrite=True)
+    write_committed(uri, {ARRAYS_FILE: blob}, wrapped, overwrite=True)
     _prune(root_uri, keep, int(step))
     return uri
 
@@ -461,12 +474,12 @@ def latest_checkpoint(root_uri: str) -> tuple[int, dict[str, np.ndarray], dict[s
         uri = checkpoint_uri(root_uri, step)
         try:
             files, meta = read_committed(uri)
-            if _ARRAYS_FILE not in files:
-                raise CorruptArtifactError(f"{uri} has no {_ARRAYS_FILE}")
+            if ARRAYS_FILE not in files:
+                raise CorruptArtifactError(f"{uri} has no {ARRAYS_FILE}")
             try:
-                arrays = safetensors.numpy.load(files[_ARRAYS_FILE])
+                arrays = safetensors.numpy.load(files[ARRAYS_FILE])
             except SafetensorError as e:
-                raise CorruptArtifactError(f"{_join(uri, _ARRAYS_FILE)} is unreadable: {e}") from e
+                raise CorruptArtifactError(f"{_join(uri, ARRAYS_FILE)} is unreadable: {e}") from e
         except (CorruptArtifactError, FileNotFoundError) as e:
             log.warning("skipping checkpoint %s: %s", uri, e)
             continue

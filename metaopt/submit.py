@@ -21,6 +21,7 @@ import logging
 import os
 import shlex
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
@@ -109,34 +110,44 @@ def check_fits(spec: JobSpec, nodes: list[NodeResources]) -> None:
 
 
 def check_storage(spec: JobSpec, timeout_s: float = 20.0) -> None:
-    """Refuse a remote storage root that cannot be reached from here (a missing bucket, a wrong
-    endpoint, no credentials), before the run finds out at its first checkpoint."""
+    """Refuse a job without a storage root (its checkpoints and trained optimizer would vanish
+    with the head node's temporary working directory) or with one that cannot be reached from
+    here (a missing bucket, a wrong endpoint, no credentials), before the run finds out at its
+    first checkpoint."""
     root = spec.storage.root
-    if root is None or "://" not in root or root.startswith("file://"):
-        return  # a local root that does not exist yet is made by the first checkpoint
-    from concurrent.futures import ThreadPoolExecutor
-    from concurrent.futures import TimeoutError as Timeout
-
+    if root is None:
+        raise SubmitError("storage.root is not set: on a cluster the job's checkpoints and its trained "
+                          "optimizer would be lost with the head node's working directory; set it to "
+                          "shared storage, e.g. s3://BUCKET/metaopt")
+    if "://" not in root or root.startswith("file://"):
+        log.warning("storage.root %s is a path on the head node: fine for a one-node cluster, but "
+                    "other nodes cannot resume from it", root)
+        return
     from fsspec.core import url_to_fs
 
-    def list_bucket() -> None:  # needs the endpoint, the credentials and the bucket
-        fs, path = url_to_fs(root)
-        fs.ls(path.split("/")[0], detail=False)
+    outcome: list[BaseException | None] = []
 
-    pool = ThreadPoolExecutor(1)
-    try:
-        # Object-store clients retry an unreachable endpoint for minutes; a person waits less.
-        pool.submit(list_bucket).result(timeout=timeout_s)
-    except FileNotFoundError:
-        raise SubmitError(f"storage.root {root}: its bucket does not exist; create it first") from None
-    except Timeout:
+    def list_bucket() -> None:  # needs the endpoint, the credentials and the bucket
+        try:
+            fs, path = url_to_fs(root)
+            fs.ls(path.split("/")[0], detail=False)
+            outcome.append(None)
+        except BaseException as err:  # handed to the caller below
+            outcome.append(err)
+
+    # A daemon thread: object-store clients retry an unreachable endpoint for minutes, and
+    # neither the person waiting nor the exiting interpreter should wait for them.
+    probe = threading.Thread(target=list_bucket, daemon=True, name="storage-probe")
+    probe.start()
+    probe.join(timeout_s)
+    if not outcome:
         raise SubmitError(f"storage.root {root} did not answer within {timeout_s:g} s; check the URI "
-                          "and $AWS_ENDPOINT_URL") from None
-    except Exception as err:  # fsspec backends raise their own types: all mean "unreachable"
-        raise SubmitError(f"storage.root {root} is unreachable: {_first_line(err)}. Check the URI, "
-                          "$AWS_ENDPOINT_URL and the credentials") from None
-    finally:
-        pool.shutdown(wait=False)
+                          "and $AWS_ENDPOINT_URL")
+    if isinstance(outcome[0], FileNotFoundError):
+        raise SubmitError(f"storage.root {root}: its bucket does not exist; create it first")
+    if outcome[0] is not None:  # fsspec backends raise their own types: all mean "unreachable"
+        raise SubmitError(f"storage.root {root} is unreachable: {_first_line(outcome[0])}. Check the "
+                          "URI, $AWS_ENDPOINT_URL and the credentials")
 
 
 def entrypoint(job_id: str) -> str:
@@ -144,93 +155,116 @@ def entrypoint(job_id: str) -> str:
     return shlex.join(["python", "-m", "metaopt.cli", "train", SPEC_FILE, "--job-id", job_id, "--json"])
 
 
+ACTIVE = ("PENDING", "RUNNING")
+# Ray's default grace between SIGTERM and SIGKILL for a stopped job is 3 s; the learner needs
+# longer to write its final checkpoint and record (to object storage, perhaps).
+STOP_GRACE_S = 60
+
+
 def submit(spec: JobSpec, address: str, job_id: str, retry_s: float = 60.0) -> str:
-    """Validate the job against the cluster, then submit it; returns the job id at once."""
+    """Validate the job against the cluster, then submit it; returns Ray's submission id at once.
+
+    Ray never reuses a submission id, so resubmitting a job id (to resume it from its last
+    checkpoint) submits a new attempt, JOB_ID-attempt-N; `status`, `logs` and `cancel` of the
+    job id follow its newest attempt."""
     import yaml
 
     jobs = client(address)
     check_fits(spec, cluster_nodes(address))
     check_storage(spec)
+    earlier = attempts(address, job_id)
+    running = [a for a in earlier if a["status"] in ACTIVE]
+    if running:
+        raise SubmitError(f"job {job_id} is still {running[-1]['status']} ({running[-1]['submission_id']}); "
+                          f"`metaopt cancel {job_id}` it first, or submit under another --job-id")
+    submission_id = job_id if not earlier else f"{job_id}-attempt-{len(earlier) + 1}"
     with tempfile.TemporaryDirectory(prefix="metaopt-submit-") as working_dir:
         # The cluster gets the spec as validated here, defaults filled in, so it runs exactly
         # what was checked, whatever metaopt version fills defaults there.
         with open(f"{working_dir}/{SPEC_FILE}", "w") as f:
             yaml.safe_dump(spec.model_dump(mode="json"), f, sort_keys=False)
-        # The record first: a learner that starts at once must find it, not be overwritten by it.
-        _record(spec, job_id, state="PENDING", ray_address=address)
+        env = {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S)}
         deadline = time.monotonic() + retry_s
         while True:
             try:
-                return jobs.submit_job(
-                    entrypoint=entrypoint(job_id), submission_id=job_id,
-                    runtime_env={"working_dir": working_dir, "env_vars": {"PYTHONUNBUFFERED": "1"}},
-                    metadata={"metaopt_job": spec.name},
-                )
-            except RuntimeError as err:
+                jobs.submit_job(entrypoint=entrypoint(job_id), submission_id=submission_id,
+                                runtime_env={"working_dir": working_dir, "env_vars": env},
+                                metadata={"metaopt_job_id": job_id, "metaopt_job": spec.name})
+                break
+            except (RuntimeError, OSError) as err:
                 # A head node that has just started answers "no available agent ... try again
                 # later" until its job agent is up.
                 if "try again" in str(err) and time.monotonic() < deadline:
                     time.sleep(1.0)
                     continue
-                error = f"the cluster refused job {job_id}: {_first_line(err)}"
-                _record(spec, job_id, state="FAILED", error=error)
-                raise SubmitError(error) from None
+                raise SubmitError(f"the cluster refused job {job_id}: {_first_line(err)}") from None
+    _write_submission_record(spec, job_id, submission_id, address)
+    return submission_id
 
 
-def _record(spec: JobSpec, job_id: str, **fields) -> None:
-    """Write the job's record, if the spec names a job store; the submission does not depend
-    on it (the learner rewrites the whole record as it runs)."""
+def _write_submission_record(spec: JobSpec, job_id: str, submission_id: str, address: str) -> None:
+    """Mark the job PENDING in the job store, if the spec names one. After the submission, so a
+    refused one leaves an earlier record alone; a learner that started first loses nothing, as
+    it rewrites its whole record (state RUNNING) every few seconds."""
     if spec.storage.job_store is None:
         return
-    from metaopt.jobstore import JobStoreError, open_job_store
+    from metaopt.jobstore import PENDING, JobStoreError, open_job_store
 
     try:
         store = open_job_store(spec.storage.job_store, spec.storage.job_store_prefix)
-        store.put(job_id, spec=spec.model_dump(mode="json"), **fields)
-        store.close()
+        try:
+            store.put(job_id, spec=spec.model_dump(mode="json"), state=PENDING,
+                      ray_submission_id=submission_id, ray_address=address)
+        finally:
+            store.close()
     except JobStoreError as err:
-        log.warning("job %s: its record could not be written to the job store: %s", job_id, err)
+        log.warning("job %s is submitted, but the job store could not record it: %s", job_id, err)
 
 
-def job_info(address: str, job_id: str) -> dict:
-    """Ray's view of one job: status, message, times; SubmitError if Ray does not know it."""
-    jobs = client(address)
+def _ask(address: str, what: str, call):
+    """call(), with Ray's and the network's errors turned into a SubmitError."""
     try:
-        info = jobs.get_job_info(job_id)
-    except RuntimeError:
-        raise SubmitError(f"no job {job_id} on the Ray cluster at {address}; `metaopt list-jobs` "
-                          "shows the jobs it knows") from None
-    return _row(info)
+        return call()
+    except (RuntimeError, OSError) as err:  # requests' errors are OSErrors
+        raise SubmitError(f"the Ray cluster at {address} failed to {what}: {_first_line(err)}") from None
 
 
 def list_jobs(address: str) -> list[dict]:
-    """Every job the cluster knows, newest first."""
-    rows = [_row(info) for info in client(address).list_jobs()]
-    return sorted(rows, key=lambda r: r["start_time"] or 0, reverse=True)
+    """Every attempt the cluster knows, newest first."""
+    infos = _ask(address, "list its jobs", client(address).list_jobs)
+    return sorted((_row(info) for info in infos), key=lambda r: r["start_time"] or 0, reverse=True)
 
 
-def latest_job(address: str) -> str:
-    rows = list_jobs(address)
+def attempts(address: str, job_id: str) -> list[dict]:
+    """The attempts of one job, oldest first."""
+    return [r for r in reversed(list_jobs(address)) if r["job_id"] == job_id]
+
+
+def job_info(address: str, job_id: str | None = None) -> dict:
+    """Ray's view of a job's newest attempt (of the newest job, without `job_id`)."""
+    rows = list_jobs(address) if job_id is None else attempts(address, job_id)[::-1]
     if not rows:
-        raise SubmitError(f"the Ray cluster at {address} has no jobs yet; submit one with `metaopt submit`")
-    return rows[0]["job_id"]
+        raise SubmitError(f"no job {job_id} on the Ray cluster at {address}; `metaopt list-jobs` shows the "
+                          "jobs it knows" if job_id else
+                          f"the Ray cluster at {address} has no jobs yet; submit one with `metaopt submit`")
+    return rows[0]
 
 
 def cancel(address: str, job_id: str) -> bool:
-    """Ask Ray to stop the job (SIGTERM to `metaopt train`, which writes a final checkpoint).
-    False if it had already ended."""
-    job_info(address, job_id)  # a clear error for an unknown id
-    return client(address).stop_job(job_id)
+    """Ask Ray to stop the job's newest attempt (SIGTERM to `metaopt train`, which writes a
+    final checkpoint and record). False if it had already ended."""
+    submission_id = job_info(address, job_id)["submission_id"]
+    return _ask(address, f"stop job {job_id}", lambda: client(address).stop_job(submission_id))
 
 
 def logs(address: str, job_id: str, follow: bool = False) -> Iterator[str]:
-    """The job's driver output so far; with `follow`, then new output until the job ends."""
+    """The newest attempt's output so far; with `follow`, then new output until it ends."""
+    submission_id = job_info(address, job_id)["submission_id"]
     jobs = client(address)
-    job_info(address, job_id)
     if not follow:
-        yield jobs.get_job_logs(job_id)
+        yield _ask(address, f"send the logs of {job_id}", lambda: jobs.get_job_logs(submission_id))
         return
-    stream = jobs.tail_job_logs(job_id)
+    stream = jobs.tail_job_logs(submission_id)
     loop = asyncio.new_event_loop()
     try:
         while True:
@@ -238,16 +272,19 @@ def logs(address: str, job_id: str, follow: bool = False) -> Iterator[str]:
                 yield loop.run_until_complete(anext(stream))
             except StopAsyncIteration:
                 return
+            except (RuntimeError, OSError) as err:
+                raise SubmitError(f"the log stream of {job_id} broke off: {_first_line(err)}") from None
     finally:
         loop.run_until_complete(stream.aclose())
         loop.close()
 
 
 def _row(info) -> dict:
+    metadata = info.metadata or {}
     return {
-        "job_id": info.submission_id, "status": str(info.status.value), "message": info.message,
+        "job_id": metadata.get("metaopt_job_id", info.submission_id), "submission_id": info.submission_id,
+        "status": str(info.status.value), "message": info.message,
         "start_time": info.start_time, "end_time": info.end_time,
-        "metaopt_job": (info.metadata or {}).get("metaopt_job"),
     }
 
 
@@ -258,7 +295,9 @@ def _first_line(err: BaseException) -> str:
 
 def describe(row: dict, record: dict | None) -> str:
     """A few human lines about a job: Ray's status and, when the job store has it, progress."""
-    lines = [f"job {row['job_id']}: {row['status']}" + (f" ({row['message']})" if row["message"] else "")]
+    attempt = f" (attempt {row['submission_id']})" if row["submission_id"] != row["job_id"] else ""
+    message = f", {row['message']}" if row["message"] else ""
+    lines = [f"job {row['job_id']}{attempt}: {row['status']}{message}"]
     if record:
         keys = ("state", "theta_version", "meta_loss", "estimates_per_second", "workers_alive",
                 "last_checkpoint", "artifact", "error")

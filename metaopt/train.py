@@ -91,6 +91,7 @@ def _train(run: _LearnerRun, host: str, progress: bool) -> RunResult:
             server.stop(grace=2).wait()
             metrics_server.shutdown()
     (run.run_dir / "workers.json").write_text(json.dumps(worker_stats, indent=2))
+    run.check_lease()
     artifact, registry_uri = run.publish()
     run.artifact = artifact
     history = learner.history
@@ -135,19 +136,21 @@ class _LearnerRun:
             max_estimate_norm=spec.outer.max_estimate_norm, max_in_flight=spec.outer.max_in_flight,
             task_families=tuple(t.family for t in spec.tasks),
         ), theta0)
+        self.lease_lost = None  # the LeaseHeldError, once another learner has taken the job
         self.checkpointer = Checkpointer(
             self.learner, self.checkpoint_uri, spec.checkpoint_interval_s,
-            meta={"spec": spec.model_dump(mode="json"), "code_version": installed_code_version()})
+            meta={"spec": spec.model_dump(mode="json"), "code_version": installed_code_version()},
+            may_write=lambda: self.recorder.holds_lease())
         # The lease before any checkpoint is read: a second learner of the job stops here.
         store = open_job_store(spec.storage.job_store, spec.storage.job_store_prefix)
-        self.recorder = JobRecorder(store, job_id, self._record, on_lease_lost=self._lease_lost).start()
+        self.recorder = JobRecorder(store, job_id, self._progress, on_lease_lost=self._lease_lost).start()
         try:
             self.resumed_at = self.checkpointer.restore_latest() or 0
         except BaseException as err:
             self.recorder.stop(_outcome(err))
             raise
 
-    def _record(self) -> dict:
+    def _progress(self) -> dict:
         """The job record's progress fields (called from the recorder's thread)."""
         from metaopt import storage
 
@@ -166,7 +169,17 @@ class _LearnerRun:
 
     def _lease_lost(self, err) -> None:
         log.error("job %s: %s; this learner stops", self.job_id, err)
+        self.lease_lost = err
         self.learner.stop()
+
+    def check_lease(self) -> None:
+        """Raise before publishing if another learner took the job: its θ is the job's now."""
+        from metaopt.jobrecorder import LeaseLostError
+
+        if self.lease_lost is not None:
+            raise LeaseLostError(f"job {self.job_id}: another learner took the job over while this one ran "
+                                 f"({self.lease_lost}); this one stopped without a final checkpoint and "
+                                 "published nothing")
 
     @contextlib.contextmanager
     def recorded(self):
@@ -177,7 +190,7 @@ class _LearnerRun:
         except BaseException as err:
             self.recorder.stop(_outcome(err))
             raise
-        self.recorder.stop({**self._record(), "state": "SUCCEEDED", "artifact": self.artifact})
+        self.recorder.stop({**self._progress(), "state": "SUCCEEDED", "artifact": self.artifact})
 
     def follow(self, runs, progress: bool) -> None:
         budget_s = self.spec.stop.max_minutes * 60 if self.spec.stop.max_minutes else None
@@ -231,6 +244,7 @@ def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening,
         finally:
             server.stop(grace=2).wait()
             metrics_server.shutdown()
+    run.check_lease()
     if not learner.history:
         raise RuntimeError(f"job {job_id}: stopped before any outer step; nothing to publish")
     artifact, registry_uri = run.publish()

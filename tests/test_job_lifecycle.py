@@ -58,7 +58,8 @@ def test_the_lease_refuses_a_second_learner_and_the_record_survives_a_redis_rest
     (tmp_path / "redis").mkdir()
     redis.start()
     env = {**os.environ, "METAOPT_REDIS_PASSWORD": redis.password}
-    spec = write_spec(tmp_path / "job.yaml", stop={"max_outer_steps": 1000},
+    # No timed checkpoint: the only one would be the final one, which a fenced learner must skip.
+    spec = write_spec(tmp_path / "job.yaml", stop={"max_outer_steps": 1000}, checkpoint_interval_s=3600,
                       storage={"job_store": redis.url_for(redis.user)})
     store = open_job_store(redis.url)
     first, _ = start_learner(spec, tmp_path / "a", env)
@@ -78,6 +79,13 @@ def test_the_lease_refuses_a_second_learner_and_the_record_survives_a_redis_rest
         assert store.get("held")["spec"]["name"] == "e2e"
         again = serve_again(spec, tmp_path / "b", env)
         assert again.returncode == 1 and "already run by" in again.stderr, again.stderr[-2000:]
+
+        # A takeover behind its back (as after a network partition longer than the lease): the
+        # first learner finds out at its next renewal and stops without writing anything more.
+        redis.admin().set("metaopt:lease:held", "intruder#1", px=60_000)
+        _, stderr = first.communicate(timeout=60)
+        assert first.returncode == 1 and "another learner took the job over" in stderr, stderr[-2000:]
+        assert not list((tmp_path / "a" / "runs" / "held" / "checkpoints").glob("ckpt-*"))
     finally:
         first.terminate()
         first.wait(timeout=60)

@@ -71,12 +71,42 @@ def test_a_missing_bucket_is_an_error_not_created(s3_bucket):
 
 def test_a_racing_publisher_loses_loudly(s3_bucket, monkeypatch):
     uri = f"{s3_bucket}/registry/opt/1"
-    storage.write_committed(uri, {"winner.bin": b"w"}, {"by": "winner"})
-    # The loser checked for the directory just before the winner wrote it.
+    winner = {"theta.bin": b"winner", "manifest.json": b'{"by": "winner"}'}
+    storage.write_committed(uri, winner, {"by": "winner"})
+    # The loser checked for the directory just before the winner wrote it, and writes the same
+    # file names (as every publisher of a registry version does): it must not touch the winner's.
     monkeypatch.setattr(_s3(uri)[0], "exists", lambda path, **kwargs: False)
     with pytest.raises(FileExistsError, match="immutable"):
-        storage.write_committed(uri, {"loser.bin": b"l"}, {"by": "loser"})
-    assert storage.read_committed(uri) == ({"winner.bin": b"w"}, {"by": "winner"})
+        storage.write_committed(uri, {"theta.bin": b"loser!", "manifest.json": b"{}"}, {"by": "loser"})
+    assert storage.read_committed(uri) == (winner, {"by": "winner"})
+
+
+def test_of_two_racing_writers_only_the_claimant_uploads(s3_bucket, monkeypatch):
+    """A and B both find the directory absent; B runs start to end while A is about to upload its
+    files: B must fail before uploading anything, and A's directory must commit and verify."""
+    uri = f"{s3_bucket}/registry/opt/1"
+    fs, path = _s3(uri)
+    files = {"A": {"theta.bin": b"A" * 64, "manifest.json": b'{"by": "A"}'},
+             "B": {"theta.bin": b"B" * 64, "manifest.json": b'{"by": "B"}'}}
+    uploads = []
+    real_pipe = fs.pipe
+
+    def pipe(objects, *args, **kwargs):
+        uploads.append({key.rsplit("/", 1)[-1]: data for key, data in objects.items()})
+        if len(uploads) == 1:  # A, about to upload: B races it now
+            with pytest.raises(FileExistsError, match="immutable"):
+                storage.write_committed(uri, files["B"], {"by": "B"})
+        return real_pipe(objects, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "exists", lambda path, **kwargs: False)  # both checked before any write
+    monkeypatch.setattr(fs, "pipe", pipe)
+    storage.write_committed(uri, files["A"], {"by": "A"})
+    monkeypatch.undo()
+    assert uploads == [files["A"]]  # B uploaded nothing
+    assert storage.read_committed(uri) == (files["A"], {"by": "A"})
+    assert sorted(storage.read_marker(uri)["files"]) == ["manifest.json", "theta.bin"]  # no claim
+    names = (storage.CLAIM, MARKER, "manifest.json", "theta.bin")
+    assert sorted(fs.ls(path)) == [f"{path}/{name}" for name in names]
 
 
 def test_checkpoints_latest_and_pruning(s3_bucket):
@@ -242,6 +272,49 @@ def test_registry_round_trip(s3_bucket, tmp_path, monkeypatch):
     assert registry.resolve(reg, "my-opt@champion") == ("my-opt", 1)
     registry.set_alias(reg, "my-opt", 2, "champion")
     assert registry.resolve(reg, "my-opt@champion") == ("my-opt", 2)
+
+
+def test_a_claimant_that_died_leaves_an_uncommitted_version_that_is_skipped(s3_bucket, monkeypatch):
+    reg = f"{s3_bucket}/registry"
+    publish = lambda: registry.publish(reg, "my-opt", "small_fc", {}, THETA, {})  # noqa: E731
+    assert publish() == "my-opt:1"
+    fs, path = _s3(reg)
+
+    def die(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(fs, "pipe", die)  # it claims version 2, then dies before uploading
+    with pytest.raises(RuntimeError, match="killed"):
+        publish()
+    monkeypatch.undo()
+    assert fs.ls(f"{path}/my-opt/2") == [f"{path}/my-opt/2/{storage.CLAIM}"]
+    assert not storage.is_committed(f"{reg}/my-opt/2")
+    with pytest.raises(CorruptArtifactError, match=MARKER):
+        storage.read_committed(f"{reg}/my-opt/2")
+    assert registry.list_versions(reg, "my-opt") == [1] and registry.resolve(reg, "my-opt") == ("my-opt", 1)
+
+    # A publisher whose listing predates the claim tries version 2 first, and moves on to 3.
+    real = registry._numeric_dirs
+    listings = iter([[1]])
+    monkeypatch.setattr(registry, "_numeric_dirs", lambda *a: next(listings, None) or real(*a))
+    assert publish() == "my-opt:3"
+    assert registry.list_versions(reg, "my-opt") == [1, 3]
+
+
+def test_aliases_written_by_another_process_are_seen(s3_bucket):
+    """A stale cached listing of NAME/ (no aliases.json yet) must not hide the aliases, or
+    set_alias would write a table without them."""
+    reg = f"{s3_bucket}/registry"
+    registry.publish(reg, "my-opt", "small_fc", {}, THETA, {})
+    fs, path = _s3(reg)
+    fs.ls(f"{path}/my-opt")  # cached here: no aliases.json
+    other = s3fs.S3FileSystem(skip_instance_cache=True)
+    other.pipe_file(f"{path}/my-opt/{registry.ALIASES_FILE}", b'{"champion": 1}')
+    assert registry.aliases(reg, "my-opt") == {"champion": 1, "latest": 1}
+    fs.ls(f"{path}/my-opt")
+    assert registry.resolve(reg, "my-opt@champion") == ("my-opt", 1)
+    registry.set_alias(reg, "my-opt", 1, "stable")
+    assert registry.aliases(reg, "my-opt") == {"champion": 1, "stable": 1, "latest": 1}
 
 
 @pytest.mark.parametrize("setting", ["AWS_ENDPOINT_URL_S3", "fsspec.config.conf", "FSSPEC_S3_ENDPOINT_URL"])

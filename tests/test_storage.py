@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from metaopt.storage import (
+    CLAIM,
     MARKER,
     CorruptArtifactError,
     flatten_tree,
@@ -97,7 +98,7 @@ def test_local_write_leaves_no_temporaries(tmp_path):
 
 
 def test_reserved_and_bad_file_names(tmp_path):
-    for name in [MARKER, "a/b", ".."]:
+    for name in [MARKER, CLAIM, "a/b", ".."]:
         with pytest.raises(ValueError):
             write_committed(str(tmp_path / "d"), {name: b""}, {})
 

@@ -137,6 +137,8 @@ def test_a_submitted_job_completes_and_a_cancelled_one_stops_with_a_checkpoint(c
     while storage.latest_checkpoint(checkpoints) is None:
         assert time.monotonic() < deadline, metaopt(env, "logs", "long-1").stdout[-3000:]
         time.sleep(1)
+    follow = subprocess.Popen([sys.executable, "-m", "metaopt.cli", "logs", "long-1", "--follow"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     done = metaopt(env, "cancel", "long-1")
     assert done.returncode == 0 and "stopping" in done.stdout, done.stderr
     row = wait_for(env, "long-1", {"SUCCEEDED", "FAILED", "STOPPED"}, 120)
@@ -144,6 +146,17 @@ def test_a_submitted_job_completes_and_a_cancelled_one_stops_with_a_checkpoint(c
     step, _, meta = storage.latest_checkpoint(checkpoints)
     assert step >= 1 and meta["job_id"] == "long-1"
     assert row["record"]["state"] == "STOPPED" and row["record"]["theta_version"] == step, row
+    followed, _ = follow.communicate(timeout=60)  # --follow ends with the job
+    assert follow.returncode == 0 and "Running entrypoint for job long-1" in followed
+
+    # The same job id again: a new attempt, which resumes from the last checkpoint.
+    done = metaopt(env, "submit", str(long), "--job-id", "long-1", "--max-outer-steps", str(step + 2))
+    assert done.returncode == 0 and "long-1-attempt-2" in done.stderr, done.stderr
+    row = wait_for(env, "long-1", {"SUCCEEDED", "FAILED", "STOPPED"})
+    assert row["submission_id"] == "long-1-attempt-2" and row["status"] == "SUCCEEDED", row
+    assert row["record"]["theta_version"] == step + 2 and row["record"]["state"] == "SUCCEEDED"
+    summary = json.loads(metaopt(env, "logs", "long-1").stdout.strip().splitlines()[-1])
+    assert summary["outer_steps"] == step + 2
 
 
 def test_submit_refuses_a_job_the_cluster_cannot_run_and_starts_nothing(cluster, tmp_path):
@@ -152,6 +165,13 @@ def test_submit_refuses_a_job_the_cluster_cannot_run_and_starts_nothing(cluster,
     unknown = write_spec(tmp_path / "unknown.yaml", tasks=[{"family": "no_such_family"}])
     done = metaopt(cluster, "submit", str(unknown))
     assert done.returncode == 2 and "no_such_family" in done.stderr
+
+    done = metaopt(cluster, "submit", str(write_spec(tmp_path / "ok.yaml")), "--job-id", "Not Valid")
+    assert done.returncode == 2 and "job id 'Not Valid' is invalid" in done.stderr
+
+    nowhere = write_spec(tmp_path / "nowhere.yaml", storage={})
+    done = metaopt(cluster, "submit", str(nowhere))
+    assert done.returncode == 1 and "storage.root is not set" in done.stderr, done.stderr
 
     gpus = write_spec(tmp_path / "gpus.yaml", workers={"count": 1, "gpus": 1})
     done = metaopt(cluster, "submit", str(gpus))
