@@ -14,6 +14,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from metaopt.registry import DEFAULT_REGISTRY
+
 REGISTRY_OPTION = typer.Option(
     "--registry", envvar="METAOPT_REGISTRY",
     help="Registry root: a path or fsspec URI (default: $METAOPT_REGISTRY, else runs/registry).",
@@ -57,7 +59,7 @@ def publish(
              "a path or fsspec URI.")],
     name: Annotated[str | None, typer.Option(
         "--name", help="Registry name (default: the job spec's artifact_name, else its name).")] = None,
-    registry_uri: RegistryUri = "runs/registry",
+    registry_uri: RegistryUri = DEFAULT_REGISTRY,
     alias: Annotated[list[str] | None, typer.Option(
         "--alias", help="Also point this alias at the new version (repeatable), e.g. champion.")] = None,
     eval_report: Annotated[pathlib.Path | None, typer.Option(
@@ -98,7 +100,7 @@ def publish(
 
 def pull(
     ref: Annotated[str, typer.Argument(help="NAME, NAME:VERSION or NAME@ALIAS (default: the newest).")],
-    registry_uri: RegistryUri = "runs/registry",
+    registry_uri: RegistryUri = DEFAULT_REGISTRY,
     dest: Annotated[
         pathlib.Path | None, typer.Option("--dest", help="Local directory (default: the cache).")
     ] = None,
@@ -112,7 +114,7 @@ def pull(
 @registry_app.command("list")
 def list_(
     name: Annotated[str | None, typer.Argument(help="List this name's versions (default: all).")] = None,
-    registry_uri: RegistryUri = "runs/registry",
+    registry_uri: RegistryUri = DEFAULT_REGISTRY,
     as_json: AsJson = False,
 ) -> None:
     """Names with their newest version and aliases; with NAME, its versions and their provenance."""
@@ -141,7 +143,7 @@ def alias_(
     name: Annotated[str, typer.Argument(help="Registry name.")],
     version: Annotated[int, typer.Argument(help="Existing version to point the alias at.", min=1)],
     alias: Annotated[str, typer.Argument(help="Alias, e.g. champion ('latest' moves by itself).")],
-    registry_uri: RegistryUri = "runs/registry",
+    registry_uri: RegistryUri = DEFAULT_REGISTRY,
     as_json: AsJson = False,
 ) -> None:
     """Point NAME@ALIAS at VERSION (aliases move; versions never change)."""

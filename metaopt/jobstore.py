@@ -356,6 +356,9 @@ class RedisJobStore(JobStore):
         return _decode(record) if record else None
 
     def list_jobs(self, limit: int | None = None) -> list[dict[str, Any]]:
+        if limit is not None and limit <= 0:  # ZREVRANGE 0 -1 would mean "all"
+            return []
+
         def read() -> list[dict[str, str]]:
             job_ids = self._redis.zrevrange(self._key("jobs"), 0, -1 if limit is None else limit - 1)
             pipe = self._redis.pipeline(transaction=False)

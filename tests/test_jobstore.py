@@ -91,6 +91,7 @@ def test_record_round_trip(store: JobStore) -> None:
     assert second["created_at"] == first["created_at"] and second["updated_at"] > first["updated_at"]
     assert [job["job_id"] for job in store.list_jobs()] == ["job-b", "job-a"]  # newest first
     assert [job["job_id"] for job in store.list_jobs(limit=1)] == ["job-b"]
+    assert store.list_jobs(limit=0) == []
 
 
 def test_values_that_cannot_be_stored_are_named(store: JobStore) -> None:
