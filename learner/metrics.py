@@ -1,6 +1,9 @@
 """The learner's Prometheus metrics, in a registry of its own (several learners may share a
 process in tests). Names follow Prometheus conventions: prefix `metaopt_`, base units,
-`_total` for counters; labels only from bounded sets (job, task family, reject reason).
+`_total` for counters; labels only from bounded sets (job id, task family, reject reason). The
+job's label is `job_id`, not `job`: Prometheus gives every scraped series its own `job` label
+(the scrape job), and a clash would rename ours to `exported_job`. The process collector adds
+the learner's CPU and memory (`process_cpu_seconds_total`, `process_resident_memory_bytes`).
 Per-worker counts stay in the learner (`Learner.accepted_by_worker`): with hundreds of
 workers, and a new run id per restart, a worker label would grow without bound."""
 
@@ -9,7 +12,14 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 if TYPE_CHECKING:
     from learner.core import OuterStep
@@ -19,16 +29,17 @@ class LearnerMetrics:
     def __init__(self, job_id: str):
         self.job_id = job_id
         self.registry = CollectorRegistry()
-        r, job = self.registry, ["job"]
+        r, job = self.registry, ["job_id"]
+        ProcessCollector(registry=r)
         self._accepted = Counter(
             "metaopt_gradient_estimates_accepted", "Gradient estimates accepted.",
-            ["job", "task_family"], registry=r)
+            ["job_id", "task_family"], registry=r)
         self._rejected = Counter(
             "metaopt_gradient_estimates_rejected", "Gradient estimates rejected, by reason.",
-            ["job", "reason"], registry=r)
+            ["job_id", "reason"], registry=r)
         self._inner_steps = Counter(
             "metaopt_inner_steps", "Inner training steps behind accepted estimates "
-            "(both antithetic halves counted).", ["job", "task_family"], registry=r)
+            "(both antithetic halves counted).", ["job_id", "task_family"], registry=r)
         self._staleness = Histogram(
             "metaopt_estimate_staleness_versions", "θ versions between an accepted estimate's "
             "θ and the current one.", job, buckets=(0, 1, 2, 4, 8, 16, 32), registry=r)

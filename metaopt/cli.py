@@ -39,6 +39,8 @@ def train(
     job_id: Annotated[
         str | None, typer.Option("--job-id", help="Job id; an existing one resumes from its last checkpoint.")
     ] = None,
+    metrics_port: Annotated[int, typer.Option("--metrics-port", min=0, max=65535,
+                                              help="Prometheus /metrics port (0: any free one).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary line at the end.")] = False,
 ) -> None:
     """Meta-train locally: learner, Ray workers, checkpoints, registry, all on this machine."""
@@ -58,10 +60,12 @@ def train(
     from metaopt.train import train as run_training
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("metaopt.train").setLevel(logging.INFO)  # where the learner and metrics are
     show_progress = sys.stderr.isatty() or not as_json
     job_id = job_id or new_job_id(spec)
     try:
-        result = run_training(spec, out=str(out), job_id=job_id, progress=show_progress)
+        result = run_training(spec, out=str(out), job_id=job_id, progress=show_progress,
+                              metrics_port=metrics_port)
     except (WorkerFailed, JobStoreError, ValueError, OSError) as err:
         _fail(str(err), code=1)
     except KeyboardInterrupt:
@@ -194,6 +198,44 @@ def worker(
         _fail(str(err), code=1)
     typer.echo(json.dumps(stats) if as_json else
                f"worker {worker_id}: {stats['accepted']} estimates accepted, {stats['rejected']} rejected")
+
+
+@app.command()
+def workers(
+    config: Annotated[pathlib.Path, typer.Argument(help="Job spec YAML (the same as the learner's).")],
+    learner: Annotated[str, typer.Option("--learner", help="The learner's address, HOST:PORT.")],
+    job_id: Annotated[str, typer.Option("--job-id", help="The job id the learner serves.")],
+    count: Annotated[int | None, typer.Option(
+        "--count", min=1, help="How many (default: the spec's workers.count).")] = None,
+    token_file: Annotated[pathlib.Path | None, typer.Option(
+        "--token-file", help="File holding the job's bearer token.")] = None,
+    tls_ca: Annotated[pathlib.Path | None, typer.Option(
+        "--tls-ca", help="CA of the learner's certificate: connect with TLS.")] = None,
+    tls_server_name: Annotated[str | None, typer.Option(
+        "--tls-server-name", help="Name in the learner's certificate, if not the address's host.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line of stats at the end.")] = False,
+) -> None:
+    """Start a job's workers as Ray actors on this Ray cluster (a KubeRay RayJob's entrypoint),
+    against a learner served elsewhere (`metaopt serve-learner`); returns when it stops them."""
+    from learner.security import read_token
+    from metaopt.jobspec import JobSpecError, load_job_spec
+
+    try:
+        spec = load_job_spec(config)
+        token = read_token(token_file) if token_file else None
+    except (JobSpecError, ValueError, OSError) as err:
+        _fail(str(err))
+    from metaopt.train import WorkerFailed, run_workers
+    from workers.client import ClientTLS
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    tls = ClientTLS(str(tls_ca), None, None, tls_server_name) if tls_ca else None
+    try:
+        stats = run_workers(spec, learner, job_id, token, tls, count)
+    except WorkerFailed as err:
+        _fail(str(err), code=1)
+    accepted = sum(s["accepted"] for s in stats)
+    typer.echo(json.dumps(stats) if as_json else f"{len(stats)} workers: {accepted} estimates accepted")
 
 
 cli_registry.register(app)  # publish, pull, registry list|alias

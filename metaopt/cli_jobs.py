@@ -44,9 +44,22 @@ def register(app: typer.Typer) -> None:
         ] = None,
         max_outer_steps: Annotated[int | None, typer.Option(
             "--max-outer-steps", min=1, help="Override stop.max_outer_steps.")] = None,
+        k8s: Annotated[bool, typer.Option(
+            "--k8s", help="Create a KubeRay RayJob with the kubernetes client instead (kubeconfig or "
+            "in-cluster config).")] = False,
+        image: Annotated[str | None, typer.Option("--image", help="--k8s: the metaopt image.")] = None,
+        namespace: Annotated[str, typer.Option("--namespace", help="--k8s: the namespace.")] = "default",
+        cluster: Annotated[str | None, typer.Option(
+            "--cluster", help="--k8s: run on this existing RayCluster (default: the RayJob's own).")] = None,
+        env_secret: Annotated[list[str] | None, typer.Option(
+            "--env-secret", help="--k8s: a Secret whose keys become the pods' environment (repeatable).")
+        ] = None,
+        dry_run: Annotated[bool, typer.Option(
+            "--dry-run", help="--k8s: print the RayJob as YAML and create nothing.")] = False,
         as_json: AsJson = False,
     ) -> None:
-        """Submit a meta-training job to a Ray cluster; prints its id at once."""
+        """Submit a meta-training job to a Ray cluster (or, with --k8s, as a KubeRay RayJob);
+        prints its id at once."""
         from metaopt import submit as jobs
         from metaopt.jobspec import JobSpecError, check_job_id, load_job_spec
         from metaopt.train import new_job_id
@@ -58,6 +71,9 @@ def register(app: typer.Typer) -> None:
             job_id = check_job_id(job_id) if job_id else new_job_id(spec)
         except JobSpecError as err:
             _fail(str(err), code=2)
+        if k8s:
+            _submit_k8s(spec, job_id, image, namespace, cluster, tuple(env_secret or ()), dry_run)
+            return
         try:
             submission_id = jobs.submit(spec, _address(address), job_id)
         except SubmitError as err:
@@ -134,6 +150,28 @@ def register(app: typer.Typer) -> None:
             return
         for r in rows:
             typer.echo(f"{r['job_id']:<32} {r['status']:<10} {r['submission_id']:<44} {r['message'] or ''}")
+
+
+def _submit_k8s(spec, job_id: str, image: str | None, namespace: str, cluster: str | None,
+                env_secrets: tuple[str, ...], dry_run: bool) -> None:
+    import yaml
+
+    from metaopt import k8s
+    from metaopt.submit import check_storage
+
+    if image is None:
+        _fail("--k8s needs --image, the metaopt image the pods run (deploy/Dockerfile)", code=2)
+    manifest = k8s.rayjob(spec, job_id, image, namespace, cluster, env_secrets)
+    if dry_run:
+        typer.echo(yaml.safe_dump(manifest, sort_keys=False), nl=False)
+        return
+    try:
+        check_storage(spec)
+        k8s.create(manifest)
+    except SubmitError as err:
+        _fail(str(err))
+    typer.echo(job_id)
+    typer.echo(f"created RayJob {job_id}; follow it: kubectl get rayjob {job_id} -n {namespace}", err=True)
 
 
 def _read_record(url: str | None, prefix: str, job_id: str) -> dict | None:

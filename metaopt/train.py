@@ -46,8 +46,9 @@ def new_job_id(spec: JobSpec) -> str:
 
 
 def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
-          progress: bool = True) -> RunResult:
-    """Run the job to its stopping rule; resumes if `job_id`'s run directory has a checkpoint."""
+          progress: bool = True, metrics_port: int = 0) -> RunResult:
+    """Run the job to its stopping rule; resumes if the job has a checkpoint. Prometheus
+    metrics are served on `metrics_port` (0: any free port; the URL is logged)."""
     host = _start_ray(spec)  # first: Ray forks its processes, which is unsafe once threads run
     if threading.current_thread() is threading.main_thread():
         # After Ray, which installs its own: SIGTERM (a scheduler's stop, a preemption) ends
@@ -56,10 +57,10 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
     job_id = job_id or new_job_id(spec)
     run = _LearnerRun(spec, out, job_id)
     with run.recorded():
-        return _train(run, host, progress)
+        return _train(run, host, progress, metrics_port)
 
 
-def _train(run: _LearnerRun, host: str, progress: bool) -> RunResult:
+def _train(run: _LearnerRun, host: str, progress: bool, metrics_port: int) -> RunResult:
     import ray
 
     from learner.server import make_server
@@ -70,7 +71,7 @@ def _train(run: _LearnerRun, host: str, progress: bool) -> RunResult:
     token = secrets.token_urlsafe(32)
     listen = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"  # on a cluster, workers are elsewhere
     server, port = make_server(learner, listen, 0, token=token)
-    metrics_server, metrics_port = learner.metrics.serve(listen, 0)
+    metrics_server, metrics_port = learner.metrics.serve(listen, metrics_port)
     metrics_url = f"http://{host}:{metrics_port}/metrics"
     log.info("job %s: learner on %s:%d, metrics at %s", job_id, host, port, metrics_url)
 
@@ -252,6 +253,27 @@ def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening,
     return {"job_id": job_id, "outer_steps": learner.version, "artifact": artifact,
             "registry": registry_uri, "run_dir": str(run.run_dir),
             "accepted_by_worker": dict(learner.accepted_by_worker)}
+
+
+def run_workers(spec: JobSpec, learner_address: str, job_id: str, token: str | None = None, tls=None,
+                count: int | None = None) -> list[dict]:
+    """Start the job's workers as Ray actors on the Ray cluster this process is a job of (a
+    KubeRay RayJob's entrypoint; else a local Ray) against a learner served elsewhere, and
+    wait until the learner stops them. Returns each worker's stats."""
+    import ray
+
+    from workers.actor import start_workers
+
+    _start_ray(spec)
+    actors, runs = start_workers(spec, learner_address, job_id, count=count, token=token, tls=tls)
+    try:
+        while ray.wait(runs, num_returns=len(runs), timeout=2.0)[1]:
+            _raise_if_a_worker_failed(runs, job_id)
+        _raise_if_a_worker_failed(runs, job_id)
+        return [ray.get(run) for run in runs]
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 def _outcome(err: BaseException) -> dict:

@@ -71,7 +71,7 @@ def test_one_meta_batch_matches_optax_adam_with_clipping():
     got = learner.theta_tree()
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, expected)
     assert learner.history[-1].meta_loss == pytest.approx(3.0)
-    assert sample_value(learner, "metaopt_outer_steps_total", job="job-1") == 1
+    assert sample_value(learner, "metaopt_outer_steps_total", job_id="job-1") == 1
 
 
 @pytest.mark.parametrize("bad, reason", [
@@ -94,7 +94,8 @@ def test_invalid_estimates_change_nothing_and_are_counted(bad, reason):
     assert ack.detail  # says what was wrong
     np.testing.assert_array_equal(np.array(learner.theta), before)
     assert learner.version == 0
-    assert sample_value(learner, "metaopt_gradient_estimates_rejected_total", job="job-1", reason=reason) == 1
+    name = "metaopt_gradient_estimates_rejected_total"
+    assert sample_value(learner, name, job_id="job-1", reason=reason) == 1
 
 
 def test_acks_tell_theta_version_and_staleness_is_counted_in_its_buckets():
@@ -110,9 +111,9 @@ def test_acks_tell_theta_version_and_staleness_is_counted_in_its_buckets():
         assert learner.wait_idle()
     assert staleness == [0, 0, 0, 1, 2] and learner.version == 5
     bucket = lambda le: sample_value(  # noqa: E731
-        learner, "metaopt_estimate_staleness_versions_bucket", job="job-1", le=le)
+        learner, "metaopt_estimate_staleness_versions_bucket", job_id="job-1", le=le)
     assert [bucket(le) for le in ("0.0", "1.0", "2.0", "4.0", "+Inf")] == [3, 4, 5, 5, 5]
-    assert sample_value(learner, "metaopt_estimate_staleness_versions_sum", job="job-1") == 3
+    assert sample_value(learner, "metaopt_estimate_staleness_versions_sum", job_id="job-1") == 3
 
 
 def test_stale_estimates_are_rejected():
@@ -268,8 +269,8 @@ def test_metrics_scrape_passes_promtool():
             text = response.read().decode()
     finally:
         server.shutdown()
-    assert 'metaopt_gradient_estimates_accepted_total{job="job-1",task_family="quadratic"} 1.0' in text
-    assert 'metaopt_gradient_estimates_rejected_total{job="job-1",reason="non_finite"} 1.0' in text
-    assert 'metaopt_outer_steps_total{job="job-1"} 1.0' in text
+    assert 'metaopt_gradient_estimates_accepted_total{job_id="job-1",task_family="quadratic"} 1.0' in text
+    assert 'metaopt_gradient_estimates_rejected_total{job_id="job-1",reason="non_finite"} 1.0' in text
+    assert 'metaopt_outer_steps_total{job_id="job-1"} 1.0' in text
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr

@@ -43,3 +43,30 @@ def test_workers_started_elsewhere_join_a_learner_of_its_own(tmp_path):
     assert list(summary["accepted_by_worker"]) == ["w-1"] and summary["accepted_by_worker"]["w-1"] >= 6
     assert json.loads(joined.stdout.strip().splitlines()[-1])["accepted"] >= 6
     assert (tmp_path / "runs" / "solo" / "checkpoints").is_dir()
+
+
+def test_ray_workers_join_a_learner_of_its_own(tmp_path):
+    """`metaopt workers` (a KubeRay RayJob's entrypoint) starts the job's workers as Ray actors
+    (here on a local Ray) that stream to a learner served elsewhere, until it stops them."""
+    token = tmp_path / "token"
+    token.write_text("the-job-token\n")
+    learner = subprocess.Popen(
+        [*CLI, "serve-learner", str(DATA / "e2e.yaml"), "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", "0", "--token-file", str(token), "--out", str(tmp_path), "--job-id", "fleet",
+         "--max-outer-steps", "3", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = learner.stderr.readline()
+        address = re.search(r"listening on (\S+),", line)
+        assert address, line + learner.stderr.read()[-2000:]
+        fleet = subprocess.run([*CLI, "workers", str(DATA / "e2e.yaml"), "--learner", address.group(1),
+                                "--job-id", "fleet", "--token-file", str(token), "--count", "2", "--json"],
+                               capture_output=True, text=True, timeout=300)
+        assert fleet.returncode == 0, fleet.stderr[-2000:]
+        out, err = learner.communicate(timeout=60)
+    finally:
+        learner.kill()
+    assert learner.returncode == 0, err[-2000:]
+    stats = json.loads(fleet.stdout.strip().splitlines()[-1])
+    assert len(stats) == 2 and sum(s["accepted"] for s in stats) >= 6
+    assert json.loads(out.strip().splitlines()[-1])["outer_steps"] == 3
