@@ -51,7 +51,10 @@ bench: venv
 	$(BIN)/python benchmarks/learner_ingest.py --out bench-out
 
 lock: venv
-	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^metaopt'; } > requirements.lock.new
+	# `pip list`, not `pip freeze`: freeze writes `NAME @ file:///…` for a package installed from
+	# a local wheel, a path no other machine has.
+	{ grep '^#' requirements.lock; $(BIN)/pip list --format=freeze --exclude-editable \
+	  --exclude pip --exclude setuptools | grep -v '^metaopt'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:
