@@ -101,8 +101,14 @@ def register(app: typer.Typer) -> None:
         try:
             row = jobs.job_info(_address(address), job_id)
         except SubmitError as err:
-            _fail(str(err))
-        record = _read_record(job_store, job_store_prefix, row["job_id"])
+            # A job Ray does not know (one the Helm chart runs, or a cluster out of reach) may
+            # still have a record in the job store.
+            record = _read_record(job_store, job_store_prefix, job_id) if job_id else None
+            if record is None:
+                _fail(str(err))
+            row = {"job_id": job_id, "submission_id": job_id, "status": "UNKNOWN TO RAY", "message": None}
+        else:
+            record = _read_record(job_store, job_store_prefix, row["job_id"])
         typer.echo(json.dumps({**row, "record": record}) if as_json else jobs.describe(row, record))
 
     @app.command()

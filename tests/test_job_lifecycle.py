@@ -66,6 +66,11 @@ def test_the_lease_refuses_a_second_learner_and_the_record_survives_a_redis_rest
     try:
         record = store.get("held")
         assert record["state"] == "RUNNING" and record["spec"]["name"] == "e2e", record
+        # Not a Ray job (a learner of its own, as the Helm chart runs it): `status` shows the record.
+        status = [*CLI, "status", "held", "--address", "http://127.0.0.1:9",
+                  "--job-store", redis.url_for(redis.user)]
+        shown = subprocess.run(status, capture_output=True, text=True, timeout=120, env=env)
+        assert shown.returncode == 0 and "state: RUNNING" in shown.stdout, shown.stderr
         second = serve_again(spec, tmp_path / "b", env)
         assert second.returncode == 1, second.stderr[-2000:]
         holder = rf"job 'held' is already run by learner '.+:{first.pid}'"
