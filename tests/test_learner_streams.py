@@ -48,7 +48,7 @@ def hello(learner, worker="w", run="r"):
 
 def rejected(learner, reason):
     return learner.metrics.registry.get_sample_value(
-        "metaopt_gradient_estimates_rejected_total", {"job": "job-s", "reason": reason}) or 0.0
+        "metaopt_gradient_estimates_rejected_total", {"job_id": "job-s", "reason": reason}) or 0.0
 
 
 @pytest.fixture
@@ -202,7 +202,8 @@ def test_a_worker_never_has_more_estimates_in_flight_than_its_credit(serve):
         # Accepted: two (one in the held update, one filling the spare accumulator); the third
         # waits inside the learner unacknowledged; the fourth is the second credit's.
         assert client.accepted == 2 and len(sent) == 4
-        assert learner.metrics.registry.get_sample_value("metaopt_buffered_estimates", {"job": "job-s"}) == 2
+        sample = learner.metrics.registry.get_sample_value
+        assert sample("metaopt_buffered_estimates", {"job_id": "job-s"}) == 2
     finally:
         release.set()
         sender.join(20)
@@ -254,7 +255,7 @@ def test_a_worker_that_vanishes_frees_its_stream(serve):
     learner = make_learner()
     port = serve(learner)
     connected = lambda: learner.metrics.registry.get_sample_value(  # noqa: E731
-        "metaopt_workers_connected", {"job": "job-s"}) or 0.0
+        "metaopt_workers_connected", {"job_id": "job-s"}) or 0.0
     worker = subprocess.Popen([sys.executable, "-c", VANISHING_WORKER, f"127.0.0.1:{port}", learner.digest],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -327,7 +328,8 @@ def test_256_concurrent_worker_streams_are_all_served(serve):
              for k in range(4)]
     try:
         assert all(p.stdout.readline().strip() == "open" for p in procs)
-        assert learner.metrics.registry.get_sample_value("metaopt_workers_connected", {"job": "job-s"}) == 256
+        sample = learner.metrics.registry.get_sample_value
+        assert sample("metaopt_workers_connected", {"job_id": "job-s"}) == 256
         for p in procs:
             p.stdin.write("go\n")
             p.stdin.flush()
