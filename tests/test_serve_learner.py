@@ -13,20 +13,28 @@ DATA = pathlib.Path(__file__).parent / "data"
 CLI = [sys.executable, "-m", "metaopt.cli"]
 
 
+def serve(tmp_path, token, job_id: str) -> tuple[subprocess.Popen, str]:
+    """A `metaopt serve-learner` process for 3 outer steps, and the address it listens on."""
+    learner = subprocess.Popen(
+        [*CLI, "serve-learner", str(DATA / "e2e.yaml"), "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", "0", "--token-file", str(token), "--out", str(tmp_path), "--job-id", job_id,
+         "--max-outer-steps", "3", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = learner.stderr.readline()
+    address = re.search(r"listening on (\S+),", line)
+    if address is None:
+        learner.kill()
+        raise AssertionError(line + learner.stderr.read()[-2000:])
+    return learner, address.group(1)
+
+
 def test_workers_started_elsewhere_join_a_learner_of_its_own(tmp_path):
     token = tmp_path / "token"
     token.write_text("the-job-token\n")
     (tmp_path / "wrong").write_text("not-the-token")
-    learner = subprocess.Popen(
-        [*CLI, "serve-learner", str(DATA / "e2e.yaml"), "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", "0", "--token-file", str(token), "--out", str(tmp_path), "--job-id", "solo",
-         "--max-outer-steps", "3", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    learner, address = serve(tmp_path, token, "solo")
     try:
-        line = learner.stderr.readline()
-        address = re.search(r"listening on (\S+),", line)
-        assert address, line + learner.stderr.read()[-2000:]
-        worker = [*CLI, "worker", str(DATA / "e2e.yaml"), "--learner", address.group(1), "--job-id", "solo"]
+        worker = [*CLI, "worker", str(DATA / "e2e.yaml"), "--learner", address, "--job-id", "solo"]
         refused = subprocess.run([*worker, "--token-file", str(tmp_path / "wrong")], capture_output=True,
                                  text=True, timeout=120)
         assert refused.returncode == 1 and "wrong bearer token" in refused.stderr, refused.stderr[-2000:]
@@ -50,16 +58,9 @@ def test_ray_workers_join_a_learner_of_its_own(tmp_path):
     (here on a local Ray) that stream to a learner served elsewhere, until it stops them."""
     token = tmp_path / "token"
     token.write_text("the-job-token\n")
-    learner = subprocess.Popen(
-        [*CLI, "serve-learner", str(DATA / "e2e.yaml"), "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", "0", "--token-file", str(token), "--out", str(tmp_path), "--job-id", "fleet",
-         "--max-outer-steps", "3", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    learner, address = serve(tmp_path, token, "fleet")
     try:
-        line = learner.stderr.readline()
-        address = re.search(r"listening on (\S+),", line)
-        assert address, line + learner.stderr.read()[-2000:]
-        fleet = subprocess.run([*CLI, "workers", str(DATA / "e2e.yaml"), "--learner", address.group(1),
+        fleet = subprocess.run([*CLI, "workers", str(DATA / "e2e.yaml"), "--learner", address,
                                 "--job-id", "fleet", "--token-file", str(token), "--count", "2", "--json"],
                                capture_output=True, text=True, timeout=300)
         assert fleet.returncode == 0, fleet.stderr[-2000:]
