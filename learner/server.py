@@ -338,10 +338,7 @@ def make_server(learner: Learner, host: str = "127.0.0.1", port: int = 0, token:
     async def setup(server: grpc.aio.Server):
         service = LearnerService(learner, asyncio.get_running_loop())
         server.add_generic_rpc_handlers((service.handler(),))
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await _add_health(server)
         return service.close
 
     address = f"{host}:{port}"
@@ -354,4 +351,22 @@ def make_server(learner: Learner, host: str = "127.0.0.1", port: int = 0, token:
             raise OSError(f"could not serve TLS on {address}; check that the address is free and "
                           "that the key file belongs to the certificate file") from None
         raise OSError(f"could not bind the learner's gRPC server to {address}") from None
+    return server, server.port
+
+
+async def _add_health(server: grpc.aio.Server) -> None:
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def serve_health(host: str, port: int) -> tuple[BackgroundServer, int]:
+    """A plaintext gRPC server with the health service alone; (server, port). For probes that
+    cannot speak TLS (Kubernetes' gRPC probes) when the learner's own port does."""
+    try:
+        server = BackgroundServer(f"{host}:{port}", _add_health, None, [], SERVER_OPTIONS,
+                                  name="learner-health")
+    except OSError:
+        raise OSError(f"could not bind the learner's health server to {host}:{port}") from None
     return server, server.port

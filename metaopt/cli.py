@@ -96,6 +96,9 @@ def serve_learner(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "0.0.0.0",
     metrics_port: Annotated[int, typer.Option("--metrics-port", min=0, max=65535,
                                               help="Prometheus /metrics port (0: any free one).")] = 9090,
+    health_port: Annotated[int | None, typer.Option(
+        "--health-port", min=0, max=65535,
+        help="Also serve gRPC health checks alone, in plaintext, here (probes that cannot do TLS).")] = None,
     token_file: Annotated[pathlib.Path | None, typer.Option(
         "--token-file", help="File holding the job's bearer token; every worker must send it.")] = None,
     tls_cert: Annotated[pathlib.Path | None, typer.Option("--tls-cert", help="Certificate (PEM).")] = None,
@@ -139,7 +142,7 @@ def serve_learner(
 
     try:
         summary = run_learner(spec, str(out), job_id, host, port, token, tls, metrics_port, listening,
-                              progress=sys.stderr.isatty() or not as_json)
+                              progress=sys.stderr.isatty() or not as_json, health_port=health_port)
     except (ValueError, OSError, RuntimeError) as err:
         _fail(str(err), code=1)
     except KeyboardInterrupt:
@@ -211,6 +214,9 @@ def workers(
         "--token-file", help="File holding the job's bearer token.")] = None,
     tls_ca: Annotated[pathlib.Path | None, typer.Option(
         "--tls-ca", help="CA of the learner's certificate: connect with TLS.")] = None,
+    tls_cert: Annotated[pathlib.Path | None, typer.Option(
+        "--tls-cert", help="The workers' certificate, for mutual TLS (a path on every Ray node).")] = None,
+    tls_key: Annotated[pathlib.Path | None, typer.Option("--tls-key", help="Its private key.")] = None,
     tls_server_name: Annotated[str | None, typer.Option(
         "--tls-server-name", help="Name in the learner's certificate, if not the address's host.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line of stats at the end.")] = False,
@@ -220,6 +226,9 @@ def workers(
     from learner.security import read_token
     from metaopt.jobspec import JobSpecError, load_job_spec
 
+    _tls_options(tls_cert, tls_key)
+    if tls_cert is not None and tls_ca is None:
+        _fail("--tls-cert needs --tls-ca (mutual TLS is TLS first)")
     try:
         spec = load_job_spec(config)
         token = read_token(token_file) if token_file else None
@@ -229,7 +238,8 @@ def workers(
     from workers.client import ClientTLS
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    tls = ClientTLS(str(tls_ca), None, None, tls_server_name) if tls_ca else None
+    tls = (ClientTLS(str(tls_ca), str(tls_cert) if tls_cert else None, str(tls_key) if tls_key else None,
+                     tls_server_name) if tls_ca else None)
     try:
         stats = run_workers(spec, learner, job_id, token, tls, count)
     except WorkerFailed as err:

@@ -216,22 +216,25 @@ class _LearnerRun:
 
 def serve_learner(spec: JobSpec, out: str, job_id: str, host: str, port: int,
                   token: str | None = None, tls=None, metrics_port: int = 0,
-                  on_listening=None, progress: bool = True) -> dict:
+                  on_listening=None, progress: bool = True, health_port: int | None = None) -> dict:
     """Run the job's learner alone (as in its own pod): workers elsewhere join it by address
     (`metaopt worker`). Serves until the stopping rule (or SIGTERM), then checkpoints and
-    publishes like `train`. `on_listening(address, metrics_url)` is called once it serves."""
+    publishes like `train`. `on_listening(address, metrics_url)` is called once it serves.
+    `health_port`: also serve the health service alone, in plaintext, there."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     run = _LearnerRun(spec, out, job_id)
     with run.recorded():
-        return _serve(run, host, port, token, tls, metrics_port, on_listening, progress)
+        return _serve(run, host, port, token, tls, metrics_port, on_listening, progress, health_port)
 
 
-def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening, progress) -> dict:
-    from learner.server import make_server
+def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening, progress,
+           health_port) -> dict:
+    from learner.server import make_server, serve_health
 
     learner, job_id = run.learner, run.job_id
     server, bound = make_server(learner, host, port, token=token, tls=tls)
+    health_server = serve_health(host, health_port)[0] if health_port is not None else None
     metrics_server, metrics_bound = learner.metrics.serve(host, metrics_port)
     run.checkpointer.start()
     try:
@@ -244,6 +247,8 @@ def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening,
             run.checkpointer.stop()
         finally:
             server.stop(grace=2).wait()
+            if health_server is not None:
+                health_server.stop(grace=0).wait()
             metrics_server.shutdown()
     run.check_lease()
     if not learner.history:

@@ -157,11 +157,11 @@ def test_the_learner_serves_the_job_with_grpc_probes_and_a_service(chart):
     (learner,) = containers(deployment)
     assert learner["command"] == ["metaopt"]
     assert learner["args"][:2] == ["serve-learner", "/etc/metaopt/job.yaml"]
-    assert {"--port=50051", "--metrics-port=9090", "--job-id=demo", "--host=0.0.0.0",
+    assert {"--port=50051", "--metrics-port=9090", "--health-port=50052", "--job-id=demo", "--host=0.0.0.0",
             "--token-file=/var/run/metaopt/token/token"} <= set(learner["args"])
     assert not any(a.startswith("--tls") for a in learner["args"])
     for probe in ("readinessProbe", "livenessProbe"):
-        assert learner[probe]["grpc"] == {"port": 50051}
+        assert learner[probe]["grpc"] == {"port": 50052}  # the plaintext health port
     assert learner["resources"]["requests"] and learner["resources"]["limits"]
     assert learner["securityContext"]["readOnlyRootFilesystem"] is True
     pod = deployment["spec"]["template"]["spec"]
@@ -219,9 +219,8 @@ def test_tls_is_wired_into_the_learner_and_the_workers(chart):
     assert {"--tls-cert=/var/run/metaopt/tls/tls.crt", "--tls-key=/var/run/metaopt/tls/tls.key",
             "--job-id=big-1"} <= set(learner["args"])
     assert not any(a.startswith("--tls-client-ca") for a in learner["args"])
-    # The kubelet's gRPC probe cannot speak TLS: a TCP probe instead.
-    assert learner["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
-    assert "grpc" not in learner["readinessProbe"]
+    # The kubelet's gRPC probe cannot speak TLS: it asks the plaintext health port.
+    assert learner["readinessProbe"]["grpc"] == {"port": 50052} and "--health-port=50052" in learner["args"]
     pod = objects["Deployment/demo-learner"]["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "big-1-learner-tls"
@@ -230,11 +229,14 @@ def test_tls_is_wired_into_the_learner_and_the_workers(chart):
     entrypoint = objects["RayJob/demo-workers"]["spec"]["entrypoint"]
     assert entrypoint.endswith("--tls-ca /var/run/metaopt/tls/ca.crt "
                                "--tls-server-name learner.big-1.ml.example.com '--count' '240'")
-    # Mutual TLS: the learner asks for client certificates (workers started outside the RayJob).
-    mutual = {**LARGE, "learner": {**LARGE["learner"], "tls": {**LARGE["learner"]["tls"], "mutual": True}},
-              "rayJob": {"enabled": False}}
-    (learner,) = containers(render(chart, mutual)["Deployment/demo-learner"])
+    # Mutual TLS: the learner asks for client certificates, the workers bring theirs.
+    mutual = render(chart, {**LARGE, "learner": {**LARGE["learner"], "tls": {**LARGE["learner"]["tls"],
+                                                                          "mutual": True}}})
+    (learner,) = containers(mutual["Deployment/demo-learner"])
     assert "--tls-client-ca=/var/run/metaopt/tls/ca.crt" in learner["args"]
+    assert ("--tls-cert /var/run/metaopt/tls/tls.crt --tls-key /var/run/metaopt/tls/tls.key"
+            in mutual["RayJob/demo-workers"]["spec"]["entrypoint"])
+    validate_objects(k8s_objects(mutual))
     cluster = objects["RayCluster/demo-raycluster"]["spec"]
     ray_volumes = {v["name"]: v for v in cluster["workerGroupSpecs"][0]["template"]["spec"]["volumes"]}
     assert ray_volumes["tls"]["secret"]["secretName"] == "big-1-worker-tls"
@@ -346,8 +348,6 @@ def test_the_schema_refuses_bad_values_and_names_them(chart, values, message):
     ({"redis": {"bundled": {"enabled": False}, "external": {"url": "redis://metaopt@r:6379/0"}}},
      "redis.external.existingSecret is empty"),
     ({"learner": {"tls": {"enabled": True, "existingSecret": "t"}}}, "learner.tls.workersSecret"),
-    ({"learner": {"tls": {"enabled": True, "existingSecret": "t", "workersSecret": "w", "mutual": True}}},
-     "no client-certificate options yet"),
     ({"rayCluster": {"workers": {"replicas": 5, "minReplicas": 0, "maxReplicas": 4}}},
      "minReplicas <= replicas <= maxReplicas, got 0, 5, 4"),
 ])

@@ -240,6 +240,27 @@ def test_token_and_tls_on_the_learner(serve, pki):
                       tls=ClientTLS(pki["ca"], server_name="localhost"))
 
 
+def test_a_plaintext_health_port_answers_probes_beside_a_tls_learner(serve, pki):
+    """Kubernetes' gRPC probes cannot speak TLS: the health service alone, in plaintext, on a
+    port of its own, while the learner's port stays TLS-only."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from learner.server import SERVICE_NAME, serve_health
+
+    port = serve(make_learner(), token=TOKEN, tls=TLSConfig(pki["server_cert"], pki["server_key"]))
+    health_server, health_port = serve_health("127.0.0.1", 0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            for name in ("", SERVICE_NAME):
+                reply = check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+    finally:
+        health_server.stop(None)
+
+
 VANISHING_WORKER = """
 import sys, time
 from workers.client import LearnerClient

@@ -71,3 +71,12 @@ def test_ray_workers_join_a_learner_of_its_own(tmp_path):
     stats = json.loads(fleet.stdout.strip().splitlines()[-1])
     assert len(stats) == 2 and sum(s["accepted"] for s in stats) >= 6
     assert json.loads(out.strip().splitlines()[-1])["outer_steps"] == 3
+
+
+def test_workers_refuse_half_a_tls_setting(tmp_path):
+    base = [*CLI, "workers", str(DATA / "e2e.yaml"), "--learner", "127.0.0.1:1", "--job-id", "x"]
+    cert, key = str(tmp_path / "c.pem"), str(tmp_path / "k.pem")
+    for args, message in ((["--tls-cert", cert], "--tls-cert and --tls-key go together"),
+                          (["--tls-cert", cert, "--tls-key", key], "--tls-cert needs --tls-ca")):
+        done = subprocess.run([*base, *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr

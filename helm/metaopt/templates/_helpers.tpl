@@ -212,9 +212,6 @@ and the endpoint and region, which are not secret.
 {{- if and .Values.rayJob.enabled (not .Values.learner.tls.workersSecret) }}
 {{- fail "learner.tls.enabled=true needs learner.tls.workersSecret: a Secret with ca.crt, the CA of the learner's certificate, for the workers" }}
 {{- end }}
-{{- if and .Values.rayJob.enabled .Values.learner.tls.mutual }}
-{{- fail "learner.tls.mutual=true: `metaopt workers` (the RayJob's entrypoint) has no client-certificate options yet, so its workers could not connect. Set learner.tls.mutual=false, or rayJob.enabled=false and start workers with `metaopt worker --tls-ca --tls-cert --tls-key`" }}
-{{- end }}
 {{- end }}
 {{- with .Values.rayCluster.workers }}
 {{- if or (gt (int .minReplicas) (int .replicas)) (gt (int .replicas) (int .maxReplicas)) }}
