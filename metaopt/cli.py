@@ -221,8 +221,7 @@ def workers(
         "--tls-server-name", help="Name in the learner's certificate, if not the address's host.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line of stats at the end.")] = False,
 ) -> None:
-    """Start a job's workers as Ray actors on this Ray cluster (a KubeRay RayJob's entrypoint),
-    against a learner served elsewhere (`metaopt serve-learner`); returns when it stops them."""
+    """Start a job's workers as Ray actors on this Ray cluster, against a learner served elsewhere."""
     from learner.security import read_token
     from metaopt.jobspec import JobSpecError, load_job_spec
 

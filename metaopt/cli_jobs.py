@@ -58,8 +58,7 @@ def register(app: typer.Typer) -> None:
             "--dry-run", help="--k8s: print the RayJob as YAML and create nothing.")] = False,
         as_json: AsJson = False,
     ) -> None:
-        """Submit a meta-training job to a Ray cluster (or, with --k8s, as a KubeRay RayJob);
-        prints its id at once."""
+        """Submit a job to a Ray cluster (or, with --k8s, as a KubeRay RayJob); prints its id at once."""
         from metaopt import submit as jobs
         from metaopt.jobspec import JobSpecError, check_job_id, load_job_spec
         from metaopt.train import new_job_id
