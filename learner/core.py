@@ -127,6 +127,10 @@ class Learner:
         """Validate, then accumulate one estimate; returns the ack to send back. `values`, if
         given, replaces `est.values` (a chunked estimate's gathered values). Blocks while
         every accumulator is full."""
+        if values is None and est.chunks and est.values:
+            # Inline or chunked, never both: chunks that never came cannot vouch for these values.
+            return self.reject(est, Reason.REJECT_REASON_BAD_CHUNK,
+                               "values inline and chunks announced: send one or the other")
         started = time.perf_counter()
         try:
             return self._submit(est, est.values if values is None else values)
@@ -210,7 +214,8 @@ class Learner:
             reason = Reason.REJECT_REASON_BAD_CHECKSUM if bad_checksum else Reason.REJECT_REASON_WRONG_SHAPE
             return reason, str(err), None
         # One pass: the squared norm is NaN or Inf iff a value is (or the norm overflows).
-        norm = float(np.sqrt(np.dot(flat, flat)))
+        with np.errstate(over="ignore"):  # an overflow is an answer here (norm too large), not a fault
+            norm = float(np.sqrt(np.dot(flat, flat)))
         if not (np.isfinite(norm) and np.isfinite(est.mean_loss)):
             if np.isfinite(flat).all() and np.isfinite(est.mean_loss):
                 detail = f"norm overflows float32 (> {self.config.max_estimate_norm:.3g})"
