@@ -152,29 +152,24 @@ def serve_learner(
                f"{summary['artifact']} in {summary['registry']}")
 
 
-@app.command()
-def worker(
-    config: Annotated[pathlib.Path, typer.Argument(help="Job spec YAML (the same as the learner's).")],
-    learner: Annotated[str, typer.Option("--learner", help="The learner's address, HOST:PORT.")],
-    job_id: Annotated[str, typer.Option("--job-id", help="The job id the learner serves.")],
-    worker_id: Annotated[str | None, typer.Option("--worker-id", help="Default: HOSTNAME-PID.")] = None,
-    token_file: Annotated[pathlib.Path | None, typer.Option(
-        "--token-file", help="File holding the job's bearer token.")] = None,
-    tls_ca: Annotated[pathlib.Path | None, typer.Option(
-        "--tls-ca", help="CA of the learner's certificate: connect with TLS.")] = None,
-    tls_cert: Annotated[pathlib.Path | None, typer.Option(
-        "--tls-cert", help="This worker's certificate, for mutual TLS.")] = None,
-    tls_key: Annotated[pathlib.Path | None, typer.Option("--tls-key", help="Its private key.")] = None,
-    tls_server_name: Annotated[str | None, typer.Option(
-        "--tls-server-name", help="Name in the learner's certificate, if not the address's host.")] = None,
-    bfloat16: Annotated[bool, typer.Option(
-        "--bfloat16", help="Send estimates as bfloat16: half the bytes, relative error <= 2^-8.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line of stats at the end.")] = False,
-) -> None:
-    """Run one PES worker against a learner started elsewhere (`metaopt serve-learner`)."""
-    import os
-    import socket
+# Options `worker` and `workers` share: how to reach the learner.
+WorkerSpec = Annotated[pathlib.Path, typer.Argument(help="Job spec YAML (the same as the learner's).")]
+LearnerAddress = Annotated[str, typer.Option("--learner", help="The learner's address, HOST:PORT.")]
+LearnerJobId = Annotated[str, typer.Option("--job-id", help="The job id the learner serves.")]
+TokenFile = Annotated[pathlib.Path | None, typer.Option(
+    "--token-file", help="File holding the job's bearer token.")]
+TlsCa = Annotated[pathlib.Path | None, typer.Option(
+    "--tls-ca", help="CA of the learner's certificate: connect with TLS.")]
+TlsCert = Annotated[pathlib.Path | None, typer.Option(
+    "--tls-cert", help="The workers' certificate, for mutual TLS (for `workers`: on every Ray node).")]
+TlsKey = Annotated[pathlib.Path | None, typer.Option("--tls-key", help="Its private key.")]
+TlsServerName = Annotated[str | None, typer.Option(
+    "--tls-server-name", help="Name in the learner's certificate, if not the address's host.")]
+StatsJson = Annotated[bool, typer.Option("--json", help="Print one JSON line of stats at the end.")]
 
+
+def _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name):
+    """(spec, token, ClientTLS or None) for `worker` and `workers`; bad input exits 2."""
     from learner.security import read_token
     from metaopt.jobspec import JobSpecError, load_job_spec
 
@@ -186,13 +181,37 @@ def worker(
         token = read_token(token_file) if token_file else None
     except (JobSpecError, ValueError, OSError) as err:
         _fail(str(err))
-    from metaopt._proto import learner_pb2 as pb
-    from workers.actor import PESWorker
     from workers.client import ClientTLS
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tls = (ClientTLS(str(tls_ca), str(tls_cert) if tls_cert else None, str(tls_key) if tls_key else None,
                      tls_server_name) if tls_ca else None)
+    return spec, token, tls
+
+
+@app.command()
+def worker(
+    config: WorkerSpec,
+    learner: LearnerAddress,
+    job_id: LearnerJobId,
+    worker_id: Annotated[str | None, typer.Option("--worker-id", help="Default: HOSTNAME-PID.")] = None,
+    token_file: TokenFile = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_server_name: TlsServerName = None,
+    bfloat16: Annotated[bool, typer.Option(
+        "--bfloat16", help="Send estimates as bfloat16: half the bytes, relative error <= 2^-8.")] = False,
+    as_json: StatsJson = False,
+) -> None:
+    """Run one PES worker against a learner started elsewhere (`metaopt serve-learner`)."""
+    import os
+    import socket
+
+    spec, token, tls = _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name)
+    from metaopt._proto import learner_pb2 as pb
+    from workers.actor import PESWorker
+
     encoding = pb.ENCODING_BFLOAT16_LE if bfloat16 else pb.ENCODING_FLOAT32_LE
     worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     try:
@@ -205,40 +224,22 @@ def worker(
 
 @app.command()
 def workers(
-    config: Annotated[pathlib.Path, typer.Argument(help="Job spec YAML (the same as the learner's).")],
-    learner: Annotated[str, typer.Option("--learner", help="The learner's address, HOST:PORT.")],
-    job_id: Annotated[str, typer.Option("--job-id", help="The job id the learner serves.")],
+    config: WorkerSpec,
+    learner: LearnerAddress,
+    job_id: LearnerJobId,
     count: Annotated[int | None, typer.Option(
         "--count", min=1, help="How many (default: the spec's workers.count).")] = None,
-    token_file: Annotated[pathlib.Path | None, typer.Option(
-        "--token-file", help="File holding the job's bearer token.")] = None,
-    tls_ca: Annotated[pathlib.Path | None, typer.Option(
-        "--tls-ca", help="CA of the learner's certificate: connect with TLS.")] = None,
-    tls_cert: Annotated[pathlib.Path | None, typer.Option(
-        "--tls-cert", help="The workers' certificate, for mutual TLS (a path on every Ray node).")] = None,
-    tls_key: Annotated[pathlib.Path | None, typer.Option("--tls-key", help="Its private key.")] = None,
-    tls_server_name: Annotated[str | None, typer.Option(
-        "--tls-server-name", help="Name in the learner's certificate, if not the address's host.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line of stats at the end.")] = False,
+    token_file: TokenFile = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_server_name: TlsServerName = None,
+    as_json: StatsJson = False,
 ) -> None:
     """Start a job's workers as Ray actors on this Ray cluster, against a learner served elsewhere."""
-    from learner.security import read_token
-    from metaopt.jobspec import JobSpecError, load_job_spec
-
-    _tls_options(tls_cert, tls_key)
-    if tls_cert is not None and tls_ca is None:
-        _fail("--tls-cert needs --tls-ca (mutual TLS is TLS first)")
-    try:
-        spec = load_job_spec(config)
-        token = read_token(token_file) if token_file else None
-    except (JobSpecError, ValueError, OSError) as err:
-        _fail(str(err))
+    spec, token, tls = _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name)
     from metaopt.train import WorkerFailed, run_workers
-    from workers.client import ClientTLS
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    tls = (ClientTLS(str(tls_ca), str(tls_cert) if tls_cert else None, str(tls_key) if tls_key else None,
-                     tls_server_name) if tls_ca else None)
     try:
         stats = run_workers(spec, learner, job_id, token, tls, count)
     except WorkerFailed as err:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -44,8 +45,10 @@ class NodeResources:
     gpus: float
 
 
+@functools.lru_cache(maxsize=4)
 def client(address: str):
-    """A Ray JobSubmissionClient, or a SubmitError that says what to check."""
+    """A Ray JobSubmissionClient, or a SubmitError that says what to check. One per address:
+    making one asks the dashboard for its version, and a command may need it several times."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 

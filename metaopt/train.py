@@ -125,7 +125,8 @@ class _LearnerRun:
         self.out_dir = pathlib.Path(out).resolve()
         self.run_dir = self.out_dir / "runs" / job_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "job.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+        self.spec_json = spec.model_dump(mode="json")  # for job.json, checkpoints and the job record
+        (self.run_dir / "job.json").write_text(json.dumps(self.spec_json, indent=2))
         root = (spec.storage.root or str(self.out_dir)).rstrip("/")
         self.checkpoint_uri, self.registry_uri = f"{root}/runs/{job_id}/checkpoints", f"{root}/registry"
         self.optimizer = optimizers.make(spec.optimizer.name, **spec.optimizer.hparams)
@@ -140,7 +141,7 @@ class _LearnerRun:
         self.lease_lost = None  # the LeaseHeldError, once another learner has taken the job
         self.checkpointer = Checkpointer(
             self.learner, self.checkpoint_uri, spec.checkpoint_interval_s,
-            meta={"spec": spec.model_dump(mode="json"), "code_version": installed_code_version()},
+            meta={"spec": self.spec_json, "code_version": installed_code_version()},
             may_write=lambda: self.recorder.holds_lease())
         # The lease before any checkpoint is read: a second learner of the job stops here.
         store = open_job_store(spec.storage.job_store, spec.storage.job_store_prefix)
@@ -159,7 +160,7 @@ class _LearnerRun:
         span = history[-1].time - history[0].time if len(history) > 1 else 0.0
         saved = self.checkpointer.last_saved_step
         return {
-            "spec": self.spec.model_dump(mode="json"), "theta_version": learner.version,
+            "spec": self.spec_json, "theta_version": learner.version,
             "max_outer_steps": self.spec.stop.max_outer_steps,
             "meta_loss": history[-1].meta_loss if history else None,
             "estimates_per_second": sum(h.estimates for h in history[1:]) / span if span > 0 else None,
