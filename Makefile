@@ -49,6 +49,7 @@ bench: venv
 	$(BIN)/python benchmarks/zoo.py --out bench-out
 	$(BIN)/python benchmarks/meta_training.py --out bench-out
 	$(BIN)/python benchmarks/learner_ingest.py --out bench-out
+	$(BIN)/python benchmarks/chaos.py --out bench-out
 
 lock: venv
 	# `pip list`, not `pip freeze`: freeze writes `NAME @ file:///…` for a package installed from

@@ -90,11 +90,15 @@ class _Estimates:
 
 
 async def _stream(channel, name: str, mode: str, estimates: _Estimates, digest: str,
-                  until: float, done: list, counts: dict) -> None:
+                  until: float, done: list, counts: dict, drain_s: float = 0.0) -> None:
     """One worker's stream: a Hello (learner mode), then estimates as fast as credit allows,
     until `until` (perf_counter). Credit is counted in messages: an estimate of n messages
     takes n; the learner gives n back with its ack, the bare server one per message. Appends
-    (ack time, latency) of every acknowledged estimate to `done`."""
+    (ack time, latency) of every acknowledged estimate to `done`. With `drain_s`, the stream
+    then waits up to that long for the acks of the estimates still in flight and half-closes,
+    so that every estimate sent is answered (exact counts, as `chaos_load` needs); otherwise it
+    is cut off. Adds to `counts["unanswered"]` the estimates whose ack never came, and to
+    `counts["dropped"]` 1 if the server ended the stream before this side did."""
     from metaopt._proto import learner_pb2 as pb
 
     per_estimate = estimates.messages
@@ -109,6 +113,13 @@ async def _stream(channel, name: str, mode: str, estimates: _Estimates, digest: 
         done.append((now, now - sent.pop(sequence)))
 
     async def read() -> None:
+        try:
+            await settle()
+        finally:  # a stream the server ended must not leave the writer waiting for credit
+            for _ in range(MAX_IN_FLIGHT * per_estimate):
+                credit.release()
+
+    async def settle() -> None:
         async for raw in call:
             if mode == "raw":  # one answer per message; the last of an estimate's settles it
                 state["received"] += 1
@@ -123,6 +134,7 @@ async def _stream(channel, name: str, mode: str, estimates: _Estimates, digest: 
                 if message.ack.accepted:
                     acknowledged(message.ack.sequence)
                 else:
+                    sent.pop(message.ack.sequence, None)
                     counts["rejected"] += 1
                 for _ in range(per_estimate):
                     credit.release()
@@ -138,12 +150,23 @@ async def _stream(channel, name: str, mode: str, estimates: _Estimates, digest: 
         while time.perf_counter() < until and not reader.done():
             for _ in range(per_estimate):
                 await credit.acquire()
+            if reader.done():
+                break
             sequence += 1
             messages = estimates.messages_for(worker, sequence, state["version"])
             sent[sequence] = time.perf_counter()
             for message in messages:
                 await call.write(message)
+        if reader.done():
+            counts["dropped"] = counts.get("dropped", 0) + 1
+        elif drain_s:
+            deadline = time.perf_counter() + drain_s
+            while sent and not reader.done() and time.perf_counter() < deadline:
+                await asyncio.sleep(0.01)
+            await call.done_writing()  # the server ends the call once it has answered everything
+            await asyncio.wait([reader], timeout=max(deadline - time.perf_counter(), 0.1))
     finally:
+        counts["unanswered"] = counts.get("unanswered", 0) + len(sent)
         call.cancel()
         reader.cancel()
 
@@ -174,11 +197,13 @@ def _sender_process(commands, results) -> None:
 class SenderPool:
     """Sender processes started once and reused for every run (imports take seconds)."""
 
-    def __init__(self, processes: int):
+    def __init__(self, processes: int, target=None):
+        """`target(commands, results)` runs in each process; `_sender_process` unless given."""
         context = mp.get_context("spawn")
         self.commands = [context.Queue() for _ in range(processes)]
         self.results = context.Queue()
-        self.processes = [context.Process(target=_sender_process, args=(q, self.results), daemon=True)
+        self.processes = [context.Process(target=target or _sender_process, args=(q, self.results),
+                                          daemon=True)
                           for q in self.commands]
         for p in self.processes:
             p.start()

@@ -41,8 +41,13 @@ class Checkpointer:
             return None
         step, arrays, meta = found
         self.learner.restore(arrays, meta)
+        digest = self.learner.state_digest(self.learner.snapshot()[1])
+        if meta.get("state_sha256", digest) != digest:  # older checkpoints carry none
+            raise ValueError(f"checkpoint {storage.checkpoint_uri(self.root_uri, step)} restored a state "
+                             "other than the one saved (state sha256 differs); do not resume from it")
         self.last_saved_step = step
-        log.info("resumed job %s at outer step %d from %s", meta["job_id"], step, self.root_uri)
+        log.info("resumed job %s at outer step %d from %s (state sha256 %s)", meta["job_id"], step,
+                 self.root_uri, digest)
         return step
 
     def save(self) -> str | None:
@@ -57,7 +62,8 @@ class Checkpointer:
                             meta["job_id"], step)
                 return None
             started = time.perf_counter()
-            uri = storage.save_checkpoint(self.root_uri, step, arrays, {**self.meta, **meta}, keep=self.keep)
+            meta = {**self.meta, **meta, "state_sha256": self.learner.state_digest(arrays)}
+            uri = storage.save_checkpoint(self.root_uri, step, arrays, meta, keep=self.keep)
             self.learner.metrics.checkpoint_written(time.perf_counter() - started)
             self.last_saved_step = step
             return uri
@@ -65,12 +71,13 @@ class Checkpointer:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the timer and write a final checkpoint."""
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop the timer and write a final checkpoint, retried for up to `timeout_s` if the
+        store is away."""
         self._stopped.set()
         if self._thread.is_alive():
             self._thread.join()
-        self.save()
+        storage.retrying(self.save, f"the final checkpoint write to {self.root_uri}", timeout_s)
 
     def _loop(self) -> None:
         while not self._stopped.wait(self.interval_s):

@@ -13,6 +13,7 @@ steps; listeners (the open worker streams) hear of each one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import queue
 import threading
 import time
@@ -110,6 +111,7 @@ class Learner:
         self.rng = np.asarray(jax.random.key_data(jax.random.key(config.seed)))
         self.history: list[OuterStep] = []
         self.done = threading.Event()
+        self._closing = False  # `stop` has begun: accept nothing more
         self._theta_message = wire.theta_message(np.asarray(self.theta), 0, self.structure)
         self._listeners: list[Callable[[int], None]] = []
         self._filling: _Batch | None = _Batch(self.size)
@@ -154,7 +156,8 @@ class Learner:
                     self._batch_free.wait()
                 self._add_busy(wait_started - time.perf_counter())  # waiting is not load
             if not self._wants_estimates():
-                detail = "the job is finished" if self.done.is_set() else "the last outer step is full"
+                detail = ("the job is finished" if self.done.is_set() or self._closing
+                          else "the last outer step is full")
                 return self.reject(est, Reason.REJECT_REASON_JOB_FINISHED, detail)
             stream = (est.worker_id, est.run_id)
             if est.sequence <= self._last_sequence.get(stream, 0):
@@ -184,7 +187,8 @@ class Learner:
         """Whether another estimate can still count in an outer step: once the full batches
         reach `max_outer_steps`, more would be acknowledged and then never applied. Caller
         holds the lock."""
-        return not self.done.is_set() and self.version + self._pending < self.config.max_outer_steps
+        return (not self._closing and not self.done.is_set()
+                and self.version + self._pending < self.config.max_outer_steps)
 
     def _buffered(self) -> int:
         """Accepted estimates not yet applied. Caller holds the lock."""
@@ -260,7 +264,7 @@ class Learner:
             )
             with self._lock:
                 if self.done.is_set():
-                    return None  # stopped during the update: history is final
+                    return None  # `stop` gave up waiting for this update: history is final
                 self.theta, self.outer_state, self.version = theta, outer_state, version
                 self._theta_message = message
                 self.history.append(record)
@@ -298,6 +302,11 @@ class Learner:
         with self._lock:
             return wire.unflatten(np.asarray(self.theta), self.template)
 
+    @property
+    def pending_batches(self) -> int:
+        """Full meta-batches queued for or in the outer update."""
+        return self._pending
+
     def wait_idle(self, timeout_s: float = 30.0) -> bool:
         """Wait until every full meta-batch has been applied (or dropped, if the job ended);
         False on timeout."""
@@ -317,14 +326,25 @@ class Learner:
         for listener in list(self._listeners):
             listener(version)
 
-    def stop(self) -> None:
-        """End the job: workers are told to stop; further estimates are not needed. Under the
-        lock, so once it returns no outer step lands (history is final): a meta-batch still
-        in the updater is dropped, as is the one being filled."""
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """End the job. From here on no estimate is accepted, and every accepted one is applied:
+        the full meta-batches waiting, then the one being filled, as a smaller last step. Then
+        workers are told to stop. Once it returns, θ and history are final. `timeout_s` bounds
+        the wait for the outer updates; batches not applied by then are dropped."""
+        with self._lock:
+            self._closing = True
+            last = self._filling
+            if last is not None and last.count and not self.done.is_set():
+                self._pending += 1
+                self._updates.put(last)
+                self._filling = None
+            self._batch_free.notify_all()  # a submitter waiting for an accumulator is refused now
+        self._updates.put(None)  # behind the batches: the updater applies them, then ends
+        if threading.current_thread() is not self._updater:
+            self._updater.join(timeout_s)
         with self._lock:
             self.done.set()
             self._batch_free.notify_all()
-        self._updates.put(None)  # ends the updater thread
         self._notify(-1)
 
     def next_worker_seed(self) -> int:
@@ -348,6 +368,24 @@ class Learner:
                 "history": [dataclasses.asdict(h) for h in self.history],
             }
             return self.version, arrays, meta
+
+    @property
+    def worker_incarnations(self) -> int:
+        """Distinct (worker, run id) pairs with an accepted estimate: a restarted worker is a new
+        incarnation with a new run id."""
+        with self._lock:
+            return len(self._last_sequence)
+
+    @staticmethod
+    def state_digest(arrays: dict[str, np.ndarray]) -> str:
+        """sha256 of a `snapshot()`'s arrays (names, dtypes, shapes and bytes): equal digests mean
+        bit-identical state. A checkpoint records it, and a resume checks it."""
+        digest = hashlib.sha256()
+        for name in sorted(arrays):
+            array = np.ascontiguousarray(arrays[name])
+            digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+            digest.update(array.tobytes())
+        return digest.hexdigest()
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """Load a `snapshot()`; a checkpoint of another optimizer or a damaged one is refused."""

@@ -61,6 +61,7 @@ def train(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("metaopt.train").setLevel(logging.INFO)  # where the learner and metrics are
+    logging.getLogger("learner.checkpointing").setLevel(logging.INFO)  # where it resumed
     show_progress = sys.stderr.isatty() or not as_json
     job_id = job_id or new_job_id(spec)
     try:
@@ -135,6 +136,7 @@ def serve_learner(
     from metaopt.train import serve_learner as run_learner
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("learner.checkpointing").setLevel(logging.INFO)  # where it resumed
     job_id = job_id or new_job_id(spec)
 
     def listening(address: str, metrics_url: str) -> None:

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
             spec = load_job_spec(config)
             if max_outer_steps is not None:
                 spec = spec.with_overrides(**{"stop.max_outer_steps": max_outer_steps})
-            job_id = check_job_id(job_id) if job_id else new_job_id(spec)
+            job_id = check_job_id(job_id) if job_id is not None else new_job_id(spec)
         except JobSpecError as err:
             _fail(str(err), code=2)
         if k8s:

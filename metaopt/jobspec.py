@@ -25,7 +25,7 @@ class JobSpecError(ValueError):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class AugmentSpec(_Frozen):
@@ -163,13 +163,14 @@ class StorageSpec(_Frozen):
     def _redis_url(cls, url: str | None) -> str | None:
         if url is None:
             return None
-        scheme, _, rest = url.partition("://")
-        if scheme not in ("redis", "rediss"):
-            raise ValueError(f"job_store must be a redis:// or rediss:// URL, got {url!r}")
-        if ":" in rest.rpartition("@")[0]:  # USER:PASSWORD@, even with a '/' in the password
+        scheme, sep, rest = url.partition("://")
+        # The password first: no message may echo a URL that carries one.
+        if ":" in (rest if sep else url).rpartition("@")[0]:  # USER:PASSWORD@, even with a '/' in it
             raise ValueError("job_store must not carry a password (it would be stored with the job); "
                              "give the user only, redis://USER@HOST:PORT/DB, and the password "
                              "in $METAOPT_REDIS_PASSWORD")
+        if not sep or scheme not in ("redis", "rediss"):
+            raise ValueError(f"job_store must be a redis:// or rediss:// URL, got {url!r}")
         return url
 
 
@@ -240,7 +241,7 @@ def load_job_spec(path: str | pathlib.Path) -> JobSpec:
     """Read and validate a YAML job spec; raises JobSpecError with every problem listed."""
     path = pathlib.Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise JobSpecError(f"no job spec at {path}") from None
     except (OSError, UnicodeDecodeError) as err:

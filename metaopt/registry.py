@@ -460,8 +460,8 @@ def _check_artifact(files: dict[str, bytes], uri: str, name: str | None, version
         optimizer = manifest["optimizer"]
         if not isinstance(optimizer["name"], str) or not isinstance(optimizer["hparams"], dict):
             raise TypeError(f"optimizer is {optimizer!r}, not {{name: str, hparams: dict}}")
-        structure = {s["path"]: s for s in manifest["theta_structure"]}
-        claimed = manifest["files"][THETA_FILE]
+        structure = {s["path"]: (list(s["shape"]), str(s["dtype"])) for s in manifest["theta_structure"]}
+        claimed = manifest["files"][THETA_FILE]["sha256"]
     except (ValueError, KeyError, TypeError) as e:
         raise _corrupt(uri, MANIFEST_FILE, f"is not a valid manifest ({e!r})", fix) from e
     if name is not None and (manifest.get("name") != name or manifest.get("version") != version):
@@ -471,7 +471,7 @@ def _check_artifact(files: dict[str, bytes], uri: str, name: str | None, version
             f"describes {manifest.get('name')}:{manifest.get('version')}, not {name}:{version}",
             fix,
         )
-    if claimed.get("sha256") != sha256_hex(files[THETA_FILE]):
+    if claimed != sha256_hex(files[THETA_FILE]):
         raise _corrupt(uri, THETA_FILE, "does not match the sha256 in manifest.json", fix)
     try:
         flat = safetensors.numpy.load(files[THETA_FILE])
@@ -485,13 +485,12 @@ def _check_artifact(files: dict[str, bytes], uri: str, name: str | None, version
             fix,
         )
     for path, arr in flat.items():
-        want = structure[path]
-        if list(arr.shape) != list(want["shape"]) or str(arr.dtype) != want["dtype"]:
+        shape, dtype = structure[path]
+        if list(arr.shape) != shape or str(arr.dtype) != dtype:
             raise _corrupt(
                 uri,
                 THETA_FILE,
-                f"array {path!r} is {arr.dtype}{list(arr.shape)} "
-                f"but manifest.json says {want['dtype']}{want['shape']}",
+                f"array {path!r} is {arr.dtype}{list(arr.shape)} but manifest.json says {dtype}{shape}",
                 fix,
             )
     return manifest, flat

@@ -44,7 +44,9 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -63,6 +65,25 @@ CHECKPOINT_DIR_RE = re.compile(r"ckpt-(\d{9,})")  # ckpt-{step:09d}, as checkpoi
 ARRAYS_FILE = "arrays.safetensors"  # the one file of a checkpoint
 # Protocols without real directories: `makedirs` there would create a missing *bucket*.
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+
+def retrying(write: Callable[[], Any], what: str, timeout_s: float = 60.0, max_delay_s: float = 10.0) -> Any:
+    """`write()`, tried again with growing pauses while it fails, for up to `timeout_s`: a store
+    that is away for a while (restarting, a network cut) delays a run's last writes instead of
+    failing the run. The last error is raised once the time is up; a ValueError or TypeError
+    (bad data, not a bad connection) at once."""
+    deadline, delay = time.monotonic() + timeout_s, 0.5
+    while True:
+        try:
+            return write()
+        except (ValueError, TypeError):
+            raise
+        except Exception as err:  # fsspec's backends raise their own types (botocore's, aiohttp's)
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s failed (%s); retrying in %.1fs", what, err, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, max_delay_s)
 
 
 class CorruptArtifactError(ValueError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import faulthandler
 import json
 import logging
 import os
@@ -22,6 +23,8 @@ import time
 from metaopt.jobspec import JobSpec
 
 log = logging.getLogger(__name__)
+STALL_S = 60.0  # a full meta-batch waiting this long for its outer update is a fault
+FINAL_RECORD_TIMEOUT_S = 30.0  # the job store may be away as a run ends: longer than its lease TTL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +39,8 @@ class RunResult:
     metrics_url: str
     wall_s: float  # from the learner's start to the workers' stop
     learner_busy_s: float  # time the learner spent validating and applying estimates
+    estimates_accepted: int = 0  # every one of them is in exactly one outer step
+    worker_incarnations: int = 0  # workers that delivered, a restarted one counted anew
 
     def summary(self) -> dict:
         return dataclasses.asdict(self)
@@ -54,6 +59,7 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
         # After Ray, which installs its own: SIGTERM (a scheduler's stop, a preemption) ends
         # the run as Ctrl-C does, through the cleanup below that writes the final checkpoint.
         signal.signal(signal.SIGTERM, _interrupt)
+        _dump_stacks_on_sigusr1()
     job_id = job_id or new_job_id(spec)
     run = _LearnerRun(spec, out, job_id)
     with run.recorded():
@@ -100,6 +106,8 @@ def _train(run: _LearnerRun, host: str, progress: bool, metrics_port: int) -> Ru
         job_id=job_id, outer_steps=learner.version, meta_loss_first=history[0].meta_loss,
         meta_loss_last=history[-1].meta_loss, artifact=artifact, registry=registry_uri,
         run_dir=str(run.run_dir), metrics_url=metrics_url, wall_s=wall_s, learner_busy_s=learner.busy_s,
+        estimates_accepted=sum(learner.accepted_by_worker.values()),
+        worker_incarnations=learner.worker_incarnations,
     )
 
 
@@ -121,6 +129,11 @@ class _LearnerRun:
         from metaopt.jobstore import open_job_store
         from metaopt.publishing import installed_code_version
 
+        # The outer step waits for its result at once, so asynchronous CPU dispatch gains the
+        # learner nothing; and jax on CPU has been seen to hang with it and several threads
+        # (jax-ml/jax#25861). The learner's threads (updater, checkpointer, server) all use jax.
+        # Read when jax starts its CPU backend: in `train` and `serve-learner`, right below.
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
         self.spec, self.job_id, self.artifact = spec, job_id, None
         self.out_dir = pathlib.Path(out).resolve()
         self.run_dir = self.out_dir / "runs" / job_id
@@ -190,9 +203,10 @@ class _LearnerRun:
         try:
             yield
         except BaseException as err:
-            self.recorder.stop(_outcome(err))
+            self.recorder.stop(_outcome(err), timeout_s=FINAL_RECORD_TIMEOUT_S)
             raise
-        self.recorder.stop({**self._progress(), "state": "SUCCEEDED", "artifact": self.artifact})
+        self.recorder.stop({**self._progress(), "state": "SUCCEEDED", "artifact": self.artifact},
+                           timeout_s=FINAL_RECORD_TIMEOUT_S)
 
     def follow(self, runs, progress: bool) -> None:
         budget_s = self.spec.stop.max_minutes * 60 if self.spec.stop.max_minutes else None
@@ -201,17 +215,17 @@ class _LearnerRun:
 
     def publish(self) -> tuple[str, str]:
         """Plot the meta-loss and publish θ; (artifact NAME:VERSION, registry URI)."""
-        from metaopt import registry
+        from metaopt import registry, storage
         from metaopt.publishing import provenance
 
         spec, learner, history = self.spec, self.learner, self.learner.history
         plot_meta_loss(history, self.run_dir / "meta_loss.png", title=self.job_id,
                        normalization=spec.estimator.loss_normalization)
-        artifact = registry.publish(
+        artifact = storage.retrying(lambda: registry.publish(
             self.registry_uri, spec.artifact_name or spec.name, self.optimizer.name,
             dict(self.optimizer.hparams), learner.theta_tree(),
             provenance=provenance(spec, self.job_id, history, learner.version),
-        )
+        ), f"publishing to {self.registry_uri}")
         return artifact, self.registry_uri
 
 
@@ -224,6 +238,7 @@ def serve_learner(spec: JobSpec, out: str, job_id: str, host: str, port: int,
     `health_port`: also serve the health service alone, in plaintext, there."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+        _dump_stacks_on_sigusr1()
     run = _LearnerRun(spec, out, job_id)
     with run.recorded():
         return _serve(run, host, port, token, tls, metrics_port, on_listening, progress, health_port)
@@ -242,10 +257,13 @@ def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening,
         if on_listening is not None:
             on_listening(f"{host}:{bound}", f"http://{host}:{metrics_bound}/metrics")
         run.follow([], progress)
+        finished_at = time.monotonic()
     finally:
         learner.stop()
         try:
             run.checkpointer.stop()
+            if learner.version >= learner.config.max_outer_steps:
+                _linger(finished_at)
         finally:
             server.stop(grace=2).wait()
             if health_server is not None:
@@ -282,6 +300,15 @@ def run_workers(spec: JobSpec, learner_address: str, job_id: str, token: str | N
             ray.kill(actor)
 
 
+def _linger(finished_at: float) -> None:
+    """Serve a little after the job finished: a worker that was between connections then (its
+    stream cut by a restart of this learner, say) comes back within its backoff and is told to
+    stop, instead of retrying forever against a learner that is gone."""
+    from workers.actor import MAX_BACKOFF_S
+
+    time.sleep(max(0.0, MAX_BACKOFF_S + 1.0 - (time.monotonic() - finished_at)))
+
+
 def _outcome(err: BaseException) -> dict:
     if isinstance(err, KeyboardInterrupt):
         return {"state": "STOPPED", "error": None}
@@ -314,6 +341,11 @@ def _start_ray(spec: JobSpec) -> str:
 
 class WorkerFailed(RuntimeError):
     """A worker's loop ended with an error before the job was done."""
+
+
+def _dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's stack to stderr: how to see where a learner waits."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _raise_if_a_worker_failed(runs, job_id: str) -> None:
@@ -350,11 +382,18 @@ def _follow(learner, runs, metrics_path: pathlib.Path, progress: bool, start: in
             sink.flush()
 
         write(learner.history[:start])
-        written = start
+        written, progressed, stall_reported = start, time.monotonic(), False
         while True:
             finished = learner.done.wait(0.5)
             new = learner.history[written:]
+            if not new and learner.pending_batches and not stall_reported and \
+                    time.monotonic() - progressed > STALL_S:
+                log.error("job %s: a full meta-batch has waited %.0f s for its outer update; the "
+                          "learner's threads are:", learner.config.job_id, STALL_S)
+                faulthandler.dump_traceback(all_threads=True)
+                stall_reported = True
             if new:
+                progressed = time.monotonic()
                 write(new)
                 written += len(new)
                 estimates = sum(r.estimates for r in learner.history[start:])

@@ -97,6 +97,7 @@ def test_pull_verifies_and_refuses_a_tampered_artifact(run, tmp_path):
     assert not (tmp_path / "b" / "theta.safetensors").exists()
 
 
+@pytest.mark.slow  # default run: test_chaos_learner resumes again and again
 def test_same_job_id_resumes_from_its_checkpoint(run):
     result, out = run
     done = metaopt_cli("train", DATA / "e2e.yaml", "--out", out, "--json", "--job-id", "e2e-1",

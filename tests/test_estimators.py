@@ -248,6 +248,7 @@ print("ok", np.abs(grads[1]).max())
 """
 
 
+@pytest.mark.slow  # 26 s; the worker_throughput benchmark runs the same split
 def test_halves_split_across_two_cpu_devices_give_the_same_estimates():
     """A worker with JAX_NUM_CPU_DEVICES=2 runs half of the particle halves on each device
     (one per core); its estimates match one device's to float rounding, resets included.

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from metaopt import registry
@@ -97,6 +98,7 @@ def test_the_lease_refuses_a_second_learner_and_the_record_survives_a_redis_rest
         redis.stop()
 
 
+@pytest.mark.slow  # default run: test_chaos_services (a run over S3) and test_s3_storage
 def test_a_job_resumes_from_object_storage_wherever_it_starts(s3_bucket, tmp_path):
     spec = write_spec(tmp_path / "job.yaml", storage={"root": f"{s3_bucket}/metaopt"})
     runs = []

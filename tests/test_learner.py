@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from learner.checkpointing import Checkpointer
-from learner.core import Learner, LearnerConfig
+from learner.core import Learner, LearnerConfig, make_outer_optimizer
 from learner.server import ANNOUNCE_INTERVAL_S, make_server
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
@@ -137,6 +137,27 @@ def test_no_estimate_is_accepted_beyond_the_last_outer_step():
     assert {ack.reason for ack in acks[4:]} == {pb.REJECT_REASON_JOB_FINISHED}
     assert learner.wait_idle() and learner.version == 2 and learner.done.is_set()
     assert sum(step.estimates for step in learner.history) == sum(learner.accepted_by_worker.values())
+
+
+def test_a_stop_applies_every_accepted_estimate_and_then_refuses_more():
+    """Stopped early (a time budget, SIGTERM, a cancel), the learner still applies what it
+    accepted: the full meta-batches, then the partial one as a smaller last step."""
+    learner = make_learner(meta_batch_size=4, max_outer_steps=100)
+    grads = np.random.default_rng(1).normal(size=(6, SIZE)).astype(np.float32)
+    assert all(learner.submit(estimate(g)).accepted for g in grads)
+    learner.stop()
+    assert learner.done.is_set() and learner.version == 2
+    assert [step.estimates for step in learner.history] == [4, 2]
+    late = learner.submit(estimate(np.ones(SIZE) * 0.1, version=2))
+    assert not late.accepted and late.reason == pb.REJECT_REASON_JOB_FINISHED
+
+    outer = make_outer_optimizer(learner.config)  # the same two steps with optax itself
+    theta = jax.numpy.asarray(wire.flatten(THETA0))
+    state = outer.init(theta)
+    for batch in (grads[:4], grads[4:]):
+        updates, state = outer.update(jax.numpy.asarray(batch.mean(axis=0)), state, theta)
+        theta = optax.apply_updates(theta, updates)
+    np.testing.assert_allclose(np.asarray(learner.theta), np.asarray(theta), rtol=1e-6, atol=1e-7)
 
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):

@@ -198,7 +198,12 @@ def test_small_fc_theta_is_differentiable():
         assert np.all(np.isfinite(g["mlp"][k])) and np.any(g["mlp"][k] != 0), k
 
 
-@pytest.mark.parametrize("scale, exp_mult", [(1e-6, 0.001), (1.0, 0.001), (1e4, 0.001), (1.0, 0.3)])
+SLOW = pytest.mark.slow  # one case in the default run; the scales and decay rates in `pytest -m slow`
+
+
+@pytest.mark.parametrize("scale, exp_mult", [
+    (1.0, 0.001), pytest.param(1e-6, 0.001, marks=SLOW), pytest.param(1e4, 0.001, marks=SLOW),
+    pytest.param(1.0, 0.3, marks=SLOW)])
 def test_untrained_small_fc_is_adam_without_bias_correction(scale, exp_mult):
     """The initial θ steps by -step_mult · m/sqrt(v) (EMAs 0.9 and 0.999 from zero, a slow NumPy
     reference) up to its small random terms, at any gradient scale: the Adam ratios are not

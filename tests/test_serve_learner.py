@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 DATA = pathlib.Path(__file__).parent / "data"
 CLI = [sys.executable, "-m", "metaopt.cli"]
 
@@ -28,6 +30,7 @@ def serve(tmp_path, token, job_id: str) -> tuple[subprocess.Popen, str]:
     return learner, address.group(1)
 
 
+@pytest.mark.slow  # default run: test_chaos_learner's workers join serve-learner
 def test_workers_started_elsewhere_join_a_learner_of_its_own(tmp_path):
     token = tmp_path / "token"
     token.write_text("the-job-token\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 
 import numpy as np
@@ -17,6 +18,7 @@ from metaopt.storage import (
     flatten_tree,
     latest_checkpoint,
     read_committed,
+    retrying,
     save_checkpoint,
     tree_structure,
     unflatten_tree,
@@ -187,3 +189,33 @@ def test_checkpoint_argument_errors(tmp_path):
         save_checkpoint(str(tmp_path), -1, {}, {})
     with pytest.raises(ValueError, match="keep"):
         save_checkpoint(str(tmp_path), 1, {}, {}, keep=0)
+
+
+def test_retrying_rides_out_a_store_that_is_away_for_a_while_but_not_bad_data():
+    attempts = []
+
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ConnectionError("endpoint unreachable")
+        return "written"
+
+    assert retrying(flaky, "a test write", timeout_s=10, max_delay_s=0.01) == "written"
+    assert len(attempts) == 3
+
+    def bad_data():
+        attempts.append(1)
+        raise ValueError("not JSON-serialisable")
+
+    attempts.clear()
+    with pytest.raises(ValueError):  # retrying cannot mend it: at once
+        retrying(bad_data, "a test write", timeout_s=10)
+    assert len(attempts) == 1
+
+    def away():
+        raise ConnectionError("endpoint unreachable")
+
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):  # the store never came back: the last error, in time
+        retrying(away, "a test write", timeout_s=1.0, max_delay_s=0.2)
+    assert time.monotonic() - started < 2.0

@@ -4,6 +4,7 @@ user drives it. The job record comes from a real redis-server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -48,7 +49,8 @@ def cluster(redis: RedisServer):
     # node's environment (from a Secret), never in the job spec.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_ADDRESS": dashboard, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "METAOPT_REDIS_PASSWORD": redis.password, "METAOPT_JOB_STORE": redis.url_for(redis.user)}
+           "METAOPT_REDIS_PASSWORD": redis.password, "METAOPT_JOB_STORE": redis.url_for(redis.user),
+           "METAOPT_TEST_RAY_TEMP_DIR": temp_dir}
     log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 (closed at teardown)
     # Every port Ray would otherwise take at a fixed default: another Ray on this machine (a
     # developer's, a test's) must not make this one's agents fail to start.
@@ -82,6 +84,14 @@ def log_text(temp_dir: str) -> str:
     return (Path(temp_dir) / "ray-start.log").read_text()[-3000:]
 
 
+def ray_logs(env: dict, chars: int = 1500) -> str:
+    """The tails of the cluster's worker and raylet logs: what a failed wait needs to be understood."""
+    logs = sorted(Path(env["METAOPT_TEST_RAY_TEMP_DIR"]).glob("session_latest/logs/*"))
+    wanted = [p for p in logs if p.name.startswith(("worker-", "raylet.", "job-driver-"))
+              and p.stat().st_size]
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in wanted)
+
+
 def metaopt(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "metaopt.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
@@ -102,7 +112,13 @@ def wait_for(env: dict, job_id: str, states: set[str], timeout_s: float = 240) -
         row = json.loads(done.stdout)
         if row["status"] in states:
             return row
-        assert time.monotonic() < deadline, f"{job_id}: {row}: {metaopt(env, 'logs', job_id).stdout[-3000:]}"
+        if time.monotonic() > deadline:
+            learner = (row.get("record") or {}).get("learner") or ":"
+            with contextlib.suppress(ValueError, OSError):  # where its threads wait, into its log
+                os.kill(int(learner.rsplit(":", 1)[1]), signal.SIGUSR1)
+                time.sleep(2)
+            raise AssertionError(f"{job_id}: {row}: {metaopt(env, 'logs', job_id).stdout[-6000:]}\n"
+                                 f"{ray_logs(env)}")
         time.sleep(2)
 
 

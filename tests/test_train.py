@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from metaopt import storage
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -46,6 +48,7 @@ def test_a_failed_worker_stops_the_run_with_a_clear_error():
     )
 
 
+@pytest.mark.slow  # default run: test_submit cancels a job (SIGTERM) and finds its checkpoint
 def test_interrupted_run_keeps_a_checkpoint_of_every_finished_step(tmp_path):
     """SIGTERM (as a scheduler sends) stops the run cleanly, as Ctrl-C does."""
     command = [sys.executable, "-m", "metaopt.cli", "train", str(DATA / "e2e.yaml"), "--out", str(tmp_path),
@@ -72,6 +75,7 @@ def test_interrupted_run_keeps_a_checkpoint_of_every_finished_step(tmp_path):
     assert steps == list(range(1, len(steps) + 1)) and steps[-1] <= step
 
 
+@pytest.mark.slow  # default run: test_chaos_learner
 def test_a_killed_run_resumes_from_its_last_checkpoint_without_duplicate_steps(tmp_path):
     """SIGKILL to the whole run (learner and Ray workers), then `--job-id` resumes it."""
     checkpoints = tmp_path / "runs" / "crash" / "checkpoints"
@@ -100,6 +104,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_without_duplicate_steps(t
     assert steps == list(range(1, target + 1))
 
 
+@pytest.mark.slow  # default run: test_chaos_workers ends on a budget
 def test_a_time_budget_ends_the_run_cleanly_and_publishes_the_optimizer(tmp_path):
     """stop.max_minutes (here `--max-minutes`) stops a run that has outer steps left, as its
     step limit would: exit 0, a final checkpoint, the optimizer in the registry."""
@@ -114,6 +119,7 @@ def test_a_time_budget_ends_the_run_cleanly_and_publishes_the_optimizer(tmp_path
     assert step == result["outer_steps"]
 
 
+@pytest.mark.slow  # default run: test_estimators splits halves across devices
 def test_a_worker_with_two_cpus_splits_its_particles_across_two_devices(tmp_path):
     """`workers.cpus: 2` gives the Ray worker process two jax CPU devices (one per core), and
     its estimator runs half of the particle halves on each."""

@@ -44,6 +44,7 @@ def wait_for(condition, timeout_s: float) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # default run: test_chaos_learner
 def test_worker_waits_for_the_learner_and_reconnects_after_it_restarts():
     port = free_port()
     worker = PESWorker(SPEC, f"127.0.0.1:{port}", "worker-0", "job-r")

@@ -27,6 +27,7 @@ from workers.estimators import make_estimator
 
 log = logging.getLogger(__name__)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+MAX_BACKOFF_S = 5.0  # the longest a worker waits between attempts to reach the learner
 
 
 class PESWorker:
@@ -64,7 +65,7 @@ class PESWorker:
         return pb.Hello(job_id=self.job_id, worker_id=self.worker_id, run_id=self.run_id,
                         theta_structure_digest=digest)
 
-    def run(self, max_backoff_s: float = 5.0, connect_timeout_s: float = 10.0) -> dict:
+    def run(self, max_backoff_s: float = MAX_BACKOFF_S, connect_timeout_s: float = 10.0) -> dict:
         """Work until the learner says the job is over; returns this incarnation's stats."""
         backoff = 0.1
         while True:
