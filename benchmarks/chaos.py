@@ -85,7 +85,8 @@ def headline(scenarios: dict[str, dict]) -> dict:
         get("workers", "accepted_equals_applied", True) is not False,
         get("learner", "within_one_interval", True) is not False,
         services.get("committed_lost", 0) == 0,
-        get("inputs", "spec_unclear") == 0 and get("inputs", "cache_poisoned") == 0,
+        all(get("inputs", key) == 0 for key in ("spec_unclear", "secrets_echoed", "cache_poisoned",
+                                                "artifact_unclear", "intact_failed")),
         get("load", "accepted_lost") == 0 and get("load", "within_bound", True) is not False,
     ]
     return {**report, "ok": all(promises)}

@@ -2,9 +2,8 @@
 and the S3 store stopped in the middle of a checkpoint upload and restarted, each during a real
 `metaopt train` run. The run finishes, its record catches up, nothing committed is lost.
 
-Both scenarios run in one process of their own, as the benchmark's script: it starts Ray, which
-forks, and must not do so in a test process whose JAX threads are already running; and the second
-scenario reuses the first one's Ray."""
+Each scenario runs in a process of its own, as the benchmark's script: it starts Ray, which
+forks, and must not do so in a test process whose JAX threads are already running."""
 
 from __future__ import annotations
 
@@ -19,24 +18,24 @@ SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "chaos_
 OUTAGE_S = 3.0
 
 
-@pytest.fixture(scope="module")
-def report() -> dict:
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", "--outage-s", str(OUTAGE_S)],
-                          capture_output=True, text=True, timeout=300)
+def run(*only: str) -> dict:
+    command = [sys.executable, str(SCRIPT), "--quick", "--json", "--outage-s", str(OUTAGE_S), *only]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_redis_restart_leaves_the_run_going_and_its_record_catches_up(report):
-    redis = report["redis"]
+@pytest.mark.slow  # default run: test_job_lifecycle restarts Redis under a running learner
+def test_a_redis_restart_leaves_the_run_going_and_its_record_catches_up():
+    redis = run("--only", "redis")["redis"]
     assert redis["redis_outages"] == 1 and redis["run_finished"], redis
     assert redis["steps_during_outage"] > 0, f"the learner stopped stepping while Redis was away: {redis}"
     assert redis["record_back_s"][0] is not None, f"the run ended before its record came back: {redis}"
     assert redis["record_caught_up"], f"the record in Redis did not catch up with the run: {redis}"
 
 
-def test_an_object_store_outage_during_a_write_loses_nothing_committed(report):
-    s3 = report["object_store"]
+def test_an_object_store_outage_during_a_write_loses_nothing_committed():
+    s3 = run("--only", "s3")["object_store"]
     assert s3["object_store_outages"] == 1 and s3["run_finished"], s3
     assert s3["writes_cut"] == 1, f"the outage did not begin during a checkpoint upload: {s3}"
     assert s3["committed_before_outages"] >= 3, f"pruning had not begun before the outage: {s3}"

@@ -56,6 +56,7 @@ def test_workers_started_elsewhere_join_a_learner_of_its_own(tmp_path):
     assert (tmp_path / "runs" / "solo" / "checkpoints").is_dir()
 
 
+@pytest.mark.slow  # 28 s; default run: test_submit's jobs run Ray worker actors against their learner
 def test_ray_workers_join_a_learner_of_its_own(tmp_path):
     """`metaopt workers` (a KubeRay RayJob's entrypoint) starts the job's workers as Ray actors
     (here on a local Ray) that stream to a learner served elsewhere, until it stops them."""
