@@ -253,6 +253,7 @@ def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening,
     health_server = serve_health(host, health_port)[0] if health_port is not None else None
     metrics_server, metrics_bound = learner.metrics.serve(host, metrics_port)
     run.checkpointer.start()
+    finished_at = None  # when the job reached its stopping rule, if it did
     try:
         if on_listening is not None:
             on_listening(f"{host}:{bound}", f"http://{host}:{metrics_bound}/metrics")
@@ -262,7 +263,7 @@ def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening,
         learner.stop()
         try:
             run.checkpointer.stop()
-            if learner.version >= learner.config.max_outer_steps:
+            if finished_at is not None and learner.version >= learner.config.max_outer_steps:
                 _linger(finished_at)
         finally:
             server.stop(grace=2).wait()
