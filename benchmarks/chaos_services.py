@@ -61,7 +61,6 @@ import tempfile
 import threading
 import time
 
-import fsspec.config
 import pytest
 import s3fs
 import safetensors.numpy
@@ -75,7 +74,7 @@ from metaopt.jobspec import JobSpec, parse_job_spec  # noqa: E402
 from metaopt.jobstore import PASSWORD_ENV, SUCCEEDED, JobStoreError, open_job_store  # noqa: E402
 from metaopt.train import train  # noqa: E402
 from tests.redis_fixture import RedisServer  # noqa: E402
-from tests.s3_fixture import BUCKET  # noqa: E402
+from tests.s3_fixture import BUCKET, use_s3_endpoint  # noqa: E402
 
 E2E = ROOT / "tests" / "data" / "e2e.yaml"
 KEEP = 3  # checkpoints the learner's Checkpointer keeps (its default, which `train` uses)
@@ -464,7 +463,7 @@ def object_store_outage(workdir: pathlib.Path, outage_s: float, max_outer_steps:
     try:
         with pytest.MonkeyPatch.context() as env, \
                 _Logged("learner.checkpointing", "failed; will retry") as failures:
-            _s3_environment(env, server.endpoint, workdir)
+            use_s3_endpoint(env, server.endpoint, workdir)
             # See the module docstring: a write fails within a second, not after ~15 s of retries.
             env.setenv("AWS_MAX_ATTEMPTS", "2")
             s3fs.S3FileSystem().mkdir(BUCKET)
@@ -489,21 +488,6 @@ def object_store_outage(workdir: pathlib.Path, outage_s: float, max_outer_steps:
             "latest_checkpoint": None if latest is None else latest[0], "uncommitted_left": uncommitted,
             "writes_cut": sum(cut is not None for cut in seen["cuts"]), "cut": seen["cuts"],
             "artifact_verified": artifact_verified}
-
-
-def _s3_environment(env: pytest.MonkeyPatch, endpoint: str, workdir: pathlib.Path) -> None:
-    """The S3 settings of tests/s3_fixture.py's `s3_bucket` (test credentials, the endpoint, no
-    AWS profile of the developer's), for a server of our own."""
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL"):
-        env.delenv(var, raising=False)
-    env.setenv("AWS_ACCESS_KEY_ID", "testing")
-    env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    env.setenv("AWS_CONFIG_FILE", str(workdir / "no-aws-config"))
-    env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(workdir / "no-aws-credentials"))
-    env.setenv("AWS_ENDPOINT_URL", endpoint)
-    env.delitem(fsspec.config.conf, "s3", raising=False)
-    s3fs.S3FileSystem.clear_instance_cache()  # its clients were made with the old environment
 
 
 def _artifact_verifies(run: dict, dest: pathlib.Path) -> bool:

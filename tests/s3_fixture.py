@@ -60,22 +60,28 @@ def moto_endpoint() -> Iterator[str]:
             server.wait()
 
 
+def use_s3_endpoint(env: pytest.MonkeyPatch, endpoint: str, workdir) -> None:
+    """Point fsspec's s3:// at `endpoint` with test credentials, the developer's own AWS
+    profiles and files shut out (they live in `workdir`, empty)."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL"):
+        env.delenv(var, raising=False)
+    env.setenv("AWS_ACCESS_KEY_ID", "testing")
+    env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    env.setenv("AWS_CONFIG_FILE", str(workdir / "no-aws-config"))
+    env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(workdir / "no-aws-credentials"))
+    env.setenv("AWS_ENDPOINT_URL", endpoint)
+    env.delitem(fsspec.config.conf, "s3", raising=False)
+    # s3fs keeps one client per set of arguments, made with the environment of its first use.
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.fixture
 def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[str]:
     """s3://metaopt-test, an empty bucket on the session's moto server, reachable through fsspec."""
     reset = urllib.request.Request(f"{moto_endpoint}/moto-api/reset", method="POST")
     urllib.request.urlopen(reset, timeout=10).close()
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.delitem(fsspec.config.conf, "s3", raising=False)
-    # s3fs keeps one client per set of arguments, made with the environment of its first use.
-    s3fs.S3FileSystem.clear_instance_cache()
+    use_s3_endpoint(monkeypatch, moto_endpoint, tmp_path)
     s3fs.S3FileSystem().mkdir(BUCKET)
     yield f"s3://{BUCKET}"
     s3fs.S3FileSystem.clear_instance_cache()
