@@ -35,7 +35,8 @@ with the history emptied every second (3 minutes), RSS stayed within 4 MB of its
 no trend, so the history is the growth. It is real, if slow, over a job of days (at one outer
 step a second, ~24 MB a day, and it is written into every checkpoint).
 
-Figures: `streams` (open at peak; `streams_min` the fewest during the hold), `seconds`,
+Figures: `streams` (open at peak; `streams_min` the fewest during the hold, which begins after
+the warm-up and once every stream is open, at `all_open_at_s`), `seconds`,
 `accepted`, `applied`, `accepted_lost`, `outer_steps`, `accepted_per_s` (the learner's count
 over the window), `rejected` by reason, `rss_start_mb`, `rss_max_mb`, `rss_end_mb`,
 `rss_growth_mb` (max − start), `rss_slope_mb_per_min`, `history_growth_mb`, `rss_bound_mb`,
@@ -212,7 +213,10 @@ def hold_streams(streams: int = 256, seconds: float = 60.0, size: int = SIZES["s
             pool.close()
 
     samples = [(t - started, *rest) for t, *rest in sampler.samples]
-    window = [s for s in samples if warm_s <= s[0] <= warm_s + seconds] or samples[-1:]
+    # The hold begins once every stream is open (sender processes on a busy machine may take longer
+    # than the warm-up to open theirs) and ends when the senders' time is up.
+    all_open_at = next((s[0] for s in samples if s[3] >= streams), warm_s)
+    window = [s for s in samples if max(warm_s, all_open_at) <= s[0] <= warm_s + seconds] or samples[-1:]
     (t0, rss0, acc0, _, v0), (t1, _, acc1, _, v1) = window[0], window[-1]
     rss = np.array([s[1] for s in window])
     slope = float(np.polyfit([s[0] for s in window], rss, 1)[0] * 60) if len(window) > 2 else 0.0
@@ -221,7 +225,8 @@ def hold_streams(streams: int = 256, seconds: float = 60.0, size: int = SIZES["s
     workers = set(sent["accepted"]) | set(learner.accepted_by_worker)
     return {
         "streams_requested": streams, "streams": max(s[3] for s in samples),
-        "streams_min": min(s[3] for s in window), "seconds": seconds, "measured_s": t1 - t0, "warm_s": warm_s,
+        "streams_min": min(s[3] for s in window), "all_open_at_s": round(all_open_at, 2),
+        "seconds": seconds, "measured_s": t1 - t0, "warm_s": warm_s,
         "drain_s": drained_s, "values": size, "meta_batch_size": learner.config.meta_batch_size,
         "max_in_flight": MAX_IN_FLIGHT, "accepted": accepted,
         "learner_accepted": sum(learner.accepted_by_worker.values()), "applied": applied,

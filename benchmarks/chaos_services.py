@@ -7,7 +7,7 @@ gRPC server in this process) for a time budget (`stop.max_minutes`: WARMUP_S, th
 and the time its service's users need to recover), and stop a service once a few outer steps are
 done (compilation is over) for `outage_s` seconds, then start it again. The run is called in this
 thread (Ray starts from here, as `metaopt train` starts it) while another thread makes the
-outages; both scenarios share one local Ray. A run that raises is a figure (`run_finished`
+outages; run together, both scenarios share one local Ray. A run that raises is a figure (`run_finished`
 false, `error`), not a crash of the benchmark.
 
 Redis (`redis_outage`): a real redis-server (`tests/redis_fixture.RedisServer`: ACL user, no
@@ -45,7 +45,7 @@ written while the learner could not confirm its lease: outages over half the lea
 `committed_before_outages`, `writes_cut` (outages that began during an upload) and `cut`,
 `uncommitted_left`, `latest_checkpoint`, `artifact_verified`.
 
-    python benchmarks/chaos_services.py [--quick] [--json] [--outage-s S] [--out DIR]
+    python benchmarks/chaos_services.py [--quick] [--json] [--outage-s S] [--only redis|s3] [--out DIR]
 """
 
 from __future__ import annotations
