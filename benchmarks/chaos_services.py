@@ -512,25 +512,27 @@ def main() -> None:
     outage_s = args.outage_s or (5.0 if args.quick else 15.0)
     outages = 1 if args.quick else 3
     started = time.perf_counter()
+    scenarios = {"redis": redis_outage, "object_store": object_store_outage}
+    chosen = {"redis": "redis", "s3": "object_store"}.get(args.only)
     with tempfile.TemporaryDirectory() as tmp:
-        skipped = {"run_finished": True, "redis_outages": 0, "object_store_outages": 0, "committed_lost": 0,
-                   "corrupt_checkpoints": 0, "steps_during_outage": 0, "record_caught_up": None,
-                   "writes_cut": 0, "checkpoint_write_failures": 0}
-        redis = (redis_outage(pathlib.Path(tmp) / "redis", outage_s, MAX_OUTER_STEPS, outages)
-                 if args.only != "s3" else skipped)
-        s3 = (object_store_outage(pathlib.Path(tmp) / "s3", outage_s, MAX_OUTER_STEPS, outages)
-              if args.only != "redis" else skipped)
+        ran = {name: scenario(pathlib.Path(tmp) / name, outage_s, MAX_OUTER_STEPS, outages)
+               for name, scenario in scenarios.items() if chosen in (None, name)}
+    redis, s3 = ran.get("redis", {}), ran.get("object_store", {})
     result = {"benchmark": "chaos_services", "quick": args.quick,
-              "run_finished": redis["run_finished"] and s3["run_finished"],
-              "redis_outages": redis["redis_outages"], "object_store_outages": s3["object_store_outages"],
-              "committed_lost": s3["committed_lost"], "corrupt_checkpoints": s3["corrupt_checkpoints"],
-              "seconds": round(time.perf_counter() - started, 1), "redis": redis, "object_store": s3}
-    print(f"redis: {redis['redis_outages']} outage(s) of {outage_s} s, run finished: "
-          f"{redis['run_finished']}, {redis['steps_during_outage']} steps during them, "
-          f"record caught up: {redis['record_caught_up']}")
-    print(f"object store: {s3['object_store_outages']} outage(s), {s3['writes_cut']} cutting a write, run "
-          f"finished: {s3['run_finished']}, {s3['checkpoint_write_failures']} failed writes, "
-          f"{s3['committed_lost']} committed lost, {s3['corrupt_checkpoints']} corrupt")
+              "run_finished": all(r["run_finished"] for r in ran.values()),
+              "redis_outages": redis.get("redis_outages", 0),
+              "object_store_outages": s3.get("object_store_outages", 0),
+              "committed_lost": s3.get("committed_lost", 0),
+              "corrupt_checkpoints": s3.get("corrupt_checkpoints", 0),
+              "seconds": round(time.perf_counter() - started, 1), **ran}
+    if redis:
+        print(f"redis: {redis['redis_outages']} outage(s) of {outage_s} s, run finished: "
+              f"{redis['run_finished']}, {redis['steps_during_outage']} steps during them, "
+              f"record caught up: {redis['record_caught_up']}")
+    if s3:
+        print(f"object store: {s3['object_store_outages']} outage(s), {s3['writes_cut']} cutting a write, "
+              f"run finished: {s3['run_finished']}, {s3['checkpoint_write_failures']} failed writes, "
+              f"{s3['committed_lost']} committed lost, {s3['corrupt_checkpoints']} corrupt")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "chaos_services.json").write_text(json.dumps(result, indent=2))
