@@ -3,16 +3,18 @@
 Task: the reference configuration, an MLP 64→32→10 (relu) on 8×8 digits, batch 128
 (task_zoo TaskSpec("mlp", {"width": 32, "depth": 1, ...})); learned optimizer `small_fc` at its
 initial θ (hidden width 32); PES with truncation length 10, for 1, 8 and 32 antithetic pairs
-(8 is the reference). In one process, with the things compared timed alternately:
-  - `adam_steps_per_s`: plain training with optax Adam, one model, a jitted scan of steps;
-  - `lopt_steps_per_s`: the same with the learned optimizer;
-  - `pes_inner_steps_per_s`: the PES estimator's truncations, 2 · pairs · truncation_length
-    inner steps each (both halves counted), i.e. what a worker given this machine's cores
-    computes per second, excluding the network; `estimates_per_s` is truncations (gradient
-    estimates) per second. The process sees one jax CPU device per core, as a worker with
-    `workers.cpus` ≥ 2 does, and the estimator splits the halves across them;
-    `pes_one_device_inner_steps_per_s` is the same estimator on one device (XLA's own
-    threads only). Plain training runs on one device, with XLA's threads, as a user runs it.
+(8 is the reference). Inner steps count both halves of every pair (2 · pairs · 10 per
+estimate). Measured:
+  - `pes_inner_steps_per_s`, the headline: the machine's workers as `metaopt train` lays them
+    out by default (`workers.cpus: 1`, `pin_cores: true`): one worker process per core, each
+    pinned to the core it claimed (workers/cores.py), all running at once; their sum.
+    `estimates_per_s` is their gradient estimates per second.
+  - `pes_one_process_inner_steps_per_s`: one worker process given every core, which sees one
+    jax device per core (as with `workers.cpus` = the core count) and splits its halves
+    across them; `pes_one_device_inner_steps_per_s`: one process, one device, XLA's threads.
+  - `adam_steps_per_s` / `lopt_steps_per_s`: plain training of one model with optax Adam /
+    with the learned optimizer, a jitted scan of steps, as a user runs it (one device, XLA's
+    own threads). These and the one-process figures are timed alternately in this process.
 `pes_vs_adam` is the ratio of PES to Adam: the overhead of estimation per inner step.
 For scale: google/learned_optimization's TruncatedPES does about 3,000 inner steps/s (19
 estimates/s) on the reference configuration on our 2-core CPU; the goal is 3x that.
@@ -27,19 +29,19 @@ import json
 import os
 import pathlib
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
+import optax
 
-# One jax CPU device per core, set before jax starts (as workers.actor.worker_env does).
-jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
-
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-import task_zoo  # noqa: E402
-from metaopt import optimizers  # noqa: E402
-from workers.estimators import make_estimator  # noqa: E402
+import task_zoo
+from metaopt import optimizers
+from workers.cores import claim_cores
+from workers.estimators import make_estimator
 
 TASK = task_zoo.TaskSpec("mlp", {"width": 32, "depth": 1, "activation": "relu", "batch_size": 128, "seed": 0})
 TRUNCATION_LENGTH = 10
@@ -99,8 +101,46 @@ def pes_truncation(task, lopt, particles: int, devices=None):
     return one
 
 
+def pinned_workers(particles: int, seconds: float) -> float:
+    """Inner steps/s of one pinned single-core worker process per core, running together."""
+    with tempfile.TemporaryDirectory() as lock_dir:
+        procs = [
+            subprocess.Popen([sys.executable, __file__, "--lane", lock_dir, "--particles", str(particles),
+                              "--seconds", str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+            for _ in range(os.cpu_count() or 1)
+        ]
+        for p in procs:  # each has claimed its core and compiled
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("a worker lane failed to start; run it alone to see why")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        rates = [json.loads(p.communicate()[0])["inner_steps_per_s"] for p in procs]
+    return sum(rates)
+
+
+def lane(lock_dir: str, particles: int, seconds: float) -> None:
+    """One pinned worker lane: claim a core, warm up, say "ready", wait for "go", then run PES
+    truncations for `seconds` and print its inner steps/s as JSON."""
+    claim = claim_cores(1, pathlib.Path(lock_dir))
+    estimate = pes_truncation(task_zoo.task(TASK), optimizers.make("small_fc"), particles)
+    for _ in range(3):
+        estimate()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    start, done = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        estimate()
+        done += 1
+    rate = 2 * particles * TRUNCATION_LENGTH * done / (time.perf_counter() - start)
+    print(json.dumps({"inner_steps_per_s": rate, "cores": claim.cores if claim else None}))
+
+
 def run(quick: bool) -> dict:
-    particle_counts, repeats, plain_steps = ((1, 8), 5, 100) if quick else ((1, 8, 32), 15, 200)
+    quick_setting, full_setting = ((REFERENCE_PARTICLES,), 5, 100), ((1, 8, 32), 15, 200)
+    particle_counts, repeats, plain_steps = quick_setting if quick else full_setting
+    lane_seconds = 4.0 if quick else 15.0
     task = task_zoo.task(TASK)
     lopt = optimizers.make("small_fc")
     theta = lopt.init(jax.random.key(0))
@@ -110,22 +150,24 @@ def run(quick: bool) -> dict:
     rows = []
     for particles in particle_counts:
         seconds = _interleaved({
-            "adam": adam, "lopt": learned, "pes": pes_truncation(task, lopt, particles),
+            "adam": adam, "lopt": learned, "pes_one_process": pes_truncation(task, lopt, particles),
             "pes_one_device": pes_truncation(task, lopt, particles, jax.devices()[:1]),
         }, repeats)
         adam_rate, lopt_rate = plain_steps / seconds["adam"], plain_steps / seconds["lopt"]
-        pes_rate = 2 * particles * TRUNCATION_LENGTH / seconds["pes"]
+        inner_steps = 2 * particles * TRUNCATION_LENGTH  # per estimate
+        pes_rate = pinned_workers(particles, lane_seconds)
         rows.append({
             "particles": particles, "reference": particles == REFERENCE_PARTICLES,
             "adam_steps_per_s": adam_rate, "lopt_steps_per_s": lopt_rate,
-            "pes_inner_steps_per_s": pes_rate, "estimates_per_s": 1.0 / seconds["pes"],
-            "pes_one_device_inner_steps_per_s": 2 * particles * TRUNCATION_LENGTH / seconds["pes_one_device"],
+            "pes_inner_steps_per_s": pes_rate, "estimates_per_s": pes_rate / inner_steps,
+            "pes_one_process_inner_steps_per_s": inner_steps / seconds["pes_one_process"],
+            "pes_one_device_inner_steps_per_s": inner_steps / seconds["pes_one_device"],
             "lopt_vs_adam": lopt_rate / adam_rate, "pes_vs_adam": pes_rate / adam_rate,
             "vs_learned_optimization": pes_rate / LEARNED_OPTIMIZATION_STEPS_PER_S,
         })
     return {
         "benchmark": "worker_throughput", "device": str(jax.devices()[0]), "quick": quick,
-        "cpu_devices": len(jax.devices("cpu")),
+        "cpu_devices": len(jax.devices("cpu")), "pinned_workers": os.cpu_count() or 1,
         "task": TASK.to_json(), "parameters": int(n_params), "optimizer": "small_fc",
         "truncation_length": TRUNCATION_LENGTH,
         "learned_optimization_steps_per_s": LEARNED_OPTIMIZATION_STEPS_PER_S,
@@ -142,8 +184,9 @@ def plot(result: dict, path: pathlib.Path) -> None:
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(7, 4))
     bars = [("adam_steps_per_s", "Adam, 1 model"), ("lopt_steps_per_s", "small_fc, 1 model"),
-            ("pes_one_device_inner_steps_per_s", "PES, one device (both halves)"),
-            ("pes_inner_steps_per_s", f"PES worker, {result['cpu_devices']} devices (both halves)")]
+            ("pes_one_device_inner_steps_per_s", "PES, one process, one device"),
+            ("pes_one_process_inner_steps_per_s", f"PES, one process, {result['cpu_devices']} devices"),
+            ("pes_inner_steps_per_s", f"PES, {result['cpu_devices']} pinned 1-core workers")]
     width = 0.8 / len(bars)
     for i, (key, name) in enumerate(bars):
         offset = (i - (len(bars) - 1) / 2) * width
@@ -165,13 +208,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a run of under a minute")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.add_argument("--out", type=pathlib.Path, help="write worker_throughput.json and .png here")
+    # Internal: one pinned worker lane of `pinned_workers`.
+    parser.add_argument("--lane", metavar="LOCK_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--particles", type=int, default=REFERENCE_PARTICLES, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.lane:
+        return lane(args.lane, args.particles, args.seconds)
+    # One jax CPU device per core, set before jax starts (as workers.actor.worker_env does
+    # for a worker given every core).
+    jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
     result = run(args.quick)
     for r in result["rows"]:
         print(f"{r['particles']:2d} pairs: adam {r['adam_steps_per_s']:.0f}/s, "
               f"small_fc {r['lopt_steps_per_s']:.0f}/s "
               f"({r['lopt_vs_adam']:.2f}x), PES {r['pes_inner_steps_per_s']:.0f} inner steps/s "
-              f"({r['pes_vs_adam']:.2f}x; one device {r['pes_one_device_inner_steps_per_s']:.0f}), "
+              f"({r['pes_vs_adam']:.2f}x; one process {r['pes_one_process_inner_steps_per_s']:.0f}, "
+              f"one device {r['pes_one_device_inner_steps_per_s']:.0f}), "
               f"{r['estimates_per_s']:.1f} estimates/s, "
               f"{r['vs_learned_optimization']:.2f}x learned_optimization")
     if args.out:

@@ -217,7 +217,7 @@ def worker(
     encoding = pb.ENCODING_BFLOAT16_LE if bfloat16 else pb.ENCODING_FLOAT32_LE
     worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     try:
-        stats = PESWorker(spec, learner, worker_id, job_id, token, tls, encoding).run()
+        stats = PESWorker(spec, learner, worker_id, job_id, token, tls, encoding, own_process=True).run()
     except RuntimeError as err:
         _fail(str(err), code=1)
     typer.echo(json.dumps(stats) if as_json else

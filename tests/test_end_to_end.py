@@ -4,6 +4,7 @@ checkpoints and registry), then the trained optimizer pulled, loaded and used.""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -45,6 +46,9 @@ def test_run_finishes_with_everything_on_disk(run):
     assert any((run_dir / "checkpoints").glob("ckpt-*/COMMIT.json"))
     workers = json.loads((run_dir / "workers.json").read_text())
     assert len(workers) == 2 and not any("error" in w for w in workers), workers
+    if len(os.sched_getaffinity(0)) >= 2:  # each CPU worker pinned itself to a core of its own
+        assert [len(w["cores"]) for w in workers] == [1, 1], workers
+        assert workers[0]["cores"] != workers[1]["cores"], workers
     # The learner accepts no more than the 40 steps need; acks still in flight when it says
     # Stop are not counted by the worker.
     assert 70 <= sum(w["accepted"] for w in workers) <= 80

@@ -23,6 +23,7 @@ from metaopt import optimizers, wire
 from metaopt._proto import learner_pb2 as pb
 from metaopt.jobspec import JobSpec, parse_job_spec
 from workers.client import ClientTLS, LearnerClient
+from workers.cores import claim_cores
 from workers.estimators import make_estimator
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,17 @@ MAX_BACKOFF_S = 5.0  # the longest a worker waits between attempts to reach the 
 
 class PESWorker:
     """`token`: the job's bearer token, if the learner wants one; `tls`: how to reach a TLS
-    learner; `encoding`: of the estimates on the wire (bfloat16 halves their size)."""
+    learner; `encoding`: of the estimates on the wire (bfloat16 halves their size);
+    `own_process`: this worker is its process's only work (a Ray actor, `metaopt worker`), so
+    a CPU worker may pin the process to its cores (the spec's `workers.pin_cores`)."""
 
     def __init__(self, spec: dict | JobSpec, learner_address: str, worker_id: str, job_id: str,
                  token: str | None = None, tls: ClientTLS | None = None,
-                 encoding: int = pb.ENCODING_FLOAT32_LE):
+                 encoding: int = pb.ENCODING_FLOAT32_LE, own_process: bool = False):
         self.spec = spec if isinstance(spec, JobSpec) else parse_job_spec(spec)
+        # Before anything starts jax: its CPU thread pools are sized by the pinning.
+        pin = own_process and self.spec.workers.pin_cores and self.spec.workers.gpus == 0
+        self.cores = claim_cores(self.spec.workers.cpus) if pin else None
         self.address, self.worker_id, self.job_id = learner_address, worker_id, job_id
         self.token, self.tls, self.encoding = token, tls, encoding
         self.run_id = uuid.uuid4().hex  # new per incarnation: a restart is visible
@@ -55,7 +61,8 @@ class PESWorker:
         )
         self.sequence = 0
         self.stats = {"estimates_sent": 0, "accepted": 0, "rejected": 0, "inner_steps": 0,
-                      "reconnects": 0, "compute_s": 0.0, "devices": self.estimator.num_devices}
+                      "reconnects": 0, "compute_s": 0.0, "devices": self.estimator.num_devices,
+                      "cores": self.cores.cores if self.cores else None}
         # Particle state outlives connections: a reconnect does not restart inner training.
         self.key = self.task_spec = self.task = self.particles = None
         self.truncations_left = 0
@@ -142,8 +149,9 @@ class PESWorker:
 def worker_env(spec: JobSpec) -> dict[str, str]:
     """Environment of a worker process. A CPU worker with n ≥ 2 whole CPUs sees them as n jax
     devices, so its estimator runs its particle halves side by side, one share per core:
-    1.7x the inner steps/s of one device on 2 cores (XLA's own threads help these small ops
-    little). See benchmarks/worker_throughput.py."""
+    1.6x the inner steps/s of one device on 2 cores (XLA's own threads help these small ops
+    little). One pinned 1-CPU worker per core does 1.2-1.6x better still (the halves of one
+    estimate wait for each other); see benchmarks/worker_throughput.py."""
     cpus = int(spec.workers.cpus)
     return {"JAX_NUM_CPU_DEVICES": str(cpus)} if spec.workers.gpus == 0 and cpus >= 2 else {}
 
@@ -160,7 +168,7 @@ def start_workers(spec: JobSpec, learner_address: str, job_id: str, count: int |
     )
     spec_data = spec.model_dump(mode="json")
     actors = [
-        remote.remote(spec_data, learner_address, f"worker-{i}", job_id, token, tls)
+        remote.remote(spec_data, learner_address, f"worker-{i}", job_id, token, tls, own_process=True)
         for i in range(count or spec.workers.count)
     ]
     return actors, [actor.run.remote() for actor in actors]

@@ -1,0 +1,95 @@
+"""Core claims of CPU workers (workers/cores.py), with real processes and real flocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from workers import cores
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPUS = sorted(os.sched_getaffinity(0))
+needs_two = pytest.mark.skipif(len(CPUS) < 2, reason="needs a process that may run on 2 CPUs")
+
+# Claims, reports what it holds and where its threads (the main one, and one started after the
+# claim) may run, then holds the claim until its stdin closes.
+CLAIMANT = textwrap.dedent("""
+    import json, os, sys, threading
+    from workers.cores import claim_cores
+    claim = claim_cores(float(sys.argv[2]), lock_dir=__import__("pathlib").Path(sys.argv[1]))
+    seen = {}
+    t = threading.Thread(target=lambda: seen.update(late=sorted(os.sched_getaffinity(0))))
+    t.start(); t.join()
+    print(json.dumps({"cores": claim.cores if claim else None,
+                      "main": sorted(os.sched_getaffinity(0)), **seen}), flush=True)
+    sys.stdin.read()
+""")
+
+
+class Claimant:
+    def __init__(self, lock_dir, count=1):
+        self.proc = subprocess.Popen([sys.executable, "-c", CLAIMANT, str(lock_dir), str(count)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+        self.report = json.loads(self.proc.stdout.readline())
+
+    def end(self, kill=False):
+        self.proc.kill() if kill else self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@needs_two
+def test_claimants_get_distinct_cores_then_share_them_evenly(tmp_path):
+    first = [Claimant(tmp_path) for _ in CPUS]
+    try:
+        held = [c.report["cores"] for c in first]
+        assert sorted(core for h in held for core in h) == CPUS  # one core each, all distinct
+        for c in first:  # the whole process is pinned, threads started later included
+            assert c.report["main"] == c.report["late"] == c.report["cores"]
+        extra = Claimant(tmp_path)  # one more than cores: shares the first core (round 1)
+        assert extra.report["cores"] == [CPUS[0]]
+        extra.end()
+    finally:
+        for c in first:
+            c.end()
+
+
+@needs_two
+def test_a_killed_workers_core_is_free_at_once(tmp_path):
+    a, b = Claimant(tmp_path), Claimant(tmp_path)
+    a.end(kill=True)  # SIGKILL: no clean-up code runs; the kernel drops the flock
+    again = Claimant(tmp_path)
+    assert again.report["cores"] == a.report["cores"]
+    again.end()
+    b.end()
+
+
+@needs_two
+def test_several_cores_per_worker(tmp_path):
+    c = Claimant(tmp_path, count=1.5)  # a fractional request rounds up to whole cores
+    try:
+        if len(CPUS) > 2:
+            assert c.report["cores"] == CPUS[:2] == c.report["main"]
+        else:  # asking for every core pins nothing
+            assert c.report["cores"] is None and c.report["main"] == CPUS
+    finally:
+        c.end()
+
+
+def test_no_pinning_under_a_cgroup_limit_smaller_than_the_cpus_fake_cgroup(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cores, "cgroup_cpu_limit", lambda: len(CPUS) - 0.5)
+    with caplog.at_level("INFO", logger="workers.cores"):
+        assert cores.claim_cores(1, lock_dir=tmp_path) is None
+    assert "cgroup allows" in caplog.text
+    assert sorted(os.sched_getaffinity(0)) == CPUS
+    assert not list(tmp_path.iterdir())  # nothing claimed
+
+
+def test_cgroup_limit_reads_this_machine():
+    limit = cores.cgroup_cpu_limit()
+    assert limit is None or limit > 0
