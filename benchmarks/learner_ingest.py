@@ -81,12 +81,12 @@ class _Estimates:
 
     def messages_for(self, worker: bytes, sequence: int, version: int) -> list[bytes]:
         """The serialised WorkerMessages of one estimate; `worker` is the stream's worker and
-        run id fields, serialised."""
-        sent = _varint(sequence)
-        inner = self.header + worker + b"\x20" + sent + b"\x28" + _varint(version)
+        run id fields, serialised. Chunks are laid out as a worker lays them out."""
+        from metaopt import wire
+
+        inner = self.header + worker + b"\x20" + _varint(sequence) + b"\x28" + _varint(version)
         return [_length_delimited(0x12, inner)] + [
-            _length_delimited(0x1A, b"\x08" + sent + b"\x10" + _varint(i) + _length_delimited(0x1A, chunk))
-            for i, chunk in enumerate(self.chunks)]
+            wire.chunk_message(sequence, i, chunk) for i, chunk in enumerate(self.chunks)]
 
 
 async def _stream(channel, name: str, mode: str, estimates: _Estimates, digest: str,

@@ -125,17 +125,17 @@ class Learner:
 
     # -- the hot path -------------------------------------------------------------------
 
-    def submit(self, est: pb.GradientEstimate, values: bytes | memoryview | None = None) -> pb.Ack:
+    def submit(self, est: pb.GradientEstimate, values: list | None = None) -> pb.Ack:
         """Validate, then accumulate one estimate; returns the ack to send back. `values`, if
-        given, replaces `est.values` (a chunked estimate's gathered values). Blocks while
-        every accumulator is full."""
+        given, replaces `est.values`: a chunked estimate's values, as buffers that each hold
+        whole values, in order. Blocks while every accumulator is full."""
         if values is None and est.chunks and est.values:
             # Inline or chunked, never both: chunks that never came cannot vouch for these values.
             return self.reject(est, Reason.REJECT_REASON_BAD_CHUNK,
                                "values inline and chunks announced: send one or the other")
         started = time.perf_counter()
         try:
-            return self._submit(est, est.values if values is None else values)
+            return self._submit(est, [est.values] if values is None else values)
         finally:
             self._add_busy(time.perf_counter() - started)
 
@@ -146,7 +146,7 @@ class Learner:
                       theta_version=self.version)
 
     def _submit(self, est: pb.GradientEstimate, values) -> pb.Ack:
-        reason, detail, flat = self._validate(est, values)
+        reason, detail, parts = self._validate(est, values)
         if reason:
             return self.reject(est, reason, detail)
         with self._lock:
@@ -169,7 +169,10 @@ class Learner:
             self._last_sequence[stream] = est.sequence
             self.accepted_by_worker[est.worker_id] += 1
             batch = self._filling
-            np.add(batch.sum, flat, out=batch.sum)
+            at = 0
+            for part in parts:
+                np.add(batch.sum[at:at + part.size], part, out=batch.sum[at:at + part.size])
+                at += part.size
             batch.count += 1
             batch.loss_sum += est.mean_loss
             batch.inner_steps += est.inner_steps
@@ -195,8 +198,9 @@ class Learner:
         filling = self._filling.count if self._filling is not None else 0
         return filling + self._pending * self.config.meta_batch_size
 
-    def _validate(self, est: pb.GradientEstimate, values):
-        """(reason, detail, flat values); reason 0 means valid."""
+    def _validate(self, est: pb.GradientEstimate, values: list):
+        """(reason, detail, the values as float32 arrays, one per buffer of `values`); reason 0
+        means valid."""
         if est.job_id != self.config.job_id:
             return Reason.REJECT_REASON_WRONG_JOB, f"this learner serves {self.config.job_id!r}", None
         families = self.config.task_families
@@ -212,16 +216,16 @@ class Learner:
         if est.length != self.size:
             return Reason.REJECT_REASON_WRONG_SHAPE, f"length {est.length}, θ has {self.size}", None
         try:
-            flat = wire.decode(values, est.length, est.crc32, est.encoding)
+            parts = wire.decode_parts(values, est.length, est.crc32, est.encoding)
         except ValueError as err:
             bad_checksum = "checksum" in str(err)
             reason = Reason.REJECT_REASON_BAD_CHECKSUM if bad_checksum else Reason.REJECT_REASON_WRONG_SHAPE
             return reason, str(err), None
         # One pass: the squared norm is NaN or Inf iff a value is (or the norm overflows).
         with np.errstate(over="ignore"):  # an overflow is an answer here (norm too large), not a fault
-            norm = float(np.sqrt(np.dot(flat, flat)))
+            norm = float(np.sqrt(sum(np.dot(part, part) for part in parts)))
         if not (np.isfinite(norm) and np.isfinite(est.mean_loss)):
-            if np.isfinite(flat).all() and np.isfinite(est.mean_loss):
+            if all(np.isfinite(part).all() for part in parts) and np.isfinite(est.mean_loss):
                 detail = f"norm overflows float32 (> {self.config.max_estimate_norm:.3g})"
                 return Reason.REJECT_REASON_NORM_TOO_LARGE, detail, None
             return Reason.REJECT_REASON_NON_FINITE, "NaN or Inf in the estimate or its loss", None
@@ -233,7 +237,7 @@ class Learner:
             return Reason.REJECT_REASON_FUTURE_VERSION, f"θ version {est.theta_version} > {version}", None
         if version - est.theta_version > self.config.max_staleness:
             return Reason.REJECT_REASON_STALE, f"θ version {est.theta_version}, current {version}", None
-        return 0, "", flat
+        return 0, "", parts
 
     def _add_busy(self, seconds: float) -> None:
         with self._busy_lock:

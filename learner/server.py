@@ -13,8 +13,9 @@ instead was measured slower: the ingest thread overlaps with the loop on a secon
   is held back by gRPC's own flow control instead of being buffered.
 * An estimate with `chunks` > 0 is collected from the EstimateChunks that follow it. Chunks are
   parsed by hand (`wire.parse_chunk`), so their values stay where gRPC put them (protobuf
-  would copy them twice), until the last one is in; then they are copied once into the ingest
-  thread's own buffer, aligned for numpy, and checked whole.
+  would copy them twice), until the last one is in; then they are checked and accumulated
+  where they are. Workers place chunk values aligned (`wire.chunk_message`); values from a
+  sender that does not are first copied into the ingest thread's own, aligned buffer.
 * θ news is sent to a stream only if no ack has told it the version yet, in rounds at most
   `ANNOUNCE_INTERVAL_S` apart: busy workers learn versions from their acks, and hundreds of
   streams cost no more than a few messages per outer step. The end of the job goes to all.
@@ -251,9 +252,12 @@ class LearnerService:
             done = chunked.add(*chunk)
             if done is not None:
                 est, segments = done
-                acks.append(self.learner.submit(est, self._gather(segments)) if segments is not None
-                            else self.learner.reject(est, pb.REJECT_REASON_BAD_CHUNK,
-                                                     "chunks out of order or of the wrong size"))
+                if segments is None:
+                    acks.append(self.learner.reject(est, pb.REJECT_REASON_BAD_CHUNK,
+                                                    "chunks out of order or of the wrong size"))
+                else:
+                    aligned = wire.aligned(segments, est.encoding)  # the encoding is known here
+                    acks.append(self.learner.submit(est, segments if aligned else [self._gather(segments)]))
             return acks
         if chunked.pending is not None:  # anything but its next chunk cuts a chunked estimate off
             acks.append(self.learner.reject(chunked.drop(), pb.REJECT_REASON_BAD_CHUNK,
@@ -270,9 +274,8 @@ class LearnerService:
         return acks
 
     def _gather(self, segments: list[memoryview]) -> memoryview:
-        """A chunked estimate's values in one buffer, reused from one estimate to the next.
-        This one copy pays for itself: values read in place start wherever the message
-        header ended, and numpy is 3-10× slower on misaligned float32 (and BLAS refuses it)."""
+        """A chunked estimate's values in one buffer, reused from one estimate to the next, for
+        chunks whose values are not aligned: numpy is 3-10× slower on misaligned float32."""
         total = sum(len(s) for s in segments)
         if len(self._gathered) < total:
             self._gathered = bytearray(total)

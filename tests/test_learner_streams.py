@@ -16,7 +16,7 @@ import pytest
 
 from learner.core import Learner, LearnerConfig
 from learner.security import TLSConfig
-from learner.server import make_server
+from learner.server import LearnerService, make_server
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
 from workers.client import ClientTLS, LearnerClient, split_estimate
@@ -67,18 +67,23 @@ def serve():
         server.stop(None)
 
 
+def _parsed(message) -> pb.WorkerMessage:
+    return pb.WorkerMessage.FromString(message) if isinstance(message, bytes) else message
+
+
 def acks(port, messages, metadata=None, channel=None):
-    """Send `messages` on one stream, keep it open until every estimate has its ack; the acks."""
+    """Send `messages` (WorkerMessages, or serialised ones) on one stream, keep it open until
+    every estimate has its ack; the acks."""
     channel = channel or grpc.insecure_channel(f"127.0.0.1:{port}")
-    expected = sum(m.WhichOneof("kind") == "estimate" for m in messages[1:])
+    expected = sum(_parsed(m).WhichOneof("kind") == "estimate" for m in messages[1:])
     got, done = [], threading.Event()
 
     def requests():
         yield from messages
         done.wait(10)
 
-    for reply in channel.stream_stream("/metaopt.v1.Learner/Connect",
-                                       request_serializer=pb.WorkerMessage.SerializeToString,
+    serialise = lambda m: m if isinstance(m, bytes) else m.SerializeToString()  # noqa: E731
+    for reply in channel.stream_stream("/metaopt.v1.Learner/Connect", request_serializer=serialise,
                                        response_deserializer=pb.LearnerMessage.FromString)(
             requests(), metadata=metadata, timeout=20):
         if reply.WhichOneof("kind") == "ack":
@@ -89,18 +94,26 @@ def acks(port, messages, metadata=None, channel=None):
     return got
 
 
-def test_a_chunked_estimate_is_reassembled_and_equals_the_inline_one(serve):
+def test_a_chunked_estimate_is_reassembled_and_equals_the_inline_one(serve, monkeypatch):
+    """Inline; in worker-made chunks, read where they arrived; in chunks that split values
+    (another sender's), copied into one aligned buffer first. All three give the same θ."""
+    gathered = []
+    gather = LearnerService._gather
+    monkeypatch.setattr(LearnerService, "_gather", lambda self, s: gathered.append(1) or gather(self, s))
     values = np.arange(SIZE, dtype=np.float32) / 10
     results = []
-    for chunk_bytes in (1 << 20, 16):  # inline; then 3 chunks of ≤16 bytes
+    for chunk_bytes, copies in ((1 << 20, 0), (16, 0), (6, 1)):  # inline; 3 chunks; 8 ragged ones
         learner = make_learner()
         port = serve(learner)
         messages = split_estimate(estimate(values, 1), chunk_bytes)
-        assert len(messages) == (1 if chunk_bytes > 44 else 4)
+        assert len(messages) == (1 if chunk_bytes >= 4 * SIZE else 1 + -(-4 * SIZE // chunk_bytes))
         assert [a.accepted for a in acks(port, [hello(learner), *messages])] == [True]
         assert learner.wait_idle()
+        assert len(gathered) == copies
+        gathered.clear()
         results.append(np.asarray(learner.theta))
     np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
 
 
 def test_chunk_faults_are_rejected_and_change_nothing(serve):
@@ -108,8 +121,7 @@ def test_chunk_faults_are_rejected_and_change_nothing(serve):
     port = serve(learner)
     before = np.asarray(learner.theta).copy()
     header, *chunks = split_estimate(estimate(np.ones(SIZE), 1), 16)
-    corrupt = pb.WorkerMessage()
-    corrupt.CopyFrom(chunks[1])
+    corrupt = pb.WorkerMessage.FromString(chunks[1])
     corrupt.chunk.values = bytes(len(corrupt.chunk.values))  # zeros: the checksum fails
     h2, *c2 = split_estimate(estimate(np.ones(SIZE), 2), 16)
     h3, *c3 = split_estimate(estimate(np.ones(SIZE), 3), 16)

@@ -26,6 +26,7 @@ from metaopt._proto import learner_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 STREAM_DEADLINE_S = 7 * 24 * 3600.0
 CHUNK_BYTES = 4 * 1024 * 1024  # estimates above this travel in chunks of this size
+CONNECT = "/metaopt.v1.Learner/Connect"
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),  # θ arrives whole
     ("grpc.max_send_message_length", 2 * CHUNK_BYTES),
@@ -67,12 +68,14 @@ class LearnerClient:
         try:
             grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
             self.stub = pb_grpc.LearnerStub(self.channel)
-            self._outbox: queue.Queue = queue.Queue()
+            self._outbox: queue.Queue = queue.Queue()  # WorkerMessages, or their serialised bytes
             self._outbox.put(pb.WorkerMessage(hello=hello))
+            connect = self.channel.stream_stream(CONNECT, request_serializer=_serialise,
+                                                 response_deserializer=pb.LearnerMessage.FromString)
             # The deadline bounds the whole stream; it is long, but a learner that never
             # answers the Hello must not hold a worker forever.
-            self._responses = self.stub.Connect(iter(self._outbox.get, None), timeout=STREAM_DEADLINE_S,
-                                                metadata=self.metadata)
+            self._responses = connect(iter(self._outbox.get, None), timeout=STREAM_DEADLINE_S,
+                                      metadata=self.metadata)
             welcome = _first(self._responses, connect_timeout_s)
         except grpc.FutureTimeoutError:
             self.channel.close()
@@ -148,21 +151,26 @@ class LearnerClient:
         self.channel.close()
 
 
-def split_estimate(estimate: pb.GradientEstimate, chunk_bytes: int = CHUNK_BYTES) -> list[pb.WorkerMessage]:
-    """The messages that carry `estimate`: itself, or (its values moved out, so `estimate`
-    becomes the header) a header and its chunks if its values exceed `chunk_bytes`."""
+def split_estimate(estimate: pb.GradientEstimate, chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
+    """The serialised WorkerMessages that carry `estimate`: itself, or (its values moved out,
+    so `estimate` becomes the header) a header and its chunks if its values exceed
+    `chunk_bytes`. Chunks place their values so that the learner reads them in place
+    (`wire.chunk_message`)."""
     values = estimate.values
     if len(values) <= chunk_bytes:
-        return [pb.WorkerMessage(estimate=estimate)]
+        return [pb.WorkerMessage(estimate=estimate).SerializeToString()]
     header = estimate
     header.ClearField("values")
     header.chunks = -(-len(values) // chunk_bytes)
     view = memoryview(values)
-    return [pb.WorkerMessage(estimate=header)] + [
-        pb.WorkerMessage(chunk=pb.EstimateChunk(sequence=estimate.sequence, index=i,
-                                                values=bytes(view[i * chunk_bytes:(i + 1) * chunk_bytes])))
+    return [pb.WorkerMessage(estimate=header).SerializeToString()] + [
+        wire.chunk_message(estimate.sequence, i, view[i * chunk_bytes:(i + 1) * chunk_bytes])
         for i in range(header.chunks)
     ]
+
+
+def _serialise(message: pb.WorkerMessage | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def _first(responses, timeout_s: float) -> pb.Welcome:

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rlearner.proto\x12\nmetaopt.v1\"-\n\x08TaskSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x02 \x01(\t\"Z\n\x05Hello\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x1e\n\x16theta_structure_digest\x18\x04 \x01(\t\"\xb8\x02\n\x10GradientEstimate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x15\n\rtheta_version\x18\x05 \x01(\x04\x12\"\n\x04task\x18\x06 \x01(\x0b\x32\x14.metaopt.v1.TaskSpec\x12\x15\n\rnum_particles\x18\x07 \x01(\r\x12\x13\n\x0binner_steps\x18\x08 \x01(\r\x12\x11\n\tmean_loss\x18\t \x01(\x02\x12&\n\x08\x65ncoding\x18\n \x01(\x0e\x32\x14.metaopt.v1.Encoding\x12\x0e\n\x06values\x18\x0b \x01(\x0c\x12\x0e\n\x06length\x18\x0c \x01(\x04\x12\r\n\x05\x63rc32\x18\r \x01(\x07\x12\x0e\n\x06\x63hunks\x18\x0e \x01(\r\"@\n\rEstimateChunk\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x01(\x0c\"\x99\x01\n\rWorkerMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.metaopt.v1.HelloH\x00\x12\x30\n\x08\x65stimate\x18\x02 \x01(\x0b\x32\x1c.metaopt.v1.GradientEstimateH\x00\x12*\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x19.metaopt.v1.EstimateChunkH\x00\x42\x06\n\x04kind\"E\n\x07Welcome\x12\x15\n\rtheta_version\x18\x01 \x01(\x04\x12\x15\n\rmax_in_flight\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"z\n\x03\x41\x63k\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12(\n\x06reason\x18\x03 \x01(\x0e\x32\x18.metaopt.v1.RejectReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x15\n\rtheta_version\x18\x05 \x01(\x04\"%\n\x0cThetaUpdated\x12\x15\n\rtheta_version\x18\x01 \x01(\x04\"\x16\n\x04Stop\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xb5\x01\n\x0eLearnerMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.metaopt.v1.WelcomeH\x00\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.metaopt.v1.AckH\x00\x12\x31\n\rtheta_updated\x18\x03 \x01(\x0b\x32\x18.metaopt.v1.ThetaUpdatedH\x00\x12 \n\x04stop\x18\x04 \x01(\x0b\x32\x10.metaopt.v1.StopH\x00\x42\x06\n\x04kind\"!\n\x0fGetThetaRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"(\n\tArraySpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\"7\n\x0eThetaStructure\x12%\n\x06\x61rrays\x18\x01 \x03(\x0b\x32\x15.metaopt.v1.ArraySpec\"\x90\x01\n\x05Theta\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12-\n\tstructure\x18\x02 \x01(\x0b\x32\x1a.metaopt.v1.ThetaStructure\x12\x18\n\x10structure_digest\x18\x03 \x01(\t\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x0e\n\x06length\x18\x05 \x01(\x04\x12\r\n\x05\x63rc32\x18\x06 \x01(\x07*W\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NCODING_FLOAT32_LE\x10\x01\x12\x18\n\x14\x45NCODING_BFLOAT16_LE\x10\x02*\xc3\x03\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17REJECT_REASON_WRONG_JOB\x10\x01\x12\x1d\n\x19REJECT_REASON_WRONG_SHAPE\x10\x02\x12\x1e\n\x1aREJECT_REASON_BAD_CHECKSUM\x10\x03\x12\x1c\n\x18REJECT_REASON_NON_FINITE\x10\x04\x12 \n\x1cREJECT_REASON_NORM_TOO_LARGE\x10\x05\x12\x17\n\x13REJECT_REASON_STALE\x10\x06\x12 \n\x1cREJECT_REASON_FUTURE_VERSION\x10\x07\x12\x1f\n\x1bREJECT_REASON_NOT_CONNECTED\x10\x08\x12\"\n\x1eREJECT_REASON_UNKNOWN_ENCODING\x10\t\x12\x1e\n\x1aREJECT_REASON_JOB_FINISHED\x10\n\x12\x1f\n\x1bREJECT_REASON_INVALID_FIELD\x10\x0b\x12\x1a\n\x16REJECT_REASON_REPLAYED\x10\x0c\x12\x1b\n\x17REJECT_REASON_BAD_CHUNK\x10\r2\x8b\x01\n\x07Learner\x12\x44\n\x07\x43onnect\x12\x19.metaopt.v1.WorkerMessage\x1a\x1a.metaopt.v1.LearnerMessage(\x01\x30\x01\x12:\n\x08GetTheta\x12\x1b.metaopt.v1.GetThetaRequest\x1a\x11.metaopt.v1.Thetab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rlearner.proto\x12\nmetaopt.v1\"-\n\x08TaskSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x02 \x01(\t\"Z\n\x05Hello\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x1e\n\x16theta_structure_digest\x18\x04 \x01(\t\"\xb8\x02\n\x10GradientEstimate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x15\n\rtheta_version\x18\x05 \x01(\x04\x12\"\n\x04task\x18\x06 \x01(\x0b\x32\x14.metaopt.v1.TaskSpec\x12\x15\n\rnum_particles\x18\x07 \x01(\r\x12\x13\n\x0binner_steps\x18\x08 \x01(\r\x12\x11\n\tmean_loss\x18\t \x01(\x02\x12&\n\x08\x65ncoding\x18\n \x01(\x0e\x32\x14.metaopt.v1.Encoding\x12\x0e\n\x06values\x18\x0b \x01(\x0c\x12\x0e\n\x06length\x18\x0c \x01(\x04\x12\r\n\x05\x63rc32\x18\r \x01(\x07\x12\x0e\n\x06\x63hunks\x18\x0e \x01(\r\"Q\n\rEstimateChunk\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x01(\x0c\x12\x0f\n\x07padding\x18\x04 \x01(\x0c\"\x99\x01\n\rWorkerMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.metaopt.v1.HelloH\x00\x12\x30\n\x08\x65stimate\x18\x02 \x01(\x0b\x32\x1c.metaopt.v1.GradientEstimateH\x00\x12*\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x19.metaopt.v1.EstimateChunkH\x00\x42\x06\n\x04kind\"E\n\x07Welcome\x12\x15\n\rtheta_version\x18\x01 \x01(\x04\x12\x15\n\rmax_in_flight\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"z\n\x03\x41\x63k\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12(\n\x06reason\x18\x03 \x01(\x0e\x32\x18.metaopt.v1.RejectReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x15\n\rtheta_version\x18\x05 \x01(\x04\"%\n\x0cThetaUpdated\x12\x15\n\rtheta_version\x18\x01 \x01(\x04\"\x16\n\x04Stop\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xb5\x01\n\x0eLearnerMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.metaopt.v1.WelcomeH\x00\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.metaopt.v1.AckH\x00\x12\x31\n\rtheta_updated\x18\x03 \x01(\x0b\x32\x18.metaopt.v1.ThetaUpdatedH\x00\x12 \n\x04stop\x18\x04 \x01(\x0b\x32\x10.metaopt.v1.StopH\x00\x42\x06\n\x04kind\"!\n\x0fGetThetaRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"(\n\tArraySpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\"7\n\x0eThetaStructure\x12%\n\x06\x61rrays\x18\x01 \x03(\x0b\x32\x15.metaopt.v1.ArraySpec\"\x90\x01\n\x05Theta\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12-\n\tstructure\x18\x02 \x01(\x0b\x32\x1a.metaopt.v1.ThetaStructure\x12\x18\n\x10structure_digest\x18\x03 \x01(\t\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x0e\n\x06length\x18\x05 \x01(\x04\x12\r\n\x05\x63rc32\x18\x06 \x01(\x07*W\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NCODING_FLOAT32_LE\x10\x01\x12\x18\n\x14\x45NCODING_BFLOAT16_LE\x10\x02*\xc3\x03\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17REJECT_REASON_WRONG_JOB\x10\x01\x12\x1d\n\x19REJECT_REASON_WRONG_SHAPE\x10\x02\x12\x1e\n\x1aREJECT_REASON_BAD_CHECKSUM\x10\x03\x12\x1c\n\x18REJECT_REASON_NON_FINITE\x10\x04\x12 \n\x1cREJECT_REASON_NORM_TOO_LARGE\x10\x05\x12\x17\n\x13REJECT_REASON_STALE\x10\x06\x12 \n\x1cREJECT_REASON_FUTURE_VERSION\x10\x07\x12\x1f\n\x1bREJECT_REASON_NOT_CONNECTED\x10\x08\x12\"\n\x1eREJECT_REASON_UNKNOWN_ENCODING\x10\t\x12\x1e\n\x1aREJECT_REASON_JOB_FINISHED\x10\n\x12\x1f\n\x1bREJECT_REASON_INVALID_FIELD\x10\x0b\x12\x1a\n\x16REJECT_REASON_REPLAYED\x10\x0c\x12\x1b\n\x17REJECT_REASON_BAD_CHUNK\x10\r2\x8b\x01\n\x07Learner\x12\x44\n\x07\x43onnect\x12\x19.metaopt.v1.WorkerMessage\x1a\x1a.metaopt.v1.LearnerMessage(\x01\x30\x01\x12:\n\x08GetTheta\x12\x1b.metaopt.v1.GetThetaRequest\x1a\x11.metaopt.v1.Thetab\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'learner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=1428
-  _globals['_ENCODING']._serialized_end=1515
-  _globals['_REJECTREASON']._serialized_start=1518
-  _globals['_REJECTREASON']._serialized_end=1969
+  _globals['_ENCODING']._serialized_start=1445
+  _globals['_ENCODING']._serialized_end=1532
+  _globals['_REJECTREASON']._serialized_start=1535
+  _globals['_REJECTREASON']._serialized_end=1986
   _globals['_TASKSPEC']._serialized_start=29
   _globals['_TASKSPEC']._serialized_end=74
   _globals['_HELLO']._serialized_start=76
@@ -42,27 +42,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRADIENTESTIMATE']._serialized_start=169
   _globals['_GRADIENTESTIMATE']._serialized_end=481
   _globals['_ESTIMATECHUNK']._serialized_start=483
-  _globals['_ESTIMATECHUNK']._serialized_end=547
-  _globals['_WORKERMESSAGE']._serialized_start=550
-  _globals['_WORKERMESSAGE']._serialized_end=703
-  _globals['_WELCOME']._serialized_start=705
-  _globals['_WELCOME']._serialized_end=774
-  _globals['_ACK']._serialized_start=776
-  _globals['_ACK']._serialized_end=898
-  _globals['_THETAUPDATED']._serialized_start=900
-  _globals['_THETAUPDATED']._serialized_end=937
-  _globals['_STOP']._serialized_start=939
-  _globals['_STOP']._serialized_end=961
-  _globals['_LEARNERMESSAGE']._serialized_start=964
-  _globals['_LEARNERMESSAGE']._serialized_end=1145
-  _globals['_GETTHETAREQUEST']._serialized_start=1147
-  _globals['_GETTHETAREQUEST']._serialized_end=1180
-  _globals['_ARRAYSPEC']._serialized_start=1182
-  _globals['_ARRAYSPEC']._serialized_end=1222
-  _globals['_THETASTRUCTURE']._serialized_start=1224
-  _globals['_THETASTRUCTURE']._serialized_end=1279
-  _globals['_THETA']._serialized_start=1282
-  _globals['_THETA']._serialized_end=1426
-  _globals['_LEARNER']._serialized_start=1972
-  _globals['_LEARNER']._serialized_end=2111
+  _globals['_ESTIMATECHUNK']._serialized_end=564
+  _globals['_WORKERMESSAGE']._serialized_start=567
+  _globals['_WORKERMESSAGE']._serialized_end=720
+  _globals['_WELCOME']._serialized_start=722
+  _globals['_WELCOME']._serialized_end=791
+  _globals['_ACK']._serialized_start=793
+  _globals['_ACK']._serialized_end=915
+  _globals['_THETAUPDATED']._serialized_start=917
+  _globals['_THETAUPDATED']._serialized_end=954
+  _globals['_STOP']._serialized_start=956
+  _globals['_STOP']._serialized_end=978
+  _globals['_LEARNERMESSAGE']._serialized_start=981
+  _globals['_LEARNERMESSAGE']._serialized_end=1162
+  _globals['_GETTHETAREQUEST']._serialized_start=1164
+  _globals['_GETTHETAREQUEST']._serialized_end=1197
+  _globals['_ARRAYSPEC']._serialized_start=1199
+  _globals['_ARRAYSPEC']._serialized_end=1239
+  _globals['_THETASTRUCTURE']._serialized_start=1241
+  _globals['_THETASTRUCTURE']._serialized_end=1296
+  _globals['_THETA']._serialized_start=1299
+  _globals['_THETA']._serialized_end=1443
+  _globals['_LEARNER']._serialized_start=1989
+  _globals['_LEARNER']._serialized_end=2128
 # @@protoc_insertion_point(module_scope)

@@ -100,14 +100,16 @@ class GradientEstimate(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., run_id: _Optional[str] = ..., sequence: _Optional[int] = ..., theta_version: _Optional[int] = ..., task: _Optional[_Union[TaskSpec, _Mapping]] = ..., num_particles: _Optional[int] = ..., inner_steps: _Optional[int] = ..., mean_loss: _Optional[float] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., values: _Optional[bytes] = ..., length: _Optional[int] = ..., crc32: _Optional[int] = ..., chunks: _Optional[int] = ...) -> None: ...
 
 class EstimateChunk(_message.Message):
-    __slots__ = ("sequence", "index", "values")
+    __slots__ = ("sequence", "index", "values", "padding")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     index: int
     values: bytes
-    def __init__(self, sequence: _Optional[int] = ..., index: _Optional[int] = ..., values: _Optional[bytes] = ...) -> None: ...
+    padding: bytes
+    def __init__(self, sequence: _Optional[int] = ..., index: _Optional[int] = ..., values: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
     __slots__ = ("hello", "estimate", "chunk")
