@@ -15,8 +15,11 @@ same.
 
 Reported per run, over a measuring window after a warm-up: acknowledged (for the learner:
 accepted) estimates per second, payload MB/s, outer steps per second and p50/p99 latency from
-handing an estimate to gRPC to its acknowledgement. `ingest_ratio` is the learner's MB/s over
-raw gRPC's at the large size and the largest stream count both ran.
+handing an estimate to gRPC to its acknowledgement. Raw and learner runs alternate, in
+`--rounds` rounds (3; 1 with --quick), and the summary takes medians over rounds: this shared
+2-core VM swings by ±10% from one run to the next. `ingest_ratio` is the median over rounds
+of the learner's MB/s over raw gRPC's in the same round, at the large size and the largest
+stream count both ran; `ingest_ratio_by_streams` gives it for every stream count.
 
     python benchmarks/learner_ingest.py [--quick] [--json] [--out DIR]
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing as mp
 import pathlib
@@ -297,11 +301,14 @@ def plot(result: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, size, unit in ((axes[0], "small", "estimates_per_s"), (axes[1], "large", "mb_per_s")):
+    for ax, size, unit, label in ((axes[0], "small", "estimates_per_s", "accepted estimates/s"),
+                                  (axes[1], "large", "mb_per_s", "MB/s")):
         for mode, style in (("raw", "--o"), ("learner", "-o")):
             rows = [r for r in result["runs"] if r["size"] == size and r["mode"] == mode]
-            ax.plot([r["streams"] for r in rows], [r[unit] for r in rows], style, label=mode)
-        ax.set(xscale="log", xlabel="concurrent streams", ylabel=unit.replace("_", " "),
+            streams = sorted({r["streams"] for r in rows})
+            medians = [_median([r for r in rows if r["streams"] == s], unit) for s in streams]
+            ax.plot(streams, medians, style, label=f"{mode} (median of {result['rounds']} rounds)")
+        ax.set(xscale="log", xlabel="concurrent streams", ylabel=label, ylim=(0, None),
                title=f"{SIZES[size]:,} values")
         ax.legend()
     fig.tight_layout()
@@ -309,18 +316,32 @@ def plot(result: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def summarise(runs: list[dict]) -> dict:
-    def pick(mode, size):
-        rows = [r for r in runs if r["mode"] == mode and r["size"] == size]
-        return max(rows, key=lambda r: r["streams"]) if rows else None
+def _median(rows: list[dict], key: str) -> float:
+    return float(np.median([r[key] for r in rows]))
 
-    raw, learner, small = pick("raw", "large"), pick("learner", "large"), pick("learner", "small")
+
+def summarise(runs: list[dict]) -> dict:
+    """Medians over rounds; ratios pair the raw and learner runs of one round."""
+    def rounds(mode, size, streams):
+        return sorted((r for r in runs if (r["mode"], r["size"], r["streams"]) == (mode, size, streams)),
+                      key=lambda r: r["round"])
+
+    def ratio(streams):
+        pairs = zip(rounds("raw", "large", streams), rounds("learner", "large", streams), strict=True)
+        return float(np.median([learner["mb_per_s"] / raw["mb_per_s"] for raw, learner in pairs]))
+
     out = {}
-    if raw and learner:
-        out |= {"raw_grpc_mb_per_s": raw["mb_per_s"], "learner_mb_per_s": learner["mb_per_s"],
-                "ingest_ratio": learner["mb_per_s"] / raw["mb_per_s"], "large_streams": learner["streams"]}
+    large = sorted({r["streams"] for r in runs if r["size"] == "large"})
+    if large:
+        top = large[-1]
+        out |= {"raw_grpc_mb_per_s": _median(rounds("raw", "large", top), "mb_per_s"),
+                "learner_mb_per_s": _median(rounds("learner", "large", top), "mb_per_s"),
+                "ingest_ratio": ratio(top), "large_streams": top,
+                "ingest_ratio_by_streams": {str(s): ratio(s) for s in large}}
+    small = sorted({r["streams"] for r in runs if r["size"] == "small"})
     if small:
-        out |= {"accepted_per_s": small["estimates_per_s"], "small_streams": small["streams"]}
+        out |= {"accepted_per_s": _median(rounds("learner", "small", small[-1]), "estimates_per_s"),
+                "small_streams": small[-1]}
     return out
 
 
@@ -330,7 +351,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.add_argument("--out", type=pathlib.Path, help="write learner_ingest.json and .png here")
     parser.add_argument("--processes", type=int, default=4, help="sender processes")
+    parser.add_argument("--rounds", type=int, help="raw/learner pairs per setting (3; 1 with --quick)")
     args = parser.parse_args()
+    rounds = args.rounds or (1 if args.quick else 3)
     if args.quick:
         plan, warm_s, window_s = {"small": (64,), "large": (8,)}, 1.5, 3.0
     else:
@@ -343,10 +366,11 @@ def main() -> None:
                 # Hundreds of streams of 9 MB estimates take seconds per round trip: warm up and
                 # measure for longer there, so start-up does not count.
                 extra_s = 0.05 * streams if size == "large" and not args.quick else 0.0
-                for mode in ("raw", "learner"):
+                for round_, mode in itertools.product(range(rounds), ("raw", "learner")):
                     row = measure(pool, mode, size, streams, warm_s + extra_s, window_s + extra_s)
-                    runs.append(row)
-                    print(f"{mode:8s} {size:5s} {streams:4d} streams: {row['estimates_per_s']:9.1f} est/s "
+                    runs.append(row | {"round": round_})
+                    print(f"{mode:8s} {size:5s} {streams:4d} streams, round {round_ + 1}: "
+                          f"{row['estimates_per_s']:9.1f} est/s "
                           f"{row['mb_per_s']:8.1f} MB/s  p50 {row['latency_p50_ms'] or 0:7.1f} ms  "
                           f"p99 {row['latency_p99_ms'] or 0:7.1f} ms  "
                           f"CPU/est server {row['server_cpu_us_per_estimate']:.0f} µs "
@@ -355,7 +379,8 @@ def main() -> None:
                           flush=True)
     finally:
         pool.close()
-    result = {"benchmark": "learner_ingest", "quick": args.quick, "warm_s": warm_s, "window_s": window_s,
+    result = {"benchmark": "learner_ingest", "quick": args.quick, "rounds": rounds,
+              "warm_s": warm_s, "window_s": window_s,
               "max_in_flight": MAX_IN_FLIGHT, "sender_processes": args.processes, "runs": runs,
               **summarise(runs)}
     if args.out:
