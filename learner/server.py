@@ -256,7 +256,7 @@ class LearnerService:
                     acks.append(self.learner.reject(est, pb.REJECT_REASON_BAD_CHUNK,
                                                     "chunks out of order or of the wrong size"))
                 else:
-                    aligned = wire.aligned(segments, est.encoding)  # the encoding is known here
+                    aligned = wire.aligned(segments, est.encoding)  # `start` admitted the encoding
                     acks.append(self.learner.submit(est, segments if aligned else [self._gather(segments)]))
             return acks
         if chunked.pending is not None:  # anything but its next chunk cuts a chunked estimate off
