@@ -16,8 +16,11 @@ carries, whoever publishes it (the end of a run does the same).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import pathlib
+import subprocess
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from typing import Any
@@ -58,12 +61,24 @@ class Checkpoint:
     meta: dict[str, Any]  # job_id, version, structure_digest, history, maybe spec, code_version
 
 
+@functools.cache
 def installed_code_version() -> str:
-    """The installed metaopt's version ("unknown" when it is not installed as a package)."""
+    """The installed metaopt's version ("unknown" when it is not installed as a package), with
+    the git commit it runs from when that is a git checkout ("0.1.0+git.1a2b3c4d5e6f", and
+    ".dirty" when files differ from that commit): the package version alone does not change
+    from one commit to the next."""
     try:
-        return metadata.version("metaopt")
+        version = metadata.version("metaopt")
     except metadata.PackageNotFoundError:
-        return "unknown"
+        version = "unknown"
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--abbrev=12", "--dirty=.dirty", "--exclude=*"],
+            cwd=pathlib.Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):  # no git here
+        return version
+    commit = described.stdout.strip()
+    return f"{version}+git.{commit}" if described.returncode == 0 and commit else version
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
 import uuid
+from importlib import metadata
 
 import fsspec
 import jax
@@ -26,6 +28,8 @@ from metaopt._proto import learner_pb2 as pb
 from metaopt.cli import app
 from metaopt.jobspec import parse_job_spec
 from metaopt.storage import CorruptArtifactError
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SPEC = parse_job_spec({"name": "demo", "seed": 3, "tasks": [{"family": "quadratic"}],
                        "optimizer": {"name": "small_fc"}, "artifact_name": "demo-opt"})
@@ -335,3 +339,12 @@ def test_the_commands_run_as_a_user_runs_them(run, tmp_path):
     assert done.returncode == 0 and done.stdout.strip().startswith(str(tmp_path / "c")), done.stderr
     done = metaopt("registry", "alias", "demo-opt", "2", "champion")
     assert done.returncode == 2 and "available versions: [1]" in done.stderr
+
+
+def test_the_code_version_names_the_git_commit_it_runs_from():
+    version = publishing.installed_code_version()
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                          text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert version.startswith(f"{metadata.version('metaopt')}+git.{head.stdout.strip()}")

@@ -17,6 +17,7 @@ import pytest
 
 import metaopt
 import task_zoo
+from metaopt import publishing
 
 DATA = pathlib.Path(__file__).parent / "data"
 METAOPT = [sys.executable, "-m", "metaopt.cli"]
@@ -66,6 +67,7 @@ def test_artifact_loads_and_trains_a_fresh_quadratic(run):
     result, _ = run
     trained = metaopt.load(result["artifact"], registry=result["registry"])
     assert trained.manifest["provenance"]["job_id"] == "e2e-1"
+    assert trained.manifest["provenance"]["code_version"] == publishing.installed_code_version()
     family = task_zoo.family("quadratic", dims=[8], noise=[0.0, 0.0])
     task = family.task_fn(family.sample(jax.random.key(123)))  # a quadratic it never saw
     tx = trained.as_optax(num_steps=50)

@@ -288,8 +288,9 @@ def test_recorder_learns_of_a_takeover(
     with redis_server.admin() as admin:  # another learner takes the job, as after a lapsed lease
         admin.set(f"{PREFIX}:lease:job-a", "learner-b#0001", px=5000)
         admin.hset(f"{PREFIX}:job:job-a", "learner", '"learner-b"')
-    wait_for(lambda: rec.lost_lease, what="lost_lease")
-    assert lost and lost[0].holder == "learner-b"
+    # The recorder sets lost_lease just before it calls back: wait for the call itself.
+    wait_for(lambda: rec.lost_lease and lost, what="lost_lease and the callback")
+    assert lost[0].holder == "learner-b"
     assert not rec.stop({"state": SUCCEEDED})  # must not overwrite the new owner's record
     record = store.get("job-a") or {}
     assert record["state"] == RUNNING and record["learner"] == "learner-b"
