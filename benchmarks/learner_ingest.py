@@ -37,6 +37,8 @@ import time
 import grpc
 import numpy as np
 
+from metaopt.wire import encode_varint
+
 SIZES = {"small": 2_410, "large": 2_300_000}
 META_BATCH = {"small": 64, "large": 64}  # estimates per outer step (VeLO: 512 of 2.3M values)
 MAX_IN_FLIGHT = 2
@@ -46,17 +48,8 @@ METHOD = "/metaopt.v1.Learner/Connect"
 
 # -- simulated workers (each sender process runs many streams, one thread pair per stream) --
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _length_delimited(tag: int, payload: bytes) -> bytes:
-    return bytes([tag]) + _varint(len(payload)) + payload
+    return bytes([tag]) + encode_varint(len(payload)) + payload
 
 
 class _Estimates:
@@ -88,7 +81,7 @@ class _Estimates:
         run id fields, serialised. Chunks are laid out as a worker lays them out."""
         from metaopt import wire
 
-        inner = self.header + worker + b"\x20" + _varint(sequence) + b"\x28" + _varint(version)
+        inner = self.header + worker + b"\x20" + encode_varint(sequence) + b"\x28" + encode_varint(version)
         return [_length_delimited(0x12, inner)] + [
             wire.chunk_message(sequence, i, chunk) for i, chunk in enumerate(self.chunks)]
 

@@ -117,6 +117,7 @@ class Learner:
         self._filling: _Batch | None = _Batch(self.size)
         self._free = [_Batch(self.size) for _ in range(config.max_pending_batches)]
         self._pending = 0  # full batches queued for or in the updater
+        self._committed = 0  # of those, the one whose step is already in `version` (0 or 1)
         self._updates: queue.Queue = queue.Queue()
         self._last_sequence: dict[tuple[str, str], int] = {}  # (worker, run id) → last accepted
         self.accepted_by_worker: Counter[str] = Counter()
@@ -191,7 +192,7 @@ class Learner:
         reach `max_outer_steps`, more would be acknowledged and then never applied. Caller
         holds the lock."""
         return (not self._closing and not self.done.is_set()
-                and self.version + self._pending < self.config.max_outer_steps)
+                and self.version + self._pending - self._committed < self.config.max_outer_steps)
 
     def _buffered(self) -> int:
         """Accepted estimates not yet applied. Caller holds the lock."""
@@ -254,6 +255,7 @@ class Learner:
         state and the version change only here (and in `restore`), so they are read without
         the lock and committed under it."""
         started = time.perf_counter()
+        committed = False
         try:
             if self.done.is_set():
                 return None  # the job ended while this batch waited
@@ -272,6 +274,10 @@ class Learner:
                 self.theta, self.outer_state, self.version = theta, outer_state, version
                 self._theta_message = message
                 self.history.append(record)
+                # Until `finally` gives the batch back, it is both in `version` and in `_pending`:
+                # counted twice, the last step would look full and its estimates be refused (a
+                # job then stopped one step short, its worker told JOB_FINISHED).
+                self._committed, committed = 1, True
                 if self.version >= self.config.max_outer_steps:
                     self.done.set()
                     self._batch_free.notify_all()
@@ -282,6 +288,7 @@ class Learner:
         finally:
             with self._lock:
                 self._pending -= 1
+                self._committed -= committed
                 batch.clear()
                 if self._filling is None:
                     self._filling = batch

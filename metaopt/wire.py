@@ -126,18 +126,19 @@ def chunk_message(sequence: int, index: int, values: bytes) -> bytes:
     serialiser never does this), sized so that the values start at a multiple of CHUNK_ALIGN
     bytes into the message. gRPC hands the learner every message in a fresh buffer, aligned
     for any value, so the learner reads the values where they arrived, without a copy."""
-    head = b"\x08" + _encode_varint(sequence) + b"\x10" + _encode_varint(index)
-    values_key = b"\x1a" + _encode_varint(len(values))
+    head = b"\x08" + encode_varint(sequence) + b"\x10" + encode_varint(index)
+    values_key = b"\x1a" + encode_varint(len(values))
     for pad in [None, *range(2 * CHUNK_ALIGN)]:
-        padding = b"" if pad is None else b"\x22" + _encode_varint(pad) + bytes(pad)
+        padding = b"" if pad is None else b"\x22" + encode_varint(pad) + bytes(pad)
         inner = len(head) + len(padding) + len(values_key) + len(values)
-        prefix = b"\x1a" + _encode_varint(inner)
+        prefix = b"\x1a" + encode_varint(inner)
         if (len(prefix) + inner - len(values)) % CHUNK_ALIGN == 0:
             break
     return b"".join([prefix, head, padding, values_key, values])
 
 
-def _encode_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative integer."""
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)

@@ -139,6 +139,20 @@ def test_no_estimate_is_accepted_beyond_the_last_outer_step():
     assert sum(step.estimates for step in learner.history) == sum(learner.accepted_by_worker.values())
 
 
+def test_the_last_steps_estimate_counts_while_the_step_before_is_committed():
+    """Listeners run after a step is in θ's version but before its accumulator is given back.
+    An estimate for the last step arriving then was refused as "the last outer step is full"
+    (that batch counted twice), so its worker stopped and the job hung one step short."""
+    learner = make_learner(meta_batch_size=1, max_outer_steps=2)
+    acks = []
+    learner.add_listener(lambda version: version == 1 and acks.append(
+        learner.submit(estimate(np.ones(SIZE) * 0.1, version=1))))
+    assert learner.submit(estimate(np.ones(SIZE) * 0.1)).accepted
+    assert learner.wait_idle()
+    assert [ack.accepted for ack in acks] == [True], acks
+    assert learner.wait_idle() and learner.version == 2 and learner.done.is_set()
+
+
 def test_a_stop_applies_every_accepted_estimate_and_then_refuses_more():
     """Stopped early (a time budget, SIGTERM, a cancel), the learner still applies what it
     accepted: the full meta-batches, then the partial one as a smaller last step."""
