@@ -37,7 +37,7 @@ import time
 import grpc
 import numpy as np
 
-from metaopt.wire import encode_varint
+from metaopt import wire
 
 SIZES = {"small": 2_410, "large": 2_300_000}
 META_BATCH = {"small": 64, "large": 64}  # estimates per outer step (VeLO: 512 of 2.3M values)
@@ -49,7 +49,7 @@ METHOD = "/metaopt.v1.Learner/Connect"
 # -- simulated workers (each sender process runs many streams, one thread pair per stream) --
 
 def _length_delimited(tag: int, payload: bytes) -> bytes:
-    return bytes([tag]) + encode_varint(len(payload)) + payload
+    return bytes([tag]) + wire.encode_varint(len(payload)) + payload
 
 
 class _Estimates:
@@ -59,7 +59,6 @@ class _Estimates:
     as `workers.client.split_estimate` splits them."""
 
     def __init__(self, size: int):
-        from metaopt import wire
         from metaopt._proto import learner_pb2 as pb
         from workers.client import CHUNK_BYTES
 
@@ -79,9 +78,8 @@ class _Estimates:
     def messages_for(self, worker: bytes, sequence: int, version: int) -> list[bytes]:
         """The serialised WorkerMessages of one estimate; `worker` is the stream's worker and
         run id fields, serialised. Chunks are laid out as a worker lays them out."""
-        from metaopt import wire
-
-        inner = self.header + worker + b"\x20" + encode_varint(sequence) + b"\x28" + encode_varint(version)
+        varint = wire.encode_varint
+        inner = self.header + worker + b"\x20" + varint(sequence) + b"\x28" + varint(version)
         return [_length_delimited(0x12, inner)] + [
             wire.chunk_message(sequence, i, chunk) for i, chunk in enumerate(self.chunks)]
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,14 +25,9 @@ import pytest
 import redis
 
 from metaopt.jobstore import ACL_COMMANDS
+from tests.ports import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
@@ -42,7 +36,7 @@ class RedisServer:
     user, key_pattern = "metaopt", "metaopt:*"
 
     def __init__(self, workdir: Path):
-        self.workdir, self.port = workdir, _free_port()
+        self.workdir, self.port = workdir, free_port()
         self.password, self.admin_password = secrets.token_hex(12), secrets.token_hex(12)
         self._proc: subprocess.Popen[bytes] | None = None
 

@@ -11,7 +11,6 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.ports import free_port
 
 ROOT = pathlib.Path(__file__).parent.parent
 DASHBOARDS = ROOT / "dashboards"
@@ -162,12 +163,6 @@ def test_every_query_selects_the_chosen_job(name, panel, target):
 
 # --- a real Prometheus scraping a real run ----------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, **params) -> bytes:
     if params:
         url = f"{url}?{urllib.parse.urlencode(params, doseq=True)}"
@@ -227,7 +222,7 @@ def live(tmp_path_factory):
     if not os.access(PROMETHEUS, os.X_OK):
         pytest.fail(f"{PROMETHEUS} not found: `make test` installs Debian's prometheus package")
     tmp = tmp_path_factory.mktemp("dashboards")
-    metrics_port, prometheus_port = _free_port(), _free_port()
+    metrics_port, prometheus_port = free_port(), free_port()
     metrics, prometheus = f"http://127.0.0.1:{metrics_port}/metrics", f"http://127.0.0.1:{prometheus_port}"
     (tmp / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"

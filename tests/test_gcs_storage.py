@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from tests.ports import free_port
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 ROUND_TRIPS = textwrap.dedent("""
@@ -69,15 +71,9 @@ ROUND_TRIPS = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gcs_endpoint(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")  # noqa: SIM115 (closed below)
     server = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
                                "--port", str(port), "--in-memory"], stdout=log, stderr=subprocess.STDOUT)

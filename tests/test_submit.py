@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,15 +20,10 @@ import pytest
 import yaml
 
 from metaopt import storage
+from tests.ports import free_port
 from tests.redis_fixture import RedisServer
 
 DATA = Path(__file__).parent / "data"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def redis(tmp_path_factory):
 def cluster(redis: RedisServer):
     """A one-node Ray cluster with 2 CPUs; yields the environment a CLI user of it has."""
     temp_dir = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths live under it
-    dashboard = f"http://127.0.0.1:{_free_port()}"
+    dashboard = f"http://127.0.0.1:{free_port()}"
     # The job store's password reaches the learner as it would on Kubernetes: in the head
     # node's environment (from a Secret), never in the job spec.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
@@ -54,7 +48,7 @@ def cluster(redis: RedisServer):
     log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 (closed at teardown)
     # Every port Ray would otherwise take at a fixed default: another Ray on this machine (a
     # developer's, a test's) must not make this one's agents fail to start.
-    ports = [f"--{name}={_free_port()}" for name in (
+    ports = [f"--{name}={free_port()}" for name in (
         "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "ray-client-server-port")]
     head = subprocess.Popen(
@@ -195,7 +189,7 @@ def test_submit_refuses_a_job_the_cluster_cannot_run_and_starts_nothing(cluster,
     assert "0 GPUs" in done.stderr
 
     unreachable = write_spec(tmp_path / "s3.yaml", storage={"root": "s3://metaopt-missing/runs"})
-    env = {**cluster, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_ACCESS_KEY_ID": "x",
+    env = {**cluster, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "x",
            "AWS_SECRET_ACCESS_KEY": "y", "AWS_MAX_ATTEMPTS": "1"}
     done = metaopt(env, "submit", str(unreachable))
     assert done.returncode == 1 and "storage.root s3://metaopt-missing/runs is unreachable" in done.stderr
@@ -214,7 +208,7 @@ def test_cluster_errors_say_what_to_do(cluster, tmp_path):
     done = metaopt(cluster, "cancel", "no-such-job")
     assert done.returncode == 1 and "no job no-such-job" in done.stderr
 
-    done = metaopt(cluster, "list-jobs", "--address", f"http://127.0.0.1:{_free_port()}")
+    done = metaopt(cluster, "list-jobs", "--address", f"http://127.0.0.1:{free_port()}")
     assert done.returncode == 1 and "cannot reach the Ray dashboard" in done.stderr
 
     done = metaopt(cluster, "list-jobs", "--address", "127.0.0.1:8265")

@@ -3,7 +3,6 @@ and reconnects (same run id, with backoff) after the learner goes away and comes
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -14,6 +13,7 @@ from learner.core import Learner, LearnerConfig
 from learner.server import make_server
 from metaopt import optimizers
 from metaopt.jobspec import parse_job_spec
+from tests.ports import free_port
 from workers.actor import PESWorker
 
 SPEC = parse_job_spec({
@@ -23,12 +23,6 @@ SPEC = parse_job_spec({
     "outer": {"meta_batch_size": 1},
     "stop": {"max_outer_steps": 40},
 })
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def new_learner() -> Learner:
