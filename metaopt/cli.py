@@ -278,6 +278,10 @@ def eval_(
     trials: Annotated[
         int | None, typer.Option("--trials", min=1, help="Random-search trials per baseline per task.")
     ] = None,
+    baseline_cache: Annotated[
+        pathlib.Path | None,
+        typer.Option("--baseline-cache", help="Folder that keeps tuned baselines for later evaluations."),
+    ] = None,
 ) -> None:
     """Evaluate an optimizer on a task suite against tuned baselines; writes JSON and plots."""
     from metaopt import evaluation
@@ -297,7 +301,7 @@ def eval_(
     show_progress = sys.stderr.isatty() or not as_json
     try:
         result = evaluation.evaluate(ref, spec, registry=registry_uri, seeds=seed_list, baselines=base_list,
-                                     trials=trials, progress=show_progress)
+                                     trials=trials, progress=show_progress, baseline_cache=baseline_cache)
     except evaluation.EvalInputError as err:
         _fail(str(err))
     except (ValueError, OSError) as err:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import pathlib
@@ -358,7 +359,25 @@ def _summarise(train: np.ndarray, test: np.ndarray, final_test: np.ndarray, wind
     }
 
 
-_TUNING_CACHE: dict[tuple, Any] = {}
+def _tuned_baseline(cache_dir: pathlib.Path | None, key: dict[str, Any], tune) -> dict[str, Any]:
+    """{"best_hparams", "best_loss", "trials"} of one baseline on one task: read from
+    `cache_dir` when it holds this exact key (tuning is deterministic in it), else `tune()`d and
+    written there. A run's in-run evaluations tune once (DESIGN.md: no module-level caches)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = cache_dir / f"{digest}.json" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["tuned"]
+    result = tune()
+    tuned = {"best_hparams": result.best_hparams, "best_loss": _clean(result.best_loss),
+             "trials": _clean(result.trials)}
+    if path is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "tuned": tuned}))
+        tmp.replace(path)  # atomic: a reader sees the whole file or none
+    return tuned
 
 
 def evaluate(
@@ -369,8 +388,12 @@ def evaluate(
     baselines: list[str] | None = None,
     trials: int | None = None,
     progress: bool = True,
+    baseline_cache: str | pathlib.Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `optimizer_ref` on `suite` against tuned baselines (module docstring)."""
+    """Evaluate `optimizer_ref` on `suite` against tuned baselines (module docstring).
+
+    `baseline_cache`: a folder where tuned baselines are kept and reused (keyed by baseline,
+    task, steps, trials and tuning seed); None tunes afresh."""
     from tqdm import tqdm
 
     from metaopt import optimizers
@@ -389,6 +412,7 @@ def evaluate(
     if not (_is_int(trials) and trials >= 1):
         raise EvalInputError(f"trials must be an int >= 1, got {trials!r}")
 
+    cache_dir = None if baseline_cache is None else pathlib.Path(baseline_cache)
     started = time.time()
     seed_keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
     seed_keys = jax.random.wrap_key_data(seed_keys)
@@ -403,18 +427,17 @@ def evaluate(
         tune_key = jax.random.fold_in(jax.random.key(suite.tuning_seed), index)
         base_out = {}
         for b_index, b in enumerate(baselines):
-            cache_key = (b, st.spec.to_json(), st.steps, trials, suite.tuning_seed, index, b_index)
-            if cache_key not in _TUNING_CACHE:  # deterministic in its key: reuse within a process
-                _TUNING_CACHE[cache_key] = random_search(
-                    jax.random.fold_in(tune_key, b_index), b, task, num_steps=st.steps, trials=trials,
-                    seed_key=jax.random.fold_in(tune_key, 10_000))
-            tuned = _TUNING_CACHE[cache_key]
-            hparams = tuned.best_hparams or optimizers.make(b).hparams
+            cache_key = {"baseline": b, "spec": st.spec.to_json(), "steps": st.steps, "trials": trials,
+                         "tuning_seed": suite.tuning_seed, "index": index, "baseline_index": b_index}
+            tuned = _tuned_baseline(cache_dir, cache_key, functools.partial(
+                random_search, jax.random.fold_in(tune_key, b_index), b, task, num_steps=st.steps,
+                trials=trials, seed_key=jax.random.fold_in(tune_key, 10_000)))
+            hparams = tuned["best_hparams"] or optimizers.make(b).hparams
             summary = _summarise(*_train(task, b, hparams, {}, st.steps, seed_keys, test_every), window)
             base_out[b] = {
                 "hparams": hparams,
-                "tuning": {"trials": tuned.trials, "best_loss": tuned.best_loss,
-                           "all_diverged": tuned.best_hparams is None},
+                "tuning": {"trials": tuned["trials"], "best_loss": tuned["best_loss"],
+                           "all_diverged": tuned["best_hparams"] is None},
                 **summary,
             }
         curves = _train(task, ref.optimizer_name, ref.hparams, ref.theta, st.steps, seed_keys, test_every)
