@@ -29,16 +29,19 @@ class _Frozen(BaseModel):
 
 
 class AugmentSpec(_Frozen):
-    """Sampled per task: parameter scale log-uniform in a range, gradient noise uniform."""
+    """Sampled per task: global, per-tensor and per-parameter scales log-uniform in their ranges,
+    gradient noise uniform (task_zoo.Augmentation)."""
 
     param_scale: tuple[float, float] = (1.0, 1.0)
     grad_noise: tuple[float, float] = (0.0, 0.0)
+    tensor_scale: tuple[float, float] = (1.0, 1.0)
+    element_scale: tuple[float, float] = (1.0, 1.0)
 
     @model_validator(mode="after")
     def _valid_ranges(self):
         import task_zoo
 
-        task_zoo.Augmentation(self.param_scale, self.grad_noise)  # raises ValueError with the ranges
+        task_zoo.Augmentation(**self.model_dump())  # raises ValueError with the ranges
         return self
 
 

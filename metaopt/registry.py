@@ -431,8 +431,11 @@ class TrainedOptimizer:
     def ref(self) -> str:
         return f"{self.name}:{self.version}"
 
-    def as_optax(self, num_steps: int):
-        """optax.GradientTransformationExtraArgs applying θ for an inner run of `num_steps`."""
+    def as_optax(self, num_steps: int, **options: Any):
+        """optax.GradientTransformationExtraArgs applying θ for an inner run of `num_steps`.
+
+        `options` go to the optimizer's own `as_optax`, for those that take more (for example
+        `learning_rate=` of nominal_mlp: a rate or an optax schedule); others refuse them."""
         # Lazy imports: the registry must be usable (list, pull) without importing JAX models.
         import jax
         import jax.numpy as jnp
@@ -440,7 +443,7 @@ class TrainedOptimizer:
         from metaopt.optimizers import make
 
         opt = make(self.optimizer_name, **self.hparams)
-        return opt.as_optax(jax.tree.map(jnp.asarray, self.theta), num_steps)
+        return opt.as_optax(jax.tree.map(jnp.asarray, self.theta), num_steps, **options)
 
 
 def _corrupt(uri: str, fname: str, why: str, fix: str = "") -> CorruptArtifactError:

@@ -67,6 +67,70 @@ def test_sampled_augmentations_stay_in_their_ranges():
         task_zoo.Augmentation(param_scale=(0.0, 1.0))
 
 
+MLP = task_zoo.TaskSpec("mlp", {"width": 8, "depth": 2, "activation": "tanh", "batch_size": 16, "seed": 5})
+
+
+def scaled_mlp(seed: int, tensor=(1e-3, 1e3), element=(1e-3, 1e3), param_scale=2.0) -> task_zoo.TaskSpec:
+    augment = {"param_scale": param_scale, "tensor_scale": list(tensor), "element_scale": list(element),
+               "scale_seed": seed}
+    return task_zoo.TaskSpec("mlp", {**MLP.kwargs, "augment": augment})
+
+
+def test_per_tensor_and_per_parameter_scales_keep_the_loss_and_scale_the_gradient():
+    base, wrapped = task_zoo.task(MLP), task_zoo.task(scaled_mlp(7))
+    key, batch = jax.random.key(0), base.batch(jax.random.key(1), task_zoo.TRAIN)
+    p, q = base.init(key), wrapped.init(key)
+    scales = jax.tree.map(lambda s: 2.0 * np.asarray(s, np.float64), wrapped.scales)
+    # q = p / S (S = param_scale · tensor · element), and the loss at the mapped parameters is the same.
+    for qi, pi, si in zip(jax.tree.leaves(q), jax.tree.leaves(p), jax.tree.leaves(scales), strict=True):
+        np.testing.assert_allclose(np.asarray(qi) * si, pi, rtol=1e-5, atol=1e-7)
+    assert float(wrapped.loss(q, key, batch)) == pytest.approx(float(base.loss(p, key, batch)), rel=1e-5)
+    # ∇q = S ⊙ ∇p, elementwise (chain rule through p = S ⊙ q).
+    grad_q, grad_p = jax.grad(wrapped.loss)(q, key, batch), jax.grad(base.loss)(p, key, batch)
+    for gq, gp, si in zip(jax.tree.leaves(grad_q), jax.tree.leaves(grad_p), jax.tree.leaves(scales), strict=True):
+        np.testing.assert_allclose(np.asarray(gq), si * np.asarray(gp), rtol=1e-4, atol=1e-9)
+
+
+def test_drawn_scales_follow_their_ranges_and_seed():
+    a, b, c = (task_zoo.task(scaled_mlp(s, element=(1.0, 1.0))) for s in (3, 3, 4))
+    for sa, sb in zip(jax.tree.leaves(a.scales), jax.tree.leaves(b.scales), strict=True):
+        np.testing.assert_array_equal(sa, sb)  # deterministic in the seed
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a.scales), jax.tree.leaves(c.scales),
+                                                         strict=True))
+    for s in jax.tree.leaves(a.scales):  # element range (1, 1): one value per tensor, within (1e-3, 1e3)
+        assert np.all(s == s.ravel()[0]) and 1e-3 <= float(s.ravel()[0]) <= 1e3
+    # Per-parameter: log10 of 20k draws is uniform on [-1, 1]: mean 0 ± 4 SE (SE = 0.577/√n), all in range.
+    wide = task_zoo.task(TaskSpecWide := task_zoo.TaskSpec("mlp", {**MLP.kwargs, "width": 128, "augment": {
+        "element_scale": [0.1, 10.0], "scale_seed": 1}}))
+    logs = np.concatenate([np.log10(np.asarray(x)).ravel() for x in jax.tree.leaves(wide.scales)])
+    assert logs.size > 10_000 and np.all(np.abs(logs) <= 1 + 1e-6), TaskSpecWide
+    assert abs(logs.mean()) < 4 * (2 / np.sqrt(12)) / np.sqrt(logs.size)
+
+
+@pytest.mark.parametrize("augment", [
+    {"tensor_scale": [1.0, 10.0]},  # no scale_seed
+    {"tensor_scale": [10.0, 1.0], "scale_seed": 1},
+    {"element_scale": [0.0, 1.0], "scale_seed": 1},
+    {"element_scale": [1.0, 2.0], "scale_seed": -1},
+])
+def test_bad_scale_ranges_are_refused_with_what_to_do(augment):
+    with pytest.raises(ValueError, match="tensor_scale.*element_scale.*scale_seed"):
+        split_augment(task_zoo.TaskSpec("mlp", {**MLP.kwargs, "augment": augment}))
+    with pytest.raises(ValueError, match="augmentation ranges"):
+        task_zoo.Augmentation(tensor_scale=(2.0, 1.0))
+
+
+def test_sampled_scale_augmentations_round_trip_and_share_a_compiled_program():
+    augmentation = task_zoo.Augmentation(tensor_scale=(0.1, 10.0), element_scale=(0.5, 2.0))
+    loss = jax.jit(lambda task, params, key, batch: task.loss(params, key, batch))
+    for i in range(3):
+        spec = augmentation.apply(jax.random.key(i), MLP)
+        assert task_zoo.TaskSpec.from_json(spec.to_json()) == spec
+        task = task_zoo.task(spec)
+        loss(task, task.init(jax.random.key(0)), jax.random.key(1), task.batch(jax.random.key(2), "train"))
+    assert loss._cache_size() == 1
+
+
 def test_mixture_by_weight_and_balanced_by_cost():
     small, large = task_zoo.family("quadratic", dims=(8,)), task_zoo.family("quadratic", dims=(64,))
     by_weight = task_zoo.Mixture([small, large], [1.0, 3.0])

@@ -12,6 +12,7 @@ from metaopt.optimizers.lgl2o import LGL2O, LGL2OState, lgl2o
 from metaopt.optimizers.lookahead import Lookahead, LookaheadState
 from metaopt.optimizers.lstm_l2l import LSTML2L, LSTML2LState
 from metaopt.optimizers.nn_adam import NNAdam, NNAdamState
+from metaopt.optimizers.nominal_mlp import NominalMLP, NominalMLPState
 from metaopt.optimizers.registry import make, names, register
 from metaopt.optimizers.rnn_mlp import RNNMLP, RNNMLPState
 from metaopt.optimizers.small_fc import SmallFC, SmallFCState
@@ -29,6 +30,7 @@ register("lgl2o", lgl2o)
 register("lstm_l2l", LSTML2L)
 register("nn_adam", NNAdam)
 register("rnn_mlp", RNNMLP)
+register("nominal_mlp", NominalMLP)
 
 __all__ = [
     "AdafacMLP",
@@ -50,6 +52,8 @@ __all__ = [
     "LSTML2LState",
     "NNAdam",
     "NNAdamState",
+    "NominalMLP",
+    "NominalMLPState",
     "RNNMLP",
     "RNNMLPState",
     "make",

@@ -11,6 +11,11 @@ An `Optimizer` turns meta-parameters θ into an ordinary optax transformation:
 Hand-designed optimizers have an empty θ (`{}`) and ignore it. `num_steps` is the length of
 the inner training run, for features that encode training progress. Extra keyword arguments
 to `update` (such as `loss=`) are optional; optimizers that do not use them ignore them.
+
+An optimizer may take more keyword options in `as_optax`, for what belongs to the user rather
+than to θ: `nominal_mlp` takes `learning_rate=` (a rate, or an optax schedule that replaces its
+cosine decay), as Celo2 leaves the schedule to the user. `metaopt.load(...).as_optax(num_steps,
+**options)` passes them on; an optimizer without such options refuses them with a TypeError.
 """
 
 from __future__ import annotations

@@ -1,0 +1,189 @@
+"""`nominal_mlp`: Adam on the user's schedule (the *nominal* step), corrected by a small learned
+per-parameter MLP and scaled per tensor by a learned law. Built to be pulled onto models it
+never saw during meta-training.
+
+    update = -lr(t) · a_T · (d + c) - lr(t) · weight_decay · p
+      d   = m̂ / (sqrt(v̂) + eps)                 Adam's direction (bias-corrected, β1 0.9, β2 0.999)
+      c   = clip_rms_T(MLP(x), correction_bound)  learned correction, per-tensor RMS ≤ the bound
+      a_T = exp(4 tanh((b + w · f_T) / 4))        learned per-tensor step multiplier, in [e⁻⁴, e⁴]
+      lr(t) = learning_rate · cosine decay to 0 over num_steps (after `warmup` of the run), or
+              the user's own schedule: `as_optax(theta, num_steps, learning_rate=schedule)`
+
+Where each piece comes from, and why it is here:
+- The nominal term (learned_optimization `adafac_nominal.py`, "STAR"): the learned part only
+  corrects a good hand-designed step, so the untrained optimizer is already AdamW with a cosine
+  schedule, and a θ that meta-training has not reached yet cannot make it worse than that.
+- The bounded correction (Celo2, Moudgil et al. 2026, normalises the MLP's output per tensor):
+  whatever the task, the learned part moves a tensor by at most `correction_bound` times the RMS
+  of an Adam step of unit-size ratios, so a pattern learned on small MLPs cannot blow up a model
+  it never saw. The bound clips (not normalises): at θ₀ the MLP's output layer is zero, c = 0
+  exactly, and small perturbations of θ move the step continuously (PES needs that).
+- The per-tensor multiplier a_T (μLO, Thérien et al. 2026; LARS/LAMB's trust ratio): its features
+  f_T = (log10 rms(p) + 1, log10 fan_in - 1.5, [p is a vector]) let meta-training learn a step
+  that follows the parameter scale and the fan-in, as μP prescribes for wider nets, instead of one
+  global step. b alone is a learned global log learning-rate multiplier.
+- The schedule is the user's (Celo2): the optimizer cannot know a good horizon-dependent decay
+  better than the person who sets `num_steps`; the learned parts see the run's fraction and the
+  absolute step (μLO: features of the absolute step generalise to longer runs).
+
+Per-element MLP features x (F = 11): g/(sqrt(v̂)+eps) and m̂_k/(sqrt(v̂)+eps) for β in
+MOM_DECAYS (scale-free ratios, clipped to ±RATIO_CLIP), p / rms_T(p); then per tensor f_T (3) and
+per step (3): t/num_steps, log10(1 + t)/4, lr(t)/learning_rate. One hidden layer (relu).
+Meta-parameters θ = {"mlp": {"w0": (11, hidden), "b0", "w1": (hidden, 1), "b1"}, "tensor": {"w": (3,),
+"b": ()}}: 11·16+16 + 16+1 + 3+1 = 213 float32 with hidden 16. θ₀ zeroes the output layer and the
+tensor law, so the untrained optimizer equals AdamW with the schedule (a NumPy test checks it).
+
+Optimizer state per parameter: 3 momenta + 1 second moment = 4 float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+MOM_DECAYS = (0.5, 0.9, 0.99)  # 0.9 is Adam's β1: the nominal direction's momentum
+ADAM_MOMENTUM = 1  # index of β1 = 0.9 in MOM_DECAYS
+RMS_DECAY = 0.999
+RATIO_CLIP = 10.0
+NUM_ELEMENT_FEATURES = 1 + len(MOM_DECAYS) + 1
+NUM_TENSOR_FEATURES = 3
+NUM_STEP_FEATURES = 3
+NUM_FEATURES = NUM_ELEMENT_FEATURES + NUM_TENSOR_FEATURES + NUM_STEP_FEATURES
+MULTIPLIER_RANGE = 4.0  # a_T within [e^-4, e^4]
+
+
+class NominalMLPState(NamedTuple):
+    """count: () int32 steps taken; momenta: per-leaf (len(MOM_DECAYS), *leaf.shape) float32
+    EMAs of g; rms: per-leaf EMA of g² (leaf shapes)."""
+
+    count: jax.Array
+    momenta: tuple
+    rms: tuple
+
+
+def tensor_features(p: jax.Array) -> jax.Array:
+    """f_T of one parameter tensor, (3,) float32: log10 rms(p) + 1, log10 fan_in - 1.5, [ndim ≤ 1].
+    fan_in of a ≥2-D tensor is size / last dimension (dense (in, out), conv HWIO)."""
+    p = p.astype(jnp.float32)
+    rms = jnp.sqrt(jnp.mean(jnp.square(p))) if p.size else jnp.float32(0.0)
+    fan_in = p.size // p.shape[-1] if p.ndim >= 2 and p.shape[-1] else 1
+    return jnp.stack([jnp.log10(rms + 1e-8) + 1.0, jnp.float32(math.log10(max(fan_in, 1)) - 1.5),
+                      jnp.float32(p.ndim <= 1)])
+
+
+def clip_rms(x: jax.Array, bound: float) -> jax.Array:
+    """x scaled down, if need be, so that its RMS is at most `bound` (unchanged below it)."""
+    rms = jnp.sqrt(jnp.mean(jnp.square(x)))
+    return x * jnp.minimum(1.0, bound / jnp.maximum(rms, 1e-30))
+
+
+def cosine_schedule(learning_rate: float, num_steps: int, warmup: float) -> optax.Schedule:
+    """Linear warm-up over `warmup` of the run, then cosine decay to 0 at `num_steps`."""
+    warm = int(round(warmup * num_steps))
+    decay = optax.cosine_decay_schedule(learning_rate, max(num_steps - warm, 1))
+    if warm == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warm), decay], [warm])
+
+
+@dataclasses.dataclass(frozen=True)
+class NominalMLP:
+    """Adam on a schedule plus a bounded learned correction (see module docstring)."""
+
+    hidden: int = 16
+    # Chosen on held-out draws of the reference recipe's training mix (untrained, 0.003-0.1), never
+    # on an evaluation suite: docs/reference_optimizer.md.
+    learning_rate: float = 0.03
+    warmup: float = 0.05  # fraction of the run
+    correction_bound: float = 1.0
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+    name = "nominal_mlp"
+    description = "Adam on the user's schedule + a bounded learned per-parameter correction (nominal term, Celo2, muLO)"
+    learned = True
+
+    def __post_init__(self):
+        if self.hidden < 1 or not 0 <= self.warmup < 1 or self.correction_bound < 0:
+            raise ValueError(f"nominal_mlp needs hidden >= 1, 0 <= warmup < 1 and correction_bound >= 0, "
+                             f"got {self}")
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def init(self, key: jax.Array) -> dict:
+        w0 = jax.random.truncated_normal(key, -2.0, 2.0, (NUM_FEATURES, self.hidden), jnp.float32)
+        return {
+            "mlp": {"w0": w0 / np.sqrt(NUM_FEATURES), "b0": jnp.zeros((self.hidden,), jnp.float32),
+                    "w1": jnp.zeros((self.hidden, 1), jnp.float32), "b1": jnp.zeros((1,), jnp.float32)},
+            "tensor": {"w": jnp.zeros((NUM_TENSOR_FEATURES,), jnp.float32), "b": jnp.zeros((), jnp.float32)},
+        }
+
+    def as_optax(self, theta: Any, num_steps: int,
+                 learning_rate: float | optax.Schedule | None = None) -> optax.GradientTransformationExtraArgs:
+        """`learning_rate`: None for `self.learning_rate` with cosine decay over `num_steps`, a float
+        for that rate on the same schedule, or the user's own optax schedule (step -> rate)."""
+        if callable(learning_rate):
+            schedule, base = learning_rate, learning_rate(0)
+        else:
+            base = self.learning_rate if learning_rate is None else learning_rate
+            schedule = cosine_schedule(base, num_steps, self.warmup)
+        mlp, law = theta["mlp"], theta["tensor"]
+        decays = jnp.asarray(MOM_DECAYS, jnp.float32)
+
+        def init_fn(params):
+            leaves = jax.tree.leaves(params)
+            momenta = tuple(jnp.zeros((len(MOM_DECAYS), *jnp.shape(p)), jnp.float32) for p in leaves)
+            rms = tuple(jnp.zeros(jnp.shape(p), jnp.float32) for p in leaves)
+            return NominalMLPState(jnp.zeros((), jnp.int32), momenta, rms)
+
+        def update_fn(updates, state, params=None, **extra_args):
+            del extra_args  # e.g. loss=; not used
+            if params is None:
+                raise ValueError("nominal_mlp needs params (for weight decay and its per-tensor features)")
+            grads, treedef = jax.tree.flatten(updates)
+            leaves = treedef.flatten_up_to(params)
+            count = state.count + 1
+            t = count.astype(jnp.float32)
+            lr = schedule(state.count)
+            step_feats = jnp.stack([state.count.astype(jnp.float32) / num_steps, jnp.log10(t) / 4.0,
+                                    lr / jnp.maximum(jnp.abs(base), 1e-30)]).astype(jnp.float32)
+            # Bias corrections of every EMA (as optax: 1 - β^t).
+            mom_fix = 1.0 - decays ** t
+            rms_fix = 1.0 - RMS_DECAY ** t
+            new_updates, new_m, new_v = [], [], []
+            for g, p, m, v in zip(grads, leaves, state.momenta, state.rms, strict=True):
+                g32, p32 = g.astype(jnp.float32), p.astype(jnp.float32)
+                bshape = (-1,) + (1,) * g32.ndim
+                m = decays.reshape(bshape) * m + (1 - decays.reshape(bshape)) * g32
+                v = RMS_DECAY * v + (1 - RMS_DECAY) * jnp.square(g32)
+                denom = jnp.sqrt(v / rms_fix) + self.eps
+                ratios = m / mom_fix.reshape(bshape) / denom  # (K, *shape)
+                direction = ratios[ADAM_MOMENTUM]
+                f_t = tensor_features(p32)
+                p_rms = jnp.sqrt(jnp.mean(jnp.square(p32)))
+                x = jnp.concatenate([
+                    jnp.clip(g32 / denom, -RATIO_CLIP, RATIO_CLIP).reshape(1, -1),
+                    jnp.clip(ratios, -RATIO_CLIP, RATIO_CLIP).reshape(len(MOM_DECAYS), -1),
+                    (p32 / jnp.maximum(p_rms, 1e-30)).reshape(1, -1),
+                ])  # (F_element, n): feature-major, so the MLP is W^T @ X
+                bias = mlp["b0"] + jnp.concatenate([f_t, step_feats]) @ mlp["w0"][NUM_ELEMENT_FEATURES:]
+                h = jax.nn.relu(mlp["w0"][:NUM_ELEMENT_FEATURES].T @ x + bias[:, None])
+                out = (mlp["w1"].T @ h + mlp["b1"][:, None]).reshape(g32.shape)
+                correction = clip_rms(out, self.correction_bound)
+                z = law["b"] + law["w"] @ f_t
+                multiplier = jnp.exp(MULTIPLIER_RANGE * jnp.tanh(z / MULTIPLIER_RANGE))
+                u = -lr * (multiplier * (direction + correction) + self.weight_decay * p32)
+                new_updates.append(u.astype(g.dtype))
+                new_m.append(m)
+                new_v.append(v)
+            return jax.tree.unflatten(treedef, new_updates), NominalMLPState(count, tuple(new_m), tuple(new_v))
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,136 @@
+"""nominal_mlp against truth: at θ₀ it is AdamW on a cosine schedule (a slow NumPy reference);
+the learned correction's per-tensor RMS is held at its bound; the per-tensor law scales the step
+as its closed form says; a user's schedule replaces the default one. (The conformance suite in
+test_optimizers.py covers no recompilation, stable state and finite updates for zero, tiny and
+huge gradients for every registered optimizer, this one included.)"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metaopt import optimizers
+from metaopt.optimizers.nominal_mlp import NUM_FEATURES, tensor_features
+
+
+def _params():
+    k = jax.random.split(jax.random.key(0), 3)
+    return {"b": jax.random.normal(k[0], (5,)), "w": jax.random.normal(k[1], (4, 3)),
+            "conv": 0.1 * jax.random.normal(k[2], (3, 3, 2, 4))}
+
+
+def _grads(params, i):
+    return jax.tree.map(lambda x: jnp.sin(x * (i + 1)) * 10.0 ** (i % 5 - 2), params)
+
+
+def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, eps=1e-8, b1=0.9, b2=0.999):
+    """Slow reference, float64: AdamW (bias-corrected) at lr·0.5·(1 + cos(π t / T))."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    out = []
+    for t, grads in enumerate(grads_seq):
+        rate = lr * 0.5 * (1 + math.cos(math.pi * t / num_steps))
+        step = {}
+        for k in p:
+            g = np.asarray(grads[k], np.float64)
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            mhat, vhat = m[k] / (1 - b1 ** (t + 1)), v[k] / (1 - b2 ** (t + 1))
+            step[k] = -rate * (mhat / (np.sqrt(vhat) + eps) + wd * p[k])
+            p[k] = p[k] + step[k]
+        out.append(step)
+    return out
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_untrained_is_adamw_on_a_cosine_schedule(weight_decay):
+    opt = optimizers.make("nominal_mlp", learning_rate=0.01, warmup=0.0, weight_decay=weight_decay)
+    num_steps = 8
+    tx = opt.as_optax(opt.init(jax.random.key(3)), num_steps)
+    params = _params()
+    state, update = tx.init(params), jax.jit(tx.update)
+    grads_seq = [_grads(params, i) for i in range(num_steps)]
+    expected = _numpy_adamw_cosine(params, grads_seq, 0.01, num_steps, weight_decay)
+    p = params
+    for i, g in enumerate(grads_seq):
+        u, state = update(g, state, p)
+        for k in p:
+            np.testing.assert_allclose(u[k], expected[i][k], rtol=1e-4, atol=1e-9)  # float32 params
+        p = optax.apply_updates(p, u)
+
+
+def test_the_learned_correction_is_held_at_its_bound_per_tensor():
+    bound = 0.5
+    opt = optimizers.make("nominal_mlp", correction_bound=bound)
+    theta = opt.init(jax.random.key(0))
+    theta["mlp"]["w1"] = 100.0 * jax.random.normal(jax.random.key(1), theta["mlp"]["w1"].shape)
+    params = _params()
+    grads = _grads(params, 1)
+    lr = 1e-3
+    # A constant schedule, so the step is lr · (d + c) and d is the same as the untrained one's.
+    learned = opt.as_optax(theta, 10, learning_rate=optax.constant_schedule(lr))
+    plain = opt.as_optax(opt.init(jax.random.key(0)), 10, learning_rate=optax.constant_schedule(lr))
+    u, _ = learned.update(grads, learned.init(params), params)
+    d, _ = plain.update(grads, plain.init(params), params)
+    for k in params:
+        correction = -(np.asarray(u[k], np.float64) - np.asarray(d[k], np.float64)) / lr
+        rms = np.sqrt(np.mean(correction ** 2))
+        assert rms == pytest.approx(bound, rel=1e-3), k
+
+
+def test_the_per_tensor_law_scales_the_step_as_its_closed_form():
+    opt = optimizers.make("nominal_mlp")
+    theta = opt.init(jax.random.key(0))
+    w = jnp.asarray([0.3, -0.2, 0.5], jnp.float32)
+    theta["tensor"] = {"w": w, "b": jnp.float32(0.1)}
+    params, grads = _params(), _grads(_params(), 2)
+    tx, tx0 = opt.as_optax(theta, 10), opt.as_optax(opt.init(jax.random.key(0)), 10)
+    u, _ = tx.update(grads, tx.init(params), params)
+    u0, _ = tx0.update(grads, tx0.init(params), params)
+    for k, p in params.items():
+        x = np.asarray(p, np.float64)
+        fan_in = x.size // x.shape[-1] if x.ndim >= 2 else 1
+        f = np.asarray([np.log10(np.sqrt(np.mean(x ** 2)) + 1e-8) + 1, np.log10(fan_in) - 1.5, x.ndim <= 1])
+        np.testing.assert_allclose(tensor_features(p), f, rtol=1e-5, atol=1e-6)
+        z = 0.1 + float(np.dot(np.asarray(w, np.float64), f))
+        multiplier = math.exp(4 * math.tanh(z / 4))
+        np.testing.assert_allclose(u[k], multiplier * np.asarray(u0[k]), rtol=1e-4, atol=1e-10)
+
+
+def test_a_users_schedule_replaces_the_default_and_a_rate_keeps_the_cosine():
+    opt = optimizers.make("nominal_mlp")
+    theta = opt.init(jax.random.key(0))
+    params = _params()
+    tx = opt.as_optax(theta, 100, learning_rate=optax.constant_schedule(2e-3))
+    ref = optax.adam(2e-3)
+    s, s_ref = tx.init(params), ref.init(params)
+    for i in range(4):
+        g = _grads(params, i)
+        u, s = tx.update(g, s, params)
+        u_ref, s_ref = ref.update(g, s_ref, params)
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=3e-5, atol=1e-10)
+    # A float rate keeps the cosine: step 0 at the full rate, the middle at half of it.
+    opt = optimizers.make("nominal_mlp", warmup=0.0)
+    tx = opt.as_optax(theta, 2, learning_rate=0.5)
+    g = {"x": jnp.ones((3,))}
+    s = tx.init(g)
+    u0, s = tx.update(g, s, g)
+    u1, s = tx.update(g, s, g)
+    np.testing.assert_allclose(u0["x"], -0.5, rtol=1e-5)
+    np.testing.assert_allclose(u1["x"], -0.25, rtol=1e-5)
+
+
+def test_meta_parameter_count_and_bad_hparams():
+    opt = optimizers.make("nominal_mlp", hidden=16)
+    n = sum(x.size for x in jax.tree.leaves(opt.init(jax.random.key(0))))
+    assert n == NUM_FEATURES * 16 + 16 + 16 + 1 + 3 + 1 == 213  # the module docstring's count
+    for bad in ({"hidden": 0}, {"warmup": 1.0}, {"correction_bound": -1.0}):
+        with pytest.raises(ValueError, match="nominal_mlp needs"):
+            optimizers.make("nominal_mlp", **bad)
