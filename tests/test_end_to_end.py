@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import matplotlib.image
 import numpy as np
 import optax
 import pytest
@@ -88,6 +89,8 @@ def test_in_run_evaluations_are_in_metrics_jsonl_with_their_reports(run):
         tuned.add(json.dumps([t["baselines"]["adam"]["hparams"] for t in report["tasks"]]))
     assert len(tuned) == 1  # the baselines were tuned once, in the run directory
     assert len(list((run_dir / "eval_baselines").glob("*.json"))) == 2  # one per task
+    # The plot's two panels (meta-loss per family, then the evaluations): 7.5 inches at 120 dpi.
+    assert matplotlib.image.imread(run_dir / "meta_loss.png").shape[0] == 900
 
 
 def test_the_published_optimizer_is_the_best_evaluated_checkpoint(run):
