@@ -72,6 +72,7 @@ sys.path.insert(0, str(ROOT))  # `tests` is not installed: the fixtures below co
 from metaopt import registry, storage  # noqa: E402
 from metaopt.jobspec import JobSpec, parse_job_spec  # noqa: E402
 from metaopt.jobstore import PASSWORD_ENV, SUCCEEDED, JobStoreError, open_job_store  # noqa: E402
+from metaopt.run_report import read_metrics  # noqa: E402
 from metaopt.train import train  # noqa: E402
 from tests.redis_fixture import RedisServer  # noqa: E402
 from tests.s3_fixture import BUCKET, use_s3_endpoint  # noqa: E402
@@ -253,8 +254,7 @@ def _spec(max_outer_steps: int, max_s: float, **changes) -> JobSpec:
 
 
 def _steps(metrics: pathlib.Path) -> list[dict]:
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    return [json.loads(line) for line in lines if line.endswith("}")]  # the last may be half-written
+    return read_metrics(metrics)  # the outer steps; a last line half-written is left out
 
 
 class _Run:

@@ -46,6 +46,7 @@ import task_zoo
 from benchmarks.chaos_common import MAPPING, WORD, by_kind, files_under, kind_stats, run_kinds
 from metaopt import jobspec, optimizers
 from metaopt.cli import app
+from metaopt.evaluation import suite_names
 
 # tests/data/e2e.yaml with every section spelled out, so that each has something to break. It has
 # no '"' (see unclosed_quote) and `tasks` comes before every other section but name and seed.
@@ -70,6 +71,7 @@ stop: {max_outer_steps: 40, max_minutes: 5.0}
 checkpoint_interval_s: 5
 storage: {job_store: 'redis://metaopt@127.0.0.1:6379/0', job_store_prefix: metaopt}
 artifact_name: fuzz-opt
+eval: {suite: smoke, every_minutes: 10.0, seeds: 1, publish: last}
 """
 BASE = yaml.safe_load(BASE_SPEC)
 T0 = ("tasks", 0)
@@ -91,23 +93,26 @@ FIELDS = {
     ("stop",): "section", ("stop", "max_outer_steps"): "int", ("stop", "max_minutes"): "float?",
     ("checkpoint_interval_s",): "float", ("storage",): "section", ("storage", "root"): "str?",
     ("storage", "job_store"): "str?", ("storage", "job_store_prefix"): "str", ("artifact_name",): "str?",
+    ("eval",): "section?", ("eval", "suite"): "str", ("eval", "every_minutes"): "float",
+    ("eval", "seeds"): "int", ("eval", "publish"): "str",
 }
 AT_LEAST = {("estimator", "num_particles"): 1, ("estimator", "truncation_length"): 1,  # ge= of int fields
             ("estimator", "inner_horizon"): 1, ("estimator", "truncations_per_task"): 1,
             ("outer", "meta_batch_size"): 1, ("outer", "max_staleness"): 0, ("outer", "max_in_flight"): 1,
-            ("workers", "count"): 1, ("stop", "max_outer_steps"): 1}
+            ("workers", "count"): 1, ("stop", "max_outer_steps"): 1, ("eval", "seeds"): 1}
 ABOVE_ZERO = [(*T0, "weight"), ("estimator", "sigma"), ("estimator", "max_loss_ratio"),  # gt=0 floats
               ("estimator", "min_loss_ratio"), ("outer", "learning_rate"), ("outer", "clip_norm"),
               ("outer", "max_estimate_norm"), ("workers", "cpus"), ("stop", "max_minutes"),
-              ("checkpoint_interval_s",)]
+              ("checkpoint_interval_s",), ("eval", "every_minutes")]
 MODELS = {(): jobspec.JobSpec, T0: jobspec.TaskMix, (*T0, "augment"): jobspec.AugmentSpec,
           ("optimizer",): jobspec.OptimizerSpec, ("estimator",): jobspec.EstimatorSpec,
           ("outer",): jobspec.OuterSpec, ("workers",): jobspec.WorkersSpec, ("stop",): jobspec.StopSpec,
-          ("storage",): jobspec.StorageSpec}
+          ("storage",): jobspec.StorageSpec, ("eval",): jobspec.EvalSpec}
 CHOICES = {(*T0, "family"): set(task_zoo.families()), ("optimizer", "name"): set(optimizers.names()),
            ("estimator", "kind"): {"pes", "truncated_es", "full_es", "tbptt"},
            ("estimator", "loss_normalization"): {"initial", "log", "none"},
-           ("task_balance",): {"weight", "cost"}}
+           ("task_balance",): {"weight", "cost"}, ("eval", "suite"): set(suite_names()),
+           ("eval", "publish"): {"last", "best"}}
 LIST = st.lists(st.integers(-9, 9), max_size=3)
 FRACTION = st.floats(-1e6, 1e6).filter(lambda x: not x.is_integer())
 WRONG = {"int": [LIST, MAPPING, WORD, FRACTION], "float": [LIST, MAPPING, WORD],

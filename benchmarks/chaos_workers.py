@@ -33,6 +33,7 @@ import psutil
 import yaml
 
 from metaopt.jobspec import parse_job_spec
+from metaopt.run_report import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SPEC = ROOT / "tests" / "data" / "e2e.yaml"
@@ -93,8 +94,7 @@ def run_job(workdir: pathlib.Path, job_id: str, minutes: float, workers: int,
     finally:
         if killer:
             killer.stopped.set()
-    with open(pathlib.Path(result.run_dir) / "metrics.jsonl") as lines:
-        applied = sum(json.loads(line)["estimates"] for line in lines)
+    applied = sum(row["estimates"] for row in read_metrics(pathlib.Path(result.run_dir) / "metrics.jsonl"))
     return {"worker_kills": len(killer.kills) if killer else 0, "outer_steps": result.outer_steps,
             "outer_steps_per_s": result.outer_steps / result.wall_s,
             "worker_incarnations": result.worker_incarnations, "accepted": result.estimates_accepted,

@@ -19,6 +19,7 @@ import pathlib
 import tempfile
 
 from metaopt.jobspec import parse_job_spec
+from metaopt.run_report import read_metrics
 from metaopt.train import train
 
 REFERENCE = {
@@ -37,7 +38,7 @@ def measure(workers: int, outer_steps: int, out: str, pin_cores: bool = True) ->
                            "stop": {"max_outer_steps": outer_steps}})
     job_id = f"throughput-{workers}w" + ("" if pin_cores else "-unpinned")
     result = train(spec, out=out, job_id=job_id, progress=False)
-    rows = [json.loads(line) for line in (pathlib.Path(result.run_dir) / "metrics.jsonl").open()]
+    rows = read_metrics(pathlib.Path(result.run_dir) / "metrics.jsonl")
     warm = rows[len(rows) // 5:]
     seconds = warm[-1]["time"] - warm[0]["time"]
     estimates = sum(r["estimates"] for r in warm[1:])  # those that arrived after warm[0]

@@ -65,6 +65,9 @@ class OuterStep:
     inner_steps: int  # inner steps behind the meta-batch, both antithetic halves counted
     time: float  # unix seconds
     workers: int = 0  # distinct workers whose estimates are in the meta-batch
+    # mean meta-loss of the meta-batch's estimates of each task family: families differ in how
+    # hard they are, so only per family does a curve show whether the optimizer improves
+    family_losses: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def make_outer_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
@@ -78,12 +81,17 @@ class _Batch:
 
     def __init__(self, size: int):
         self.sum = np.zeros(size, np.float32)
-        self.count, self.loss_sum, self.inner_steps, self.workers = 0, 0.0, 0, set()
+        self.clear()
 
     def clear(self) -> _Batch:
         self.sum.fill(0.0)
         self.count, self.loss_sum, self.inner_steps, self.workers = 0, 0.0, 0, set()
+        self.family_loss_sums: Counter[str] = Counter()
+        self.family_counts: Counter[str] = Counter()
         return self
+
+    def family_losses(self) -> dict[str, float]:
+        return {name: self.family_loss_sums[name] / n for name, n in sorted(self.family_counts.items())}
 
 
 class Learner:
@@ -178,6 +186,8 @@ class Learner:
             batch.loss_sum += est.mean_loss
             batch.inner_steps += est.inner_steps
             batch.workers.add(est.worker_id)
+            batch.family_loss_sums[est.task.name] += est.mean_loss
+            batch.family_counts[est.task.name] += 1
             if batch.count >= self.config.meta_batch_size:
                 self._pending += 1
                 self._updates.put(batch)
@@ -267,6 +277,7 @@ class Learner:
                 step=version, meta_loss=batch.loss_sum / batch.count,
                 gradient_norm=float(grad_norm), estimates=batch.count,
                 inner_steps=batch.inner_steps, time=time.time(), workers=len(batch.workers),
+                family_losses=batch.family_losses(),
             )
             with self._lock:
                 if self.done.is_set():

@@ -9,6 +9,7 @@ workers, and a new run id per restart, a worker label would grow without bound."
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,15 @@ class LearnerMetrics:
         self._step_workers = Gauge(
             "metaopt_outer_step_workers", "Distinct workers whose estimates made the last outer "
             "step.", job, registry=r)
+        # In-run evaluation (metaopt/inrun_eval.py), labelled by suite: one per job.
+        self._eval_win_share = Gauge(
+            "metaopt_eval_win_share", "Share of the in-run evaluation suite's tasks on which the last "
+            "evaluated checkpoint's θ reached a lower final training loss than the best tuned baseline.",
+            ["job_id", "suite"], registry=r)
+        self._eval_loss_ratio = Gauge(
+            "metaopt_eval_final_loss_ratio", "Geometric mean over the in-run evaluation suite's tasks of "
+            "final training loss, last evaluated θ / best tuned baseline (below 1: better than the "
+            "baselines; NaN: every run diverged).", ["job_id", "suite"], registry=r)
 
         # Labelled children of the per-estimate metrics, looked up once (labels() takes a lock
         # and builds a key on every call, which counts at thousands of estimates a second).
@@ -93,6 +103,11 @@ class LearnerMetrics:
         self._outer_steps.labels(self.job_id).inc()
         self._meta_loss.labels(self.job_id).set(step.meta_loss)
         self._theta_version.labels(self.job_id).set(step.step)
+
+    def evaluated(self, suite: str, win_share: float, final_loss_ratio: float | None) -> None:
+        self._eval_win_share.labels(self.job_id, suite).set(win_share)
+        ratio = math.nan if final_loss_ratio is None else final_loss_ratio
+        self._eval_loss_ratio.labels(self.job_id, suite).set(ratio)
 
     def checkpoint_written(self, seconds: float) -> None:
         self.checkpoint_seconds.observe(seconds)

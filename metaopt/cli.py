@@ -62,6 +62,7 @@ def train(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("metaopt.train").setLevel(logging.INFO)  # where the learner and metrics are
     logging.getLogger("learner.checkpointing").setLevel(logging.INFO)  # where it resumed
+    logging.getLogger("metaopt.inrun_eval").setLevel(logging.INFO)  # each evaluation, and skipped ticks
     show_progress = sys.stderr.isatty() or not as_json
     job_id = job_id or new_job_id(spec)
     try:
@@ -137,6 +138,7 @@ def serve_learner(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("learner.checkpointing").setLevel(logging.INFO)  # where it resumed
+    logging.getLogger("metaopt.inrun_eval").setLevel(logging.INFO)  # each evaluation, and skipped ticks
     job_id = job_id or new_job_id(spec)
 
     def listening(address: str, metrics_url: str) -> None:

@@ -54,6 +54,7 @@ TEST_BATCHES = 2  # held-out loss = mean over this many test batches
 
 __all__ = [
     "EvalInputError",
+    "OptimizerRef",
     "Suite",
     "SuiteTask",
     "evaluate",
@@ -212,16 +213,19 @@ def check_baselines(baselines: Any) -> list[str]:
 
 
 @dataclasses.dataclass
-class _Ref:
+class OptimizerRef:
+    """What `evaluate` trains with: `resolve_ref`'s answer, or one built by the caller for a θ it
+    holds (a checkpoint's, in metaopt.inrun_eval)."""
+
     ref: str
-    kind: str  # "hand-designed" | "builtin-learned" | "registry"
+    kind: str  # "hand-designed" | "builtin-learned" | "registry" | "checkpoint"
     optimizer_name: str
     hparams: dict[str, Any]
     theta: Any
     info: dict[str, Any]
 
 
-def resolve_ref(ref: str, registry: str | None = None) -> _Ref:
+def resolve_ref(ref: str, registry: str | None = None) -> OptimizerRef:
     """REF: a registered optimizer name (hand-designed, default hyperparameters; a learned one at
     its init θ) or, with `registry`, a registry reference NAME[:VERSION]. A name that is both
     is looked up in the registry when one is given."""
@@ -245,14 +249,15 @@ def resolve_ref(ref: str, registry: str | None = None) -> _Ref:
             except LookupError as e:
                 raise EvalInputError(str(e)) from e
             theta = jax.tree.map(jnp.asarray, trained.theta)
-            return _Ref(trained.ref, "registry", trained.optimizer_name, dict(trained.hparams), theta,
+            return OptimizerRef(trained.ref, "registry", trained.optimizer_name, dict(trained.hparams), theta,
                         {"registry": registry})
     if builtin:
         opt = optimizers.make(ref)
         if opt.learned:
             theta = jax.tree.map(jnp.asarray, opt.init(jax.random.key(0)))
-            return _Ref(ref, "builtin-learned", ref, dict(opt.hparams), theta, {"theta": "init(key(0))"})
-        return _Ref(ref, "hand-designed", ref, dict(opt.hparams), {}, {})
+            return OptimizerRef(ref, "builtin-learned", ref, dict(opt.hparams), theta,
+                                {"theta": "init(key(0))"})
+        return OptimizerRef(ref, "hand-designed", ref, dict(opt.hparams), {}, {})
     try:
         reg.parse_ref(ref)
     except ValueError as e:
@@ -381,7 +386,7 @@ def _tuned_baseline(cache_dir: pathlib.Path | None, key: dict[str, Any], tune) -
 
 
 def evaluate(
-    optimizer_ref: str,
+    optimizer_ref: str | OptimizerRef,
     suite: Suite | str,
     registry: str | None = None,
     seeds: list[int] | None = None,
@@ -390,7 +395,8 @@ def evaluate(
     progress: bool = True,
     baseline_cache: str | pathlib.Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `optimizer_ref` on `suite` against tuned baselines (module docstring).
+    """Evaluate `optimizer_ref` (a reference for `resolve_ref`, or an OptimizerRef) on `suite`
+    against tuned baselines (module docstring).
 
     `baseline_cache`: a folder where tuned baselines are kept and reused (keyed by baseline,
     task, steps, trials and tuning seed); None tunes afresh."""
@@ -401,7 +407,7 @@ def evaluate(
 
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
-    ref = resolve_ref(optimizer_ref, registry)
+    ref = optimizer_ref if isinstance(optimizer_ref, OptimizerRef) else resolve_ref(optimizer_ref, registry)
     seeds = list(suite.seeds if seeds is None else seeds)
     if not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
         raise EvalInputError(f"seeds must be a non-empty list of non-negative ints, got {seeds!r}")

@@ -182,6 +182,43 @@ class StorageSpec(_Frozen):
         return url
 
 
+class EvalSpec(_Frozen):
+    """In-run evaluation (metaopt/inrun_eval.py): every `every_minutes` the newest checkpoint's θ
+    is evaluated on `suite`'s first `seeds` seeds against the suite's tuned baselines, in a process
+    of its own, and once more on the final θ. Absent: no in-run evaluation."""
+
+    # A shipped suite (metaopt/suites/) or the path of a suite YAML file (readable where the
+    # learner runs: a shipped name travels with `metaopt submit`, a path may not).
+    suite: str
+    every_minutes: float = Field(10.0, gt=0)
+    seeds: int = Field(1, ge=1)  # the suite's first K evaluation seeds
+    # "last": publish the final θ. "best": the evaluated checkpoint with the most wins on the suite
+    # (ties: the lowest geometric-mean final-loss ratio). Never report an optimizer on the suite
+    # that chose it: select on in_distribution, report on other suites.
+    publish: Literal["last", "best"] = "last"
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_exists(cls, suite: str) -> str:
+        from metaopt.evaluation import EvalInputError, load_suite
+
+        try:
+            load_suite(suite)
+        except EvalInputError as err:
+            raise ValueError(str(err)) from None
+        return suite
+
+    @model_validator(mode="after")
+    def _enough_seeds(self):
+        from metaopt.evaluation import load_suite
+
+        available = load_suite(self.suite).seeds
+        if self.seeds > len(available):
+            raise ValueError(f"seeds ({self.seeds}) exceeds the {len(available)} evaluation seed(s) of suite "
+                             f"{self.suite!r} ({list(available)}); use at most {len(available)}")
+        return self
+
+
 class JobSpec(_Frozen):
     name: str = Field(pattern=NAME_PATTERN)
     seed: int = 0
@@ -196,6 +233,7 @@ class JobSpec(_Frozen):
     checkpoint_interval_s: float = Field(30.0, gt=0)
     storage: StorageSpec = StorageSpec()
     artifact_name: str | None = Field(None, pattern=NAME_PATTERN)  # default: the job name
+    eval: EvalSpec | None = None  # in-run evaluation; off when absent
 
     @field_validator("tasks")
     @classmethod

@@ -35,6 +35,7 @@ from metaopt.storage import ARRAYS_FILE, CHECKPOINT_DIR_RE, CorruptArtifactError
 __all__ = [
     "Checkpoint",
     "NotACheckpointError",
+    "checkpoint_theta",
     "evaluation_summary",
     "find_checkpoint",
     "installed_code_version",
@@ -241,7 +242,7 @@ def _job_spec(checkpoint: Checkpoint) -> dict[str, Any]:
     return spec
 
 
-def _theta_tree(checkpoint: Checkpoint, spec: dict[str, Any]):
+def checkpoint_theta(checkpoint: Checkpoint, spec: dict[str, Any]):
     """(optimizer, θ as its pytree) of a checkpoint, checked against the spec's optimizer."""
     import jax
 
@@ -276,7 +277,7 @@ def publish_checkpoint(run_or_checkpoint_uri: str, registry_uri: str, name: str 
         raise ValueError(f"no name to publish {checkpoint.uri} under: pass one (the job spec names none)")
     registry.check_name(name)  # before building θ
     summary = evaluation_summary(evaluation) if evaluation is not None else None
-    opt, theta = _theta_tree(checkpoint, spec)
+    opt, theta = checkpoint_theta(checkpoint, spec)
     if summary is not None and _report_optimizer(evaluation) not in (None, opt.name):
         raise ValueError(f"the evaluation report is of optimizer {_report_optimizer(evaluation)!r}, "
                          f"but {checkpoint.uri} holds a {opt.name!r}; pass the report of this run's "

@@ -85,18 +85,22 @@ def _train(run: _LearnerRun, host: str, progress: bool, metrics_port: int) -> Ru
     started = time.perf_counter()
     actors, runs = start_workers(spec, f"{host}:{port}", job_id, token=token)
     try:
-        run.follow(runs, progress)
-    finally:
-        learner.stop()  # θ is final from here on
-        wall_s = time.perf_counter() - started
         try:
-            run.checkpointer.stop()  # the final checkpoint first, before anything that may be slow
+            run.follow(runs, progress)
         finally:
-            worker_stats = _collect(runs)
-            for actor in actors:
-                ray.kill(actor)
-            server.stop(grace=2).wait()
-            metrics_server.shutdown()
+            learner.stop()  # θ is final from here on
+            wall_s = time.perf_counter() - started
+            try:
+                run.checkpointer.stop()  # the final checkpoint first, before anything that may be slow
+            finally:
+                worker_stats = _collect(runs)
+                for actor in actors:
+                    ray.kill(actor)
+                server.stop(grace=2).wait()
+        run.evaluate_final()  # with the workers gone, and /metrics still serving its gauges
+    finally:
+        run.close_evaluator()
+        metrics_server.shutdown()
     (run.run_dir / "workers.json").write_text(json.dumps(worker_stats, indent=2))
     run.check_lease()
     artifact, registry_uri = run.publish()
@@ -125,6 +129,7 @@ class _LearnerRun:
         from learner.checkpointing import Checkpointer
         from learner.core import Learner, LearnerConfig
         from metaopt import optimizers
+        from metaopt.inrun_eval import InRunEvaluator
         from metaopt.jobrecorder import JobRecorder
         from metaopt.jobstore import open_job_store
         from metaopt.publishing import installed_code_version
@@ -138,6 +143,7 @@ class _LearnerRun:
         self.out_dir = pathlib.Path(out).resolve()
         self.run_dir = self.out_dir / "runs" / job_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
         self.spec_json = spec.model_dump(mode="json")  # for job.json, checkpoints and the job record
         (self.run_dir / "job.json").write_text(json.dumps(self.spec_json, indent=2))
         root = (spec.storage.root or str(self.out_dir)).rstrip("/")
@@ -152,6 +158,9 @@ class _LearnerRun:
             task_families=tuple(t.family for t in spec.tasks),
         ), theta0)
         self.lease_lost = None  # the LeaseHeldError, once another learner has taken the job
+        self.evaluator = None if spec.eval is None else InRunEvaluator(
+            spec.eval, self.run_dir, self.checkpoint_uri, job_id, self.learner.metrics,
+            saved_step=lambda: self.checkpointer.last_saved_step)
         self.checkpointer = Checkpointer(
             self.learner, self.checkpoint_uri, spec.checkpoint_interval_s,
             meta={"spec": self.spec_json, "code_version": installed_code_version()},
@@ -210,21 +219,39 @@ class _LearnerRun:
 
     def follow(self, runs, progress: bool) -> None:
         budget_s = self.spec.stop.max_minutes * 60 if self.spec.stop.max_minutes else None
-        _follow(self.learner, runs, self.run_dir / "metrics.jsonl", progress, start=self.resumed_at,
-                budget_s=budget_s)
+        _follow(self.learner, runs, self.metrics_path, progress, start=self.resumed_at,
+                budget_s=budget_s, evaluator=self.evaluator)
+
+    def evaluate_final(self) -> None:
+        """With in-run evaluation: evaluate the final checkpoint (after the one in flight)."""
+        if self.evaluator is not None:
+            with self.metrics_path.open("a") as sink:
+                sink.writelines(json.dumps(r) + "\n" for r in self.evaluator.finish())
+
+    def close_evaluator(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()
 
     def publish(self) -> tuple[str, str]:
-        """Plot the meta-loss and publish θ; (artifact NAME:VERSION, registry URI)."""
-        from metaopt import registry, storage
+        """Plot the run and publish θ: the last, or with `eval.publish: best` the best evaluated
+        one; (artifact NAME:VERSION, registry URI)."""
+        from metaopt import registry, storage, wire
         from metaopt.publishing import provenance
+        from metaopt.run_report import plot_run
 
-        spec, learner, history = self.spec, self.learner, self.learner.history
-        plot_meta_loss(history, self.run_dir / "meta_loss.png", title=self.job_id,
-                       normalization=spec.estimator.loss_normalization)
+        spec, learner, evaluator = self.spec, self.learner, self.evaluator
+        plot_run(learner.history, evaluator.records if evaluator else [], self.run_dir / "meta_loss.png",
+                 title=self.job_id, normalization=spec.estimator.loss_normalization)
+        theta, step, report, extra = learner.theta_tree(), learner.version, None, {}
+        if evaluator is not None:
+            choice = evaluator.publication(learner.version)
+            step, report, extra = choice.step, choice.report, choice.provenance
+            if choice.theta is not None:
+                theta = wire.unflatten(choice.theta, learner.template)
         artifact = storage.retrying(lambda: registry.publish(
             self.registry_uri, spec.artifact_name or spec.name, self.optimizer.name,
-            dict(self.optimizer.hparams), learner.theta_tree(),
-            provenance=provenance(spec, self.job_id, history, learner.version),
+            dict(self.optimizer.hparams), theta, provenance=provenance(
+                spec, self.job_id, [h for h in learner.history if h.step <= step], step, report, **extra),
         ), f"publishing to {self.registry_uri}")
         return artifact, self.registry_uri
 
@@ -255,21 +282,25 @@ def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening,
     run.checkpointer.start()
     finished_at = None  # when the job reached its stopping rule, if it did
     try:
-        if on_listening is not None:
-            on_listening(f"{host}:{bound}", f"http://{host}:{metrics_bound}/metrics")
-        run.follow([], progress)
-        finished_at = time.monotonic()
-    finally:
-        learner.stop()
         try:
-            run.checkpointer.stop()
-            if finished_at is not None and learner.version >= learner.config.max_outer_steps:
-                _linger(finished_at)
+            if on_listening is not None:
+                on_listening(f"{host}:{bound}", f"http://{host}:{metrics_bound}/metrics")
+            run.follow([], progress)
+            finished_at = time.monotonic()
         finally:
-            server.stop(grace=2).wait()
-            if health_server is not None:
-                health_server.stop(grace=0).wait()
-            metrics_server.shutdown()
+            learner.stop()
+            try:
+                run.checkpointer.stop()
+                if finished_at is not None and learner.version >= learner.config.max_outer_steps:
+                    _linger(finished_at)
+            finally:
+                server.stop(grace=2).wait()
+                if health_server is not None:
+                    health_server.stop(grace=0).wait()
+        run.evaluate_final()
+    finally:
+        run.close_evaluator()
+        metrics_server.shutdown()
     run.check_lease()
     if not learner.history:
         raise RuntimeError(f"job {job_id}: stopped before any outer step; nothing to publish")
@@ -366,10 +397,13 @@ def _raise_if_a_worker_failed(runs, job_id: str) -> None:
 
 
 def _follow(learner, runs, metrics_path: pathlib.Path, progress: bool, start: int,
-            budget_s: float | None = None) -> None:
+            budget_s: float | None = None, evaluator=None) -> None:
     """Show a progress bar and write one metrics.jsonl line per outer step until done, or
-    until `budget_s` seconds have passed."""
+    until `budget_s` seconds have passed; with an InRunEvaluator, tick it and write its
+    evaluations' lines too (metaopt.run_report reads them)."""
     from tqdm import tqdm
+
+    from metaopt.run_report import outer_step_line
 
     total = learner.config.max_outer_steps
     bar = tqdm(total=total, initial=start, desc="outer steps", unit="step", disable=not progress)
@@ -379,10 +413,17 @@ def _follow(learner, runs, metrics_path: pathlib.Path, progress: bool, start: in
     with metrics_path.open("w") as sink:
 
         def write(records) -> None:
-            sink.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in records)
+            sink.writelines(outer_step_line(r) for r in records)
+            sink.flush()
+
+        def write_evaluations(records) -> None:
+            sink.writelines(json.dumps(r) + "\n" for r in records)
             sink.flush()
 
         write(learner.history[:start])
+        if evaluator is not None:
+            write_evaluations(evaluator.records)  # a resumed run's earlier evaluations
+            evaluator.start()
         written, progressed, stall_reported = start, time.monotonic(), False
         while True:
             finished = learner.done.wait(0.5)
@@ -409,6 +450,8 @@ def _follow(learner, runs, metrics_path: pathlib.Path, progress: bool, start: in
                 log.info("stopping: the run's budget of %.1f minutes is spent", budget_s / 60)
                 learner.stop()
             _raise_if_a_worker_failed(runs, learner.config.job_id)
+            if evaluator is not None:
+                write_evaluations(evaluator.poll())
     bar.close()
 
 
@@ -425,28 +468,3 @@ def _collect(runs, timeout_s: float = 60.0) -> list:
             stats.append({"error": str(err).splitlines()[0]})
     stats += [{"error": f"did not stop within {timeout_s}s"} for _ in pending]
     return stats
-
-
-def plot_meta_loss(history, path: pathlib.Path, title: str, normalization: str = "initial") -> None:
-    """Meta-loss per outer step with a running mean, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    steps = np.array([h.step for h in history])
-    losses = np.array([h.meta_loss for h in history])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, ".", alpha=0.35, label="meta-batch")
-    if len(losses) >= 5:
-        window = max(5, len(losses) // 20)
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, lw=2, label=f"running mean ({window})")
-    ax.set(xlabel="outer step", ylabel=f"meta-loss ({normalization})", title=title)
-    if np.all(losses > 0):  # "initial" and "none"; the "log" meta-loss is mostly negative
-        ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.inrun_spec import e2e_with_eval
 from tests.ports import free_port
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -217,8 +218,9 @@ def _wait(what: str, check, timeout_s: float, logs: tuple[pathlib.Path, ...], pr
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    """A `metaopt train` run past its first outer step, and a Prometheus that has scraped it
-    every second for a few seconds: SimpleNamespace(prometheus=URL, scrape=its /metrics text)."""
+    """A `metaopt train` run (with in-run evaluation) past its first outer step and its first
+    evaluation, and a Prometheus that has scraped it every second for a few seconds:
+    SimpleNamespace(prometheus=URL, scrape=its /metrics text)."""
     if not os.access(PROMETHEUS, os.X_OK):
         pytest.fail(f"{PROMETHEUS} not found: `make test` installs Debian's prometheus package")
     tmp = tmp_path_factory.mktemp("dashboards")
@@ -236,7 +238,7 @@ def live(tmp_path_factory):
             [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{prometheus_port}"], logs[1]))
         run = stack.enter_context(_process(
-            [sys.executable, "-m", "metaopt.cli", "train", str(ROOT / "tests/data/e2e.yaml"),
+            [sys.executable, "-m", "metaopt.cli", "train", str(e2e_with_eval(tmp)),
              "--out", str(tmp / "out"), "--job-id", JOB_ID, "--max-outer-steps", "100000",
              "--metrics-port", str(metrics_port), "--json"], logs[0]))
         procs = (run, prom)
@@ -252,6 +254,10 @@ def live(tmp_path_factory):
         samples = f'count_over_time(metaopt_outer_steps_total{{job_id="{JOB_ID}"}}[1m]) >= 5'
         _wait("five scrapes in Prometheus", lambda: _query(prometheus, samples)["data"]["result"],
               30, logs, procs)
+        # The evaluation gauges, as Prometheus scraped them from the learner's own /metrics.
+        evaluated = f'metaopt_eval_final_loss_ratio{{job_id="{JOB_ID}", suite="tiny"}}'
+        _wait("in-run evaluation in Prometheus", lambda: _query(prometheus, evaluated)["data"]["result"],
+              120, logs, procs)
         yield SimpleNamespace(prometheus=prometheus, scrape=_get(metrics).decode())
 
 

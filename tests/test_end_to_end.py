@@ -1,5 +1,6 @@
 """End to end: `metaopt train` as a user runs it (real Ray actors, real gRPC server, real
-checkpoints and registry), then the trained optimizer pulled, loaded and used."""
+checkpoints and registry, in-run evaluation in its own process), then the trained optimizer
+pulled, loaded and used."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ import subprocess
 import sys
 
 import jax
+import matplotlib.image
 import numpy as np
 import optax
 import pytest
+import safetensors.numpy
 
 import metaopt
 import task_zoo
-from metaopt import publishing
+from metaopt import publishing, wire
+from metaopt.run_report import read_metrics
+from tests.inrun_spec import e2e_with_eval
 
 DATA = pathlib.Path(__file__).parent / "data"
 METAOPT = [sys.executable, "-m", "metaopt.cli"]
@@ -29,8 +34,10 @@ def metaopt_cli(*args, timeout=300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """tests/data/e2e.yaml with in-run evaluation every 6 s and `publish: best`."""
     out = tmp_path_factory.mktemp("out")
-    done = metaopt_cli("train", DATA / "e2e.yaml", "--out", out, "--json", "--job-id", "e2e-1")
+    spec = e2e_with_eval(tmp_path_factory.mktemp("spec"), publish="best")
+    done = metaopt_cli("train", spec, "--out", out, "--json", "--job-id", "e2e-1")
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1]), out
 
@@ -40,9 +47,11 @@ def test_run_finishes_with_everything_on_disk(run):
     assert result["outer_steps"] == 40 and result["job_id"] == "e2e-1"
     assert result["artifact"] == "e2e:1"
     run_dir = pathlib.Path(result["run_dir"])
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     assert [row["step"] for row in rows] == list(range(1, 41))
     assert all(row["estimates"] == 2 for row in rows)  # the meta-batch size
+    assert all(set(row["family_losses"]) == {"quadratic"} for row in rows)
+    assert all(row["family_losses"]["quadratic"] == pytest.approx(row["meta_loss"]) for row in rows)
     assert (run_dir / "meta_loss.png").stat().st_size > 10_000
     assert any((run_dir / "checkpoints").glob("ckpt-*/COMMIT.json"))
     workers = json.loads((run_dir / "workers.json").read_text())
@@ -57,10 +66,49 @@ def test_run_finishes_with_everything_on_disk(run):
 
 def test_meta_loss_falls(run):
     result, _ = run
-    losses = [json.loads(line)["meta_loss"]
-              for line in (pathlib.Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["meta_loss"] for row in read_metrics(pathlib.Path(result["run_dir"]) / "metrics.jsonl")]
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.9 * first, (first, last)
+
+
+def test_in_run_evaluations_are_in_metrics_jsonl_with_their_reports(run):
+    result, _ = run
+    run_dir = pathlib.Path(result["run_dir"])
+    evaluations = read_metrics(run_dir / "metrics.jsonl", kind="eval")
+    assert evaluations and evaluations[-1]["outer_step"] == 40, evaluations  # the final θ, at the end
+    steps = [e["outer_step"] for e in evaluations]
+    assert steps == sorted(set(steps))  # one checkpoint at a time, none twice
+    tuned = set()
+    for e in evaluations:
+        assert (e["suite"], e["num_tasks"], e["seeds"], e["baselines"]) == ("tiny", 2, [0], ["adam"])
+        assert e["win_share"] == e["wins"] / 2 and e["elapsed_s"] > 0
+        report = json.loads(pathlib.Path(e["report"]).read_text())
+        ratios = [t["ref"]["final_train_loss"] / t["target_loss"] for t in report["tasks"]]
+        assert e["wins"] == sum(r < 1 for r in ratios)
+        assert e["geomean_final_loss_ratio"] == pytest.approx(np.exp(np.mean(np.log(ratios))), rel=1e-9)
+        tuned.add(json.dumps([t["baselines"]["adam"]["hparams"] for t in report["tasks"]]))
+    assert len(tuned) == 1  # the baselines were tuned once, in the run directory
+    assert len(list((run_dir / "eval_baselines").glob("*.json"))) == 2  # one per task
+    # The plot's two panels (meta-loss per family, then the evaluations): 7.5 inches at 120 dpi.
+    assert matplotlib.image.imread(run_dir / "meta_loss.png").shape[0] == 900
+
+
+def test_the_published_optimizer_is_the_best_evaluated_checkpoint(run):
+    result, _ = run
+    run_dir = pathlib.Path(result["run_dir"])
+    evaluations = [e for e in read_metrics(run_dir / "metrics.jsonl", kind="eval") if e["outer_step"] > 0]
+    best = max(evaluations, key=lambda e: (e["wins"], -e["geomean_final_loss_ratio"], e["outer_step"]))
+    provenance = metaopt.load(result["artifact"], registry=result["registry"]).manifest["provenance"]
+    selection = provenance["selection"]
+    assert (selection["outer_step"], selection["checkpoint"], selection["suite"]) == (
+        best["outer_step"], best["checkpoint"], "tiny")
+    assert selection["evaluations"] == len(read_metrics(run_dir / "metrics.jsonl", kind="eval"))
+    assert provenance["outer_steps"] == best["outer_step"]
+    assert "evaluation" not in provenance  # the suite that chose it does not report on it
+    kept = safetensors.numpy.load_file(run_dir / "eval" / f"theta-{best['outer_step']:09d}.safetensors")
+    theta = metaopt.load(result["artifact"], registry=result["registry"]).theta
+    np.testing.assert_array_equal(wire.flatten(theta), kept["theta"])
+    assert len(list((run_dir / "eval").glob("theta-*"))) == 1  # only the best θ is kept
 
 
 def test_artifact_loads_and_trains_a_fresh_quadratic(run):
@@ -112,8 +160,7 @@ def test_same_job_id_resumes_from_its_checkpoint(run):
     resumed = json.loads(done.stdout.strip().splitlines()[-1])
     assert resumed["outer_steps"] == 44
     assert resumed["meta_loss_first"] == result["meta_loss_first"]  # history came back too
-    steps = [json.loads(line)["step"] for line in
-             (pathlib.Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in read_metrics(pathlib.Path(result["run_dir"]) / "metrics.jsonl")]
     assert steps == list(range(1, 45))
 
 

@@ -16,6 +16,7 @@ import yaml
 
 from metaopt import registry
 from metaopt.jobstore import open_job_store
+from metaopt.run_report import read_metrics
 from tests.redis_fixture import RedisServer
 
 pytest_plugins = ["tests.s3_fixture"]
@@ -111,7 +112,7 @@ def test_a_job_resumes_from_object_storage_wherever_it_starts(s3_bucket, tmp_pat
     assert [r["outer_steps"] for r in runs] == [3, 6]
     # Machine b started with an empty --out: steps 1-3 came from the checkpoint in the bucket.
     metrics = tmp_path / "machine-b" / "runs" / "moving" / "metrics.jsonl"
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    steps = [row["step"] for row in read_metrics(metrics)]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert [r["artifact"] for r in runs] == ["e2e:1", "e2e:2"]
     reg = f"{s3_bucket}/metaopt/registry"

@@ -74,6 +74,20 @@ def test_one_meta_batch_matches_optax_adam_with_clipping():
     assert sample_value(learner, "metaopt_outer_steps_total", job_id="job-1") == 1
 
 
+def test_each_outer_step_records_the_mean_meta_loss_of_each_task_family():
+    learner = make_learner(meta_batch_size=3)
+    for family, loss in (("quadratic", 1.0), ("mlp", 4.0), ("quadratic", 2.0)):
+        assert learner.submit(estimate(np.ones(SIZE) * 0.1, loss=loss, family=family)).accepted
+    assert learner.wait_idle() and learner.version == 1
+    step = learner.history[-1]
+    assert step.family_losses == {"mlp": 4.0, "quadratic": 1.5}
+    assert step.meta_loss == pytest.approx(7.0 / 3)
+    assert learner.submit(estimate(np.ones(SIZE) * 0.1, loss=3.0, family="mlp", version=1)).accepted
+    for _ in range(2):  # the next meta-batch starts from nothing
+        assert learner.submit(estimate(np.ones(SIZE) * 0.1, loss=5.0, family="mlp", version=1)).accepted
+    assert learner.wait_idle() and learner.history[-1].family_losses == {"mlp": pytest.approx(13.0 / 3)}
+
+
 @pytest.mark.parametrize("bad, reason", [
     (dict(values=np.ones(SIZE + 1)), "wrong_shape"),
     (dict(values=np.ones(SIZE), length=SIZE + 1), "wrong_shape"),
@@ -298,6 +312,7 @@ def test_metrics_scrape_passes_promtool():
     learner.submit(estimate(np.ones(SIZE) * 0.1))
     learner.submit(estimate(np.full(SIZE, np.nan)))
     assert learner.wait_idle()
+    learner.metrics.evaluated("tiny", 0.5, 0.8)  # what an in-run evaluation sets
     server, port = learner.metrics.serve("127.0.0.1", 0)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
@@ -307,5 +322,7 @@ def test_metrics_scrape_passes_promtool():
     assert 'metaopt_gradient_estimates_accepted_total{job_id="job-1",task_family="quadratic"} 1.0' in text
     assert 'metaopt_gradient_estimates_rejected_total{job_id="job-1",reason="non_finite"} 1.0' in text
     assert 'metaopt_outer_steps_total{job_id="job-1"} 1.0' in text
+    assert 'metaopt_eval_win_share{job_id="job-1",suite="tiny"} 0.5' in text
+    assert 'metaopt_eval_final_loss_ratio{job_id="job-1",suite="tiny"} 0.8' in text
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr

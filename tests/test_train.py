@@ -14,6 +14,7 @@ import time
 import pytest
 
 from metaopt import storage
+from metaopt.run_report import read_metrics
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -70,7 +71,7 @@ def test_interrupted_run_keeps_a_checkpoint_of_every_finished_step(tmp_path):
     assert process.returncode == 130, stderr[-2000:]
     assert "resume with --job-id cut" in stderr
     step, _, meta = storage.latest_checkpoint(str(tmp_path / "runs" / "cut" / "checkpoints"))
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    steps = [row["step"] for row in read_metrics(metrics)]
     assert step >= 5 and step == len(meta["history"])
     assert steps == list(range(1, len(steps) + 1)) and steps[-1] <= step
 
@@ -100,7 +101,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_without_duplicate_steps(t
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["outer_steps"] == target
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    steps = [row["step"] for row in read_metrics(metrics)]
     assert steps == list(range(1, target + 1))
 
 
