@@ -231,6 +231,9 @@ class JobSpec(_Frozen):
     workers: WorkersSpec = WorkersSpec()
     stop: StopSpec = StopSpec()
     checkpoint_interval_s: float = Field(30.0, gt=0)
+    # Newest checkpoints kept (older ones are pruned); keep them all, e.g. 1000, to evaluate a
+    # run's history afterwards (benchmarks/generalisation_curve.py).
+    checkpoints_kept: int = Field(3, ge=1)
     storage: StorageSpec = StorageSpec()
     artifact_name: str | None = Field(None, pattern=NAME_PATTERN)  # default: the job name
     eval: EvalSpec | None = None  # in-run evaluation; off when absent

@@ -162,7 +162,7 @@ class _LearnerRun:
             spec.eval, self.run_dir, self.checkpoint_uri, job_id, self.learner.metrics,
             saved_step=lambda: self.checkpointer.last_saved_step)
         self.checkpointer = Checkpointer(
-            self.learner, self.checkpoint_uri, spec.checkpoint_interval_s,
+            self.learner, self.checkpoint_uri, spec.checkpoint_interval_s, keep=spec.checkpoints_kept,
             meta={"spec": self.spec_json, "code_version": installed_code_version()},
             may_write=lambda: self.recorder.holds_lease())
         # The lease before any checkpoint is read: a second learner of the job stops here.
