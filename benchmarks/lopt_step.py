@@ -1,4 +1,5 @@
-"""Time one jitted `small_fc` update against one jitted `optax.adam` update.
+"""Time one jitted `small_fc` update, and one of `nominal_mlp` (the v2 reference's design),
+against one jitted `optax.adam` update.
 
 For 10k, 100k and 1M float32 parameters (four 2-D tensors), reports per size: median ms per
 step for both (after warm-up, `block_until_ready`, Adam and small_fc timed alternately so
@@ -76,7 +77,9 @@ def bench_size(n: int, repeats: int) -> dict:
     grads = jax.tree.map(lambda x: 0.01 * x, params)
     opt = optimizers.make("small_fc")
     theta = opt.init(jax.random.key(1))
-    txs = {"adam": optax.adam(1e-3), "small_fc": opt.as_optax(theta, 1000)}
+    nominal = optimizers.make("nominal_mlp")
+    txs = {"adam": optax.adam(1e-3), "small_fc": opt.as_optax(theta, 1000),
+           "nominal_mlp": nominal.as_optax(nominal.init(jax.random.key(1)), 1000)}
     calls, states = {}, {}
     for k, tx in txs.items():
         states[k] = tx.init(params)
@@ -97,6 +100,9 @@ def bench_size(n: int, repeats: int) -> dict:
         "adam_ms": ms["adam"],
         "small_fc_ms": ms["small_fc"],
         "ratio": ms["small_fc"] / ms["adam"],
+        "nominal_mlp_ms": ms["nominal_mlp"],
+        "nominal_mlp_ratio": ms["nominal_mlp"] / ms["adam"],
+        "nominal_mlp_state_bytes_per_param": state_bytes["nominal_mlp"],
         "adam_state_bytes_per_param": state_bytes["adam"],
         "small_fc_state_bytes_per_param": state_bytes["small_fc"],
         "small_fc_flops_per_param": mlp_flops + _ELEMENTWISE_FLOPS,
@@ -151,6 +157,7 @@ def main() -> None:
         rows.append(r)
     head = f"{'params':>10} {'adam ms':>8} {'lopt ms':>8} {'ratio':>6} {'floor':>6} "
     head += f"{'B/param adam':>12} {'B/param lopt':>12} {'FLOP/param':>10} {'MLP GFLOP/s':>11}"
+    head += f" {'nominal ms':>10} {'ratio':>6}"
     print(head)
     for r in rows:
         print(
@@ -158,7 +165,7 @@ def main() -> None:
             f"{r['ratio']:>6.1f} {r['floor_ratio']:>6.1f} "
             f"{r['adam_state_bytes_per_param']:>12.1f} "
             f"{r['small_fc_state_bytes_per_param']:>12.1f} {r['small_fc_flops_per_param']:>10} "
-            f"{r['mlp_gflops']:>11.0f}"
+            f"{r['mlp_gflops']:>11.0f} {r['nominal_mlp_ms']:>10.3f} {r['nominal_mlp_ratio']:>6.1f}"
         )
     result = {"sizes": rows, "backend": jax.default_backend(), "cpu_count": os.cpu_count()}
     if args.out:

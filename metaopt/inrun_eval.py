@@ -297,19 +297,27 @@ def _serve(conn, suite_ref: str, num_seeds: int, baselines_dir: str, eval_dir: s
         conn.send_bytes(json.dumps(reply).encode())
 
 
-def _evaluate_checkpoint(uri: str, suite, seeds: list[int], baselines_dir: str, eval_dir: pathlib.Path,
-                         job_id: str, keep_theta: bool) -> dict[str, Any]:
+def checkpoint_ref(checkpoint, job_id: str):
+    """An `evaluation.OptimizerRef` for a checkpoint's θ (publishing.Checkpoint), named
+    JOB@step-N."""
     import jax
     import jax.numpy as jnp
 
     from metaopt import evaluation, publishing
 
-    started = time.perf_counter()
-    checkpoint = publishing.find_checkpoint(uri)
     optimizer, theta = publishing.checkpoint_theta(checkpoint, checkpoint.meta["spec"])
-    ref = evaluation.OptimizerRef(
+    return evaluation.OptimizerRef(
         f"{job_id}@step-{checkpoint.step}", "checkpoint", optimizer.name, dict(optimizer.hparams),
         jax.tree.map(jnp.asarray, theta), {"checkpoint": checkpoint.uri})
+
+
+def _evaluate_checkpoint(uri: str, suite, seeds: list[int], baselines_dir: str, eval_dir: pathlib.Path,
+                         job_id: str, keep_theta: bool) -> dict[str, Any]:
+    from metaopt import evaluation, publishing
+
+    started = time.perf_counter()
+    checkpoint = publishing.find_checkpoint(uri)
+    ref = checkpoint_ref(checkpoint, job_id)
     result = evaluation.evaluate(ref, suite, seeds=seeds, progress=False, baseline_cache=baselines_dir)
     # Each file whole or not at all (tmp, then rename): the run may be killed at any moment.
     report, kept = eval_dir / f"step-{checkpoint.step:09d}.json", theta_file(eval_dir, checkpoint.step)
