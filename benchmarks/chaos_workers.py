@@ -1,36 +1,56 @@
-"""Workers dying: during a real local `metaopt train` run, SIGKILL a random worker process every
-few seconds, as a preemption would. Ray restarts the actor (workers are created with
-`max_restarts=-1`, and their loop with `max_task_retries=-1`); each restart is a new
-incarnation with a new run id and fresh particle state; the learner drops whatever the dead
-incarnation had in flight (an unfinished chunked estimate, an unsent one) and the run finishes.
+"""Workers dying: during a real local `metaopt train` run, SIGKILL worker processes, as a
+preemption would. Ray restarts the actor (workers are created with `max_restarts=-1`, and their
+loop with `max_task_retries=-1`); each restart is a new incarnation with a new run id and fresh
+particle state; the learner drops whatever the dead incarnation had in flight (an unfinished
+chunked estimate, an unsent one) and the run finishes.
 
-The same job runs twice for the same time (its stopping rule): once with the kills, once
-undisturbed. Evidence that restarts happened and were clean comes from the learner itself: the
-number of distinct (worker, run id) incarnations whose estimates it accepted, and its count of
-accepted estimates, which must equal the estimates in its outer steps (none lost, none twice).
+Two ways to choose the kill moments:
+
+- By the clock (the default): a random working worker about every `--kill-every` seconds, for
+  `--minutes` (the stopping rule), and the same job again undisturbed for the throughput ratio.
+  How many kills land, and how many restarts deliver before the budget is spent, depends on
+  the machine's speed: this is the benchmark, and the slow test.
+- After delivery (`--kills-after-delivery N`): N kills, each as soon as the learner has accepted
+  an estimate from every incarnation so far, read from its own `/metrics`
+  (`metaopt_worker_incarnations_total`), so no kill can fall before an incarnation delivered,
+  however slow the machine. The stopping rule is `--steps` outer steps. With one worker (the
+  default here) no outer step is taken while it restarts, so the kills fit in any step budget
+  that outlasts the few steps taken between an incarnation's first estimate and its kill: the
+  run's length in steps does not depend on the machine. This is the default test.
+
+Evidence that restarts happened and were clean comes from the learner itself: the number of
+distinct (worker, run id) incarnations whose estimates it accepted, and its count of accepted
+estimates, which must equal the estimates in its outer steps (none lost, none twice).
 
 Figures: `worker_kills`, `worker_incarnations` (workers + restarts that delivered),
-`run_finished`, `accepted_equals_applied`, `outer_steps_per_s` with and without kills and their
-ratio `throughput_kept`.
+`run_finished`, `accepted_equals_applied`; by the clock also `outer_steps_per_s` with and without
+kills and their ratio `throughput_kept`; after delivery also `steps_at_kills` (θ's version at
+each kill) and `outer_steps`.
 
     python benchmarks/chaos_workers.py [--quick] [--json] [--out DIR]
+    python benchmarks/chaos_workers.py --kills-after-delivery 3 --steps 600 --json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import pathlib
 import random
 import signal
+import socket
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 import psutil
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from metaopt.jobspec import parse_job_spec
 from metaopt.run_report import read_metrics
@@ -80,36 +100,105 @@ class Killer(threading.Thread):
             next_kill = now + self.rng.uniform(0.5, 1.5) * self.every_s
 
 
-def run_job(workdir: pathlib.Path, job_id: str, minutes: float, workers: int,
-            killer: Killer | None = None) -> dict:
-    """One `train` run for `minutes` (its stopping rule), with `killer` at work if given."""
+class KillerAfterDelivery(threading.Thread):
+    """SIGKILLs a working worker `kills` times, each time once the learner's /metrics at
+    `metrics_url` count an accepted estimate from every incarnation so far (`workers` + kills
+    made): the kill moments follow the learner's record, not the clock. It waits for the
+    learner as long as the run lasts; if the run ends first, the kills made are reported."""
+
+    def __init__(self, metrics_url: str, workers: int, kills: int, seed: int = 0, poll_s: float = 0.05):
+        super().__init__(daemon=True, name="worker-killer-after-delivery")
+        self.metrics_url, self.workers, self.target = metrics_url, workers, kills
+        self.rng, self.poll_s = random.Random(seed), poll_s
+        self.kills: list[float] = []
+        self.steps_at_kills: list[int] = []
+        self.stopped = threading.Event()
+
+    def learner_counts(self) -> dict[str, float]:
+        """The learner's counters this killer follows ({} while its server is not up yet)."""
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+                text = response.read().decode()
+        except (OSError, http.client.HTTPException):  # not serving yet, or no more
+            return {}
+        return {sample.name: sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name in ("metaopt_worker_incarnations_total", "metaopt_theta_version")}
+
+    def run(self) -> None:
+        started = time.monotonic()
+        while len(self.kills) < self.target and not self.stopped.wait(self.poll_s):
+            counts = self.learner_counts()
+            if counts.get("metaopt_worker_incarnations_total", 0) < self.workers + len(self.kills):
+                continue  # an incarnation (a first start, or the last restart) has not delivered yet
+            working = working_workers()
+            if not working:
+                continue
+            with contextlib.suppress(ProcessLookupError):  # it ended on its own: choose again
+                os.kill(self.rng.choice(sorted(working)), signal.SIGKILL)
+                self.kills.append(time.monotonic())
+                self.steps_at_kills.append(int(counts.get("metaopt_theta_version", 0)))
+                print(f"kill {len(self.kills)} at outer step {self.steps_at_kills[-1]}, "
+                      f"{self.kills[-1] - started:.1f} s in", file=sys.stderr)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(workdir: pathlib.Path, job_id: str, stop: dict, workers: int,
+            killer: Killer | KillerAfterDelivery | None = None, metrics_port: int = 0) -> dict:
+    """One `train` run to `stop` (the spec's stopping rule), with `killer` at work if given."""
     from metaopt.train import train
 
     spec = yaml.safe_load(SPEC.read_text())
-    spec.update(workers={"count": workers}, stop={"max_outer_steps": 10**9, "max_minutes": minutes})
+    spec.update(workers={"count": workers}, stop=stop)
     if killer:
         killer.start()
     try:
-        result = train(parse_job_spec(spec), out=str(workdir), job_id=job_id, progress=False)
+        result = train(parse_job_spec(spec), out=str(workdir), job_id=job_id, progress=False,
+                       metrics_port=metrics_port)
     finally:
         if killer:
             killer.stopped.set()
+            killer.join()
     applied = sum(row["estimates"] for row in read_metrics(pathlib.Path(result.run_dir) / "metrics.jsonl"))
     return {"worker_kills": len(killer.kills) if killer else 0, "outer_steps": result.outer_steps,
-            "outer_steps_per_s": result.outer_steps / result.wall_s,
+            "outer_steps_per_s": result.outer_steps / result.wall_s, "wall_s": round(result.wall_s, 1),
             "worker_incarnations": result.worker_incarnations, "accepted": result.estimates_accepted,
             "applied": applied, "run_finished": result.outer_steps > 0}
+
+
+def kill_after_delivery(workdir: pathlib.Path, kills: int, steps: int, workers: int = 1,
+                        seed: int = 0) -> dict:
+    """The job to `steps` outer steps, its workers killed `kills` times, each kill after every
+    incarnation so far delivered an accepted estimate."""
+    metrics_port = _free_port()
+    killer = KillerAfterDelivery(f"http://127.0.0.1:{metrics_port}/metrics", workers, kills, seed)
+    report = run_job(workdir, "chaos-after-delivery", {"max_outer_steps": steps}, workers, killer,
+                     metrics_port)
+    return {
+        **{key: report[key] for key in ("worker_kills", "worker_incarnations", "outer_steps",
+                                        "accepted", "applied", "wall_s")},
+        "steps_at_kills": killer.steps_at_kills,
+        "run_finished": report["outer_steps"] == steps,
+        "accepted_equals_applied": report["accepted"] == report["applied"],
+        "workers": workers, "kills_wanted": kills, "max_outer_steps": steps,
+    }
 
 
 def kill_workers(workdir: pathlib.Path, minutes: float, workers: int = 2, kill_every_s: float = 5.0,
                  min_age_s: float = 15.0, seed: int = 0, baseline: bool = True) -> dict:
     """The job with kills, and (with `baseline`) then without, for the throughput ratio."""
-    chaos = run_job(workdir, "chaos-kills", minutes, workers, Killer(kill_every_s, min_age_s, seed))
+    budget = {"max_outer_steps": 10**9, "max_minutes": minutes}
+    chaos = run_job(workdir, "chaos-kills", budget, workers, Killer(kill_every_s, min_age_s, seed))
     chaos["accepted_equals_applied"] = chaos["accepted"] == chaos["applied"]
     settings = {"workers": workers, "minutes": minutes, "kill_every_s": kill_every_s, "min_age_s": min_age_s}
     if not baseline:
         return {**chaos, **settings}
-    calm = run_job(workdir, "chaos-calm", minutes, workers)
+    calm = run_job(workdir, "chaos-calm", budget, workers)
     return {
         "worker_kills": chaos["worker_kills"], "worker_incarnations": chaos["worker_incarnations"],
         "run_finished": calm["run_finished"] and chaos["run_finished"],
@@ -129,13 +218,22 @@ def main() -> None:
     parser.add_argument("--min-age", type=float, default=15.0, help="spare workers working for less (s)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run without kills")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kills-after-delivery", type=int, metavar="N",
+                        help="instead of the clock: N kills, each after every incarnation delivered")
+    parser.add_argument("--steps", type=int, default=600, help="with --kills-after-delivery: the "
+                        "stopping rule in outer steps")
+    parser.add_argument("--workers", type=int, help="default 2 by the clock, 1 after delivery")
     parser.add_argument("--out", type=pathlib.Path, help="write chaos_workers.json here")
     args = parser.parse_args()
     minutes = args.minutes or (1.0 if args.quick else 5.0)
     with tempfile.TemporaryDirectory(prefix="chaos-workers-") as workdir:
-        result = kill_workers(pathlib.Path(workdir), minutes, kill_every_s=args.kill_every,
-                              min_age_s=args.min_age, seed=args.seed,
-                              baseline=not args.no_baseline)
+        if args.kills_after_delivery is not None:
+            result = kill_after_delivery(pathlib.Path(workdir), args.kills_after_delivery, args.steps,
+                                         workers=args.workers or 1, seed=args.seed)
+        else:
+            result = kill_workers(pathlib.Path(workdir), minutes, workers=args.workers or 2,
+                                  kill_every_s=args.kill_every, min_age_s=args.min_age,
+                                  seed=args.seed, baseline=not args.no_baseline)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "chaos_workers.json").write_text(json.dumps(result, indent=2))

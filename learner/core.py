@@ -175,6 +175,7 @@ class Learner:
             staleness = self.version - est.theta_version
             if staleness > self.config.max_staleness:  # θ may have moved since _validate
                 return self.reject(est, Reason.REJECT_REASON_STALE, "θ moved on")
+            first_of_incarnation = stream not in self._last_sequence
             self._last_sequence[stream] = est.sequence
             self.accepted_by_worker[est.worker_id] += 1
             batch = self._filling
@@ -194,6 +195,8 @@ class Learner:
                 self._filling = self._free.pop() if self._free else None
             buffered = self._buffered()
         self.metrics.accepted(est.task.name, est.inner_steps, staleness)
+        if first_of_incarnation:
+            self.metrics.incarnation_delivered()
         self.metrics.buffered(buffered)
         return pb.Ack(sequence=est.sequence, accepted=True, theta_version=self.version)
 

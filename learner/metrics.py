@@ -59,6 +59,11 @@ class LearnerMetrics:
             "metaopt_last_checkpoint_timestamp_seconds", "Unix time of the last committed "
             "checkpoint.", job, registry=r)
         self._workers = Gauge("metaopt_workers_connected", "Open worker streams.", job, registry=r)
+        # A worker's start and each restart by Ray is an incarnation with a run id of its own;
+        # counted at its first accepted estimate, so restarts that delivered show as increases.
+        self._incarnations = Counter(
+            "metaopt_worker_incarnations", "Worker incarnations (distinct worker and run id) with "
+            "an accepted estimate.", job, registry=r).labels(job_id)
         self._buffered = Gauge(
             "metaopt_buffered_estimates", "Accepted estimates not yet applied in an outer step.",
             job, registry=r)
@@ -91,6 +96,9 @@ class LearnerMetrics:
         children[0].inc()
         children[1].inc(inner_steps)
         self._staleness_child.observe(staleness)
+
+    def incarnation_delivered(self) -> None:
+        self._incarnations.inc()
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.job_id, reason.removeprefix("REJECT_REASON_").lower()).inc()

@@ -157,7 +157,7 @@ class Augmentation:
     element_scale: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self):
-        (lo, hi), (nlo, nhi) = self.param_scale, self.grad_noise
+        nlo, nhi = self.grad_noise
         scale_ranges = (self.param_scale, self.tensor_scale, self.element_scale)
         if not (all(0 < a <= b for a, b in scale_ranges) and 0 <= nlo <= nhi):
             raise ValueError(

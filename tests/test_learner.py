@@ -167,6 +167,30 @@ def test_the_last_steps_estimate_counts_while_the_step_before_is_committed():
     assert learner.wait_idle() and learner.version == 2 and learner.done.is_set()
 
 
+def test_worker_incarnations_are_counted_at_their_first_accepted_estimate():
+    """A restarted worker keeps its worker id and gets a new run id: a new incarnation, counted
+    (in `metaopt_worker_incarnations_total`, which the chaos benchmark waits on) when the learner
+    first accepts one of its estimates. A refused estimate counts nothing."""
+    learner = make_learner(meta_batch_size=1)
+    name = "metaopt_worker_incarnations_total"
+    # Exported from the start (0), not only after the first: a reader sees the count, not a gap.
+    assert learner.metrics.registry.get_sample_value(name, {"job_id": "job-1"}) == 0
+
+    def from_run(run_id: str, version: int) -> pb.GradientEstimate:
+        est = estimate(np.ones(SIZE) * 0.1, version=version)
+        est.run_id = run_id
+        return est
+
+    assert not learner.submit(from_run("r1", version=7)).accepted  # from the future: refused
+    assert sample_value(learner, name, job_id="job-1") == 0 and learner.worker_incarnations == 0
+    counts = []
+    for run_id in ("r1", "r1", "r2", "r1"):
+        assert learner.submit(from_run(run_id, learner.version)).accepted
+        assert learner.wait_idle()
+        counts.append(sample_value(learner, name, job_id="job-1"))
+    assert counts == [1, 1, 2, 2] and learner.worker_incarnations == 2
+
+
 def test_a_stop_applies_every_accepted_estimate_and_then_refuses_more():
     """Stopped early (a time budget, SIGTERM, a cancel), the learner still applies what it
     accepted: the full meta-batches, then the partial one as a smaller last step."""

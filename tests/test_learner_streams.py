@@ -209,7 +209,10 @@ def test_a_worker_never_has_more_estimates_in_flight_than_its_credit(serve):
 
     sender = threading.Thread(target=send_all)
     sender.start()
-    time.sleep(1.5)
+    deadline = time.monotonic() + 20  # a slow machine gets there later, never not at all
+    while (len(sent) < 4 or client.accepted < 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a fifth send, past the credit, would show by now
     try:
         # Accepted: two (one in the held update, one filling the spare accumulator); the third
         # waits inside the learner unacknowledged; the fourth is the second credit's.

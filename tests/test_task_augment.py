@@ -87,7 +87,8 @@ def test_per_tensor_and_per_parameter_scales_keep_the_loss_and_scale_the_gradien
     assert float(wrapped.loss(q, key, batch)) == pytest.approx(float(base.loss(p, key, batch)), rel=1e-5)
     # ∇q = S ⊙ ∇p, elementwise (chain rule through p = S ⊙ q).
     grad_q, grad_p = jax.grad(wrapped.loss)(q, key, batch), jax.grad(base.loss)(p, key, batch)
-    for gq, gp, si in zip(jax.tree.leaves(grad_q), jax.tree.leaves(grad_p), jax.tree.leaves(scales), strict=True):
+    leaves = zip(jax.tree.leaves(grad_q), jax.tree.leaves(grad_p), jax.tree.leaves(scales), strict=True)
+    for gq, gp, si in leaves:
         np.testing.assert_allclose(np.asarray(gq), si * np.asarray(gp), rtol=1e-4, atol=1e-9)
 
 

@@ -105,7 +105,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_without_duplicate_steps(t
     assert steps == list(range(1, target + 1))
 
 
-@pytest.mark.slow  # default run: test_chaos_workers ends on a budget
+@pytest.mark.slow  # default run: test_chaos_services ends on a time budget
 def test_a_time_budget_ends_the_run_cleanly_and_publishes_the_optimizer(tmp_path):
     """stop.max_minutes (here `--max-minutes`) stops a run that has outer steps left, as its
     step limit would: exit 0, a final checkpoint, the optimizer in the registry."""

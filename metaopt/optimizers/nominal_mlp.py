@@ -106,7 +106,8 @@ class NominalMLP:
     eps: float = 1e-8
 
     name = "nominal_mlp"
-    description = "Adam on the user's schedule + a bounded learned per-parameter correction (nominal term, Celo2, muLO)"
+    description = ("Adam on the user's schedule + a bounded learned per-parameter correction "
+                   "(nominal term, Celo2, muLO)")
     learned = True
 
     def __post_init__(self):
@@ -126,8 +127,8 @@ class NominalMLP:
             "tensor": {"w": jnp.zeros((NUM_TENSOR_FEATURES,), jnp.float32), "b": jnp.zeros((), jnp.float32)},
         }
 
-    def as_optax(self, theta: Any, num_steps: int,
-                 learning_rate: float | optax.Schedule | None = None) -> optax.GradientTransformationExtraArgs:
+    def as_optax(self, theta: Any, num_steps: int, learning_rate: float | optax.Schedule | None = None
+                 ) -> optax.GradientTransformationExtraArgs:
         """`learning_rate`: None for `self.learning_rate` with cosine decay over `num_steps`, a float
         for that rate on the same schedule, or the user's own optax schedule (step -> rate)."""
         if callable(learning_rate):
@@ -184,6 +185,7 @@ class NominalMLP:
                 new_updates.append(u.astype(g.dtype))
                 new_m.append(m)
                 new_v.append(v)
-            return jax.tree.unflatten(treedef, new_updates), NominalMLPState(count, tuple(new_m), tuple(new_v))
+            new_state = NominalMLPState(count, tuple(new_m), tuple(new_v))
+            return jax.tree.unflatten(treedef, new_updates), new_state
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
