@@ -40,7 +40,8 @@ def checkpoints_by_minute(run_dir: pathlib.Path, every_minutes: float) -> list[t
         raise SystemExit(f"{run_dir}/metrics.jsonl has no outer steps: is {run_dir} a run directory?")
     start = steps[0]["time"]
     minute_of = {s["step"]: (s["time"] - start) / 60 for s in steps}
-    saved = sorted((int(m.group(1)), p) for p in (run_dir / "checkpoints").iterdir()
+    folder = run_dir / "checkpoints"
+    saved = sorted((int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else ())
                    if (m := CHECKPOINT_DIR_RE.fullmatch(p.name)) and int(m.group(1)) in minute_of)
     if not saved:
         raise SystemExit(f"{run_dir}/checkpoints holds no checkpoint of a step in metrics.jsonl")
