@@ -151,9 +151,15 @@ def worker_env(spec: JobSpec) -> dict[str, str]:
     devices, so its estimator runs its particle halves side by side, one share per core:
     1.6x the inner steps/s of one device on 2 cores (XLA's own threads help these small ops
     little). One pinned 1-CPU worker per core does 1.2-1.6x better still (the halves of one
-    estimate wait for each other); see benchmarks/worker_throughput.py."""
+    estimate wait for each other); see benchmarks/worker_throughput.py. With
+    `workers.compile_cache_dir`, JAX's persistent compilation cache is shared there."""
     cpus = int(spec.workers.cpus)
-    return {"JAX_NUM_CPU_DEVICES": str(cpus)} if spec.workers.gpus == 0 and cpus >= 2 else {}
+    env = {"JAX_NUM_CPU_DEVICES": str(cpus)} if spec.workers.gpus == 0 and cpus >= 2 else {}
+    if spec.workers.compile_cache_dir:
+        # Programs that took over a second to compile: the inner unrolls, not every small op.
+        env.update(JAX_COMPILATION_CACHE_DIR=spec.workers.compile_cache_dir,
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    return env
 
 
 def start_workers(spec: JobSpec, learner_address: str, job_id: str, count: int | None = None,
