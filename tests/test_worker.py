@@ -101,3 +101,13 @@ def test_every_estimator_kind_meta_trains_through_the_real_learner(kind):
     assert learner.version == 3 and stats["accepted"] >= 2
     per_estimate = worker.estimator.inner_steps_per_estimate
     assert all(step.inner_steps == per_estimate for step in learner.history)
+
+
+def test_workers_share_a_compilation_cache_only_when_the_spec_names_one(tmp_path):
+    from workers.actor import worker_env
+
+    assert "JAX_COMPILATION_CACHE_DIR" not in worker_env(SPEC)
+    spec = SPEC.with_overrides(**{"workers.compile_cache_dir": str(tmp_path)})
+    env = worker_env(spec)
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path)
+    assert float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]) > 0  # the unrolls, not every op
