@@ -22,6 +22,8 @@ The *best baseline* of a task is the one with the lowest final training loss; it
 loss is the task's *target*. `steps_to_reach` is the first step at which the trailing mean (over
 the same 10% window) of the seed-averaged training curve is at or below the target (None if never),
 and REF's `speedup` = the best baseline's steps-to-reach / REF's (None if REF never reaches it).
+Each task also records `elapsed_s`: wall seconds of tuning (scales with trials) and of training
+(scales with seeds), compiles included, to size a full evaluation from a small one.
 
 Aggregates, over ALL tasks of the suite (none is ever dropped): `wins` and `win_rate` (tasks
 where REF's final training loss is below the target), `geomean_final_loss_ratio` and
@@ -445,12 +447,15 @@ def evaluate(
         test_every = max(1, st.steps // suite.test_points)
         tune_key = jax.random.fold_in(jax.random.key(suite.tuning_seed), index)
         base_out = {}
+        task_started, tuning_s = time.time(), 0.0
         for b_index, b in enumerate(baselines):
             cache_key = {"baseline": b, "spec": st.spec.to_json(), "steps": st.steps, "trials": trials,
                          "tuning_seed": suite.tuning_seed, "index": index, "baseline_index": b_index}
+            tuning_started = time.time()
             tuned = _tuned_baseline(cache_dir, cache_key, functools.partial(
                 random_search, jax.random.fold_in(tune_key, b_index), b, task, num_steps=st.steps,
                 trials=trials, seed_key=jax.random.fold_in(tune_key, 10_000)))
+            tuning_s += time.time() - tuning_started
             hparams = tuned["best_hparams"] or optimizers.make(b).hparams
             summary = _summarise(*_train(task, b, hparams, {}, st.steps, seed_keys, test_every), window)
             base_out[b] = {
@@ -481,6 +486,9 @@ def evaluate(
             "win": bool(ref_out["final_train_loss"] < target),
             "ref": ref_out,
             "baselines": base_out,
+            # wall seconds, compiles included: tuning scales with trials, training with seeds
+            "elapsed_s": {"tuning": round(tuning_s, 2),
+                          "training": round(time.time() - task_started - tuning_s, 2)},
         })
     bar.close()
     result = {

@@ -22,7 +22,7 @@ from metaopt import evaluation, optimizers, registry
 from metaopt.cli import app
 
 TASK_KEYS = {"name", "spec", "steps", "best_baseline", "target_loss", "final_loss_ratio", "test_loss_ratio",
-             "capped", "win", "ref", "baselines"}
+             "capped", "win", "ref", "baselines", "elapsed_s"}
 RUN_KEYS = {"final_train_loss", "final_test_loss", "auc", "diverged_seeds", "per_seed", "curve", "test_curve",
             "steps_to_reach"}
 FAKE = "test_fake_nan_on_one_seed"
@@ -57,7 +57,8 @@ def learned_registry(tmp_path_factory):
 
 
 def test_shipped_suites_load_and_are_what_they_say():
-    assert {"smoke", "in_distribution", "out_of_distribution"} <= set(evaluation.suite_names())
+    assert {"smoke", "in_distribution", "out_of_distribution", "long_horizon", "shifted"} <= set(
+        evaluation.suite_names())  # the last two: tests/test_suites.py
     smoke = evaluation.load_suite("smoke")
     assert 2 <= len(smoke.tasks) <= 3 and all(t.steps <= 200 for t in smoke.tasks) and len(smoke.seeds) == 1
     ind = evaluation.load_suite("in_distribution")
@@ -120,6 +121,7 @@ def _check_result(result, suite, ref):
     assert agg["geomean_final_loss_ratio"] == pytest.approx(np.exp(np.mean(np.log(ratios))), rel=1e-12)
     for t, st in zip(result["tasks"], suite.tasks, strict=True):
         assert set(t) == TASK_KEYS and t["name"] == st.name and t["steps"] == st.steps
+        assert set(t["elapsed_s"]) == {"tuning", "training"} and t["elapsed_s"]["training"] > 0
         assert RUN_KEYS | {"speedup"} <= set(t["ref"])
         assert len(t["ref"]["curve"]) == st.steps and len(t["ref"]["per_seed"]) == len(suite.seeds)
         assert t["ref"]["test_curve"]["steps"][-1] == st.steps and len(t["ref"]["test_curve"]["loss"]) >= 2
