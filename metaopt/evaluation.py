@@ -22,11 +22,27 @@ The *best baseline* of a task is the one with the lowest final training loss; it
 loss is the task's *target*. `steps_to_reach` is the first step at which the trailing mean (over
 the same 10% window) of the seed-averaged training curve is at or below the target (None if never),
 and REF's `speedup` = the best baseline's steps-to-reach / REF's (None if REF never reaches it).
+Each task also records `elapsed_s`: wall seconds of tuning (scales with trials) and of training
+(scales with seeds), compiles included, to size a full evaluation from a small one.
 
-Aggregates: `win_rate` (fraction of tasks where REF's final training loss is below the best
-baseline's), `reached_fraction`, `geomean_speedup` (over the tasks REF reaches the target),
-`geomean_final_loss_ratio` and `geomean_test_loss_ratio` (REF / best baseline), `mean_auc`.
-Non-finite numbers (diverged runs) are written as null.
+Aggregates, over ALL tasks of the suite (none is ever dropped): `wins` and `win_rate` (tasks
+where REF's final training loss is below the target), `geomean_final_loss_ratio` and
+`geomean_test_loss_ratio` (geometric means of REF / best baseline), `mean_auc` (per optimizer),
+and `geomean_speedup` over the `reached_tasks` tasks where REF reaches the target (only ever
+shown together with that count: a speedup over 2 of 6 tasks says nothing of the other 4).
+
+Diverged runs. A seed whose losses hold a NaN or ±inf has *diverged*; a run (an optimizer on a
+task) with a diverged seed has a non-finite mean loss (written as null in the JSON) and loses
+the task. Its ratio has no measured value, so the aggregates charge it a stated one,
+`DIVERGED_RATIO_CAP` (1e3): a task where REF diverged on any seed counts with a final-loss and a
+test-loss ratio of DIVERGED_RATIO_CAP, and with an AUC of DIVERGED_RATIO_CAP (a run whose mean
+loss were a thousand times its initial loss); a task where only the best baseline diverged
+counts 1 / DIVERGED_RATIO_CAP. Measured ratios are used as they are, also above the cap (the
+cap never makes a measured loss look better). Where a loss is <= 0 a ratio is undefined; the
+task then counts 1, the cap or its inverse as REF's loss is equal, above or below the
+baseline's. The per-task `final_loss_ratio` and `test_loss_ratio` are these charged values
+(`capped` says a task holds a charge rather than a measurement); `format_table` lists the
+diverged seeds of REF and of the best baseline for every task.
 """
 
 from __future__ import annotations
@@ -51,13 +67,18 @@ import task_zoo
 
 SUITES_DIR = pathlib.Path(__file__).resolve().parent / "suites"
 TEST_BATCHES = 2  # held-out loss = mean over this many test batches
+# Ratio (REF / best baseline) and AUC charged to the aggregates for a diverged run (docstring).
+DIVERGED_RATIO_CAP = 1e3
 
 __all__ = [
+    "DIVERGED_RATIO_CAP",
     "EvalInputError",
     "OptimizerRef",
     "Suite",
     "SuiteTask",
     "evaluate",
+    "format_table",
+    "headline",
     "load_suite",
     "steps_to_reach",
     "suite_names",
@@ -432,12 +453,15 @@ def evaluate(
         test_every = max(1, st.steps // suite.test_points)
         tune_key = jax.random.fold_in(jax.random.key(suite.tuning_seed), index)
         base_out = {}
+        task_started, tuning_s = time.time(), 0.0
         for b_index, b in enumerate(baselines):
             cache_key = {"baseline": b, "spec": st.spec.to_json(), "steps": st.steps, "trials": trials,
                          "tuning_seed": suite.tuning_seed, "index": index, "baseline_index": b_index}
+            tuning_started = time.time()
             tuned = _tuned_baseline(cache_dir, cache_key, functools.partial(
                 random_search, jax.random.fold_in(tune_key, b_index), b, task, num_steps=st.steps,
                 trials=trials, seed_key=jax.random.fold_in(tune_key, 10_000)))
+            tuning_s += time.time() - tuning_started
             hparams = tuned["best_hparams"] or optimizers.make(b).hparams
             summary = _summarise(*_train(task, b, hparams, {}, st.steps, seed_keys, test_every), window)
             base_out[b] = {
@@ -462,11 +486,15 @@ def evaluate(
             "steps": st.steps,
             "best_baseline": best,
             "target_loss": target,
-            "final_loss_ratio": _ratio(ref_out["final_train_loss"], target),
-            "test_loss_ratio": _ratio(ref_out["final_test_loss"], base_out[best]["final_test_loss"]),
+            "final_loss_ratio": _charged_ratio(ref_out["final_train_loss"], target),
+            "test_loss_ratio": _charged_ratio(ref_out["final_test_loss"], base_out[best]["final_test_loss"]),
+            "capped": bool(ref_out["diverged_seeds"] or base_out[best]["diverged_seeds"]),
             "win": bool(ref_out["final_train_loss"] < target),
             "ref": ref_out,
             "baselines": base_out,
+            # wall seconds, compiles included: tuning scales with trials, training with seeds
+            "elapsed_s": {"tuning": round(tuning_s, 2),
+                          "training": round(time.time() - task_started - tuning_s, 2)},
         })
     bar.close()
     result = {
@@ -489,37 +517,53 @@ def evaluate(
     return _clean(result)
 
 
-def _ratio(a: float, b: float) -> float:
-    if not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
-        return math.nan if math.isfinite(a) else math.inf
-    return a / b
+def _charged_ratio(ref_loss: float, base_loss: float) -> float:
+    """REF's loss / the best baseline's as it counts in the aggregates (module docstring,
+    "Diverged runs"): the cap if REF's loss is not finite (a diverged seed), its inverse if only
+    the baseline's is, the measured ratio otherwise. Always a positive finite number."""
+    if not math.isfinite(ref_loss):
+        return DIVERGED_RATIO_CAP
+    if not math.isfinite(base_loss):
+        return 1.0 / DIVERGED_RATIO_CAP
+    if ref_loss > 0 and base_loss > 0:
+        return ref_loss / base_loss
+    if ref_loss == base_loss:
+        return 1.0
+    return DIVERGED_RATIO_CAP if ref_loss > base_loss else 1.0 / DIVERGED_RATIO_CAP
+
+
+def _charged_auc(run: dict[str, Any]) -> float:
+    """A run's AUC as it counts in `mean_auc`: the cap if a seed diverged (or the AUC is undefined)."""
+    auc = run["auc"]
+    return auc if run["diverged_seeds"] == 0 and math.isfinite(auc) else DIVERGED_RATIO_CAP
 
 
 def _geomean(xs: list[float]) -> float | None:
-    xs = [x for x in xs if x is not None and math.isfinite(x) and x > 0]
+    """Geometric mean of positive finite numbers; None for none. Anything else is a bug upstream:
+    the aggregates charge diverged tasks instead of dropping them."""
+    if any(not (math.isfinite(x) and x > 0) for x in xs):
+        raise ValueError(f"geometric mean of {xs}: every value must be positive and finite")
     return float(math.exp(sum(map(math.log, xs)) / len(xs))) if xs else None
 
 
 def _aggregate(tasks: list[dict], baselines: list[str]) -> dict[str, Any]:
     n = len(tasks)
-    speedups = [t["ref"]["speedup"] for t in tasks]
-
-    def mean(xs):
-        xs = [x for x in xs if math.isfinite(x)]
-        return float(np.mean(xs)) if xs else None
-
+    reached = [t["ref"]["speedup"] for t in tasks if t["ref"]["speedup"] is not None]
+    wins = sum(t["win"] for t in tasks)
+    runs = {"ref": [t["ref"] for t in tasks], **{b: [t["baselines"][b] for t in tasks] for b in baselines}}
     return {
         "num_tasks": n,
-        "wins": sum(t["win"] for t in tasks),
-        "win_rate": sum(t["win"] for t in tasks) / n,
-        "reached_fraction": sum(s is not None for s in speedups) / n,
-        "geomean_speedup": _geomean(speedups),
+        "wins": wins,
+        "win_rate": wins / n,
         "geomean_final_loss_ratio": _geomean([t["final_loss_ratio"] for t in tasks]),
         "geomean_test_loss_ratio": _geomean([t["test_loss_ratio"] for t in tasks]),
-        "mean_auc": {"ref": mean([t["ref"]["auc"] for t in tasks]),
-                     **{b: mean([t["baselines"][b]["auc"] for t in tasks]) for b in baselines}},
-        "diverged_runs": {"ref": sum(t["ref"]["diverged_seeds"] for t in tasks),
-                          **{b: sum(t["baselines"][b]["diverged_seeds"] for t in tasks) for b in baselines}},
+        "diverged_ratio_cap": DIVERGED_RATIO_CAP,
+        "capped_tasks": sum(t["capped"] for t in tasks),
+        "reached_tasks": len(reached),
+        "reached_fraction": len(reached) / n,
+        "geomean_speedup": _geomean(reached),
+        "mean_auc": {k: float(np.mean([_charged_auc(r) for r in rs])) for k, rs in runs.items()},
+        "diverged_runs": {k: sum(r["diverged_seeds"] for r in rs) for k, rs in runs.items()},
     }
 
 
@@ -579,19 +623,24 @@ def write_report(result: dict[str, Any], out_dir: str | pathlib.Path) -> dict[st
 
     names = [t["name"] for t in result["tasks"]]
     ratios = [t["final_loss_ratio"] for t in result["tasks"]]
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.7 * len(names) + 2), 4.5))
-    shown = [r if r is not None else np.nan for r in ratios]
-    colors = ["C2" if (r is not None and r < 1) else "C3" for r in ratios]
-    ax.bar(range(len(names)), shown, color=colors)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.7 * len(names) + 2), 4.5))
+    colors = ["C2" if t["win"] else "C3" for t in result["tasks"]]
+    bars = ax.bar(range(len(names)), ratios, color=colors)
+    for bar, t in zip(bars, result["tasks"], strict=True):
+        if t["capped"]:  # a charge, not a measurement: say so on the bar
+            bar.set_hatch("//")
+            who, run = ("REF", t["ref"]) if t["ref"]["diverged_seeds"] else (
+                t["best_baseline"], t["baselines"][t["best_baseline"]])
+            ax.annotate(f"{who} diverged {run['diverged_seeds']}/{len(result['seeds'])}",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                        va="bottom", fontsize=7)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-    if all(r is not None and r > 0 for r in ratios):
-        ax.set_yscale("log")
-    agg = result["aggregate"]
-    sp = agg["geomean_speedup"]
+    ax.set_yscale("log")  # charged ratios are positive by construction
     ax.set_ylabel("final train loss: REF / best tuned baseline", fontsize=9)
-    ax.set_title(f"{result['ref']} on {result['suite']}: wins {agg['wins']}/{agg['num_tasks']}, "
-                 f"geomean speedup {'n/a' if sp is None else f'{sp:.2f}x'}", fontsize=10)
+    lead, capped, speed = _headline_parts(result)  # headline(result), on two lines
+    ax.set_title(f"{result['ref']} on {result['suite']}: {lead}\n{capped + '; ' if capped else ''}{speed}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "summary.png", dpi=100)
     plt.close(fig)
@@ -599,29 +648,51 @@ def write_report(result: dict[str, Any], out_dir: str | pathlib.Path) -> dict[st
     return written
 
 
+def _headline_parts(result: dict[str, Any]) -> tuple[str, str, str]:
+    """(wins and final-loss ratio over all tasks, the note on capped tasks or "", the speedup
+    with the share of tasks it is computed over)."""
+    a = result["aggregate"]
+    n, ratio, sp = a["num_tasks"], a["geomean_final_loss_ratio"], a["geomean_speedup"]
+    lead = f"wins {a['wins']}/{n}, geomean final-loss ratio {ratio:.3g}x over all {n} tasks"
+    capped = ""
+    if a["capped_tasks"]:
+        capped = f"({a['capped_tasks']} with diverged seeds, counted at the {a['diverged_ratio_cap']:g} cap)"
+    speed = (f"geomean speedup {sp:.2f}x over {a['reached_tasks']}/{n} tasks" if sp is not None
+             else f"target reached on 0/{n} tasks")
+    return lead, capped, speed
+
+
+def headline(result: dict[str, Any]) -> str:
+    """One line that leads with wins and the final-loss ratio over all tasks; the speedup comes
+    only with the share of tasks it is computed over (module docstring, "Aggregates")."""
+    lead, capped, speed = _headline_parts(result)
+    return f"{lead}{' ' + capped if capped else ''}; {speed}"
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """A short plain-text table of the per-task results and the aggregate."""
+    """A short plain-text table of the per-task results and the aggregate: REF's and the best
+    baseline's diverged seeds per task, then the headline."""
 
     def f(x, spec=".4g"):
         return "-" if x is None else format(x, spec)
 
-    rows = [("task", "best baseline", "REF final", "base final", "ratio", "REF test", "REF auc", "speedup")]
+    n_seeds = len(result["seeds"])
+    rows = [("task", "best baseline", "REF final", "base final", "ratio", "REF test", "REF auc", "speedup",
+             "REF diverged", "base diverged")]
     for t in result["tasks"]:
         b = t["baselines"][t["best_baseline"]]
         sp = t["ref"]["speedup"]
+        ratio = f(t["final_loss_ratio"], ".3g") + (" (cap)" if t["capped"] else "")
         rows.append((
             t["name"], t["best_baseline"], f(t["ref"]["final_train_loss"]), f(b["final_train_loss"]),
-            f(t["final_loss_ratio"], ".3f"), f(t["ref"]["final_test_loss"]), f(t["ref"]["auc"], ".3f"),
+            ratio, f(t["ref"]["final_test_loss"]), f(t["ref"]["auc"], ".3f"),
             "never" if sp is None else f"{sp:.2f}x",
+            f"{t['ref']['diverged_seeds']}/{n_seeds}", f"{b['diverged_seeds']}/{n_seeds}",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     a = result["aggregate"]
-    sp = a["geomean_speedup"]
-    lines.append(
-        f"{result['ref']} on {result['suite']}: wins {a['wins']}/{a['num_tasks']} "
-        f"(win rate {a['win_rate']:.2f}), reached target on {a['reached_fraction']:.0%} of tasks, "
-        f"geomean speedup {'n/a' if sp is None else f'{sp:.2f}x'}, "
-        f"geomean final-loss ratio {f(a['geomean_final_loss_ratio'], '.3f')}"
-    )
+    diverged = ", ".join(f"{'REF' if k == 'ref' else k} {v}" for k, v in a["diverged_runs"].items())
+    lines.append(f"{result['ref']} on {result['suite']}: {headline(result)}; "
+                 f"diverged runs (task x seed): {diverged}")
     return "\n".join(lines)

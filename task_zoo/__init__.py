@@ -12,6 +12,7 @@ from task_zoo.augment import Augmentation
 from task_zoo.autoencoder import AutoencoderFamily
 from task_zoo.base import SPLITS, TEST, TRAIN, Task, TaskCost, TaskFamily, TaskSpec, batches
 from task_zoo.cnn import CNNFamily
+from task_zoo.least_squares import LeastSquaresFamily
 from task_zoo.logistic import LogisticFamily
 from task_zoo.lstm_lm import LSTMLMFamily
 from task_zoo.mixture import Mixture
@@ -25,6 +26,7 @@ register(MLPFamily.name, MLPFamily)
 register(CNNFamily.name, CNNFamily)
 register(AutoencoderFamily.name, AutoencoderFamily)
 register(LogisticFamily.name, LogisticFamily)
+register(LeastSquaresFamily.name, LeastSquaresFamily)
 register(TransformerLMFamily.name, TransformerLMFamily)
 register(LSTMLMFamily.name, LSTMLMFamily)
 
@@ -40,6 +42,7 @@ __all__ = [
     "CNNFamily",
     "AutoencoderFamily",
     "LogisticFamily",
+    "LeastSquaresFamily",
     "TransformerLMFamily",
     "QuadraticFamily",
     "Task",

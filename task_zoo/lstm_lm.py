@@ -101,7 +101,7 @@ class LSTMLMFamily:
     drawn uniformly from their sets. Example: ``LSTMLMFamily(corpus="memory://c.txt")``."""
 
     name = NAME
-    description = "byte-level LSTM LM on a text corpus (path, URI or stdlib)"
+    description = "byte-level LSTM LM on a text corpus (path, URI, stdlib or pydoc)"
 
     def __init__(
         self,

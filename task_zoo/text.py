@@ -8,7 +8,11 @@ A *corpus* is a string naming where the text lives:
 * the special name ``"stdlib"`` (the default): the concatenated source of a fixed list of
   Python standard-library modules (`STDLIB_MODULES`), read from the running interpreter's
   stdlib directory. It is real text that every machine has without a download; its exact
-  bytes follow the interpreter version, so results on it compare only within one version.
+  bytes follow the interpreter version, so results on it compare only within one version;
+* the special name ``"pydoc"``: English prose, the Python documentation's topic pages that
+  every CPython ships for `help()` (the values of the `topics` dict in the stdlib's
+  ``pydoc_data/topics.py``, ~470 KB, joined in sorted topic order by blank lines). The dict
+  literal is read with `ast.literal_eval`, so nothing is executed. Same caveat on versions.
 
 Bytes are used as-is (vocabulary 256, no decoding). The concatenation is split contiguously:
 the first 90% is the train split, the rest the test split, so no test window overlaps a train
@@ -18,6 +22,7 @@ the corpus string: a file changed after its first load is not re-read).
 
 from __future__ import annotations
 
+import ast
 import functools
 import os
 import sysconfig
@@ -31,6 +36,8 @@ import numpy as np
 from task_zoo.base import SPLITS, TRAIN
 
 STDLIB = "stdlib"
+PYDOC = "pydoc"
+PYDOC_TOPICS = "pydoc_data/topics.py"
 VOCAB = 256  # byte-level: every byte value is a token
 TRAIN_FRACTION = 0.9
 # ~630 KB of plain, long-lived modules (present in every CPython 3.11+ install).
@@ -82,10 +89,27 @@ def _stdlib_bytes() -> bytes:
     return b"".join(parts)
 
 
+def _pydoc_bytes() -> bytes:
+    path = os.path.join(sysconfig.get_paths()["stdlib"], PYDOC_TOPICS)
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError) as e:  # e.g. a stripped-down interpreter without pydoc_data
+        raise ValueError(f"corpus 'pydoc': cannot read {path!r}: {e}") from None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["topics"]:
+            topics = ast.literal_eval(node.value)
+            return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+    raise ValueError(f"corpus 'pydoc': no `topics = {{...}}` dict in {path!r}")
+
+
+NAMED_CORPORA = {STDLIB: _stdlib_bytes, PYDOC: _pydoc_bytes}
+
+
 def _read_bytes(corpus: str) -> bytes:
     """All bytes a corpus string names, concatenated in sorted path order."""
-    if corpus == STDLIB:
-        return _stdlib_bytes()
+    if corpus in NAMED_CORPORA:
+        return NAMED_CORPORA[corpus]()
     try:
         fs, path = fsspec.core.url_to_fs(corpus)
     except (ImportError, ValueError) as e:  # unknown protocol or backend not installed
@@ -154,5 +178,6 @@ def windows(data: TextData, key: jax.Array, split: str, batch_size: int, seq_len
 def check_corpus_setting(corpus: Any) -> str:
     """Validate a family's `corpus` setting (its presence is checked when a task is built)."""
     if not isinstance(corpus, str) or not corpus:
-        raise ValueError(f"corpus must be a non-empty path, URI or 'stdlib', got {corpus!r}")
+        raise ValueError(f"corpus must be a non-empty path, URI or one of {sorted(NAMED_CORPORA)}, "
+                         f"got {corpus!r}")
     return corpus

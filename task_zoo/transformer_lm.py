@@ -124,7 +124,7 @@ class TransformerLMFamily:
     d_model). Example: ``TransformerLMFamily(corpus="data/*.txt", d_models=(32,))``."""
 
     name = NAME
-    description = "byte-level decoder-only transformer LM on a text corpus (path, URI or stdlib)"
+    description = "byte-level decoder-only transformer LM on a text corpus (path, URI, stdlib or pydoc)"
 
     def __init__(
         self,

@@ -87,6 +87,24 @@ def test_stdlib_default_corpus():
         assert task_zoo.family(name).sample(jax.random.key(0)).kwargs["corpus"] == "stdlib"
 
 
+def test_pydoc_corpus_is_the_interpreters_documentation_topics():
+    from pydoc_data.topics import topics  # the interpreter's own import: the truth to compare with
+
+    data = load_corpus("pydoc")
+    text = bytes(np.asarray(data.train)) + bytes(np.asarray(data.test))
+    assert text == "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+    assert data.train.shape[0] > 300_000 and data.test.shape[0] > 30_000
+    # English prose, not code: words and spaces, no Python source framing
+    assert b"The \"assert\" statement" in text and b"topics = {" not in text
+    assert sum(c == ord(" ") for c in text) / len(text) > 0.12
+    assert text[:50_000] != bytes(np.asarray(load_corpus("stdlib").train[:50_000]))
+    for name in LM_FAMILIES:
+        t = task_zoo.task(_spec(name, "pydoc"))
+        loss = jax.jit(lambda task: task.loss(task.init(jax.random.key(0)), jax.random.key(1),
+                                              task.batch(jax.random.key(2), TEST)))(t)
+        assert abs(float(loss) - math.log(256)) < 1.0  # an untrained byte model: about uniform
+
+
 def test_windows_are_consecutive_bytes_shifted_by_one(repetitive):
     t = task_zoo.task(_spec("lstm_lm", repetitive))
     batch = jax.jit(t.batch, static_argnums=1)(jax.random.key(0), TEST)
