@@ -90,3 +90,25 @@ def test_every_task_builds_and_trains_a_few_steps(suite):
         for i in range(3):
             loss, finite, test, params = _sgd_step(task, params, jax.random.key(i))
             assert bool(jnp.isfinite(loss)) and bool(finite) and bool(jnp.isfinite(test)), (t.name, i)
+
+
+def test_the_reference_recipe_never_trains_on_an_evaluation_suites_tasks():
+    """examples/nominal_mix.yaml (the v2 reference's recipe) against every held-out suite: no
+    task of out_of_distribution, long_horizon or shifted can be drawn from its mix."""
+    import itertools
+    import pathlib
+
+    from metaopt.jobspec import load_job_spec
+
+    recipe = load_job_spec(pathlib.Path(__file__).resolve().parents[1] / "examples" / "nominal_mix.yaml")
+    mix = {t.family: t.kwargs for t in recipe.tasks}
+    assert set(mix) == {"mlp", "quadratic"}
+    mlp = mix["mlp"]
+    drawable = set(itertools.product(mlp["depths"], mlp["widths"], mlp["activations"]))
+    for name in ("out_of_distribution", "long_horizon", "shifted"):
+        for task in evaluation.load_suite(name).tasks:
+            kw = task.spec.kwargs
+            if task.spec.name == "mlp":
+                assert (kw["depth"], kw["width"], kw["activation"]) not in drawable, (name, task.name)
+            else:
+                assert task.spec.name not in mix, (name, task.name)
