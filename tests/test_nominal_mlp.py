@@ -134,3 +134,18 @@ def test_meta_parameter_count_and_bad_hparams():
     for bad in ({"hidden": 0}, {"warmup": 1.0}, {"correction_bound": -1.0}):
         with pytest.raises(ValueError, match="nominal_mlp needs"):
             optimizers.make("nominal_mlp", **bad)
+
+
+def test_a_large_tensor_goes_through_the_mlp_in_chunks_with_the_same_result():
+    from metaopt.optimizers.nominal_mlp import CHUNK, NUM_ELEMENT_FEATURES, _mlp_apply
+
+    opt = optimizers.make("nominal_mlp")
+    mlp = opt.init(jax.random.key(0))["mlp"]
+    mlp["w1"] = jax.random.normal(jax.random.key(1), mlp["w1"].shape)
+    n = 2 * CHUNK + 1001  # three chunks, the last one padded
+    x = jax.random.normal(jax.random.key(2), (NUM_ELEMENT_FEATURES, n))
+    bias = jax.random.normal(jax.random.key(3), (opt.hidden,))
+    w0, w1 = np.asarray(mlp["w0"][:NUM_ELEMENT_FEATURES], np.float64), np.asarray(mlp["w1"], np.float64)
+    h = np.maximum(w0.T @ np.asarray(x, np.float64) + np.asarray(bias, np.float64)[:, None], 0.0)
+    expected = (w1.T @ h)[0] + float(mlp["b1"][0])
+    np.testing.assert_allclose(jax.jit(_mlp_apply)(mlp, x, bias), expected, rtol=1e-4, atol=1e-4)

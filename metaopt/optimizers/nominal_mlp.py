@@ -56,6 +56,7 @@ NUM_TENSOR_FEATURES = 3
 NUM_STEP_FEATURES = 3
 NUM_FEATURES = NUM_ELEMENT_FEATURES + NUM_TENSOR_FEATURES + NUM_STEP_FEATURES
 MULTIPLIER_RANGE = 4.0  # a_T within [e^-4, e^4]
+CHUNK = 16384  # elements per lax.map iteration of the MLP: (16, CHUNK) f32 activations = 1 MiB
 
 
 class NominalMLPState(NamedTuple):
@@ -75,6 +76,25 @@ def tensor_features(p: jax.Array) -> jax.Array:
     fan_in = p.size // p.shape[-1] if p.ndim >= 2 and p.shape[-1] else 1
     return jnp.stack([jnp.log10(rms + 1e-8) + 1.0, jnp.float32(math.log10(max(fan_in, 1)) - 1.5),
                       jnp.float32(p.ndim <= 1)])
+
+
+def _mlp_apply(mlp: dict, x: jax.Array, bias: jax.Array) -> jax.Array:
+    """(F_element, n) features → (n,) outputs. Feature-major, so each layer is one W^T @ X; a
+    large tensor goes through in chunks of CHUNK elements (`lax.map`), so the (hidden, n)
+    activations of a million-parameter tensor are never materialised (fresh multi-MB buffers
+    cost page faults on every call, as small_fc found)."""
+
+    def apply(chunk):
+        h = jax.nn.relu(mlp["w0"][:NUM_ELEMENT_FEATURES].T @ chunk + bias[:, None])
+        return (mlp["w1"].T @ h + mlp["b1"][:, None])[0]
+
+    n = x.shape[1]
+    if n <= CHUNK:
+        return apply(x)
+    chunks = -(-n // CHUNK)
+    size = -(-n // chunks // 128) * 128  # equal chunks of ≤ CHUNK, little padding
+    x = jnp.pad(x, ((0, 0), (0, chunks * size - n))).reshape(x.shape[0], chunks, size)
+    return jax.lax.map(apply, x.transpose(1, 0, 2)).reshape(-1)[:n]
 
 
 def clip_rms(x: jax.Array, bound: float) -> jax.Array:
@@ -176,8 +196,7 @@ class NominalMLP:
                     (p32 / jnp.maximum(p_rms, 1e-30)).reshape(1, -1),
                 ])  # (F_element, n): feature-major, so the MLP is W^T @ X
                 bias = mlp["b0"] + jnp.concatenate([f_t, step_feats]) @ mlp["w0"][NUM_ELEMENT_FEATURES:]
-                h = jax.nn.relu(mlp["w0"][:NUM_ELEMENT_FEATURES].T @ x + bias[:, None])
-                out = (mlp["w1"].T @ h + mlp["b1"][:, None]).reshape(g32.shape)
+                out = _mlp_apply(mlp, x, bias).reshape(g32.shape)
                 correction = clip_rms(out, self.correction_bound)
                 z = law["b"] + law["w"] @ f_t
                 multiplier = jnp.exp(MULTIPLIER_RANGE * jnp.tanh(z / MULTIPLIER_RANGE))
