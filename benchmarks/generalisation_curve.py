@@ -11,7 +11,8 @@ default keeps only the newest three.
     python benchmarks/generalisation_curve.py RUN_DIR [--suites a,b] [--every-minutes 10]
         [--out DIR] [--baseline-cache DIR] [--json]
 
-Writes OUT/curve.json (one record per point and suite) and OUT/curve.png.
+Writes OUT/curve.json (one record per point and suite), OUT/curve.png, and every point's full
+`metaopt eval` report in OUT/reports/POINT-SUITE/.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     for minutes, ref in points:
         for suite in suites:
             result = evaluation.evaluate(ref, suite, progress=False, baseline_cache=cache)
+            evaluation.write_report(result, out / "reports" / f"{ref.ref.split('@')[-1]}-{suite.name}")
             a = result["aggregate"]
             records.append({"minutes": round(minutes, 2), "ref": ref.ref, "suite": suite.name,
                             "wins": a["wins"], "num_tasks": a["num_tasks"], "win_share": a["win_rate"],
