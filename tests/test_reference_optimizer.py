@@ -20,14 +20,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 REGISTRY = str(ROOT / "examples" / "registry")
 
 
-def test_champion_is_version_1_of_reference_and_says_how_it_was_trained():
-    assert registry.aliases(REGISTRY, "reference")["champion"] == 1
+def test_champion_is_version_2_of_reference_and_says_how_it_was_trained():
+    assert registry.aliases(REGISTRY, "reference")["champion"] == 2
     trained = metaopt.load("reference@champion", registry=REGISTRY)
-    assert (trained.name, trained.version, trained.optimizer_name) == ("reference", 1, "small_fc")
+    assert (trained.name, trained.version, trained.optimizer_name) == ("reference", 2, "nominal_mlp")
     provenance = trained.manifest["provenance"]
     recipe = provenance["spec"]
-    assert recipe["name"] == "small_fc_digits" and recipe["artifact_name"] == "reference"
+    assert recipe["name"] == "nominal_mix" and recipe["artifact_name"] == "reference"
     assert provenance["outer_steps"] > 1000 and provenance["estimator"]["kind"] == "pes"
+    assert provenance["evaluation"]["suite"] == "out_of_distribution"
+
+
+def test_version_1_still_loads_as_before():
+    trained = metaopt.load("reference:1", registry=REGISTRY)
+    assert (trained.version, trained.optimizer_name) == (1, "small_fc")
+    assert trained.manifest["provenance"]["spec"]["name"] == "small_fc_digits"
 
 
 def test_champion_trains_an_mlp_as_an_optax_optimizer():
@@ -62,5 +69,5 @@ def test_metaopt_eval_runs_the_champion_on_the_smoke_suite(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["ref"] == "reference:1" and summary["num_tasks"] == 2
+    assert summary["ref"] == "reference:2" and summary["num_tasks"] == 2
     assert (tmp_path / "summary.png").exists()
