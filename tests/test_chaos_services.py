@@ -34,6 +34,11 @@ def test_a_redis_restart_leaves_the_run_going_and_its_record_catches_up():
     assert redis["record_caught_up"], f"the record in Redis did not catch up with the run: {redis}"
 
 
+# Slow: the run lasts a time budget that begins with a 20 s warm-up, and on a loaded machine the
+# first steps come after it, so no outage begins (a fresh clone's `make test` failed so, 2026-12).
+# Its guarantee for a write that is cut stays in the default suite, deterministically:
+# test_s3_storage.py::test_a_write_killed_half_way_leaves_the_previous_checkpoint.
+@pytest.mark.slow
 def test_an_object_store_outage_during_a_write_loses_nothing_committed():
     s3 = run("--only", "s3")["object_store"]
     assert s3["object_store_outages"] == 1 and s3["run_finished"], s3
