@@ -149,3 +149,31 @@ def test_a_large_tensor_goes_through_the_mlp_in_chunks_with_the_same_result():
     h = np.maximum(w0.T @ np.asarray(x, np.float64) + np.asarray(bias, np.float64)[:, None], 0.0)
     expected = (w1.T @ h)[0] + float(mlp["b1"][0])
     np.testing.assert_allclose(jax.jit(_mlp_apply)(mlp, x, bias), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_warm_up_schedule_from_zero_keeps_the_step_features_in_range_and_bad_rates_are_refused():
+    """The step feature lr(t)/peak must stay in [0, 1] under a user's warm-up from 0 (dividing by
+    lr(0) = 0 saturated the correction at its bound). θ here makes c = 0.1 · lr(t)/peak."""
+    from metaopt.optimizers.nominal_mlp import NUM_ELEMENT_FEATURES, NUM_TENSOR_FEATURES
+
+    opt = optimizers.make("nominal_mlp")
+    plain = opt.init(jax.random.key(0))
+    theta = jax.tree.map(jnp.zeros_like, plain)
+    theta["mlp"]["w0"] = theta["mlp"]["w0"].at[NUM_ELEMENT_FEATURES + NUM_TENSOR_FEATURES + 2, 0].set(1.0)
+    theta["mlp"]["w1"] = theta["mlp"]["w1"].at[0, 0].set(0.1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 5, 20)
+    params = _params()
+    txs = [opt.as_optax(th, 20, learning_rate=schedule) for th in (theta, plain)]
+    states = [tx.init(params) for tx in txs]
+    for i in range(4):
+        (u, states[0]), (d, states[1]) = (tx.update(_grads(params, i), st, params)
+                                          for tx, st in zip(txs, states, strict=True))
+        lr = float(schedule(i))
+        if lr == 0:
+            continue
+        for k in params:
+            correction = -(np.asarray(u[k], np.float64) - np.asarray(d[k], np.float64)) / lr
+            np.testing.assert_allclose(correction, 0.1 * lr / 3e-3, rtol=1e-3)
+    for bad in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive, finite learning_rate"):
+            opt.as_optax(theta, 20, learning_rate=bad)

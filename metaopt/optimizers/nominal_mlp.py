@@ -151,8 +151,14 @@ class NominalMLP:
                  ) -> optax.GradientTransformationExtraArgs:
         """`learning_rate`: None for `self.learning_rate` with cosine decay over `num_steps`, a float
         for that rate on the same schedule, or the user's own optax schedule (step -> rate)."""
+        a_number = isinstance(learning_rate, int | float)
+        if a_number and not (math.isfinite(learning_rate) and learning_rate > 0):
+            raise ValueError(f"nominal_mlp needs a positive, finite learning_rate, got {learning_rate!r}; "
+                             "pass a rate such as 3e-3, or an optax schedule")
         if callable(learning_rate):
-            schedule, base = learning_rate, learning_rate(0)
+            # The step feature lr(t)/base needs the run's peak rate: a warm-up schedule starts at 0.
+            schedule = learning_rate
+            base = jnp.max(jax.vmap(schedule)(jnp.arange(max(num_steps, 1))))
         else:
             base = self.learning_rate if learning_rate is None else learning_rate
             schedule = cosine_schedule(base, num_steps, self.warmup)
