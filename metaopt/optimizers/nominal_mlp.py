@@ -68,11 +68,16 @@ class NominalMLPState(NamedTuple):
     rms: tuple
 
 
-def tensor_features(p: jax.Array) -> jax.Array:
+def _rms(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.mean(jnp.square(x))) if x.size else jnp.float32(0.0)
+
+
+def tensor_features(p: jax.Array, rms: jax.Array | None = None) -> jax.Array:
     """f_T of one parameter tensor, (3,) float32: log10 rms(p) + 1, log10 fan_in - 1.5, [ndim ≤ 1].
-    fan_in of a ≥2-D tensor is size / last dimension (dense (in, out), conv HWIO)."""
+    fan_in of a ≥2-D tensor is size / last dimension (dense (in, out), conv HWIO). `rms`: rms(p),
+    when the caller has it already."""
     p = p.astype(jnp.float32)
-    rms = jnp.sqrt(jnp.mean(jnp.square(p))) if p.size else jnp.float32(0.0)
+    rms = _rms(p) if rms is None else rms
     fan_in = p.size // p.shape[-1] if p.ndim >= 2 and p.shape[-1] else 1
     return jnp.stack([jnp.log10(rms + 1e-8) + 1.0, jnp.float32(math.log10(max(fan_in, 1)) - 1.5),
                       jnp.float32(p.ndim <= 1)])
@@ -99,7 +104,7 @@ def _mlp_apply(mlp: dict, x: jax.Array, bias: jax.Array) -> jax.Array:
 
 def clip_rms(x: jax.Array, bound: float) -> jax.Array:
     """x scaled down, if need be, so that its RMS is at most `bound` (unchanged below it)."""
-    rms = jnp.sqrt(jnp.mean(jnp.square(x)))
+    rms = _rms(x)
     return x * jnp.minimum(1.0, bound / jnp.maximum(rms, 1e-30))
 
 
@@ -194,8 +199,8 @@ class NominalMLP:
                 denom = jnp.sqrt(v / rms_fix) + self.eps
                 ratios = m / mom_fix.reshape(bshape) / denom  # (K, *shape)
                 direction = ratios[ADAM_MOMENTUM]
-                f_t = tensor_features(p32)
-                p_rms = jnp.sqrt(jnp.mean(jnp.square(p32)))
+                p_rms = _rms(p32)
+                f_t = tensor_features(p32, p_rms)
                 x = jnp.concatenate([
                     jnp.clip(g32 / denom, -RATIO_CLIP, RATIO_CLIP).reshape(1, -1),
                     jnp.clip(ratios, -RATIO_CLIP, RATIO_CLIP).reshape(len(MOM_DECAYS), -1),
