@@ -65,9 +65,11 @@ def test_untrained_is_adamw_on_a_cosine_schedule(weight_decay):
         p = optax.apply_updates(p, u)
 
 
-def test_the_learned_correction_is_held_at_its_bound_per_tensor():
+@pytest.mark.parametrize("relative", [False, True])
+def test_the_learned_correction_is_held_at_its_bound_per_tensor(relative):
+    """Absolute: rms_T(c) = bound. Relative: rms_T(c) = bound · rms_T(d), d being Adam's direction."""
     bound = 0.5
-    opt = optimizers.make("nominal_mlp", correction_bound=bound)
+    opt = optimizers.make("nominal_mlp", correction_bound=bound, relative_correction=relative)
     theta = opt.init(jax.random.key(0))
     theta["mlp"]["w1"] = 100.0 * jax.random.normal(jax.random.key(1), theta["mlp"]["w1"].shape)
     params = _params()
@@ -79,9 +81,11 @@ def test_the_learned_correction_is_held_at_its_bound_per_tensor():
     u, _ = learned.update(grads, learned.init(params), params)
     d, _ = plain.update(grads, plain.init(params), params)
     for k in params:
-        correction = -(np.asarray(u[k], np.float64) - np.asarray(d[k], np.float64)) / lr
+        direction = -np.asarray(d[k], np.float64) / lr
+        correction = -np.asarray(u[k], np.float64) / lr - direction
         rms = np.sqrt(np.mean(correction ** 2))
-        assert rms == pytest.approx(bound, rel=1e-3), k
+        expected = bound * (np.sqrt(np.mean(direction ** 2)) if relative else 1.0)
+        assert rms == pytest.approx(expected, rel=1e-3), k
 
 
 def test_the_per_tensor_law_scales_the_step_as_its_closed_form():

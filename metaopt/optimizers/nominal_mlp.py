@@ -4,7 +4,8 @@ never saw during meta-training.
 
     update = -lr(t) · a_T · (d + c) - lr(t) · weight_decay · p
       d   = m̂ / (sqrt(v̂) + eps)                 Adam's direction (bias-corrected, β1 0.9, β2 0.999)
-      c   = clip_rms_T(MLP(x), correction_bound)  learned correction, per-tensor RMS ≤ the bound
+      c   = clip_rms_T(MLP(x), correction_bound · s_T)  learned correction, per-tensor RMS ≤ the bound;
+            s_T = 1, or rms_T(d) with `relative_correction` (the correction anneals with Adam's step)
       a_T = exp(4 tanh((b + w · f_T) / 4))        learned per-tensor step multiplier, in [e⁻⁴, e⁴]
       lr(t) = learning_rate · cosine decay to 0 over num_steps (after `warmup` of the run), or
               the user's own schedule: `as_optax(theta, num_steps, learning_rate=schedule)`
@@ -18,6 +19,10 @@ Where each piece comes from, and why it is here:
   of an Adam step of unit-size ratios, so a pattern learned on small MLPs cannot blow up a model
   it never saw. The bound clips (not normalises): at θ₀ the MLP's output layer is zero, c = 0
   exactly, and small perturbations of θ move the step continuously (PES needs that).
+  With `relative_correction` the bound is relative to the RMS of d itself: near a minimum, where
+  Adam's ratios m̂/√v̂ fall towards noise, an absolute bound lets the correction keep stirring the
+  weights at full size (version 2 of `reference` ended 10× above its own untrained anchor on the
+  held-out MLPs so); a relative one can at most cancel or double Adam's step, tensor by tensor.
 - The per-tensor multiplier a_T (μLO, Thérien et al. 2026; LARS/LAMB's trust ratio): its features
   f_T = (log10 rms(p) + 1, log10 fan_in - 1.5, [p is a vector]) let meta-training learn a step
   that follows the parameter scale and the fan-in, as μP prescribes for wider nets, instead of one
@@ -127,6 +132,7 @@ class NominalMLP:
     learning_rate: float = 0.03
     warmup: float = 0.05  # fraction of the run
     correction_bound: float = 1.0
+    relative_correction: bool = False  # False: reference v2's absolute bound, so it loads unchanged
     weight_decay: float = 0.0
     eps: float = 1e-8
 
@@ -208,7 +214,8 @@ class NominalMLP:
                 ])  # (F_element, n): feature-major, so the MLP is W^T @ X
                 bias = mlp["b0"] + jnp.concatenate([f_t, step_feats]) @ mlp["w0"][NUM_ELEMENT_FEATURES:]
                 out = _mlp_apply(mlp, x, bias).reshape(g32.shape)
-                correction = clip_rms(out, self.correction_bound)
+                bound = self.correction_bound * (_rms(direction) if self.relative_correction else 1.0)
+                correction = clip_rms(out, bound)
                 z = law["b"] + law["w"] @ f_t
                 multiplier = jnp.exp(MULTIPLIER_RANGE * jnp.tanh(z / MULTIPLIER_RANGE))
                 u = -lr * (multiplier * (direction + correction) + self.weight_decay * p32)
