@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from tests.jsonout import last_json
 
 # The scripts with a quick form; the modules beside them that only hold parts of a benchmark have no
 # __main__, and generalisation_curve.py evaluates a run that must exist first (tested below).
@@ -21,6 +22,6 @@ def test_benchmark_quick_json(script, tmp_path):
     done = subprocess.run([sys.executable, str(script), "--quick", "--json", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = last_json(done.stdout)
     assert isinstance(result, dict) and result
     assert any(tmp_path.iterdir()), "nothing written to --out"

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 import task_zoo
 from metaopt import evaluation, optimizers, registry
 from metaopt.cli import app
+from tests.jsonout import last_json
 
 TASK_KEYS = {"name", "spec", "steps", "best_baseline", "target_loss", "final_loss_ratio", "test_loss_ratio",
              "capped", "win", "ref", "baselines", "elapsed_s"}
@@ -297,7 +298,7 @@ def test_cli_eval_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    line = json.loads(done.stdout.strip().splitlines()[-1])
+    line = last_json(done.stdout)
     assert line["ref"] == "momentum" and line["suite"] == "tiny" and line["seeds"] == [0, 1]
     assert line["baselines"] == ["sgd"] and line["num_tasks"] == 1 and line["out"] == str(out)
     result = json.loads((out / "result.json").read_text())

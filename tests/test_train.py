@@ -15,6 +15,7 @@ import pytest
 
 from metaopt import storage
 from metaopt.run_report import read_metrics
+from tests.jsonout import last_json
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -100,7 +101,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_without_duplicate_steps(t
     done = subprocess.run([*command, "--max-outer-steps", str(target)], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["outer_steps"] == target
+    assert last_json(done.stdout)["outer_steps"] == target
     steps = [row["step"] for row in read_metrics(metrics)]
     assert steps == list(range(1, target + 1))
 
@@ -113,7 +114,7 @@ def test_a_time_budget_ends_the_run_cleanly_and_publishes_the_optimizer(tmp_path
                "--job-id", "budget", "--max-outer-steps", "1000000", "--max-minutes", "0.25", "--json"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = last_json(done.stdout)
     assert 0 < result["outer_steps"] < 1_000_000 and result["artifact"] == "e2e:1"
     assert 15 <= result["wall_s"] < 120
     step, _, _ = storage.latest_checkpoint(str(tmp_path / "runs" / "budget" / "checkpoints"))
