@@ -21,6 +21,7 @@ import json
 import math
 import pathlib
 import subprocess
+import tomllib
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "checkpoint_theta",
     "evaluation_summary",
     "find_checkpoint",
+    "code_version",
     "installed_code_version",
     "provenance",
     "publish_checkpoint",
@@ -64,22 +66,43 @@ class Checkpoint:
 
 @functools.cache
 def installed_code_version() -> str:
+    """This metaopt's code version: `code_version` of the folder this module is in."""
+    return code_version(pathlib.Path(__file__).resolve().parent)
+
+
+def code_version(package_dir: pathlib.Path) -> str:
     """The installed metaopt's version ("unknown" when it is not installed as a package), with
-    the git commit it runs from when that is a git checkout ("0.1.0+git.1a2b3c4d5e6f", and
-    ".dirty" when files differ from that commit): the package version alone does not change
-    from one commit to the next."""
+    the git commit it runs from when `package_dir` (the `metaopt` package folder) sits in
+    metaopt's own git checkout ("0.1.0+git.1a2b3c4d5e6f", and ".dirty" when files differ from
+    that commit): the package version alone does not change from one commit to the next.
+
+    Only metaopt's own checkout counts: the package folder's parent must hold metaopt's
+    pyproject.toml and be the top of its git tree. A metaopt installed or vendored inside a
+    user's own repository would otherwise record the user's commit as metaopt's."""
     try:
         version = metadata.version("metaopt")
     except metadata.PackageNotFoundError:
         version = "unknown"
+    root = package_dir.resolve().parent
     try:
-        described = subprocess.run(
-            ["git", "describe", "--always", "--abbrev=12", "--dirty=.dirty", "--exclude=*"],
-            cwd=pathlib.Path(__file__).parent, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):  # no git here
+        project = tomllib.loads((root / "pyproject.toml").read_text()).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError):  # installed as a package: no source tree
         return version
-    commit = described.stdout.strip()
-    return f"{version}+git.{commit}" if described.returncode == 0 and commit else version
+    if project.get("name") != "metaopt":
+        return version
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):  # no git here
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    toplevel = git("rev-parse", "--show-toplevel")
+    if toplevel is None or pathlib.Path(toplevel).resolve() != root:  # not a checkout of its own
+        return version
+    commit = git("describe", "--always", "--abbrev=12", "--dirty=.dirty", "--exclude=*")
+    return f"{version}+git.{commit}" if commit else version
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:
