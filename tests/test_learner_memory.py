@@ -5,7 +5,9 @@ gets through once a record is dropped. Plots and reports read metrics.jsonl."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
 import time
 
 import matplotlib.image
@@ -16,7 +18,7 @@ import learner.core
 from learner.bookkeeping import Totals
 from learner.checkpointing import Checkpointer
 from learner.core import HISTORY_WINDOW, Learner
-from metaopt import publishing
+from metaopt import publishing, train
 from metaopt._proto import learner_pb2 as pb
 from metaopt.run_report import keep_outer_steps, plot_metrics, read_metrics
 from tests.test_inrun_eval import _record
@@ -210,3 +212,31 @@ def test_plots_resumes_and_provenance_read_metrics_jsonl_and_totals(small_window
     record = publishing.provenance({"tasks": []}, "j", meta["history"], lrn.version,
                                    meta_loss_first=meta["totals"]["meta_loss_first"], code_version="c")
     assert record["meta_loss_first"] == 1.0 and record["outer_steps"] == 3 * WINDOW
+
+
+def test_a_resumed_run_keeps_its_metrics_lines_up_to_the_checkpoint_then_adds_new_steps(
+        small_window, tmp_path, caplog):
+    """`metaopt train`'s follower on a resume: the steps a crashed run did after its checkpoint
+    are dropped from metrics.jsonl and redone. Without the old file (a learner resumed on another
+    machine), the checkpoint's window is all there is: the gap is logged."""
+    last = 3 * WINDOW
+    lrn = bounded_learner(max_outer_steps=last + 2)
+    advance(lrn, last)
+    _, arrays, meta = lrn.snapshot()
+    for has_file in (True, False):
+        resumed = bounded_learner(max_outer_steps=last + 2)
+        resumed.restore(arrays, meta)
+        metrics = tmp_path / f"metrics-{has_file}.jsonl"
+        if has_file:  # with 3 steps past the checkpoint and an evaluation, from the crashed run
+            rows = [{"kind": "outer_step", "step": s, "meta_loss": 1.0} for s in range(1, last + 4)]
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in [*rows, _record(last, 1, 1.0)]))
+        follower = threading.Thread(target=train._follow, args=(resumed, [], metrics, False, last))
+        with caplog.at_level(logging.WARNING, logger="metaopt.train"):
+            follower.start()
+            advance(resumed, 2)
+            follower.join(30)
+        assert not follower.is_alive()
+        first = 1 if has_file else last - WINDOW + 1
+        assert [r["step"] for r in read_metrics(metrics)] == list(range(first, last + 3))
+        gap = f"lacks outer steps 1 to {last - WINDOW}"
+        assert (gap in caplog.text) == (not has_file)
