@@ -53,13 +53,16 @@ class _Record:
 class Incarnations:
     """Replay records per worker incarnation, dropped once they can no longer matter.
 
-    A record is dropped only when no stream of its incarnation is open and each of its
-    accepted estimates is stale (computed at a θ version below `version - max_staleness`), so
-    the staleness check alone would refuse a replay of it. `forgotten_through` keeps the newest
-    θ version of any dropped record's estimates: an estimate of an incarnation without an
-    accepted estimate on record is refused at that version or older, so a replay never gets
-    through, not even after a restore from a checkpoint or under a larger `max_staleness`. In
-    steady state that refusal costs nothing: such an estimate is stale anyway.
+    A record is dropped only once its incarnation's last open stream has closed (or a restore
+    closed them all) and each of its accepted estimates is stale (computed at a θ version below
+    `version - max_staleness`), so the staleness check alone would refuse a replay of it. A
+    record of estimates submitted without a stream (the learner used directly) is kept.
+
+    `forgotten_through` keeps the newest θ version of any dropped record's estimates: an
+    estimate of an incarnation without an accepted estimate on record is refused at that
+    version or older, so a replay never gets through, not even after a restore from a
+    checkpoint or under a larger `max_staleness`. In steady state that refusal costs nothing:
+    such an estimate is stale anyway.
     """
 
     def __init__(self, max_staleness: int):
