@@ -37,12 +37,11 @@ def bounded_learner(**overrides) -> Learner:
     return make_learner(**({"max_staleness": STALENESS} | overrides))
 
 
-def deliver(lrn: Learner, run: str, sequence: int = 1, version: int | None = None) -> pb.Ack:
-    """One estimate of worker "w", incarnation `run`, on a stream of its own (opened and closed
-    around it, as the server does); waits for its outer step."""
+def deliver(lrn: Learner, run: str, sequence: int = 1) -> pb.Ack:
+    """One estimate of worker "w", incarnation `run`, at θ's current version, on a stream of its
+    own (opened and closed around it, as the server does); waits for its outer step."""
     lrn.stream_opened("w", run)
-    ack = lrn.submit(estimate(np.full(11, 0.01), sequence, run=run,
-                              version=lrn.version if version is None else version))
+    ack = lrn.submit(estimate(np.full(11, 0.01), sequence, run=run, version=lrn.version))
     lrn.stream_closed("w", run)
     assert lrn.wait_idle()
     return ack
