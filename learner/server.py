@@ -126,6 +126,7 @@ class LearnerService:
         learner = self.learner
         stream = _Stream(hello, _Reassembly(learner), told=learner.version)
         self.streams.add(stream)
+        learner.stream_opened(hello.worker_id, hello.run_id)  # its replay record is kept meanwhile
         learner.metrics.worker_connected(+1)
         reader = None
         try:
@@ -143,6 +144,7 @@ class LearnerService:
             if reader is not None:
                 reader.cancel()
             self.streams.discard(stream)
+            learner.stream_closed(hello.worker_id, hello.run_id)
             learner.metrics.worker_connected(-1)
 
     async def _handshake(self, requests, context) -> pb.Hello:
