@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import warnings
 
+import grpc
 import numpy as np
 import pytest
 
 from benchmarks.chaos_fuzz import KINDS, fuzz_learner
+from learner import security
 from learner.core import Learner, LearnerConfig
+from learner.server import make_server
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
 
@@ -18,9 +21,10 @@ PER_KIND = 8  # hostile inputs of each kind
 REASONS = {name.removeprefix("REJECT_REASON_") for name in pb.RejectReason.keys()}
 UNAUTHENTICATED = {"status:UNAUTHENTICATED"}  # refused by the token check: a status, never an ack
 # What each kind may be refused with: ack reasons, `status:CODE` when the call itself is refused,
-# `dropped` when the server ends the stream without acking it (undecodable, stray, or unfinished).
+# `dropped` when the server ends the stream without acking it (a stray or unfinished estimate);
+# a message that does not decode ends its stream with INVALID_ARGUMENT.
 EXPECTED = {
-    "truncated_payload": {"WRONG_SHAPE", "dropped"},  # dropped: the serialised message cut short
+    "truncated_payload": {"WRONG_SHAPE", "status:INVALID_ARGUMENT"},  # the serialised message cut short
     "oversized_payload": {"WRONG_SHAPE", "BAD_CHUNK"},  # BAD_CHUNK: chunks carrying too many bytes
     "over_message_limit": {"status:RESOURCE_EXHAUSTED"},
     "wrong_length": {"WRONG_SHAPE"},
@@ -98,3 +102,38 @@ def test_an_overflowing_norm_is_rejected_without_a_warning():
         assert ack.reason == pb.REJECT_REASON_NORM_TOO_LARGE
     finally:
         learner.stop()
+
+
+def test_an_undecodable_request_is_invalid_argument_with_a_reason_and_counted():
+    """As a stranger would try it: a plain grpcio client, bytes that are no message, the right
+    token. gRPC's own deserializer would answer UNKNOWN; the learner decodes requests itself."""
+    learner = Learner(LearnerConfig(job_id="j", max_outer_steps=10), {"w": np.zeros(4, np.float32)})
+    server, port = make_server(learner, token="t0ken")
+    garbage, auth = b"\xff\xff\xff", security.token_call_metadata("t0ken")
+    hello = pb.WorkerMessage(hello=pb.Hello(job_id="j", worker_id="w", run_id="r",
+                                            theta_structure_digest=learner.digest))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            get_theta = channel.unary_unary("/metaopt.v1.Learner/GetTheta")  # bytes both ways
+            connect = channel.stream_stream("/metaopt.v1.Learner/Connect")
+            refusals = [  # (a call, how its refusal must begin)
+                (lambda: get_theta(garbage, metadata=auth, timeout=10),
+                 "the request does not decode as a metaopt.v1.GetThetaRequest"),
+                (lambda: list(connect(iter([garbage]), metadata=auth, timeout=10)),
+                 "the stream's first message does not decode as a metaopt.v1.WorkerMessage"),
+                (lambda: list(connect(iter([hello.SerializeToString(), garbage]), metadata=auth,
+                                      timeout=10)),
+                 "a message does not decode as a metaopt.v1.WorkerMessage"),
+            ]
+            for call, beginning in refusals:
+                with pytest.raises(grpc.RpcError) as info:
+                    call()
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+                assert info.value.details().startswith(beginning), info.value.details()
+                assert "learner.proto" in info.value.details()
+        counted = learner.metrics.registry.get_sample_value(
+            "metaopt_gradient_estimates_rejected_total", {"job_id": "j", "reason": "undecodable"})
+        assert counted == 3
+    finally:
+        learner.stop()
+        server.stop(None)
