@@ -106,8 +106,8 @@ def _splice_fields(rng, raw: bytes, other: tuple[bytes, bytes] | None) -> bytes 
     """The first fields of `raw` and the last of the message inside `other`."""
     if other is None or (fields := _fields(raw)) is None or (tail := _fields(other[1])) is None:
         return None
-    head = fields[rng.integers(len(fields) + 1) - 1][3] if fields else 0  # after a field, or nothing
-    return raw[:head] + (other[1][tail[rng.integers(len(tail))][0]:] if tail else b"")
+    heads, tails = [0, *(end for *_, end in fields)], [start for start, *_ in tail] or [0]
+    return raw[:heads[rng.integers(len(heads))]] + other[1][tails[rng.integers(len(tails))]:]
 
 
 def _duplicate(rng, raw: bytes) -> bytes | None:
