@@ -12,8 +12,9 @@ figures), so that one scenario's Ray, servers or crash cannot touch the next:
 
 The report keeps every scenario's figures under `scenarios` and puts the headline figures at
 the top: `worker_kills`, `run_finished` (every run of every scenario finished), `learner_kills`,
-`resumes`, `corrupt_checkpoints`, `fuzz_messages` (hostile gRPC inputs), `invalid_accepted`
-(hostile gRPC inputs, invalid job specs and tampered artifacts that were accepted),
+`resumes`, `corrupt_checkpoints`, `fuzz_messages` (hostile gRPC inputs), `fuzz_inputs` (how
+many of them hypothesis drew, how many were mutants of real traffic), `invalid_accepted` (hostile
+gRPC inputs, invalid job specs and tampered artifacts that were accepted),
 `server_crashes`, `theta_unchanged_by_invalid`, `missing_figures` (figures a scenario that ran
 did not report: each one breaks its promises) and `ok`: every promise held.
 
@@ -70,7 +71,8 @@ FIGURES = {
     "workers": ("worker_kills", "run_finished", "accepted_equals_applied"),
     "learner": ("learner_kills", "resumes", "corrupt_checkpoints", "within_one_interval", "run_finished"),
     "services": ("run_finished", "corrupt_checkpoints", "committed_lost"),
-    "fuzz": ("fuzz_messages", "invalid_accepted", "server_crashes", "theta_unchanged_by_invalid"),
+    "fuzz": ("fuzz_messages", "fuzz_inputs", "invalid_accepted", "server_crashes",
+             "theta_unchanged_by_invalid"),
     "inputs": ("spec_started", "artifact_accepted", "spec_unclear", "secrets_echoed", "cache_poisoned",
                "artifact_unclear", "intact_failed"),
     "load": ("accepted_lost", "within_bound"),
@@ -106,6 +108,7 @@ def headline(scenarios: dict[str, dict]) -> dict:
         "resumes": total(("learner", "resumes")),
         "corrupt_checkpoints": total(("learner", "corrupt_checkpoints"), ("services", "corrupt_checkpoints")),
         "fuzz_messages": total(("fuzz", "fuzz_messages")),
+        "fuzz_inputs": ran.get("fuzz", {}).get("fuzz_inputs"),
         "invalid_accepted": total(("fuzz", "invalid_accepted"), ("inputs", "spec_started"),
                                   ("inputs", "artifact_accepted")),
         "server_crashes": total(("fuzz", "server_crashes")),
