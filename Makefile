@@ -33,7 +33,8 @@ test: venv system-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -m "not slow"
 
-# Long suites left out of `make test`: every benchmark in its --quick form.
+# Tests marked slow, left out of `make test`: every benchmark in its --quick form and the long
+# fault and service scenarios (kills by the clock, outages, interrupted and resumed runs).
 test-slow: venv system-deps
 	$(BIN)/pytest -m slow
 

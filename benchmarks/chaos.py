@@ -12,9 +12,11 @@ figures), so that one scenario's Ray, servers or crash cannot touch the next:
 
 The report keeps every scenario's figures under `scenarios` and puts the headline figures at
 the top: `worker_kills`, `run_finished` (every run of every scenario finished), `learner_kills`,
-`resumes`, `corrupt_checkpoints`, `fuzz_messages` (hostile gRPC inputs), `invalid_accepted`
-(hostile gRPC inputs, invalid job specs and tampered artifacts that were accepted),
-`server_crashes`, `theta_unchanged_by_invalid`, and `ok`: every promise held.
+`resumes`, `corrupt_checkpoints`, `fuzz_messages` (hostile gRPC inputs), `fuzz_inputs` (how
+many of them hypothesis drew, how many were mutants of real traffic), `invalid_accepted` (hostile
+gRPC inputs, invalid job specs and tampered artifacts that were accepted),
+`server_crashes`, `theta_unchanged_by_invalid`, `missing_figures` (figures a scenario that ran
+did not report: each one breaks its promises) and `ok`: every promise held.
 
     python benchmarks/chaos.py [--quick] [--json] [--only NAME ...] [--out DIR]
 
@@ -39,7 +41,7 @@ SCENARIOS = ("workers", "learner", "services", "fuzz", "inputs", "load")
 
 
 def run_scenario(name: str, quick: bool, timeout_s: float = 1800) -> dict:
-    """The figures of `chaos_NAME.py --json` (its last line), or what went wrong."""
+    """The figures of `chaos_NAME.py --json` (its last JSON line), or what went wrong."""
     command = [sys.executable, str(HERE / f"chaos_{name}.py"), "--json", *(["--quick"] if quick else [])]
     # The repository root on the path: scenarios use the test fixtures' real servers (tests.*).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent),
@@ -51,45 +53,81 @@ def run_scenario(name: str, quick: bool, timeout_s: float = 1800) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish within {timeout_s:.0f}s", "seconds": timeout_s}
     seconds = round(time.monotonic() - started, 1)
-    lines = done.stdout.strip().splitlines()
-    try:
-        return {**json.loads(lines[-1]), "seconds": seconds}
-    except (IndexError, json.JSONDecodeError):
-        return {"error": f"exit status {done.returncode}: {(done.stderr or done.stdout)[-2000:]}",
-                "seconds": seconds}
+    # The figures are the last line that is a JSON object: Ray may print a log line after it.
+    for line in reversed(done.stdout.splitlines()):
+        try:
+            figures = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(figures, dict):
+            return {**figures, "seconds": seconds}
+    return {"error": f"exit status {done.returncode}: {(done.stderr or done.stdout)[-2000:]}",
+            "seconds": seconds}
+
+
+# The figures each scenario must report. One that is absent (renamed, or dropped from its
+# script) breaks the promises it feeds: it never stands in as 0 or True.
+FIGURES = {
+    "workers": ("worker_kills", "run_finished", "accepted_equals_applied"),
+    "learner": ("learner_kills", "resumes", "corrupt_checkpoints", "within_one_interval", "run_finished"),
+    "services": ("run_finished", "corrupt_checkpoints", "committed_lost"),
+    "fuzz": ("fuzz_messages", "fuzz_inputs", "invalid_accepted", "server_crashes",
+             "theta_unchanged_by_invalid"),
+    "inputs": ("spec_started", "artifact_accepted", "spec_unclear", "secrets_echoed", "cache_poisoned",
+               "artifact_unclear", "intact_failed"),
+    "load": ("accepted_lost", "within_bound"),
+}
 
 
 def headline(scenarios: dict[str, dict]) -> dict:
-    """The figures the issue names, and whether every promise held."""
-    get = lambda name, key, default=0: scenarios.get(name, {}).get(key, default)  # noqa: E731
-    services = scenarios.get("services", {})
-    finished = [get(n, "run_finished", None) for n in ("workers", "learner", "services") if n in scenarios]
+    """The figures the issue names, and whether every promise held.
+
+    A scenario left out (`--only`) promises nothing; one that ran must report every figure of
+    FIGURES, else `missing_figures` names it (`scenario.figure`) and `ok` is false.
+    """
+    ran = {name: s for name, s in scenarios.items() if "error" not in s}
+    missing = [f"{name}.{key}" for name, s in ran.items() for key in FIGURES.get(name, ()) if key not in s]
+
+    def total(*figures: tuple[str, str]) -> int | None:
+        """The sum over the scenarios that ran; None where one of them lacks its figure."""
+        values = [ran[name].get(key) for name, key in figures if name in ran]
+        return None if None in values else sum(values)
+
+    def holds(name: str, promise) -> bool:
+        """`promise(figures)` of a scenario that ran with every figure; true if it did not run."""
+        if name not in scenarios:
+            return True
+        s = scenarios[name]
+        return "error" not in s and all(key in s for key in FIGURES[name]) and bool(promise(s))
+
+    finished = [ran[n].get("run_finished") for n in ("workers", "learner", "services") if n in ran]
     report = {
-        "worker_kills": get("workers", "worker_kills"),
-        "run_finished": all(finished) if finished else None,
-        "learner_kills": get("learner", "learner_kills"),
-        "resumes": get("learner", "resumes"),
-        "corrupt_checkpoints": get("learner", "corrupt_checkpoints") + services.get("corrupt_checkpoints", 0),
-        "fuzz_messages": get("fuzz", "fuzz_messages"),
-        "invalid_accepted": (get("fuzz", "invalid_accepted") + get("inputs", "spec_started")
-                             + get("inputs", "artifact_accepted")),
-        "server_crashes": get("fuzz", "server_crashes"),
-        "theta_unchanged_by_invalid": get("fuzz", "theta_unchanged_by_invalid", None),
+        "worker_kills": total(("workers", "worker_kills")),
+        "run_finished": (None if None in finished else all(finished)) if finished else None,
+        "learner_kills": total(("learner", "learner_kills")),
+        "resumes": total(("learner", "resumes")),
+        "corrupt_checkpoints": total(("learner", "corrupt_checkpoints"), ("services", "corrupt_checkpoints")),
+        "fuzz_messages": total(("fuzz", "fuzz_messages")),
+        "fuzz_inputs": ran.get("fuzz", {}).get("fuzz_inputs"),
+        "invalid_accepted": total(("fuzz", "invalid_accepted"), ("inputs", "spec_started"),
+                                  ("inputs", "artifact_accepted")),
+        "server_crashes": total(("fuzz", "server_crashes")),
+        "theta_unchanged_by_invalid": ran.get("fuzz", {}).get("theta_unchanged_by_invalid"),
     }
     promises = [
         not any("error" in s for s in scenarios.values()),
-        report["run_finished"] is not False,
-        report["resumes"] == report["learner_kills"],
-        report["corrupt_checkpoints"] == 0 and report["invalid_accepted"] == 0,
-        report["server_crashes"] == 0 and report["theta_unchanged_by_invalid"] is not False,
-        get("workers", "accepted_equals_applied", True) is not False,
-        get("learner", "within_one_interval", True) is not False,
-        services.get("committed_lost", 0) == 0,
-        all(get("inputs", key) == 0 for key in ("spec_unclear", "secrets_echoed", "cache_poisoned",
-                                                "artifact_unclear", "intact_failed")),
-        get("load", "accepted_lost") == 0 and get("load", "within_bound", True) is not False,
+        not missing,
+        holds("workers", lambda s: s["run_finished"] is True and s["accepted_equals_applied"] is True),
+        holds("learner", lambda s: s["run_finished"] is True and s["resumes"] == s["learner_kills"]
+              and s["corrupt_checkpoints"] == 0 and s["within_one_interval"] is True),
+        holds("services", lambda s: s["run_finished"] is True and s["corrupt_checkpoints"] == 0
+              and s["committed_lost"] == 0),
+        holds("fuzz", lambda s: s["invalid_accepted"] == 0 and s["server_crashes"] == 0
+              and s["theta_unchanged_by_invalid"] is True),
+        holds("inputs", lambda s: all(s[key] == 0 for key in FIGURES["inputs"])),
+        holds("load", lambda s: s["accepted_lost"] == 0 and s["within_bound"] is True),
     ]
-    return {**report, "ok": all(promises)}
+    return {**report, "missing_figures": missing, "ok": all(promises)}
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
-"""Bad input: a property-based fuzzer (hypothesis) drives the real learner gRPC server with
-malformed and hostile messages and checks that none is accepted, nothing crashes and θ does
-not move.
+"""Bad input: a property-based fuzzer (hypothesis) and mutations of real traffic drive the real
+learner gRPC server with malformed and hostile messages and check that none is accepted, nothing
+crashes and θ does not move.
 
 One learner (θ of 37 values, resumed at version 5 so that stale versions exist) is served on
 127.0.0.1 with a job token. Every example is one hostile input of one kind (`KINDS`, each tried
@@ -12,20 +12,28 @@ Hello, bad tokens, chunks, random bytes, a client that goes away). Its outcome i
 of its acks (`BAD_CHECKSUM`, ...), `status:CODE` if the call ended in an error, or `dropped`
 if the stream ended cleanly without a word about it.
 
+Then come mutants of real traffic (`chaos_mutations.py`: bit flips, truncations, splices and
+duplicated fields of the messages a worker's own code writes), each an exchange of its own, until
+`mutations` of them are hostile by that module's judge; the mutants it finds still valid are sent
+too and must not have more estimates accepted than it allows.
+
 The meta-batch is larger than the number of estimates sent, so accepted estimates never reach
 an outer step: θ and its version must be bit for bit what they were, and the learner's own
 count of accepted estimates must equal the valid ones the fuzzer sent (so an invalid estimate
 accepted without an ack is caught too). At the end a real worker client (`LearnerClient`) must
 still connect and get a valid estimate accepted, and the health service must answer.
 
-Figures: `fuzz_messages` (hostile inputs sent), `invalid_accepted` (of those, accepted: by an
-ack, a Welcome or θ served to a call that must be refused, or in the learner's own count),
+Figures: `fuzz_messages` (hostile inputs sent), `fuzz_inputs` (of those, `hypothesis` and
+`mutations`), `invalid_accepted` (of those, accepted: by an ack, a Welcome or θ served to a call
+that must be refused, or in the learner's own count),
 `server_crashes` (1 if the server no longer serves a valid worker or its health check),
 `theta_unchanged_by_invalid`, `server_faults` (inputs whose call ended in a status only a
 server fault gives, or that made the server log an error), and `by_kind`: per kind, inputs
-`tried`, `accepted`, outcome `reasons` and `variants` tried.
+`tried`, `accepted`, outcome `reasons` and `variants` tried; `mutation_by_operator` the same per
+mutation operator (variants: the exchange mutated), with `valid` mutants apart, and
+`mutants_valid` and `mutants_valid_accepted` in all.
 
-    python benchmarks/chaos_fuzz.py [--quick] [--json] [--examples N] [--out DIR]
+    python benchmarks/chaos_fuzz.py [--quick] [--json] [--examples N] [--mutations N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import json
 import logging
 import math
 import pathlib
+import sys
 import threading
 import time
 from typing import NamedTuple
@@ -57,8 +66,14 @@ from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
 from workers.client import LearnerClient
 
+# Run as a script, only benchmarks/ is on sys.path: the mutations are imported as `benchmarks.*`.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from benchmarks.chaos_mutations import EXCHANGES, Contract, judge, mutate, traffic  # noqa: E402
+
 JOB, TOKEN, FAMILY, SIZE = "fuzz", "fuzz-token-7f3a", "quadratic", 37
 VERSION, MAX_STALENESS, MAX_NORM = 5, 2, 1e3  # θ's version when fuzzing starts; the learner's limits
+PER_KIND, MUTATIONS = 100, 8_000  # the long form: 10,200 hostile inputs
+QUICK_PER_KIND, QUICK_MUTATIONS = 5, 200
 F32, BF16 = pb.ENCODING_FLOAT32_LE, pb.ENCODING_BFLOAT16_LE
 UINT64 = 2**64 - 1
 AUTH = security.token_call_metadata(TOKEN)
@@ -423,8 +438,9 @@ class _Fuzzer:
         self.connect = self.channel.stream_stream("/metaopt.v1.Learner/Connect",
                                                   response_deserializer=pb.LearnerMessage.FromString)
         self.get_theta = self.channel.unary_unary("/metaopt.v1.Learner/GetTheta")  # bytes both ways
-        self.by_kind = {kind: {"tried": 0, "accepted": 0, "reasons": collections.Counter(),
-                               "variants": collections.Counter()} for kind in KINDS}
+        self.by_kind = {kind: _stats() for kind in KINDS}
+        self.by_operator = collections.defaultdict(_stats)
+        self.mutants_valid = self.mutants_valid_accepted = 0
         self.tried = self.faults = self.messages_sent = self.controls = self.controls_accepted = 0
         self.seen_errors = 0  # error records already put down to earlier cases
         self.faulty: list[str] = []  # what the faults were, for people
@@ -453,9 +469,42 @@ class _Fuzzer:
         def one(data):
             who = Who(f"fuzz-{kind}", f"run-{self.tried}", self.learner.digest)
             case = KINDS[kind](data.draw, who)
-            self._record(kind, case, *self._send(case))
+            self._record(self.by_kind[kind], case.variant, *self._send(case))
 
         one()
+
+    def mutations(self, hostile: int, seed: int) -> None:
+        """Mutants of real traffic, each an exchange of its own, until `hostile` of them are
+        hostile by `chaos_mutations.judge`; the valid ones are sent as well."""
+        rng = np.random.default_rng(seed)
+        versions = range(VERSION - MAX_STALENESS, VERSION + 1)
+        contract = Contract(JOB, self.learner.digest, SIZE, FAMILY, versions, MAX_NORM)
+        sent = 0
+        while self.hostile_mutants() < hostile:
+            who = Who("fuzz-mutation", f"run-{sent}", self.learner.digest)
+            values = rng.uniform(-1, 1, SIZE).astype(np.float32)
+            est = _estimate(who, values, (F32, BF16)[rng.integers(2)], sequence=int(rng.integers(1, 2**63)),
+                            theta_version=int(rng.choice(versions)))
+            exchanges = traffic(who.hello().hello, est)
+            exchange = EXCHANGES[rng.integers(len(EXCHANGES))]
+            raws = list(exchanges[exchange])
+            at = rng.integers(len(raws))
+            partners = [raw for messages in exchanges.values() for raw in messages]
+            operator, raws[at] = mutate(rng, raws[at], partners, worker_message=exchange != "get_theta")
+            allowed, refused = judge(contract, exchange, raws)
+            accepted, reasons, status = self._send(
+                Case(exchange, raws, refused=refused, get_theta=exchange == "get_theta"))
+            sent += 1
+            if refused or not allowed:
+                self._record(self.by_operator[operator], exchange, accepted, reasons, status)
+                continue
+            acks = reasons.count("ACCEPTED")  # estimates; θ served is allowed here
+            self.mutants_valid += 1
+            self.mutants_valid_accepted += min(acks, allowed)
+            self._record(self.by_operator[operator], exchange, acks > allowed, [], status, hostile=False)
+
+    def hostile_mutants(self) -> int:
+        return sum(stats["tried"] for stats in self.by_operator.values())
 
     def _send(self, case: Case) -> tuple[bool, list[str], grpc.StatusCode]:
         """(accepted, reasons, final status) of one hostile input."""
@@ -512,17 +561,17 @@ class _Fuzzer:
             release.set()
         return welcomed, acks, status
 
-    def _record(self, kind: str, case: Case, accepted: bool, reasons: list[str], status) -> None:
+    def _record(self, stats: dict, variant: str, accepted: bool, reasons: list[str], status,
+                hostile: bool = True) -> None:
         errors, self.seen_errors = len(self.errors.records) - self.seen_errors, len(self.errors.records)
-        stats = self.by_kind[kind]
-        stats["tried"] += 1
+        stats["tried" if hostile else "valid"] += 1
         stats["accepted"] += accepted
         stats["reasons"].update(reasons)
-        stats["variants"][case.variant] += 1
-        self.tried += 1
+        stats["variants"][variant] += 1
+        self.tried += hostile
         if status in FAULT_STATUSES or errors:
             self.faults += 1
-            self.faulty.append(f"{kind}/{case.variant}: {', '.join(reasons)}")
+            self.faulty.append(f"{variant}: {', '.join(reasons) or status.name}")
 
     def serves_a_valid_worker(self) -> bool:
         """Whether a real worker client still connects and gets a valid estimate accepted."""
@@ -551,6 +600,16 @@ class _Fuzzer:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _stats() -> dict:
+    return {"tried": 0, "valid": 0, "accepted": 0, "reasons": collections.Counter(),
+            "variants": collections.Counter()}
+
+
+def _figures(stats: dict) -> dict:
+    return {key: dict(value) if isinstance(value, collections.Counter) else value
+            for key, value in stats.items()}
+
+
 def _make_learner() -> Learner:
     """A learner whose meta-batch is never full here (θ cannot move), resumed at VERSION."""
     config = LearnerConfig(job_id=JOB, max_outer_steps=1_000_000, meta_batch_size=1_000_000_000,
@@ -561,9 +620,10 @@ def _make_learner() -> Learner:
     return learner
 
 
-def fuzz_learner(examples: int = 200, seed: int = 0) -> dict:
-    """Send `examples` hostile inputs (hypothesis, seeded: the same inputs for the same seed) to
-    a real learner server; the figures described in this module's docstring."""
+def fuzz_learner(examples: int = PER_KIND * len(KINDS), seed: int = 0, mutations: int = MUTATIONS) -> dict:
+    """Send `examples` hostile inputs (hypothesis) and `mutations` hostile mutants of real traffic,
+    both seeded (the same inputs for the same seed), to a real learner server; the figures
+    described in this module's docstring."""
     if examples < len(KINDS):
         raise ValueError(f"examples must be at least {len(KINDS)} (one per kind), got {examples}")
     started = time.perf_counter()
@@ -575,6 +635,7 @@ def fuzz_learner(examples: int = 200, seed: int = 0) -> dict:
     try:
         before = fuzzer.theta()
         fuzzer.run(examples, seed)
+        fuzzer.mutations(mutations, seed)
         after_invalid = fuzzer.theta()
         served = fuzzer.serves_a_valid_worker()  # also a barrier: every earlier message is settled
         alive = server.loop.is_running() and fuzzer.healthy()
@@ -585,12 +646,14 @@ def fuzz_learner(examples: int = 200, seed: int = 0) -> dict:
         fuzzer.channel.close()
         learner.stop()
         server.stop(None)
-    acked_invalid = sum(stats["accepted"] for stats in fuzzer.by_kind.values())
+    acked_invalid = sum(s["accepted"] for s in [*fuzzer.by_kind.values(), *fuzzer.by_operator.values()])
     # The learner's own count: accepted estimates the fuzzer did not send as valid ones.
-    unacked_invalid = server_accepted - fuzzer.controls_accepted - served
+    unacked_invalid = server_accepted - fuzzer.controls_accepted - fuzzer.mutants_valid_accepted - served
     return {
         "benchmark": "chaos_fuzz", "examples": examples, "seed": seed,
         "fuzz_messages": fuzzer.tried,
+        "fuzz_inputs": {"hypothesis": fuzzer.tried - fuzzer.hostile_mutants(),
+                        "mutations": fuzzer.hostile_mutants()},
         "invalid_accepted": max(acked_invalid, unacked_invalid),
         "server_crashes": 0 if served and alive else 1,
         "theta_unchanged_by_invalid": before[:2] == after_invalid[:2] == after_valid[:2] and len(
@@ -599,27 +662,34 @@ def fuzz_learner(examples: int = 200, seed: int = 0) -> dict:
         "messages_sent": fuzzer.messages_sent, "control_estimates": fuzzer.controls,
         "controls_accepted": fuzzer.controls_accepted, "valid_worker_served_after": served,
         "theta_version": before[1], "seconds": round(time.perf_counter() - started, 2),
-        "by_kind": {kind: {"tried": s["tried"], "accepted": s["accepted"], "reasons": dict(s["reasons"]),
-                           "variants": dict(s["variants"])} for kind, s in fuzzer.by_kind.items()},
+        "mutants_valid": fuzzer.mutants_valid, "mutants_valid_accepted": fuzzer.mutants_valid_accepted,
+        "by_kind": {kind: _figures(s) for kind, s in fuzzer.by_kind.items()},
+        "mutation_by_operator": {op: _figures(s) for op, s in sorted(fuzzer.by_operator.items())},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"{5 * len(KINDS)} examples, 5 of each kind")
-    parser.add_argument("--examples", type=int, help="hostile inputs to send (default 200)")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_PER_KIND} examples of each kind, "
+                        f"{QUICK_MUTATIONS} hostile mutants (default: {PER_KIND} and {MUTATIONS})")
+    parser.add_argument("--examples", type=int, help="hostile inputs from hypothesis, shared among the kinds")
+    parser.add_argument("--mutations", type=int, help="hostile mutants of real traffic")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.add_argument("--out", type=pathlib.Path, help="write chaos_fuzz.json here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.CRITICAL)  # hostile input makes the server warn, by design
-    result = fuzz_learner(args.examples or (5 * len(KINDS) if args.quick else 200), args.seed)
-    for kind, stats in result["by_kind"].items():
+    per_kind, mutations = (QUICK_PER_KIND, QUICK_MUTATIONS) if args.quick else (PER_KIND, MUTATIONS)
+    result = fuzz_learner(args.examples or per_kind * len(KINDS), args.seed,
+                          mutations if args.mutations is None else args.mutations)
+    for name, stats in [*result["by_kind"].items(), *result["mutation_by_operator"].items()]:
         reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(stats["reasons"].items()))
-        print(f"{kind:26s} tried {stats['tried']:3d}  accepted {stats['accepted']:3d}  {reasons}")
-    print(f"{result['fuzz_messages']} hostile inputs in {result['seconds']} s: "
-          f"{result['invalid_accepted']} accepted, {result['server_crashes']} crashes, "
-          f"{result['server_faults']} server faults, θ unchanged: {result['theta_unchanged_by_invalid']}")
+        print(f"{name:26s} tried {stats['tried']:4d}  accepted {stats['accepted']:3d}  {reasons}")
+    print(f"{result['fuzz_messages']} hostile inputs ({result['fuzz_inputs']['hypothesis']} from hypothesis, "
+          f"{result['fuzz_inputs']['mutations']} mutants; {result['messages_sent']} messages) in "
+          f"{result['seconds']} s: {result['invalid_accepted']} accepted, {result['server_crashes']} "
+          f"crashes, {result['server_faults']} server faults, θ unchanged: "
+          f"{result['theta_unchanged_by_invalid']}; {result['mutants_valid']} valid mutants also sent")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "chaos_fuzz.json").write_text(json.dumps(result, indent=2))

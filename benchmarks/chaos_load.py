@@ -18,22 +18,25 @@ set, counted by the senders, per worker) is exact; `unanswered` counts any estim
 never came (a fault: it must be 0, or `accepted` is a lower bound). Then `learner.stop()`,
 which applies every accepted estimate: the full meta-batches, then the partial one. The
 checks: `accepted` == `learner_accepted` (sum of `Learner.accepted_by_worker`, also compared
-worker by worker: `workers_mismatched`) == `applied` (sum of `OuterStep.estimates` over the
-history). `accepted_lost` = accepted − applied: 0, and negative would mean an estimate
-applied twice or applied without an ack.
+worker by worker: `workers_mismatched`) == `applied` (the learner's
+`totals.estimates_applied`, the sum of `OuterStep.estimates` over every outer step).
+`accepted_lost` = accepted − applied: 0, and negative would mean an estimate applied twice or
+applied without an ack.
 
 The bound. At a fixed number of streams nothing in the learner should grow with time: θ,
 the Adam state and the accumulators are preallocated, and per-stream and per-worker state is
-per stream. What does grow is `Learner.history`, one `OuterStep` (~280 bytes) per outer step:
-about 6 MB for a five-minute run at this load (~70 steps/s). `rss_bound_mb` is a fixed 64 MB
+per stream. What grew was `Learner.history`, one `OuterStep` (~280 bytes) per outer step:
+about 6 MB for a five-minute run at this load (~70 steps/s); it now keeps the last
+`HISTORY_WINDOW` (1,024) steps, ~0.3 MB, full after ~15 s of this load. `rss_bound_mb` is a fixed 64 MB
 allowance over the baseline, which covers that and allocator noise (glibc keeps freed memory in per-thread
 arenas: gRPC's threads, the ingest and updater threads; gRPC keeps buffer pools); a leak per
 estimate or per message (a few hundred thousand of each a minute) crosses it within the run.
 `rss_slope_mb_per_min` (least squares over the window) tells a slow drift that a short run
-would not show; `history_growth_mb` is the part of it the history explains. In a control run
-with the history emptied every second (3 minutes), RSS stayed within 4 MB of its baseline with
-no trend, so the history is the growth. It is real, if slow, over a job of days (at one outer
-step a second, ~24 MB a day, and it is written into every checkpoint).
+would not show; `history_growth_mb` is the part of it the history explains (0 once its window
+is full). In a control run with the history emptied every second (3 minutes), RSS stayed within
+4 MB of its baseline with no trend, so the history was the growth: real, if slow, over a job of
+days (at one outer step a second, ~24 MB a day, and written into every checkpoint), hence the
+window.
 
 Figures: `streams` (open at peak; `streams_min` the fewest during the hold, which begins after
 the warm-up and once every stream is open, at `all_open_at_s`), `seconds`,
@@ -45,7 +48,7 @@ over the window), `rejected` by reason, `rss_start_mb`, `rss_max_mb`, `rss_end_m
 Measured on 2 cores shared with the four sender processes, 5 minutes: 256 streams held for
 299 s, none dropped; 1,405,104 estimates accepted (4,505/s), all applied in 21,955 outer steps,
 none lost or applied twice; RSS 271 MB at baseline, 286 MB at most (+15 MB, bound 64 MB), a
-slope of +2.0 MB/min of which the history explains ~1.2. The drain took 0.35 s. `--quick`
+slope of +2.0 MB/min of which the then unbounded history explained ~1.2. The drain took 0.35 s. `--quick`
 (45 s): 253,175 accepted, none lost, +5.3 MB.
 
     python benchmarks/chaos_load.py [--quick] [--json] [--out DIR] [--streams N] [--seconds S]
@@ -77,6 +80,7 @@ from benchmarks.learner_ingest import (  # noqa: E402
     _Estimates,
     _stream,
 )
+from learner.core import HISTORY_WINDOW  # noqa: E402
 
 RSS_BOUND_MB = 64.0
 OUTER_STEP_BYTES = 280  # one `OuterStep` in `Learner.history`, measured with tracemalloc
@@ -220,7 +224,7 @@ def hold_streams(streams: int = 256, seconds: float = 60.0, size: int = SIZES["s
     (t0, rss0, acc0, _, v0), (t1, _, acc1, _, v1) = window[0], window[-1]
     rss = np.array([s[1] for s in window])
     slope = float(np.polyfit([s[0] for s in window], rss, 1)[0] * 60) if len(window) > 2 else 0.0
-    applied = sum(step.estimates for step in learner.history)
+    applied = learner.totals.estimates_applied
     accepted = sum(sent["accepted"].values())
     workers = set(sent["accepted"]) | set(learner.accepted_by_worker)
     return {
@@ -234,12 +238,13 @@ def hold_streams(streams: int = 256, seconds: float = 60.0, size: int = SIZES["s
         "workers_mismatched": sum(sent["accepted"][w] != learner.accepted_by_worker[w] for w in workers),
         "unanswered": sent["unanswered"], "streams_dropped": sent["dropped"],
         "streams_failed": sent["failed"], "stream_errors": sent["errors"],
-        "outer_steps": len(learner.history),
+        "outer_steps": learner.version,
         "accepted_per_s": (acc1 - acc0) / max(t1 - t0, 1e-9), "rejected": _rejected(learner),
         "sender_rejected": sent["rejected"],
         "rss_start_mb": rss0, "rss_max_mb": float(rss.max()), "rss_end_mb": float(rss[-1]),
         "rss_growth_mb": float(rss.max() - rss0), "rss_slope_mb_per_min": slope,
-        "history_growth_mb": (v1 - v0) * OUTER_STEP_BYTES / 2**20,
+        "history_growth_mb": (min(v1, HISTORY_WINDOW) - min(v0, HISTORY_WINDOW)) * OUTER_STEP_BYTES
+                             / 2**20,
         "rss_after_stop_mb": rss_after_stop_mb, "rss_bound_mb": RSS_BOUND_MB,
         "within_bound": bool(rss.max() - rss0 <= RSS_BOUND_MB),
         "samples": [[round(t, 2), round(r, 2), a, c, v] for t, r, a, c, v in samples],

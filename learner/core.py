@@ -8,6 +8,10 @@ the receive path. There are `max_pending_batches + 1` accumulators: when all are
 use, `submit` blocks, which withholds the stream's ack and so the worker's credit (back
 pressure through credit, never an unbounded buffer). θ's version is the number of outer
 steps; listeners (the open worker streams) hear of each one.
+
+Memory stays bounded over a run of days: the history keeps the last `HISTORY_WINDOW` outer
+steps (metrics.jsonl, written as the run goes, keeps them all), job-wide counts are `totals`,
+and replay records are kept only while they can matter (`learner.bookkeeping`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import hashlib
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 
 import jax
@@ -25,11 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from learner.bookkeeping import Incarnations, Totals
 from learner.metrics import LearnerMetrics
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
 
 Reason = pb.RejectReason
+# Outer steps kept in memory and in each checkpoint. Readers of the live history poll it far
+# more often than this many steps pass (metrics.jsonl every 0.5 s, the job record its last 20);
+# at ~300 bytes a step it is ~0.3 MB. The whole run is in metrics.jsonl, and counts in `totals`.
+HISTORY_WINDOW = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +126,12 @@ class Learner:
         self.outer_state = self._outer.init(self.theta)
         self.version = 0
         self.rng = np.asarray(jax.random.key_data(jax.random.key(config.seed)))
-        self.history: list[OuterStep] = []
+        # The last HISTORY_WINDOW outer steps; read it through `recent_steps`/`steps_after`
+        # while the learner runs (a deque may not be iterated while the updater appends).
+        self.history: deque[OuterStep] = deque(maxlen=HISTORY_WINDOW)
+        self.totals = Totals()
+        self._totals_lock = threading.Lock()  # for `totals.rejected`: `reject` may hold `_lock`
+        self._incarnations = Incarnations(config.max_staleness)
         self.done = threading.Event()
         self._closing = False  # `stop` has begun: accept nothing more
         self._theta_message = wire.theta_message(np.asarray(self.theta), 0, self.structure)
@@ -127,7 +141,6 @@ class Learner:
         self._pending = 0  # full batches queued for or in the updater
         self._committed = 0  # of those, the one whose step is already in `version` (0 or 1)
         self._updates: queue.Queue = queue.Queue()
-        self._last_sequence: dict[tuple[str, str], int] = {}  # (worker, run id) → last accepted
         self.accepted_by_worker: Counter[str] = Counter()
         self._updater = threading.Thread(target=self._update_loop, daemon=True, name="learner-updater")
         self._updater.start()
@@ -150,7 +163,10 @@ class Learner:
 
     def reject(self, est: pb.GradientEstimate, reason: int, detail: str) -> pb.Ack:
         """Count a refusal of `est` and return its ack (also for the server's own refusals)."""
-        self.metrics.rejected(Reason.Name(reason))
+        name = Reason.Name(reason)
+        with self._totals_lock:
+            self.totals.rejected[name] = self.totals.rejected.get(name, 0) + 1
+        self.metrics.rejected(name)
         return pb.Ack(sequence=est.sequence, accepted=False, reason=reason, detail=detail,
                       theta_version=self.version)
 
@@ -169,14 +185,15 @@ class Learner:
                           else "the last outer step is full")
                 return self.reject(est, Reason.REJECT_REASON_JOB_FINISHED, detail)
             stream = (est.worker_id, est.run_id)
-            if est.sequence <= self._last_sequence.get(stream, 0):
-                detail = f"sequence {est.sequence} of {est.worker_id}/{est.run_id} was already seen"
-                return self.reject(est, Reason.REJECT_REASON_REPLAYED, detail)
+            replay = self._incarnations.refusal(stream, est.sequence, est.theta_version)
+            if replay is not None:
+                return self.reject(est, Reason.REJECT_REASON_REPLAYED, replay)
             staleness = self.version - est.theta_version
             if staleness > self.config.max_staleness:  # θ may have moved since _validate
                 return self.reject(est, Reason.REJECT_REASON_STALE, "θ moved on")
-            first_of_incarnation = stream not in self._last_sequence
-            self._last_sequence[stream] = est.sequence
+            first_of_incarnation = self._incarnations.accepted(stream, est.sequence, est.theta_version)
+            self.totals.estimates_accepted += 1
+            self.totals.worker_incarnations += first_of_incarnation
             self.accepted_by_worker[est.worker_id] += 1
             batch = self._filling
             at = 0
@@ -288,6 +305,11 @@ class Learner:
                 self.theta, self.outer_state, self.version = theta, outer_state, version
                 self._theta_message = message
                 self.history.append(record)
+                self.totals.estimates_applied += record.estimates
+                self.totals.inner_steps_applied += record.inner_steps
+                if self.totals.meta_loss_first is None:
+                    self.totals.meta_loss_first = record.meta_loss
+                self._incarnations.forget(version)
                 # Until `finally` gives the batch back, it is both in `version` and in `_pending`:
                 # counted twice, the last step would look full and its estimates be refused (a
                 # job then stopped one step short, its worker told JOB_FINISHED).
@@ -326,6 +348,38 @@ class Learner:
     def theta_tree(self):
         with self._lock:
             return wire.unflatten(np.asarray(self.theta), self.template)
+
+    def recent_steps(self, count: int) -> list[OuterStep]:
+        """The last `count` outer steps (at most HISTORY_WINDOW), oldest first."""
+        with self._lock:
+            return list(self.history)[-count:] if count > 0 else []
+
+    def steps_after(self, step: int) -> list[OuterStep]:
+        """The outer steps after `step` still in the history window, oldest first."""
+        with self._lock:
+            newer = []
+            for record in reversed(self.history):
+                if record.step <= step:
+                    break
+                newer.append(record)
+            return newer[::-1]
+
+    def stream_opened(self, worker_id: str, run_id: str) -> None:
+        """A stream of this incarnation opened: its replay record is kept while it is open."""
+        with self._lock:
+            self._incarnations.opened((worker_id, run_id))
+
+    def stream_closed(self, worker_id: str, run_id: str) -> None:
+        """A stream of this incarnation closed: once none is open and its estimates are stale,
+        its replay record is dropped (and a replay of them refused all the same)."""
+        with self._lock:
+            self._incarnations.closed((worker_id, run_id), self.version)
+
+    @property
+    def replay_records(self) -> int:
+        """Worker incarnations whose replay record is held now."""
+        with self._lock:
+            return len(self._incarnations.records)
 
     @property
     def pending_batches(self) -> int:
@@ -388,18 +442,22 @@ class Learner:
             leaves = jax.tree.leaves(self.outer_state)
             arrays = {"theta": np.array(self.theta), "rng": np.array(self.rng)}
             arrays |= {f"outer_state/{i}": np.array(x) for i, x in enumerate(leaves)}
+            with self._totals_lock:
+                totals = self.totals.to_meta()
             meta = {
                 "job_id": self.config.job_id, "version": self.version, "structure_digest": self.digest,
-                "history": [dataclasses.asdict(h) for h in self.history],
+                "history": [dataclasses.asdict(h) for h in self.history],  # the window only
+                "totals": totals, **self._incarnations.to_meta(),
             }
             return self.version, arrays, meta
 
     @property
     def worker_incarnations(self) -> int:
-        """Distinct (worker, run id) pairs with an accepted estimate: a restarted worker is a new
-        incarnation with a new run id."""
+        """Distinct (worker, run id) pairs with an accepted estimate over the job: a restarted
+        worker is a new incarnation with a new run id. (One whose record was dropped while it was
+        away longer than `max_staleness` outer steps counts again when it delivers again.)"""
         with self._lock:
-            return len(self._last_sequence)
+            return self.totals.worker_incarnations
 
     @staticmethod
     def state_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -433,7 +491,11 @@ class Learner:
             self.outer_state = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in saved])
             self.rng = np.array(arrays["rng"])
             self.version = int(meta["version"])
-            self.history = [OuterStep(**h) for h in meta["history"]]
+            history = meta["history"][-HISTORY_WINDOW:]  # an older checkpoint holds every step
+            self.history = deque((OuterStep(**h) for h in history), maxlen=HISTORY_WINDOW)
+            with self._totals_lock:
+                self.totals = Totals.from_meta(meta)
+            self._incarnations.restore(meta, self.version)
             if self._filling is not None:
                 self._filling.clear()
             self._theta_message = wire.theta_message(np.asarray(self.theta), self.version, self.structure)

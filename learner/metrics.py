@@ -36,7 +36,8 @@ class LearnerMetrics:
             "metaopt_gradient_estimates_accepted", "Gradient estimates accepted.",
             ["job_id", "task_family"], registry=r)
         self._rejected = Counter(
-            "metaopt_gradient_estimates_rejected", "Gradient estimates rejected, by reason.",
+            "metaopt_gradient_estimates_rejected", "Gradient estimates rejected, by reason; also "
+            "calls refused before an estimate is read (missing_token, wrong_token, undecodable).",
             ["job_id", "reason"], registry=r)
         self._inner_steps = Counter(
             "metaopt_inner_steps", "Inner training steps behind accepted estimates "

@@ -20,6 +20,10 @@ instead was measured slower: the ingest thread overlaps with the loop on a secon
   `ANNOUNCE_INTERVAL_S` apart: busy workers learn versions from their acks, and hundreds of
   streams cost no more than a few messages per outer step. The end of the job goes to all.
 * θ is serialised once per version and sent as those bytes to every GetTheta.
+* A request that does not decode (GetTheta's, or any message of a stream) is answered
+  INVALID_ARGUMENT with what did not decode, and counted as a rejection, reason `undecodable`;
+  the stream ends there. (gRPC's own deserializer would answer UNKNOWN, uncounted: requests are
+  therefore registered as bytes and decoded here.)
 * Keepalive pings notice a worker that vanished without closing its stream; its stream, and
   so its credit, then ends.
 """
@@ -60,10 +64,23 @@ _END = object()  # closes a stream's outbox
 _STOP = pb.LearnerMessage(stop=pb.Stop(reason="the job is finished"))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Refusal:
+    """Ends a stream's outbox with INVALID_ARGUMENT and this detail, after the acks before it."""
+
+    detail: str
+
+
+def _undecodable(what: str, message_type, err: DecodeError, expected: str = "") -> str:
+    name = message_type.DESCRIPTOR.full_name
+    return (f"{what} does not decode as a {name} ({err}): send a serialised {name}{expected}, as "
+            "proto/metaopt/v1/learner.proto defines it")
+
+
 @dataclasses.dataclass(eq=False)
 class _Stream:
     """One open Connect call. `outbox`, `queued`, `drained` and `told` belong to the loop;
-    `chunked` to the ingest thread."""
+    `chunked` and `ended` to the ingest thread."""
 
     hello: pb.Hello
     chunked: _Reassembly
@@ -71,11 +88,13 @@ class _Stream:
     queued: int = 0  # messages handed to the ingest thread and not yet processed
     drained: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     told: int = 0  # the newest θ version this stream has been sent
+    ended: bool = False  # by a message that did not decode, or a fault: later messages are ignored
 
 
 class LearnerService:
-    """Connect and GetTheta, registered with hand-written method handlers so that GetTheta can
-    answer with θ's bytes as the learner serialised them."""
+    """Connect and GetTheta, registered with hand-written method handlers: requests arrive as
+    bytes (chunks are read in place; an undecodable request is refused here, with a reason), and
+    GetTheta answers with θ's bytes as the learner serialised them."""
 
     def __init__(self, learner: Learner, loop: asyncio.AbstractEventLoop):
         self.learner, self.loop = learner, loop
@@ -100,8 +119,7 @@ class LearnerService:
             # Requests stay bytes until the ingest thread: chunks are read in place there.
             "Connect": grpc.stream_stream_rpc_method_handler(
                 self.connect, response_serializer=pb.LearnerMessage.SerializeToString),
-            "GetTheta": grpc.unary_unary_rpc_method_handler(
-                self.get_theta, request_deserializer=pb.GetThetaRequest.FromString),
+            "GetTheta": grpc.unary_unary_rpc_method_handler(self.get_theta),
         })
 
     def close(self) -> None:
@@ -111,7 +129,13 @@ class LearnerService:
 
     # -- GetTheta ---------------------------------------------------------------------------
 
-    async def get_theta(self, request: pb.GetThetaRequest, context) -> bytes:
+    async def get_theta(self, raw: bytes, context) -> bytes:
+        try:
+            request = pb.GetThetaRequest.FromString(raw)
+        except DecodeError as err:
+            self.learner.metrics.rejected("undecodable")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                _undecodable("the request", pb.GetThetaRequest, err))
         if request.job_id != self.learner.config.job_id:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id!r} on this learner")
         message = self.learner.theta_message()
@@ -126,6 +150,7 @@ class LearnerService:
         learner = self.learner
         stream = _Stream(hello, _Reassembly(learner), told=learner.version)
         self.streams.add(stream)
+        learner.stream_opened(hello.worker_id, hello.run_id)  # its replay record is kept meanwhile
         learner.metrics.worker_connected(+1)
         reader = None
         try:
@@ -138,19 +163,24 @@ class LearnerService:
                 return
             reader = asyncio.create_task(self._read(stream, requests))
             while (message := await stream.outbox.get()) is not _END:
+                if isinstance(message, _Refusal):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message.detail)
                 yield message
         finally:
             if reader is not None:
                 reader.cancel()
             self.streams.discard(stream)
+            learner.stream_closed(hello.worker_id, hello.run_id)
             learner.metrics.worker_connected(-1)
 
     async def _handshake(self, requests, context) -> pb.Hello:
         first = await anext(aiter(requests), None)
         try:
             first = pb.WorkerMessage.FromString(first) if first is not None else None
-        except DecodeError:
-            first = None
+        except DecodeError as err:
+            self.learner.metrics.rejected("undecodable")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _undecodable(
+                "the stream's first message", pb.WorkerMessage, err, " holding a Hello"))
         if first is None or first.WhichOneof("kind") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a stream must begin with a Hello")
         hello = first.hello
@@ -186,6 +216,9 @@ class LearnerService:
             stream.queued -= 1
             stream.drained.set()
             for message in messages:
+                if isinstance(message, _Refusal):
+                    stream.outbox.put_nowait(message)
+                    continue
                 stream.told = max(stream.told, message.ack.theta_version)
                 stream.outbox.put_nowait(message)
 
@@ -230,13 +263,18 @@ class LearnerService:
     def _settle(self, stream: _Stream, message: bytes | None) -> tuple[_Stream, list | None]:
         if message is None:
             return stream, None
+        if stream.ended:  # what a refused stream's reader had already queued: not looked at
+            return stream, []
         try:
             return stream, [pb.LearnerMessage(ack=ack) for ack in self._receive(stream, message)]
-        except DecodeError:
+        except DecodeError as err:
+            stream.ended = True
+            self.learner.metrics.rejected("undecodable")
             log.warning("ending the stream of %s/%s: a message that is not a WorkerMessage",
                         stream.hello.worker_id, stream.hello.run_id)
-            return stream, None
+            return stream, [_Refusal(_undecodable("a message", pb.WorkerMessage, err))]
         except Exception:  # a bug must end this stream loudly, not leave the worker waiting
+            stream.ended = True
             log.exception("stream of %s/%s failed", stream.hello.worker_id, stream.hello.run_id)
             return stream, None
 

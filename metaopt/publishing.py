@@ -5,8 +5,9 @@ A run directory is what the learner writes (`metaopt train`, `metaopt serve-lear
     RUN/job.json                        the job spec, as JSON
     RUN/checkpoints/ckpt-000000123/     committed checkpoints (metaopt.storage.save_checkpoint):
                                         arrays {"theta": flat float32, "rng", "outer_state/i"},
-                                        meta {"job_id", "version", "structure_digest", "history",
-                                        and, when the learner records them, "spec", "code_version"}
+                                        meta {"job_id", "version", "structure_digest", "history"
+                                        (the last outer steps), and, when the learner records
+                                        them, "totals", "spec", "code_version"}
 
 `publish_checkpoint` turns the newest good checkpoint of a run (or a checkpoint named directly)
 into the next version of a registry name; `provenance` is the record every published artifact
@@ -21,6 +22,7 @@ import json
 import math
 import pathlib
 import subprocess
+import tomllib
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from typing import Any
@@ -38,6 +40,7 @@ __all__ = [
     "checkpoint_theta",
     "evaluation_summary",
     "find_checkpoint",
+    "code_version",
     "installed_code_version",
     "provenance",
     "publish_checkpoint",
@@ -64,22 +67,43 @@ class Checkpoint:
 
 @functools.cache
 def installed_code_version() -> str:
+    """This metaopt's code version: `code_version` of the folder this module is in."""
+    return code_version(pathlib.Path(__file__).resolve().parent)
+
+
+def code_version(package_dir: pathlib.Path) -> str:
     """The installed metaopt's version ("unknown" when it is not installed as a package), with
-    the git commit it runs from when that is a git checkout ("0.1.0+git.1a2b3c4d5e6f", and
-    ".dirty" when files differ from that commit): the package version alone does not change
-    from one commit to the next."""
+    the git commit it runs from when `package_dir` (the `metaopt` package folder) sits in
+    metaopt's own git checkout ("0.1.0+git.1a2b3c4d5e6f", and ".dirty" when files differ from
+    that commit): the package version alone does not change from one commit to the next.
+
+    Only metaopt's own checkout counts: the package folder's parent must hold metaopt's
+    pyproject.toml and be the top of its git tree. A metaopt installed or vendored inside a
+    user's own repository would otherwise record the user's commit as metaopt's."""
     try:
         version = metadata.version("metaopt")
     except metadata.PackageNotFoundError:
         version = "unknown"
+    root = package_dir.resolve().parent
     try:
-        described = subprocess.run(
-            ["git", "describe", "--always", "--abbrev=12", "--dirty=.dirty", "--exclude=*"],
-            cwd=pathlib.Path(__file__).parent, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):  # no git here
+        project = tomllib.loads((root / "pyproject.toml").read_text()).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError):  # installed as a package: no source tree
         return version
-    commit = described.stdout.strip()
-    return f"{version}+git.{commit}" if described.returncode == 0 and commit else version
+    if project.get("name") != "metaopt":
+        return version
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):  # no git here
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    toplevel = git("rev-parse", "--show-toplevel")
+    if toplevel is None or pathlib.Path(toplevel).resolve() != root:  # not a checkout of its own
+        return version
+    commit = git("describe", "--always", "--abbrev=12", "--dirty=.dirty", "--exclude=*")
+    return f"{version}+git.{commit}" if commit else version
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:
@@ -91,21 +115,26 @@ def _spec_dict(spec: Any) -> dict[str, Any]:
 
 
 def _meta_loss(record: Any) -> float | None:
-    value = record["meta_loss"] if isinstance(record, dict) else record.meta_loss
+    return _finite(record["meta_loss"] if isinstance(record, dict) else record.meta_loss)
+
+
+def _finite(value: Any) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None  # JSON has no NaN
 
 
 def provenance(spec: Any, job_id: str, history: Sequence[Any], outer_steps: int,
                evaluation: dict[str, Any] | None = None, *, code_version: str | None = None,
-               **extra: Any) -> dict[str, Any]:
+               meta_loss_first: float | None = None, **extra: Any) -> dict[str, Any]:
     """The provenance of a published optimizer, as its manifest records it.
 
     spec: the JobSpec (or its JSON dict); history: the learner's outer steps (OuterStep records
     or their dicts, oldest first); outer_steps: θ's version; evaluation: a `metaopt eval` report
     (result.json) or its summary; code_version: of the code that trained θ (default: this
-    installation's). Keys: job_id, code_version, task_families, outer_steps, meta_loss_first,
-    meta_loss_last (None without history), estimator, spec, [evaluation], and `extra`.
+    installation's); meta_loss_first: outer step 1's, where `history` no longer begins there (the
+    learner keeps a window of its last steps). Keys: job_id, code_version, task_families,
+    outer_steps, meta_loss_first, meta_loss_last (None without history), estimator, spec,
+    [evaluation], and `extra`.
     """
     spec = _spec_dict(spec)
     record = {
@@ -113,7 +142,8 @@ def provenance(spec: Any, job_id: str, history: Sequence[Any], outer_steps: int,
         "code_version": code_version or installed_code_version(),
         "task_families": [t["family"] for t in spec.get("tasks", [])],
         "outer_steps": int(outer_steps),
-        "meta_loss_first": _meta_loss(history[0]) if history else None,
+        "meta_loss_first": (_finite(meta_loss_first) if meta_loss_first is not None
+                            else _meta_loss(history[0]) if history else None),
         "meta_loss_last": _meta_loss(history[-1]) if history else None,
         "estimator": spec.get("estimator"),
         "spec": spec,
@@ -285,8 +315,10 @@ def publish_checkpoint(run_or_checkpoint_uri: str, registry_uri: str, name: str 
     meta = checkpoint.meta
     if int(meta["version"]) < 1:
         raise ValueError(f"checkpoint {checkpoint.uri} is at outer step 0: nothing has been trained yet")
+    # A checkpoint's history is the learner's window of last steps; its totals know step 1.
+    first = (meta.get("totals") or {}).get("meta_loss_first")
     record = provenance(spec, str(meta["job_id"]), meta["history"], int(meta["version"]), summary,
-                        code_version=str(meta.get("code_version") or "unknown"),
+                        code_version=str(meta.get("code_version") or "unknown"), meta_loss_first=first,
                         checkpoint={"uri": checkpoint.uri, "step": checkpoint.step},
                         published_with=installed_code_version())
     return registry.publish(registry_uri, name, opt.name, dict(opt.hparams), theta, record, aliases)

@@ -3,7 +3,9 @@
 `metaopt train` writes one JSON line per outer step, {"kind": "outer_step", and the fields of
 learner.core.OuterStep: step, meta_loss, family_losses, ...}, and with in-run evaluation one per
 evaluation, {"kind": "eval", ...} (metaopt.inrun_eval). Lines written before lines had a kind
-are outer steps. Read them with `read_metrics`, which keeps one kind.
+are outer steps. Read them with `read_metrics`, which keeps one kind (or `iter_metrics`, which
+reads as it goes: a run of days has many lines). The file is the run's record: the learner
+keeps only its last outer steps in memory, so plots and reports read this file.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,10 +32,37 @@ def outer_step_line(record) -> str:
 def read_metrics(path: str | pathlib.Path, kind: str = OUTER_STEP) -> list[dict[str, Any]]:
     """The lines of one kind of a metrics.jsonl, in order. A last line still being written (no
     closing brace yet) is left out."""
+    return list(iter_metrics(path, kind))
+
+
+def iter_metrics(path: str | pathlib.Path, kind: str = OUTER_STEP) -> Iterator[dict[str, Any]]:
+    """`read_metrics`, one line at a time: the file is never held whole."""
     path = pathlib.Path(path)
-    lines = path.read_text().splitlines() if path.exists() else []
-    rows = [json.loads(line) for line in lines if line.endswith("}")]
-    return [row for row in rows if row.get("kind", OUTER_STEP) == kind]
+    if not path.exists():
+        return
+    with path.open() as lines:
+        for line in lines:
+            line = line.rstrip("\n")
+            if line.endswith("}") and (row := json.loads(line)).get("kind", OUTER_STEP) == kind:
+                yield row
+
+
+def keep_outer_steps(path: str | pathlib.Path, through_step: int) -> int:
+    """Keep a metrics.jsonl's outer steps up to `through_step`, in order, and drop every other
+    line: a resumed run redoes the steps after its checkpoint and writes its evaluations anew.
+    Copied line by line to a new file that then replaces the old. Returns the last step kept (0:
+    none, or no file)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return 0
+    kept, last = path.with_name(path.name + ".resumed"), 0
+    with kept.open("w") as sink:
+        for row in iter_metrics(path):
+            if row["step"] <= through_step:
+                sink.write(json.dumps(row) + "\n")
+                last = row["step"]
+    os.replace(kept, path)
+    return last
 
 
 def running_mean(values: Sequence[float], window: int) -> np.ndarray:
@@ -44,9 +74,10 @@ def running_mean(values: Sequence[float], window: int) -> np.ndarray:
     return (sums[ends] - sums[starts]) / (ends - starts)
 
 
-def family_series(history) -> dict[str, tuple[list[int], list[float]]]:
+def family_series(history: Iterable) -> dict[str, tuple[list[int], list[float]]]:
     """{task family: (outer steps, that family's mean meta-loss in each)} of OuterSteps (or their
-    dicts); steps recorded without per-family losses count under ALL_FAMILIES."""
+    dicts, as `iter_metrics` reads them); steps recorded without per-family losses count under
+    ALL_FAMILIES."""
     series: dict[str, tuple[list[int], list[float]]] = {}
     for h in history:
         h = h if isinstance(h, dict) else dataclasses.asdict(h)
@@ -63,7 +94,13 @@ def _log_scale_fits(values) -> bool:
     return values.size > 0 and bool(np.all(values > 0)) and values.max() / values.min() >= 10
 
 
-def plot_run(history, evaluations: Sequence[dict[str, Any]], path: pathlib.Path, title: str,
+def plot_metrics(metrics_path: str | pathlib.Path, path: pathlib.Path, title: str,
+                 normalization: str = "initial") -> None:
+    """`plot_run` of a run's metrics.jsonl: its outer steps and in-run evaluations."""
+    plot_run(iter_metrics(metrics_path), read_metrics(metrics_path, EVAL), path, title, normalization)
+
+
+def plot_run(history: Iterable, evaluations: Sequence[dict[str, Any]], path: pathlib.Path, title: str,
              normalization: str = "initial") -> None:
     """The run as a PNG: meta-loss per task family by outer step (each meta-batch's family mean,
     faint, and a running mean over ~5% of the family's points) and, with in-run `evaluations`, a

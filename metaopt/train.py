@@ -105,10 +105,9 @@ def _train(run: _LearnerRun, host: str, progress: bool, metrics_port: int) -> Ru
     run.check_lease()
     artifact, registry_uri = run.publish()
     run.artifact = artifact
-    history = learner.history
     return RunResult(
-        job_id=job_id, outer_steps=learner.version, meta_loss_first=history[0].meta_loss,
-        meta_loss_last=history[-1].meta_loss, artifact=artifact, registry=registry_uri,
+        job_id=job_id, outer_steps=learner.version, meta_loss_first=learner.totals.meta_loss_first,
+        meta_loss_last=learner.recent_steps(1)[0].meta_loss, artifact=artifact, registry=registry_uri,
         run_dir=str(run.run_dir), metrics_url=metrics_url, wall_s=wall_s, learner_busy_s=learner.busy_s,
         estimates_accepted=sum(learner.accepted_by_worker.values()),
         worker_incarnations=learner.worker_incarnations,
@@ -178,7 +177,7 @@ class _LearnerRun:
         """The job record's progress fields (called from the recorder's thread)."""
         from metaopt import storage
 
-        learner, history = self.learner, self.learner.history[-20:]
+        learner, history = self.learner, self.learner.recent_steps(20)
         span = history[-1].time - history[0].time if len(history) > 1 else 0.0
         saved = self.checkpointer.last_saved_step
         return {
@@ -233,25 +232,29 @@ class _LearnerRun:
             self.evaluator.close()
 
     def publish(self) -> tuple[str, str]:
-        """Plot the run and publish θ: the last, or with `eval.publish: best` the best evaluated
-        one; (artifact NAME:VERSION, registry URI)."""
+        """Plot the run from its metrics.jsonl and publish θ: the last, or with `eval.publish:
+        best` the best evaluated one; (artifact NAME:VERSION, registry URI)."""
         from metaopt import registry, storage, wire
         from metaopt.publishing import provenance
-        from metaopt.run_report import plot_run
+        from metaopt.run_report import iter_metrics, plot_metrics
 
         spec, learner, evaluator = self.spec, self.learner, self.evaluator
-        plot_run(learner.history, evaluator.records if evaluator else [], self.run_dir / "meta_loss.png",
-                 title=self.job_id, normalization=spec.estimator.loss_normalization)
+        plot_metrics(self.metrics_path, self.run_dir / "meta_loss.png", title=self.job_id,
+                     normalization=spec.estimator.loss_normalization)
         theta, step, report, extra = learner.theta_tree(), learner.version, None, {}
         if evaluator is not None:
             choice = evaluator.publication(learner.version)
             step, report, extra = choice.step, choice.report, choice.provenance
             if choice.theta is not None:
                 theta = wire.unflatten(choice.theta, learner.template)
+        # The published step's record, for its meta-loss: `publish: best` may choose one older
+        # than the learner's history window, so from metrics.jsonl.
+        published = [row for row in iter_metrics(self.metrics_path) if row["step"] == step][-1:]
         artifact = storage.retrying(lambda: registry.publish(
             self.registry_uri, spec.artifact_name or spec.name, self.optimizer.name,
             dict(self.optimizer.hparams), theta, provenance=provenance(
-                spec, self.job_id, [h for h in learner.history if h.step <= step], step, report, **extra),
+                spec, self.job_id, published, step, report, meta_loss_first=learner.totals.meta_loss_first,
+                **extra),
         ), f"publishing to {self.registry_uri}")
         return artifact, self.registry_uri
 
@@ -302,7 +305,7 @@ def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening,
         run.close_evaluator()
         metrics_server.shutdown()
     run.check_lease()
-    if not learner.history:
+    if learner.version == 0:
         raise RuntimeError(f"job {job_id}: stopped before any outer step; nothing to publish")
     artifact, registry_uri = run.publish()
     run.artifact = artifact
@@ -403,31 +406,40 @@ def _follow(learner, runs, metrics_path: pathlib.Path, progress: bool, start: in
     evaluations' lines too (metaopt.run_report reads them)."""
     from tqdm import tqdm
 
-    from metaopt.run_report import outer_step_line
+    from metaopt.run_report import keep_outer_steps, outer_step_line
 
     total = learner.config.max_outer_steps
     bar = tqdm(total=total, initial=start, desc="outer steps", unit="step", disable=not progress)
     started = time.time()
-    # Written anew from the learner's history, which a resume restores: steps done after the
-    # last checkpoint of a crashed run are redone, and must not appear twice.
-    with metrics_path.open("w") as sink:
+    # A resume keeps the file's steps up to its checkpoint (steps done after the last checkpoint
+    # of a crashed run are redone, and must not appear twice), then writes the checkpoint's
+    # history window from there: a learner resumed without the old run directory has only that.
+    written = keep_outer_steps(metrics_path, start)
+    with metrics_path.open("a") as sink:
 
         def write(records) -> None:
+            nonlocal written
+            if records[0].step > written + 1:
+                log.warning("job %s: metrics.jsonl lacks outer steps %d to %d: they are older than the "
+                            "learner's history window (a resume without the run's earlier metrics.jsonl)",
+                            learner.config.job_id, written + 1, records[0].step - 1)
             sink.writelines(outer_step_line(r) for r in records)
             sink.flush()
+            written = records[-1].step
 
         def write_evaluations(records) -> None:
             sink.writelines(json.dumps(r) + "\n" for r in records)
             sink.flush()
 
-        write(learner.history[:start])
+        if restored := [r for r in learner.steps_after(written) if r.step <= start]:
+            write(restored)
         if evaluator is not None:
             write_evaluations(evaluator.records)  # a resumed run's earlier evaluations
             evaluator.start()
-        written, progressed, stall_reported = start, time.monotonic(), False
+        estimates, progressed, stall_reported = 0, time.monotonic(), False
         while True:
             finished = learner.done.wait(0.5)
-            new = learner.history[written:]
+            new = learner.steps_after(written)
             if not new and learner.pending_batches and not stall_reported and \
                     time.monotonic() - progressed > STALL_S:
                 log.error("job %s: a full meta-batch has waited %.0f s for its outer update; the "
@@ -437,12 +449,11 @@ def _follow(learner, runs, metrics_path: pathlib.Path, progress: bool, start: in
             if new:
                 progressed = time.monotonic()
                 write(new)
-                written += len(new)
-                estimates = sum(r.estimates for r in learner.history[start:])
-                bar.update(len(new))
+                estimates += sum(r.estimates for r in new if r.step > start)
+                bar.update(sum(r.step > start for r in new))
                 bar.set_postfix(meta_loss=f"{new[-1].meta_loss:.4g}",
                                 est_per_s=f"{estimates / max(time.time() - started, 1e-9):.1f}")
-            if finished and written >= len(learner.history):
+            if finished and written >= learner.version:
                 break
             if budget_s is not None and written > start and time.time() - started >= budget_s:
                 # At least one outer step (the first may wait for compilation). Stop the learner

@@ -7,12 +7,13 @@ forks, and must not do so in a test process whose JAX threads are already runnin
 
 from __future__ import annotations
 
-import json
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from tests.jsonout import last_json
 
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "chaos_services.py"
 OUTAGE_S = 3.0
@@ -22,7 +23,7 @@ def run(*only: str) -> dict:
     command = [sys.executable, str(SCRIPT), "--quick", "--json", "--outage-s", str(OUTAGE_S), *only]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return last_json(done.stdout)
 
 
 @pytest.mark.slow  # default run: test_job_lifecycle restarts Redis under a running learner

@@ -9,13 +9,14 @@ is in the slow suite: how many restarts deliver in a budget depends on the machi
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from tests.jsonout import last_json
 
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "chaos_workers.py"
 
@@ -25,11 +26,7 @@ def run_benchmark(*args: str, timeout_s: float, env: dict | None = None) -> dict
     done = subprocess.run([sys.executable, str(SCRIPT), "--json", *args], capture_output=True,
                           text=True, timeout=timeout_s, env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr[-3000:]
-    # The report is the last JSON line: Ray's driver may print a worker's log line after it
-    # ("(raylet) Task PESWorker.run failed ... will be retried", seen on a fresh clone).
-    reports = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert reports, f"no JSON report in the output: {done.stdout[-2000:]}"
-    return json.loads(reports[-1])
+    return last_json(done.stdout)
 
 
 def test_a_worker_killed_after_each_delivery_comes_back_as_a_new_incarnation_that_delivers(tmp_path):

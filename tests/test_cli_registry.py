@@ -341,6 +341,48 @@ def test_the_commands_run_as_a_user_runs_them(run, tmp_path):
     assert done.returncode == 2 and "available versions: [1]" in done.stderr
 
 
+def _commit_all(repo: pathlib.Path) -> str:
+    """`git init` and commit everything under `repo`; its commit, abbreviated as code_version does."""
+    def git(*args: str) -> str:
+        who = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+        return subprocess.run(["git", "-C", str(repo), *who, *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "a commit of its own")
+    return git("rev-parse", "--short=12", "HEAD")
+
+
+def _package(folder: pathlib.Path, pyproject_name: str | None = None) -> pathlib.Path:
+    """A `metaopt` package folder under `folder`, with a pyproject.toml of that name beside it."""
+    (folder / "metaopt").mkdir(parents=True)
+    (folder / "metaopt" / "__init__.py").write_text("")
+    if pyproject_name:
+        (folder / "pyproject.toml").write_text(f'[project]\nname = "{pyproject_name}"\nversion = "0.1.0"\n')
+    return folder / "metaopt"
+
+
+def test_a_metaopt_inside_a_users_repository_does_not_record_the_users_commit(tmp_path):
+    user = tmp_path / "user-project"
+    planted = {
+        "installed": _package(user / ".venv" / "lib" / "python3.11" / "site-packages"),
+        "vendored": _package(user / "third_party" / "metaopt-src", "metaopt"),  # not the git top
+        "copied": _package(user, "user-project"),  # the top, but of another project
+    }
+    users_commit = _commit_all(user)
+    for how, package_dir in planted.items():
+        version = publishing.code_version(package_dir)
+        assert users_commit not in version and version == metadata.version("metaopt"), (how, version)
+
+
+def test_metaopts_own_checkout_records_its_commit(tmp_path):
+    package_dir = _package(tmp_path / "metaopt-src", "metaopt")
+    commit = _commit_all(tmp_path / "metaopt-src")
+    assert publishing.code_version(package_dir) == f"{metadata.version('metaopt')}+git.{commit}"
+    (package_dir / "__init__.py").write_text("# changed since the commit\n")
+    assert publishing.code_version(package_dir) == f"{metadata.version('metaopt')}+git.{commit}.dirty"
+
+
 def test_the_code_version_names_the_git_commit_it_runs_from():
     version = publishing.installed_code_version()
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,

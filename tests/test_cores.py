@@ -82,14 +82,63 @@ def test_several_cores_per_worker(tmp_path):
 
 
 def test_no_pinning_under_a_cgroup_limit_smaller_than_the_cpus_fake_cgroup(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(cores, "cgroup_cpu_limit", lambda: len(CPUS) - 0.5)
+    quota = int((len(CPUS) - 0.5) * 100000)
+    monkeypatch.setattr(cores, "CGROUP_ROOT", _cgroup(tmp_path / "cgroup", {"cpu.max": f"{quota} 100000"}))
     with caplog.at_level("INFO", logger="workers.cores"):
-        assert cores.claim_cores(1, lock_dir=tmp_path) is None
+        assert cores.claim_cores(1, lock_dir=tmp_path / "locks") is None
     assert "cgroup allows" in caplog.text
     assert sorted(os.sched_getaffinity(0)) == CPUS
-    assert not list(tmp_path.iterdir())  # nothing claimed
+    assert not (tmp_path / "locks").exists()  # nothing claimed
 
 
-def test_cgroup_limit_reads_this_machine():
-    limit = cores.cgroup_cpu_limit()
+def _cgroup(root, files: dict[str, str | None]):
+    """A fake cgroup tree under `root`: each file with its text, or a directory where the text is
+    None (a file that exists but cannot be read, whoever runs the test, root included)."""
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if text is None else path.write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("files, limit", [
+    ({}, None),  # no CPU limit file: no limit
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
+], ids=["missing", "v2-max", "v2-limit", "v1-unlimited", "v1-limit"])
+def test_cgroup_limit_from_its_files(tmp_path, files, limit):
+    assert cores.cgroup_cpu_limit(_cgroup(tmp_path, files)) == limit
+
+
+@pytest.mark.parametrize("files, reason", [
+    ({"cpu.max": None}, "cannot read .*cpu.max"),
+    ({"cpu/cpu.cfs_quota_us": None}, "cannot read .*cpu.cfs_quota_us"),
+    ({"cpu/cpu.cfs_quota_us": "50000", "cpu/cpu.cfs_period_us": None}, "cannot read .*cpu.cfs_period_us"),
+    ({"cpu.max": ""}, "cannot parse .*cpu.max"),
+    ({"cpu.max": "max"}, "cannot parse .*cpu.max"),
+    ({"cpu.max": "1.5 100000"}, "cannot parse .*cpu.max: '1.5'"),
+    ({"cpu.max": "max 0"}, "cannot parse .*cpu.max: '0'"),
+    ({"cpu/cpu.cfs_quota_us": "lots", "cpu/cpu.cfs_period_us": "100000"}, "cannot parse .*'lots'"),
+    ({"cpu/cpu.cfs_quota_us": "50000"}, "cpu.cfs_period_us does not exist"),
+], ids=["v2-unreadable", "v1-quota-unreadable", "v1-period-unreadable", "v2-empty", "v2-one-field",
+        "v2-fraction", "v2-zero-period", "v1-word", "v1-no-period"])
+def test_a_cgroup_file_that_exists_but_is_unreadable_or_malformed_is_not_unlimited(tmp_path, files, reason):
+    with pytest.raises(cores.CgroupUnreadable, match=reason):
+        cores.cgroup_cpu_limit(_cgroup(tmp_path, files))
+
+
+@pytest.mark.parametrize("text", [None, "garbage"], ids=["unreadable", "unparsable"])
+def test_an_unknown_cgroup_limit_turns_pinning_off_and_says_why(tmp_path, monkeypatch, caplog, text):
+    monkeypatch.setattr(cores, "CGROUP_ROOT", _cgroup(tmp_path / "cgroup", {"cpu.max": text}))
+    with caplog.at_level("WARNING", logger="workers.cores"):
+        assert cores.claim_cores(1, lock_dir=tmp_path / "locks") is None
+    assert "not pinning to cores: the cgroup CPU limit is unknown" in caplog.text
+    assert "cpu.max" in caplog.text
+    assert sorted(os.sched_getaffinity(0)) == CPUS and not (tmp_path / "locks").exists()
+
+
+def test_this_machines_cgroup_files_read_and_parse():
+    limit = cores.cgroup_cpu_limit()  # raises CgroupUnreadable if they exist but do not parse
     assert limit is None or limit > 0

@@ -23,6 +23,7 @@ import task_zoo
 from metaopt import publishing, wire
 from metaopt.run_report import read_metrics
 from tests.inrun_spec import e2e_with_eval
+from tests.jsonout import last_json
 
 DATA = pathlib.Path(__file__).parent / "data"
 METAOPT = [sys.executable, "-m", "metaopt.cli"]
@@ -39,7 +40,7 @@ def run(tmp_path_factory):
     spec = e2e_with_eval(tmp_path_factory.mktemp("spec"), publish="best")
     done = metaopt_cli("train", spec, "--out", out, "--json", "--job-id", "e2e-1")
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), out
+    return last_json(done.stdout), out
 
 
 def test_run_finishes_with_everything_on_disk(run):
@@ -157,7 +158,7 @@ def test_same_job_id_resumes_from_its_checkpoint(run):
     done = metaopt_cli("train", DATA / "e2e.yaml", "--out", out, "--json", "--job-id", "e2e-1",
                        "--max-outer-steps", "44")
     assert done.returncode == 0, done.stderr[-3000:]
-    resumed = json.loads(done.stdout.strip().splitlines()[-1])
+    resumed = last_json(done.stdout)
     assert resumed["outer_steps"] == 44
     assert resumed["meta_loss_first"] == result["meta_loss_first"]  # history came back too
     steps = [row["step"] for row in read_metrics(pathlib.Path(result["run_dir"]) / "metrics.jsonl")]

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 import task_zoo
 from metaopt import evaluation, optimizers, registry
 from metaopt.cli import app
+from tests.jsonout import last_json
 
 TASK_KEYS = {"name", "spec", "steps", "best_baseline", "target_loss", "final_loss_ratio", "test_loss_ratio",
              "capped", "win", "ref", "baselines", "elapsed_s"}
@@ -258,6 +259,26 @@ def test_a_diverged_seed_loses_its_task_and_counts_at_the_cap(smoke, baseline_ca
     json.dumps(result, allow_nan=False)
 
 
+def test_aggregates_of_hand_built_tasks_match_hand_computed_figures():
+    """Three tasks whose figures are written out: REF wins two, reaches the target on two (2x and
+    8x faster), and its one diverged seed is charged at the cap in the mean AUC."""
+    def task(win, ratio, speedup, auc, diverged=0):
+        return {"win": win, "final_loss_ratio": ratio, "test_loss_ratio": 2 * ratio, "capped": bool(diverged),
+                "ref": {"speedup": speedup, "auc": auc, "diverged_seeds": diverged},
+                "baselines": {"adam": {"auc": 0.5, "diverged_seeds": 0}}}
+
+    tasks = [task(True, 0.5, 2.0, 0.2), task(True, 0.25, 8.0, 0.4), task(False, 8.0, None, 0.3, diverged=1)]
+    agg = evaluation._aggregate(tasks, ["adam"])
+    assert agg["num_tasks"] == 3 and agg["wins"] == 2 and agg["win_rate"] == pytest.approx(2 / 3)
+    assert agg["reached_tasks"] == 2 and agg["reached_fraction"] == pytest.approx(2 / 3)
+    assert agg["geomean_speedup"] == pytest.approx(4.0)  # sqrt(2 * 8)
+    assert agg["geomean_final_loss_ratio"] == pytest.approx(1.0)  # cbrt(0.5 * 0.25 * 8)
+    assert agg["geomean_test_loss_ratio"] == pytest.approx(2.0)
+    assert agg["capped_tasks"] == 1 and agg["diverged_runs"] == {"ref": 1, "adam": 0}
+    cap = evaluation.DIVERGED_RATIO_CAP
+    assert agg["mean_auc"] == {"ref": pytest.approx((0.2 + 0.4 + cap) / 3), "adam": pytest.approx(0.5)}
+
+
 def test_charged_ratios_cover_every_case():
     cap = evaluation.DIVERGED_RATIO_CAP
     ratio = evaluation._charged_ratio
@@ -297,7 +318,7 @@ def test_cli_eval_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    line = json.loads(done.stdout.strip().splitlines()[-1])
+    line = last_json(done.stdout)
     assert line["ref"] == "momentum" and line["suite"] == "tiny" and line["seeds"] == [0, 1]
     assert line["baselines"] == ["sgd"] and line["num_tasks"] == 1 and line["out"] == str(out)
     result = json.loads((out / "result.json").read_text())

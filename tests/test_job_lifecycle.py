@@ -3,7 +3,6 @@ checkpoints in a real S3-compatible store (moto's server), through the real CLI.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -17,6 +16,7 @@ import yaml
 from metaopt import registry
 from metaopt.jobstore import open_job_store
 from metaopt.run_report import read_metrics
+from tests.jsonout import last_json
 from tests.redis_fixture import RedisServer
 
 pytest_plugins = ["tests.s3_fixture"]
@@ -108,7 +108,7 @@ def test_a_job_resumes_from_object_storage_wherever_it_starts(s3_bucket, tmp_pat
                                "--max-outer-steps", str(steps), "--json"],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        runs.append(last_json(done.stdout))
     assert [r["outer_steps"] for r in runs] == [3, 6]
     # Machine b started with an empty --out: steps 1-3 came from the checkpoint in the bucket.
     metrics = tmp_path / "machine-b" / "runs" / "moving" / "metrics.jsonl"

@@ -3,7 +3,6 @@ clone: it loads, trains as an optax optimizer, and `metaopt eval` accepts it."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import optax
 import metaopt
 import task_zoo
 from metaopt import registry
+from tests.jsonout import last_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REGISTRY = str(ROOT / "examples" / "registry")
@@ -68,6 +68,6 @@ def test_metaopt_eval_runs_the_champion_on_the_smoke_suite(tmp_path):
          "--suite", "smoke", "--out", str(tmp_path), "--json"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = last_json(done.stdout)
     assert summary["ref"] == "reference:2" and summary["num_tasks"] == 2
     assert (tmp_path / "summary.png").exists()

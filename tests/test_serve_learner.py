@@ -3,13 +3,14 @@ separately join it by address with the job's token (real processes, real gRPC)."
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
+
+from tests.jsonout import last_json
 
 DATA = pathlib.Path(__file__).parent / "data"
 CLI = [sys.executable, "-m", "metaopt.cli"]
@@ -48,11 +49,11 @@ def test_workers_started_elsewhere_join_a_learner_of_its_own(tmp_path):
     finally:
         learner.kill()
     assert learner.returncode == 0, err[-2000:]
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary = last_json(out)
     assert summary["outer_steps"] == 3 and summary["artifact"].startswith("e2e:")
     # 3 outer steps of 2 estimates, and perhaps one more in the batch the job's end dropped.
     assert list(summary["accepted_by_worker"]) == ["w-1"] and summary["accepted_by_worker"]["w-1"] >= 6
-    assert json.loads(joined.stdout.strip().splitlines()[-1])["accepted"] >= 6
+    assert last_json(joined.stdout)["accepted"] >= 6
     assert (tmp_path / "runs" / "solo" / "checkpoints").is_dir()
 
 
@@ -72,9 +73,9 @@ def test_ray_workers_join_a_learner_of_its_own(tmp_path):
     finally:
         learner.kill()
     assert learner.returncode == 0, err[-2000:]
-    stats = json.loads(fleet.stdout.strip().splitlines()[-1])
+    stats = last_json(fleet.stdout)
     assert len(stats) == 2 and sum(s["accepted"] for s in stats) >= 6
-    assert json.loads(out.strip().splitlines()[-1])["outer_steps"] == 3
+    assert last_json(out)["outer_steps"] == 3
 
 
 def test_workers_refuse_half_a_tls_setting(tmp_path):

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from metaopt import storage
+from tests.jsonout import last_json
 from tests.ports import free_port
 from tests.redis_fixture import RedisServer
 
@@ -130,7 +131,7 @@ def test_a_submitted_job_completes_and_a_cancelled_one_stops_with_a_checkpoint(c
     row = wait_for(env, "short-1", {"SUCCEEDED", "FAILED", "STOPPED"})
     logs = metaopt(env, "logs", "short-1").stdout
     assert row["status"] == "SUCCEEDED", logs[-3000:]
-    summary = json.loads(logs.strip().splitlines()[-1])  # `metaopt train --json`'s last line
+    summary = last_json(logs)  # `metaopt train --json`'s last line
     assert summary["outer_steps"] == 6 and summary["artifact"] == "e2e:1"
     record = row["record"]  # what the learner kept in Redis, as `metaopt status` shows it
     assert record["state"] == "SUCCEEDED" and record["theta_version"] == 6, record
@@ -165,7 +166,7 @@ def test_a_submitted_job_completes_and_a_cancelled_one_stops_with_a_checkpoint(c
     row = wait_for(env, "long-1", {"SUCCEEDED", "FAILED", "STOPPED"})
     assert row["submission_id"] == "long-1-attempt-2" and row["status"] == "SUCCEEDED", row
     assert row["record"]["theta_version"] == step + 2 and row["record"]["state"] == "SUCCEEDED"
-    summary = json.loads(metaopt(env, "logs", "long-1").stdout.strip().splitlines()[-1])
+    summary = last_json(metaopt(env, "logs", "long-1").stdout)
     assert summary["outer_steps"] == step + 2
 
 

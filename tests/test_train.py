@@ -15,38 +15,44 @@ import pytest
 
 from metaopt import storage
 from metaopt.run_report import read_metrics
+from tests.jsonout import last_json
 
 DATA = pathlib.Path(__file__).parent / "data"
 
 
-FAILING_WORKER = """
-import ray
-from metaopt.train import _raise_if_a_worker_failed
+# `metaopt train` as the CLI runs it, with the real learner and real PESWorker actors; the one
+# change is the class start_workers makes its actors from, so that worker-1 fails in its loop.
+TRAIN_WITH_A_FAILING_WORKER = """
+import sys
 
-ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
+import workers.actor
+from metaopt.cli import app
+from tests.failing_worker import WorkerThatFails
 
-@ray.remote
-def healthy():
-    return {}
-
-@ray.remote
-def broken():
-    raise ValueError("inner task exploded")
-
-runs = [healthy.remote(), broken.remote()]
-ray.wait(runs, num_returns=2, timeout=60)
-_raise_if_a_worker_failed(runs[:1], "j-1")  # a worker that returned is not a failure
-_raise_if_a_worker_failed(runs, "j-1")
+workers.actor.PESWorker = WorkerThatFails
+app(sys.argv[1:], prog_name="metaopt")
 """
 
 
-def test_a_failed_worker_stops_the_run_with_a_clear_error():
-    # Its own process: Ray forks, which a test process already running JAX threads must not.
-    done = subprocess.run([sys.executable, "-c", FAILING_WORKER], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1
-    assert re.search(r"(?s)WorkerFailed: job j-1: a worker failed.*exploded.*--job-id j-1", done.stderr), (
-        done.stderr[-2000:]
+def test_a_failed_worker_stops_the_run_with_a_clear_error(tmp_path):
+    """worker-1 raises in its loop while worker-0 works on: the run must stop at once with
+    exit status 1 and an error naming the job, the worker's error and how to resume. If a failed
+    worker no longer stopped it, worker-0 would carry the run to its time budget and exit 0."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-c", TRAIN_WITH_A_FAILING_WORKER, "train", str(DATA / "e2e.yaml"),
+               "--out", str(tmp_path), "--job-id", "broken", "--max-outer-steps", "1000000",
+               "--max-minutes", "3", "--json"]
+    # Its own process: Ray forks, which a test process already running JAX threads must not. The
+    # repository root on PYTHONPATH: Ray's worker processes import tests.failing_worker.
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert re.search(r"(?s)error: job broken: a worker failed, so the run stops: .*"
+                     r"planted fault: worker-1 cannot sample a task.*--job-id broken", done.stderr), (
+        done.stderr[-3000:]
     )
+    assert (tmp_path / "runs" / "broken" / "metrics.jsonl").exists()  # it was a real run
 
 
 @pytest.mark.slow  # default run: test_submit cancels a job (SIGTERM) and finds its checkpoint
@@ -100,7 +106,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_without_duplicate_steps(t
     done = subprocess.run([*command, "--max-outer-steps", str(target)], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["outer_steps"] == target
+    assert last_json(done.stdout)["outer_steps"] == target
     steps = [row["step"] for row in read_metrics(metrics)]
     assert steps == list(range(1, target + 1))
 
@@ -113,7 +119,7 @@ def test_a_time_budget_ends_the_run_cleanly_and_publishes_the_optimizer(tmp_path
                "--job-id", "budget", "--max-outer-steps", "1000000", "--max-minutes", "0.25", "--json"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = last_json(done.stdout)
     assert 0 < result["outer_steps"] < 1_000_000 and result["artifact"] == "e2e:1"
     assert 15 <= result["wall_s"] < 120
     step, _, _ = storage.latest_checkpoint(str(tmp_path / "runs" / "budget" / "checkpoints"))

@@ -14,7 +14,8 @@ workers share cores evenly, each still pinned to one.
 
 Pinning is skipped, with a log line, where it cannot be right: where the CPU cgroup quota is
 smaller than the CPUs the process may run on (a container sharing a machine's cores: its own
-lock directory cannot see its neighbours' claims), or where a worker asks for all the cores.
+lock directory cannot see its neighbours' claims), where that quota is unknown (its file exists
+but cannot be read or parsed), or where a worker asks for all the cores.
 """
 
 from __future__ import annotations
@@ -34,19 +35,59 @@ def default_lock_dir() -> pathlib.Path:
     return pathlib.Path(tempfile.gettempdir()) / f"metaopt-cores-{os.getuid()}"
 
 
-def cgroup_cpu_limit() -> float | None:
-    """CPUs this process's cgroup may use per period (cgroup v2 or v1), or None if unlimited."""
+CGROUP_ROOT = pathlib.Path("/sys/fs/cgroup")
+
+
+class CgroupUnreadable(ValueError):
+    """A cgroup CPU file exists but cannot be read or parsed: the limit is unknown, not absent."""
+
+
+def _read_cgroup_file(path: pathlib.Path) -> str | None:
+    """The file's text, or None if there is no such file (no limit of that kind)."""
     try:
-        quota, period = pathlib.Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        root = pathlib.Path("/sys/fs/cgroup/cpu")
-        quota = int((root / "cpu.cfs_quota_us").read_text())
-        return None if quota <= 0 else quota / int((root / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
+        return path.read_text()
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        raise CgroupUnreadable(f"cannot read {path}: {e}") from e
+
+
+def _positive_int(text: str, path: pathlib.Path) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise CgroupUnreadable(f"cannot parse {path}: {text!r} is not a positive integer")
+    return value
+
+
+def cgroup_cpu_limit(root: pathlib.Path = CGROUP_ROOT) -> float | None:
+    """CPUs this process's cgroup may use per period (cgroup v2 or v1), or None if unlimited:
+    no CPU limit file, or one that says "max" (v2) or -1 (v1).
+
+    Raises CgroupUnreadable where a file exists but cannot be read or parsed. That must not read
+    as "unlimited": an unlimited cgroup turns pinning on, which under an unseen limit (a
+    container sharing the machine's cores) pins neighbours onto the same cores."""
+    v2 = root / "cpu.max"
+    text = _read_cgroup_file(v2)
+    if text is not None:
+        fields = text.split()
+        if len(fields) != 2:
+            raise CgroupUnreadable(f"cannot parse {v2}: {text.strip()!r} is not 'QUOTA PERIOD'")
+        period = _positive_int(fields[1], v2)
+        return None if fields[0] == "max" else _positive_int(fields[0], v2) / period
+    quota_path, period_path = root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"
+    text = _read_cgroup_file(quota_path)
+    if text is None:
+        return None
+    if text.strip() == "-1":
+        return None
+    quota = _positive_int(text.strip(), quota_path)
+    period_text = _read_cgroup_file(period_path)
+    if period_text is None:
+        raise CgroupUnreadable(f"{quota_path} sets a quota but {period_path} does not exist")
+    return quota / _positive_int(period_text.strip(), period_path)
 
 
 class CoreClaim:
@@ -69,7 +110,12 @@ def claim_cores(count: float, lock_dir: pathlib.Path | None = None) -> CoreClaim
     """
     allowed = sorted(os.sched_getaffinity(0))
     wanted = math.ceil(count)
-    limit = cgroup_cpu_limit()
+    try:
+        limit = cgroup_cpu_limit(CGROUP_ROOT)  # looked up here, so a test can point it elsewhere
+    except CgroupUnreadable as e:
+        log.warning("not pinning to cores: the cgroup CPU limit is unknown (%s), so neighbours "
+                    "outside this container may hold them", e)
+        return None
     if limit is not None and limit < len(allowed):
         log.info("not pinning to cores: the cgroup allows %.1f of the %d CPUs this process may "
                  "run on, so neighbours outside this container may hold them", limit, len(allowed))
