@@ -44,7 +44,8 @@ def _check_order(report: dict, systems: tuple[str, ...]) -> None:
 
 
 def test_harness_quick_with_a_fake_peer(tmp_path):
-    report, out = _harness("--lo-src", str(tmp_path), "--peer-python", sys.executable,
+    (tmp_path / "checkout" / "learned_optimization").mkdir(parents=True)  # the fake reads none of it
+    report, out = _harness("--lo-src", str(tmp_path / "checkout"), "--peer-python", sys.executable,
                            "--peer-script", str(FAKE_PEER), tmp_path=tmp_path / "out")
     assert report["peer"]["measured"] is True and report["peer"]["fake"] is True
     assert report["rounds"] == 2 and report["cores"] >= 1

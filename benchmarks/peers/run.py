@@ -39,6 +39,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,18 +87,18 @@ def ensure_peer_venv(venv_dir: pathlib.Path) -> pathlib.Path:
     return python
 
 
-def _pinned(core: int | None):
-    """A preexec_fn pinning the child to `core` before it starts (so XLA sizes its pools to 1)."""
-    return None if core is None else (lambda: os.sched_setaffinity(0, {core}))
-
-
 class Lines:
     """A child process spoken to in lines: `ask(line)` writes one, `read()` reads one answer."""
 
     def __init__(self, argv: list[str], env: dict | None = None, core: int | None = None):
+        if core is not None:  # pinned before it starts, so XLA sizes its thread pools to one core
+            # (taskset, not a preexec_fn: forking this multithreaded jax process to run Python
+            # in the child can deadlock)
+            if shutil.which("taskset") is None:
+                raise RuntimeError("pinning a process to a core needs taskset (util-linux): install it")
+            argv = ["taskset", "--cpu-list", str(core), *argv]
         self.argv = argv
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=env, preexec_fn=_pinned(core))
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def ask(self, line: str) -> None:
         self.proc.stdin.write(line + "\n")
@@ -122,17 +123,21 @@ class Lines:
 class Metaopt:
     """metaopt's side: PES in this process and in pinned lanes, update steps in this process."""
 
-    def __init__(self, cores: int, sizes: tuple[int, ...], pes_seconds: float, lock_dir: str):
+    def __init__(self, cpus: list[int], sizes: tuple[int, ...], pes_seconds: float, lock_dir: str):
         lane = [sys.executable, worker_throughput.__file__, "--lane", lock_dir, "--particles", str(PARTICLES),
                 "--seconds", str(pes_seconds)]
         # this checkout's metaopt, not an installed one
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path}
-        self.lanes = [Lines(lane, env, core=c) for c in range(cores)]  # they compile while this does
-        task = task_zoo.task(worker_throughput.TASK)
-        self._estimate = worker_throughput.pes_truncation(task, optimizers.make("small_fc"), PARTICLES)
-        for _ in range(3):
-            self._estimate()
+        self.lanes = [Lines(lane, env, core=c) for c in cpus]  # they compile while this does
+        try:
+            task = task_zoo.task(worker_throughput.TASK)
+            self._estimate = worker_throughput.pes_truncation(task, optimizers.make("small_fc"), PARTICLES)
+            for _ in range(3):
+                self._estimate()
+        except BaseException:
+            self.close()
+            raise
         self.pes_seconds = pes_seconds
         self.params = {n: lopt_step.make_params(n) for n in sizes}
         self._steps: dict[int, dict] = {}
@@ -183,13 +188,13 @@ class Peer:
     """The peer's side: one `peer_side.py` server given every core (PES and steps) and one pinned
     PES-only server per core, all in the peer's own environment."""
 
-    def __init__(self, python: str, script: str, lo_src: str, data: str, cores: int, pes_seconds: float,
+    def __init__(self, python: str, script: str, lo_src: str, data: str, cpus: list[int], pes_seconds: float,
                  shapes: dict[int, list[list[int]]]):
         self.shapes = shapes  # metaopt's parameter shapes for each update-step size
         env = {**os.environ, "PYTHONPATH": lo_src}
         argv = [python, script, "--data", data, "--particles", str(PARTICLES)]
         self.main = Lines(argv, env)
-        self.lanes = [Lines(argv, env, core=c) for c in range(cores)]
+        self.lanes = [Lines(argv, env, core=c) for c in cpus]
         self.pes_seconds = pes_seconds
         self.info: dict = {}
 
@@ -220,37 +225,34 @@ class Peer:
 
 
 def run(args) -> dict:
-    cores = os.cpu_count() or 1
+    cpus = sorted(os.sched_getaffinity(0))  # one pinned process on each
     quick = args.quick
     rounds = args.rounds or (3 if quick else 7)
     pes_seconds = args.pes_seconds or (2.0 if quick else 6.0)
     repeats = 3 if quick else 10
     sizes = tuple(args.sizes)
     peer_info: dict = {"measured": False, "reason": "no --lo-src given: the peer was not measured"}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         peer = None
-        if args.lo_src:
+        if args.lo_src:  # started first: it compiles while metaopt does
             data = load_images("digits")
             np.savez(f"{tmp}/digits.npz", train_x=np.asarray(data.train_x), train_y=np.asarray(data.train_y))
             python = args.peer_python or str(ensure_peer_venv(args.peer_venv))
             shapes = {n: [list(x.shape) for x in lopt_step.make_params(n).values()] for n in sizes}
-            peer = Peer(python, str(args.peer_script), str(args.lo_src), f"{tmp}/digits.npz", cores,
+            peer = Peer(python, str(args.peer_script), str(args.lo_src), f"{tmp}/digits.npz", cpus,
                         pes_seconds, shapes)
-        metaopt = Metaopt(cores, sizes, pes_seconds, tmp)
-        try:
-            metaopt.wait_ready()
-            if peer:
-                peer.wait_ready()
-                versions = {k: v for k, v in peer.info.items() if k != "ready"}
-                peer_info = {"measured": True, "source": str(args.lo_src), "python": python,
-                             "script": str(args.peer_script), **versions}
-            systems = {"metaopt": metaopt, **({"peer": peer} if peer else {})}
-            results, order = _rounds(systems, sizes, rounds, repeats)
-        finally:
-            metaopt.close()
-            if peer:
-                peer.close()
-    return _report(results, order, peer_info, sizes, rounds, quick, cores)
+            stack.callback(peer.close)
+        metaopt = Metaopt(cpus, sizes, pes_seconds, tmp)
+        stack.callback(metaopt.close)
+        metaopt.wait_ready()
+        if peer:
+            peer.wait_ready()
+            versions = {k: v for k, v in peer.info.items() if k != "ready"}
+            peer_info = {"measured": True, "source": str(args.lo_src), "python": python,
+                         "script": str(args.peer_script), **versions}
+        systems = {"metaopt": metaopt, **({"peer": peer} if peer else {})}
+        results, order = _rounds(systems, sizes, rounds, repeats)
+    return _report(results, order, peer_info, sizes, rounds, quick, len(cpus))
 
 
 def _rounds(systems: dict, sizes, rounds: int, repeats: int):
@@ -353,7 +355,7 @@ def main() -> None:
         parser.error(f"--lo-src {args.lo_src} holds no learned_optimization/ package folder: "
                      "pass the root of a google/learned_optimization checkout")
     # One jax CPU device per core, before jax starts, as worker_throughput does for one process.
-    jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
+    jax.config.update("jax_num_cpu_devices", len(os.sched_getaffinity(0)))
     result = run(args)
     print_report(result)
     if args.out:
