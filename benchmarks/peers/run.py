@@ -70,7 +70,6 @@ SIZES = (10_000, 100_000, 1_000_000)
 METAOPT_LEARNED = ("small_fc", "adafac_mlp")
 PARTICLES = worker_throughput.REFERENCE_PARTICLES
 INNER_STEPS_PER_ESTIMATE = 2 * PARTICLES * worker_throughput.TRUNCATION_LENGTH
-SYSTEMS = ("metaopt", "peer")
 LAYOUTS = ("one_process", "pinned")
 
 
