@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_PACKAGES := prometheus redis-server
 
-.PHONY: demo test test-slow lint proto bench lock system-deps venv clean
+.PHONY: demo test test-slow lint proto bench bench-peers lock system-deps venv clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench: venv
 	$(BIN)/python benchmarks/meta_training.py --out bench-out
 	$(BIN)/python benchmarks/learner_ingest.py --out bench-out
 	$(BIN)/python benchmarks/chaos.py --out bench-out
+
+# The peer comparison needs a google/learned_optimization checkout: make bench-peers LO_SRC=PATH
+bench-peers: venv
+	$(BIN)/python benchmarks/peers/run.py --lo-src $(LO_SRC) --out bench-out
 
 lock: venv
 	# `pip list`, not `pip freeze`: freeze writes `NAME @ file:///…` for a package installed from

@@ -16,8 +16,8 @@ estimate). Measured:
     with the learned optimizer, a jitted scan of steps, as a user runs it (one device, XLA's
     own threads). These and the one-process figures are timed alternately in this process.
 `pes_vs_adam` is the ratio of PES to Adam: the overhead of estimation per inner step.
-For scale: google/learned_optimization's TruncatedPES does about 3,000 inner steps/s (19
-estimates/s) on the reference configuration on our 2-core CPU; the goal is 3x that.
+This measures metaopt alone: benchmarks/peers/run.py measures google/learned_optimization's
+TruncatedPES on the same work, alternately with this, in the same run.
 
     python benchmarks/worker_throughput.py [--quick] [--json] [--out DIR]
 """
@@ -46,8 +46,6 @@ from workers.estimators import make_estimator
 TASK = task_zoo.TaskSpec("mlp", {"width": 32, "depth": 1, "activation": "relu", "batch_size": 128, "seed": 0})
 TRUNCATION_LENGTH = 10
 REFERENCE_PARTICLES = 8
-LEARNED_OPTIMIZATION_STEPS_PER_S = 3000.0  # google/learned_optimization TruncatedPES, reference config
-TARGET_STEPS_PER_S = 3 * LEARNED_OPTIMIZATION_STEPS_PER_S
 
 
 def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -121,20 +119,21 @@ def pinned_workers(particles: int, seconds: float) -> float:
 
 
 def lane(lock_dir: str, particles: int, seconds: float) -> None:
-    """One pinned worker lane: claim a core, warm up, say "ready", wait for "go", then run PES
-    truncations for `seconds` and print its inner steps/s as JSON."""
+    """One pinned worker lane: claim a core, warm up, say "ready"; then for each "go" line run
+    PES truncations for `seconds` and print its inner steps/s as JSON; exit at end of input
+    (benchmarks/peers/run.py sends one "go" a round)."""
     claim = claim_cores(1, pathlib.Path(lock_dir))
     estimate = pes_truncation(task_zoo.task(TASK), optimizers.make("small_fc"), particles)
     for _ in range(3):
         estimate()
     print("ready", flush=True)
-    sys.stdin.readline()
-    start, done = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        estimate()
-        done += 1
-    rate = 2 * particles * TRUNCATION_LENGTH * done / (time.perf_counter() - start)
-    print(json.dumps({"inner_steps_per_s": rate, "cores": claim.cores if claim else None}))
+    for _ in sys.stdin:
+        start, done = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            estimate()
+            done += 1
+        rate = 2 * particles * TRUNCATION_LENGTH * done / (time.perf_counter() - start)
+        print(json.dumps({"inner_steps_per_s": rate, "cores": claim.cores if claim else None}), flush=True)
 
 
 def run(quick: bool) -> dict:
@@ -163,15 +162,12 @@ def run(quick: bool) -> dict:
             "pes_one_process_inner_steps_per_s": inner_steps / seconds["pes_one_process"],
             "pes_one_device_inner_steps_per_s": inner_steps / seconds["pes_one_device"],
             "lopt_vs_adam": lopt_rate / adam_rate, "pes_vs_adam": pes_rate / adam_rate,
-            "vs_learned_optimization": pes_rate / LEARNED_OPTIMIZATION_STEPS_PER_S,
         })
     return {
         "benchmark": "worker_throughput", "device": str(jax.devices()[0]), "quick": quick,
         "cpu_devices": len(jax.devices("cpu")), "pinned_workers": os.cpu_count() or 1,
         "task": TASK.to_json(), "parameters": int(n_params), "optimizer": "small_fc",
-        "truncation_length": TRUNCATION_LENGTH,
-        "learned_optimization_steps_per_s": LEARNED_OPTIMIZATION_STEPS_PER_S,
-        "target_steps_per_s": TARGET_STEPS_PER_S, "rows": rows,
+        "truncation_length": TRUNCATION_LENGTH, "rows": rows,
     }
 
 
@@ -191,9 +187,6 @@ def plot(result: dict, path: pathlib.Path) -> None:
     for i, (key, name) in enumerate(bars):
         offset = (i - (len(bars) - 1) / 2) * width
         ax.bar([x + offset for x in range(len(rows))], [r[key] for r in rows], width, label=name)
-    ax.axhline(result["learned_optimization_steps_per_s"], color="gray", ls=":",
-               label="learned_optimization PES (8 pairs)")
-    ax.axhline(result["target_steps_per_s"], color="gray", ls="--", label="target (3x)")
     ax.set_xticks(range(len(rows)), [f"{r['particles']} pairs" for r in rows])
     ax.set(ylabel="inner steps per second", yscale="log",
            title=f"Worker throughput, MLP 64→32→10 digits, K={result['truncation_length']} (CPU)")
@@ -225,8 +218,7 @@ def main() -> None:
               f"({r['lopt_vs_adam']:.2f}x), PES {r['pes_inner_steps_per_s']:.0f} inner steps/s "
               f"({r['pes_vs_adam']:.2f}x; one process {r['pes_one_process_inner_steps_per_s']:.0f}, "
               f"one device {r['pes_one_device_inner_steps_per_s']:.0f}), "
-              f"{r['estimates_per_s']:.1f} estimates/s, "
-              f"{r['vs_learned_optimization']:.2f}x learned_optimization")
+              f"{r['estimates_per_s']:.1f} estimates/s")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "worker_throughput.json").write_text(json.dumps(result, indent=2))
