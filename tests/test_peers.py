@@ -72,8 +72,10 @@ def test_rounds_alternate_and_the_report_divides_the_right_figures_with_fake_sys
     from benchmarks.peers import run
 
     log: list = []
-    systems = {"metaopt": _FakeSystem("metaopt", 3000.0, {"small_fc": 1.0, "adafac_mlp": 2.0, "adam": 0.5}, log),
-               "peer": _FakeSystem("peer", 1000.0, {"adafac_mlp": 3.0, "mlp": 4.0, "adam": 0.25}, log)}
+    ours = {"small_fc": 1.0, "adafac_mlp": 2.0, "adam": 0.5}
+    theirs = {"adafac_mlp": 3.0, "mlp": 4.0, "adam": 0.25}
+    systems = {"metaopt": _FakeSystem("metaopt", 3000.0, ours, log),
+               "peer": _FakeSystem("peer", 1000.0, theirs, log)}
     results, order = run._rounds(systems, (10000,), rounds=3, repeats=1)
     assert [(o["system"], o["item"]) for o in order] == log  # the order recorded is the order run
     report = {"rounds": 3, "order": order, "per_round": results}
