@@ -31,6 +31,20 @@ def test_champion_is_version_2_of_reference_and_says_how_it_was_trained():
     assert provenance["evaluation"]["suite"] == "out_of_distribution"
 
 
+def test_version_3_is_the_committed_v3_recipe_with_a_relative_correction():
+    """reference:3 came from examples/nominal_mix_v3.yaml (its provenance holds the spec that ran);
+    champion stays on 2 by the selection rule on in_distribution (docs/reference_optimizer.md)."""
+    from metaopt.jobspec import load_job_spec
+
+    trained = metaopt.load("reference:3", registry=REGISTRY)
+    assert trained.optimizer_name == "nominal_mlp" and trained.hparams["relative_correction"] is True
+    ran = trained.manifest["provenance"]["spec"]
+    committed = load_job_spec(ROOT / "examples" / "nominal_mix_v3.yaml")
+    assert ran["estimator"]["min_loss_ratio"] == committed.estimator.min_loss_ratio == 1e-5
+    assert ran["outer"]["learning_rate"] == committed.outer.learning_rate == 1e-3
+    assert ran["optimizer"]["hparams"] == committed.optimizer.hparams
+
+
 def test_version_1_still_loads_as_before():
     trained = metaopt.load("reference:1", registry=REGISTRY)
     assert (trained.version, trained.optimizer_name) == (1, "small_fc")

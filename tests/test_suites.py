@@ -92,15 +92,16 @@ def test_every_task_builds_and_trains_a_few_steps(suite):
             assert bool(jnp.isfinite(loss)) and bool(finite) and bool(jnp.isfinite(test)), (t.name, i)
 
 
-def test_the_reference_recipe_never_trains_on_an_evaluation_suites_tasks():
-    """examples/nominal_mix.yaml (the v2 reference's recipe) against every held-out suite: no
-    task of out_of_distribution, long_horizon or shifted can be drawn from its mix."""
+@pytest.mark.parametrize("recipe_file", ["nominal_mix.yaml", "nominal_mix_v3.yaml"])
+def test_the_reference_recipe_never_trains_on_an_evaluation_suites_tasks(recipe_file):
+    """The v2 and v3 reference recipes against every held-out suite: no task of
+    out_of_distribution, long_horizon or shifted can be drawn from their mix."""
     import itertools
     import pathlib
 
     from metaopt.jobspec import load_job_spec
 
-    recipe = load_job_spec(pathlib.Path(__file__).resolve().parents[1] / "examples" / "nominal_mix.yaml")
+    recipe = load_job_spec(pathlib.Path(__file__).resolve().parents[1] / "examples" / recipe_file)
     mix = {t.family: t.kwargs for t in recipe.tasks}
     assert set(mix) == {"mlp", "quadratic"}
     mlp = mix["mlp"]
