@@ -208,8 +208,10 @@ def kill_learner(workdir: pathlib.Path, trials: int, interval_s: float = 0.5, wo
             if expected is not None and version is not None:
                 lost_steps.append(max(version - expected["step"], 0))
                 # Work lost: since the newest step saved, or since this learner began stepping if
-                # all it saved is what it resumed (that step's time is its predecessor's).
-                lost_s.append(killed_at - max(expected["time"], stepping_since))
+                # all it saved is what it resumed (that step's time is its predecessor's) or the
+                # step-0 checkpoint, whose history is empty (time None).
+                saved_at = stepping_since if expected["time"] is None else expected["time"]
+                lost_s.append(killed_at - max(saved_at, stepping_since))
         workers_ok = all(w.wait(timeout=60) == 0 for w in crew)
     finally:
         for process in crew:
