@@ -120,7 +120,7 @@ def _duplicate(rng, raw: bytes) -> bytes | None:
     if wire_type == 0:
         value = wire.encode_varint(int(rng.choice([0, 1, 2**32, 2**63, rng.integers(0, 2**62)])))
     elif wire_type == 2:
-        _, body_at = _varint(raw, value_at)
+        _, body_at = wire.decode_varint(raw, value_at)
         body = bytearray(raw[body_at:end] or rng.bytes(1))
         body[rng.integers(len(body))] ^= 1 << rng.integers(8)
         value = wire.encode_varint(len(body)) + bytes(body)
@@ -136,7 +136,7 @@ def _inner(raw: bytes) -> tuple[bytes, bytes] | None:
     if not fields or len(fields) != 1 or fields[0][1] != 2:
         return None
     start, _, length_at, end = fields[0]
-    return raw[start:length_at], raw[_varint(raw, length_at)[1]:end]
+    return raw[start:length_at], raw[wire.decode_varint(raw, length_at)[1]:end]
 
 
 def _inside(mutator, rng, raw: bytes) -> bytes | None:
@@ -156,13 +156,13 @@ def _fields(raw: bytes) -> list[tuple[int, int, int, int]] | None:
     try:
         while at < len(raw):
             start = at
-            key, at = _varint(raw, at)
+            key, at = wire.decode_varint(raw, at)
             wire_type = key & 7
             value_at = at
             if wire_type == 0:
-                _, at = _varint(raw, at)
+                _, at = wire.decode_varint(raw, at)
             elif wire_type == 2:
-                size, body = _varint(raw, at)
+                size, body = wire.decode_varint(raw, at)
                 at = body + size
             elif wire_type in (1, 5):
                 at += 8 if wire_type == 1 else 4
@@ -174,17 +174,6 @@ def _fields(raw: bytes) -> list[tuple[int, int, int, int]] | None:
     except IndexError:  # a varint or a field runs past the end
         return None
     return fields
-
-
-def _varint(raw: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = raw[at]
-        value |= (byte & 0x7F) << shift
-        at += 1
-        if byte < 0x80:
-            return value, at
-        shift += 7
 
 
 # -- the judge -----------------------------------------------------------------------------------

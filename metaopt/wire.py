@@ -173,7 +173,7 @@ def parse_chunk(message: bytes) -> tuple[int, int, memoryview] | None:
         return None
 
 
-def _varint(view: memoryview, at: int) -> tuple[int, int]:
+def decode_varint(view: bytes | memoryview, at: int) -> tuple[int, int]:
     """(value, position after it) of the varint at `at`."""
     value = shift = 0
     while True:
@@ -190,12 +190,12 @@ def _varint(view: memoryview, at: int) -> tuple[int, int]:
 def _field(view: memoryview, at: int) -> tuple[tuple[int, int], int | memoryview, int]:
     """((field number, wire type), value, position after it) of the field at `at`: a varint's
     value, or a length-delimited field's payload as a view."""
-    key, at = _varint(view, at)
+    key, at = decode_varint(view, at)
     wire_type = key & 7
     if wire_type == 0:
-        return (key >> 3, 0), *_varint(view, at)
+        return (key >> 3, 0), *decode_varint(view, at)
     if wire_type == 2:
-        size, at = _varint(view, at)
+        size, at = decode_varint(view, at)
         if at + size > len(view):
             raise IndexError("field runs past the message")
         return (key >> 3, 2), view[at:at + size], at + size
