@@ -28,35 +28,42 @@ def _grads(params, i):
     return jax.tree.map(lambda x: jnp.sin(x * (i + 1)) * 10.0 ** (i % 5 - 2), params)
 
 
-def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, eps=1e-8, b1=0.9, b2=0.999):
-    """Slow reference, float64: AdamW (bias-corrected) at lr·0.5·(1 + cos(π t / T))."""
+def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4.6, eps=1e-8, b1=0.9, b2=0.999):
+    """Slow reference, float64: AdamW (bias-corrected) at lr·0.5·(1 + cos(π t / T)); with kappa,
+    each tensor's Adam step also times α_T, log α_T += kappa · cos(g_t, m_{t-1}/√v_{t-1})."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
+    log_alpha = dict.fromkeys(p, 0.0)
     out = []
     for t, grads in enumerate(grads_seq):
         rate = lr * 0.5 * (1 + math.cos(math.pi * t / num_steps))
         step = {}
         for k in p:
             g = np.asarray(grads[k], np.float64)
+            d_prev = m[k] / (np.sqrt(v[k]) + 1e-30)
+            cos = np.vdot(g, d_prev) / (np.linalg.norm(g) * np.linalg.norm(d_prev) + 1e-30)
+            log_alpha[k] = float(np.clip(log_alpha[k] + kappa * cos, -bound, bound))
             m[k] = b1 * m[k] + (1 - b1) * g
             v[k] = b2 * v[k] + (1 - b2) * g * g
             mhat, vhat = m[k] / (1 - b1 ** (t + 1)), v[k] / (1 - b2 ** (t + 1))
-            step[k] = -rate * (mhat / (np.sqrt(vhat) + eps) + wd * p[k])
+            step[k] = -rate * (math.exp(log_alpha[k]) * mhat / (np.sqrt(vhat) + eps) + wd * p[k])
             p[k] = p[k] + step[k]
         out.append(step)
     return out
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_untrained_is_adamw_on_a_cosine_schedule(weight_decay):
-    opt = optimizers.make("nominal_mlp", learning_rate=0.01, warmup=0.0, weight_decay=weight_decay)
+@pytest.mark.parametrize(("weight_decay", "kappa"), [(0.0, 0.0), (0.1, 0.0), (0.1, 0.3)])
+def test_untrained_is_adamw_on_a_cosine_schedule(weight_decay, kappa):
+    """kappa > 0: AdamW whose per-tensor rate follows the hypergradient (the NumPy reference's)."""
+    opt = optimizers.make("nominal_mlp", learning_rate=0.01, warmup=0.0, weight_decay=weight_decay,
+                          rate_adaptation=kappa, rate_range=0.5)
     num_steps = 8
     tx = opt.as_optax(opt.init(jax.random.key(3)), num_steps)
     params = _params()
     state, update = tx.init(params), jax.jit(tx.update)
     grads_seq = [_grads(params, i) for i in range(num_steps)]
-    expected = _numpy_adamw_cosine(params, grads_seq, 0.01, num_steps, weight_decay)
+    expected = _numpy_adamw_cosine(params, grads_seq, 0.01, num_steps, weight_decay, kappa, bound=0.5)
     p = params
     for i, g in enumerate(grads_seq):
         u, state = update(g, state, p)
@@ -131,11 +138,34 @@ def test_a_users_schedule_replaces_the_default_and_a_rate_keeps_the_cosine():
     np.testing.assert_allclose(u1["x"], -0.25, rtol=1e-5)
 
 
+def test_the_adapted_rate_grows_on_a_slope_and_shrinks_on_an_overshoot():
+    """On f(x) = x²/2 from x = 1, a rate far too small keeps each gradient along the last step
+    (cos = 1): log α_T climbs by κ a step up to its range. A rate far too large throws x past 0,
+    so the next gradient is against the last step (cos = -1, log α_T falls by κ); as the momentum
+    turns, steps against it keep log α_T at or below 0 throughout."""
+    kappa, bound, num_steps = 0.2, 1.0, 12
+    for lr in (1e-4, 3.0):
+        opt = optimizers.make("nominal_mlp", rate_adaptation=kappa, rate_range=bound)
+        tx = opt.as_optax(opt.init(jax.random.key(0)), num_steps, learning_rate=optax.constant_schedule(lr))
+        x = {"x": jnp.ones((4,))}
+        state, seen = tx.init(x), []
+        for _ in range(num_steps):
+            u, state = tx.update(x, state, x)  # the gradient of x²/2 is x
+            x = optax.apply_updates(x, u)
+            seen.append(float(state.log_rate[0]))
+        if lr < 1:  # step 1 has no previous step (cos 0); then +κ a step until the range
+            np.testing.assert_allclose(seen, [min(kappa * i, bound) for i in range(num_steps)], atol=1e-5)
+        else:
+            assert seen[0] == 0.0 and seen[1] == pytest.approx(-kappa, abs=1e-5), seen
+            assert max(seen) <= 1e-6 and min(seen) >= -bound - 1e-6 and seen[-1] < 0, seen
+
+
 def test_meta_parameter_count_and_bad_hparams():
     opt = optimizers.make("nominal_mlp", hidden=16)
     n = sum(x.size for x in jax.tree.leaves(opt.init(jax.random.key(0))))
     assert n == NUM_FEATURES * 16 + 16 + 16 + 1 + 3 + 1 == 213  # the module docstring's count
-    for bad in ({"hidden": 0}, {"warmup": 1.0}, {"correction_bound": -1.0}):
+    for bad in ({"hidden": 0}, {"warmup": 1.0}, {"correction_bound": -1.0}, {"rate_adaptation": -0.1},
+                {"rate_range": -1.0}):
         with pytest.raises(ValueError, match="nominal_mlp needs"):
             optimizers.make("nominal_mlp", **bad)
 

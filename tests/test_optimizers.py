@@ -11,6 +11,10 @@ import pytest
 from metaopt import optimizers
 
 NAMES = optimizers.names()
+# Every registered optimizer at its defaults, plus the non-default options a published optimizer
+# uses (reference:4's per-tensor hypergradient rate), for the checks every optimizer must pass.
+CONFIGS = [(name, {}) for name in NAMES] + [("nominal_mlp", {"rate_adaptation": 0.1})]
+CONFIG_IDS = [name + "".join(f"-{k}={v}" for k, v in hp.items()) for name, hp in CONFIGS]
 
 
 def _params():
@@ -24,8 +28,8 @@ def _params():
     }
 
 
-def _setup(name, num_steps=100):
-    opt = optimizers.make(name)
+def _setup(name, num_steps=100, hparams=None):
+    opt = optimizers.make(name, **(hparams or {}))
     theta = opt.init(jax.random.key(1))
     tx = opt.as_optax(theta, num_steps)
     params = _params()
@@ -62,9 +66,9 @@ def test_theta_is_float32_dicts(name):
         assert leaf.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_jit_no_recompile_and_stable_state(name):
-    _, _, tx, params, state = _setup(name)
+@pytest.mark.parametrize(("name", "hparams"), CONFIGS, ids=CONFIG_IDS)
+def test_jit_no_recompile_and_stable_state(name, hparams):
+    _, _, tx, params, state = _setup(name, hparams=hparams)
     update = jax.jit(tx.update)
     grads = jax.tree.map(jnp.ones_like, params)
     before = _structure(state)
@@ -76,10 +80,10 @@ def test_jit_no_recompile_and_stable_state(name):
     assert _structure(u) == _structure(params)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("name", "hparams"), CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("scale", [0.0, 1e-8, 1e8])
-def test_finite_for_extreme_grads(name, scale):
-    _, _, tx, params, state = _setup(name)
+def test_finite_for_extreme_grads(name, hparams, scale):
+    _, _, tx, params, state = _setup(name, hparams=hparams)
     update = jax.jit(tx.update)
     for i in range(4):
         grads = jax.tree.map(lambda x, i=i: scale * (x + i), params)

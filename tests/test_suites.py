@@ -3,6 +3,8 @@ trains, and that the shifted tasks lie outside the meta-training mix."""
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -16,6 +18,8 @@ from metaopt import evaluation
 MIX_MLP_DEPTHS, MIX_MLP_WIDTHS, MIX_ACTIVATIONS = range(1, 4), range(16, 129), {"relu", "tanh", "gelu"}
 MIX_HELD_OUT = {(4, 64, "tanh"), (3, 128, "gelu")}  # (depth, width, activation)
 MIX_QUADRATIC_DIMS = range(8, 33)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EVALUATION_SUITES = ("in_distribution", "out_of_distribution", "long_horizon", "shifted")
 
 
 def in_meta_training_mix(spec: task_zoo.TaskSpec) -> bool:
@@ -92,16 +96,15 @@ def test_every_task_builds_and_trains_a_few_steps(suite):
             assert bool(jnp.isfinite(loss)) and bool(finite) and bool(jnp.isfinite(test)), (t.name, i)
 
 
-@pytest.mark.parametrize("recipe_file", ["nominal_mix.yaml", "nominal_mix_v3.yaml"])
+@pytest.mark.parametrize("recipe_file", ["nominal_mix.yaml", "nominal_mix_v3.yaml", "nominal_mix_v4.yaml"])
 def test_the_reference_recipe_never_trains_on_an_evaluation_suites_tasks(recipe_file):
-    """The v2 and v3 reference recipes against every held-out suite: no task of
+    """The v2, v3 and v4 reference recipes against every held-out suite: no task of
     out_of_distribution, long_horizon or shifted can be drawn from their mix."""
     import itertools
-    import pathlib
 
     from metaopt.jobspec import load_job_spec
 
-    recipe = load_job_spec(pathlib.Path(__file__).resolve().parents[1] / "examples" / recipe_file)
+    recipe = load_job_spec(ROOT / "examples" / recipe_file)
     mix = {t.family: t.kwargs for t in recipe.tasks}
     assert set(mix) == {"mlp", "quadratic"}
     mlp = mix["mlp"]
@@ -113,3 +116,19 @@ def test_the_reference_recipe_never_trains_on_an_evaluation_suites_tasks(recipe_
                 assert (kw["depth"], kw["width"], kw["activation"]) not in drawable, (name, task.name)
             else:
                 assert task.spec.name not in mix, (name, task.name)
+
+
+def test_the_design_validation_suite_lies_outside_the_mix_and_every_evaluation_suite():
+    """Hyperparameters of the reference design are chosen on examples/suites/design_validation.yaml,
+    so none of its problems may be a meta-training problem or an evaluation suite's problem: no
+    shared architecture (whatever the seed or batch size), no shared text corpus or table."""
+    val = evaluation.load_suite(ROOT / "examples" / "suites" / "design_validation.yaml")
+    assert len(val.tasks) >= 6 and not [t.name for t in val.tasks if in_meta_training_mix(t.spec)]
+
+    def problem(spec):
+        return spec.name, tuple(sorted((k, v) for k, v in spec.kwargs.items() if k not in ("seed", "batch_size")))
+
+    held_out = [t.spec for s in EVALUATION_SUITES for t in evaluation.load_suite(s).tasks]
+    assert not {problem(s) for s in held_out} & {problem(t.spec) for t in val.tasks}
+    data = {s.kwargs.get("corpus", s.kwargs.get("dataset")) for s in held_out} - {None, "digits"}
+    assert data and not data & {t.spec.kwargs.get("corpus", t.spec.kwargs.get("dataset")) for t in val.tasks}

@@ -2,11 +2,13 @@
 per-parameter MLP and scaled per tensor by a learned law. Built to be pulled onto models it
 never saw during meta-training.
 
-    update = -lr(t) · a_T · (d + c) - lr(t) · weight_decay · p
+    update = -lr(t) · α_T · a_T · (d + c) - lr(t) · weight_decay · p
       d   = m̂ / (sqrt(v̂) + eps)                 Adam's direction (bias-corrected, β1 0.9, β2 0.999)
       c   = clip_rms_T(MLP(x), correction_bound · s_T)  learned correction, per-tensor RMS ≤ the bound;
             s_T = 1, or rms_T(d) with `relative_correction` (the correction anneals with Adam's step)
       a_T = exp(4 tanh((b + w · f_T) / 4))        learned per-tensor step multiplier, in [e⁻⁴, e⁴]
+      α_T = 1, or with `rate_adaptation` κ > 0 the tensor's hypergradient rate:
+            log α_T += κ · cos(g_t, d_{t-1}) each step, within ±rate_range
       lr(t) = learning_rate · cosine decay to 0 over num_steps (after `warmup` of the run), or
               the user's own schedule: `as_optax(theta, num_steps, learning_rate=schedule)`
 
@@ -27,6 +29,14 @@ Where each piece comes from, and why it is here:
   f_T = (log10 rms(p) + 1, log10 fan_in - 1.5, [p is a vector]) let meta-training learn a step
   that follows the parameter scale and the fan-in, as μP prescribes for wider nets, instead of one
   global step. b alone is a learned global log learning-rate multiplier.
+- The hypergradient rate α_T (Baydin et al. 2018, "Online learning rate adaptation with
+  hypergradient descent", here per tensor, multiplicative and on the cosine, so scale-free): one
+  peak rate cannot fit every model (tuned Adam's ranges from 0.0007 on a 7-layer MLP to 0.05 on
+  least squares), and the learned law a_T sees only static shapes. α_T watches the run itself:
+  it grows while each gradient still points along the last step, shrinks when the step
+  overshoots, and drifts down under pure gradient noise. It is hand-designed, so the untrained
+  optimizer already has it, and its rate κ and range were chosen untrained on
+  examples/suites/design_validation.yaml, never on an evaluation suite.
 - The schedule is the user's (Celo2): the optimizer cannot know a good horizon-dependent decay
   better than the person who sets `num_steps`; the learned parts see the run's fraction and the
   absolute step (μLO: features of the absolute step generalise to longer runs).
@@ -38,7 +48,8 @@ Meta-parameters θ = {"mlp": {"w0": (11, hidden), "b0", "w1": (hidden, 1), "b1"}
 "b": ()}}: 11·16+16 + 16+1 + 3+1 = 213 float32 with hidden 16. θ₀ zeroes the output layer and the
 tensor law, so the untrained optimizer equals AdamW with the schedule (a NumPy test checks it).
 
-Optimizer state per parameter: 3 momenta + 1 second moment = 4 float32.
+Optimizer state per parameter: 3 momenta + 1 second moment = 4 float32 (and one float32 per
+tensor for α_T).
 """
 
 from __future__ import annotations
@@ -66,11 +77,13 @@ CHUNK = 16384  # elements per lax.map iteration of the MLP: (16, CHUNK) f32 acti
 
 class NominalMLPState(NamedTuple):
     """count: () int32 steps taken; momenta: per-leaf (len(MOM_DECAYS), *leaf.shape) float32
-    EMAs of g; rms: per-leaf EMA of g² (leaf shapes)."""
+    EMAs of g; rms: per-leaf EMA of g² (leaf shapes); log_rate: per-leaf () float32 log of the
+    tensor's adapted rate multiplier α_T (empty when `rate_adaptation` is 0)."""
 
     count: jax.Array
     momenta: tuple
     rms: tuple
+    log_rate: tuple = ()
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -133,6 +146,8 @@ class NominalMLP:
     warmup: float = 0.05  # fraction of the run
     correction_bound: float = 1.0
     relative_correction: bool = False  # False: reference v2's absolute bound, so it loads unchanged
+    rate_adaptation: float = 0.0  # κ of the per-tensor hypergradient rate; 0: off (v2, v3 load unchanged)
+    rate_range: float = 2.3  # |log α_T| ≤ this: α_T within [1/10, 10] by default
     weight_decay: float = 0.0
     eps: float = 1e-8
 
@@ -142,9 +157,10 @@ class NominalMLP:
     learned = True
 
     def __post_init__(self):
-        if self.hidden < 1 or not 0 <= self.warmup < 1 or self.correction_bound < 0:
-            raise ValueError(f"nominal_mlp needs hidden >= 1, 0 <= warmup < 1 and correction_bound >= 0, "
-                             f"got {self}")
+        if (self.hidden < 1 or not 0 <= self.warmup < 1 or self.correction_bound < 0
+                or self.rate_adaptation < 0 or self.rate_range < 0):
+            raise ValueError(f"nominal_mlp needs hidden >= 1, 0 <= warmup < 1, and correction_bound, "
+                             f"rate_adaptation and rate_range >= 0, got {self}")
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -175,12 +191,14 @@ class NominalMLP:
             schedule = cosine_schedule(base, num_steps, self.warmup)
         mlp, law = theta["mlp"], theta["tensor"]
         decays = jnp.asarray(MOM_DECAYS, jnp.float32)
+        adapt = self.rate_adaptation > 0
 
         def init_fn(params):
             leaves = jax.tree.leaves(params)
             momenta = tuple(jnp.zeros((len(MOM_DECAYS), *jnp.shape(p)), jnp.float32) for p in leaves)
             rms = tuple(jnp.zeros(jnp.shape(p), jnp.float32) for p in leaves)
-            return NominalMLPState(jnp.zeros((), jnp.int32), momenta, rms)
+            log_rate = tuple(jnp.zeros((), jnp.float32) for _ in leaves) if adapt else ()
+            return NominalMLPState(jnp.zeros((), jnp.int32), momenta, rms, log_rate)
 
         def update_fn(updates, state, params=None, **extra_args):
             del extra_args  # e.g. loss=; not used
@@ -196,10 +214,16 @@ class NominalMLP:
             # Bias corrections of every EMA (as optax: 1 - β^t).
             mom_fix = 1.0 - decays ** t
             rms_fix = 1.0 - RMS_DECAY ** t
-            new_updates, new_m, new_v = [], [], []
-            for g, p, m, v in zip(grads, leaves, state.momenta, state.rms, strict=True):
+            new_updates, new_m, new_v, new_rate = [], [], [], []
+            log_rates = state.log_rate if adapt else (None,) * len(grads)
+            for g, p, m, v, log_rate in zip(grads, leaves, state.momenta, state.rms, log_rates, strict=True):
                 g32, p32 = g.astype(jnp.float32), p.astype(jnp.float32)
                 bshape = (-1,) + (1,) * g32.ndim
+                rate = 1.0
+                if adapt:
+                    log_rate = self._adapt_rate(log_rate, g32, m[ADAM_MOMENTUM], v)
+                    rate = jnp.exp(log_rate)
+                    new_rate.append(log_rate)
                 m = decays.reshape(bshape) * m + (1 - decays.reshape(bshape)) * g32
                 v = RMS_DECAY * v + (1 - RMS_DECAY) * jnp.square(g32)
                 denom = jnp.sqrt(v / rms_fix) + self.eps
@@ -218,11 +242,21 @@ class NominalMLP:
                 correction = clip_rms(out, bound)
                 z = law["b"] + law["w"] @ f_t
                 multiplier = jnp.exp(MULTIPLIER_RANGE * jnp.tanh(z / MULTIPLIER_RANGE))
-                u = -lr * (multiplier * (direction + correction) + self.weight_decay * p32)
+                u = -lr * (rate * multiplier * (direction + correction) + self.weight_decay * p32)
                 new_updates.append(u.astype(g.dtype))
                 new_m.append(m)
                 new_v.append(v)
-            new_state = NominalMLPState(count, tuple(new_m), tuple(new_v))
+            new_state = NominalMLPState(count, tuple(new_m), tuple(new_v), tuple(new_rate))
             return jax.tree.unflatten(treedef, new_updates), new_state
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    def _adapt_rate(self, log_rate: jax.Array, g: jax.Array, m_prev: jax.Array, v_prev: jax.Array) -> jax.Array:
+        """One hypergradient step on log α_T (Baydin et al. 2018, per tensor and multiplicative):
+        ∂loss/∂log α_T ∝ -<g_t, d_{t-1}>, so α grows while the new gradient still points along the
+        last step (the rate is too small) and shrinks when it turns against it (overshoot), and
+        under pure gradient noise it drifts down, an annealing of its own. The cosine makes the
+        step scale-free; bias corrections are per-tensor scalars and drop out of it."""
+        d_prev = m_prev / (jnp.sqrt(v_prev) + 1e-30)
+        cos = jnp.vdot(g, d_prev) / (jnp.linalg.norm(g) * jnp.linalg.norm(d_prev) + 1e-30)
+        return jnp.clip(log_rate + self.rate_adaptation * cos, -self.rate_range, self.rate_range)
