@@ -1,6 +1,7 @@
-"""benchmarks/pes_profile.py: its arithmetic on made-up timings, and one `--quick --json` run
-checked for shape, consistency and the MLP's FLOPs (closed form against XLA's count). No test
-compares timings with each other: this machine is shared and noisy."""
+"""benchmarks/pes_profile.py: its arithmetic on made-up timings and the MLP's FLOPs (closed form
+against XLA's count), in `make test`; one `--quick --json` run checked for shape and consistency,
+in the slow suite (about 100 s of CPU, mostly compiles). No test compares timings with each
+other: this machine is shared and noisy."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import statistics
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from benchmarks import pes_profile
@@ -42,6 +44,18 @@ def test_the_closed_form_counts_the_mlp_matmuls():
     assert pes_profile.mlp_closed_form_flops(opt, 100) == 100 * 2 * (f * h + h * h + h * o)
     wide = optimizers.make("small_fc", hidden=8, hidden_layers=3)
     assert pes_profile.mlp_closed_form_flops(wide, 1) == 2 * (f * 8 + 8 * 8 + 8 * 8 + 8 * 2)
+
+
+def test_xla_counts_the_closed_form_plus_one_flop_per_elementwise_op():
+    """The MLP alone, as the profile costs it (benchmarks/lopt_step.bare_mlp), on 2,432 elements."""
+    from benchmarks import lopt_step
+
+    opt = optimizers.make("small_fc")
+    fn, (mlp, x) = lopt_step.bare_mlp(opt, opt.init(jax.random.key(0)), 2432)
+    elements = x.shape[0] * x.shape[2]  # padded to whole chunks, computed like data
+    counted = pes_profile.xla_flops(pes_profile.compiled(fn, mlp, x))
+    assert counted == pytest.approx(elements * _mlp_xla_flops_per_element(opt), rel=0.01)
+    assert pes_profile.mlp_closed_form_flops(opt, elements) < counted
 
 
 def _made_up_report(ms: dict) -> dict:
@@ -87,6 +101,7 @@ def quick(tmp_path_factory) -> tuple[dict, pathlib.Path]:
     return last_json(done.stdout), out
 
 
+@pytest.mark.slow
 def test_quick_run_shape(quick):
     r, out = quick
     assert json.loads((out / "pes_profile.json").read_text()) == r
@@ -103,6 +118,7 @@ def test_quick_run_shape(quick):
     assert r["compute_bound"] == (fraction is not None and fraction >= pes_profile.COMPUTE_BOUND)
 
 
+@pytest.mark.slow
 def test_quick_run_parts_add_up_to_the_step(quick):
     r, _ = quick
     parts, step = r["parts"], r["inner_step_ms"]
@@ -121,6 +137,7 @@ def test_quick_run_parts_add_up_to_the_step(quick):
     assert r["lopt_in_program"]["ms"] == pytest.approx(step - sgd_step)
 
 
+@pytest.mark.slow
 def test_quick_run_mlp_flops_closed_form_against_xla(quick):
     r, _ = quick
     opt = optimizers.make("small_fc")
