@@ -47,6 +47,7 @@ proto: venv
 bench: venv
 	$(BIN)/python benchmarks/lopt_step.py --out bench-out
 	$(BIN)/python benchmarks/worker_throughput.py --out bench-out
+	$(BIN)/python benchmarks/pes_profile.py --one-core --out bench-out
 	$(BIN)/python benchmarks/zoo.py --out bench-out
 	$(BIN)/python benchmarks/meta_training.py --out bench-out
 	$(BIN)/python benchmarks/learner_ingest.py --out bench-out

@@ -48,7 +48,7 @@ TRUNCATION_LENGTH = 10
 REFERENCE_PARTICLES = 8
 
 
-def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
     """Median seconds of each blocking `fn()`, after one warm-up call each, timed in turns so
     that all of them see the same machine load."""
     for fn in fns.values():
@@ -82,11 +82,17 @@ def plain_training(task, tx, steps: int):
     return lambda: train(jax.random.key(0)).block_until_ready()
 
 
+def reference_estimator(lopt, particles: int, devices=None):
+    """The PES estimator of the reference configuration, its halves split across `devices`
+    (default: all)."""
+    return make_estimator("pes", lopt, devices=devices, num_particles=particles,
+                          truncation_length=TRUNCATION_LENGTH, inner_horizon=10 * TRUNCATION_LENGTH)
+
+
 def pes_truncation(task, lopt, particles: int, devices=None):
     """A blocking callable running one PES truncation (one gradient estimate) on `devices`
     (default: all)."""
-    estimator = make_estimator("pes", lopt, devices=devices, num_particles=particles,
-                               truncation_length=TRUNCATION_LENGTH, inner_horizon=10 * TRUNCATION_LENGTH)
+    estimator = reference_estimator(lopt, particles, devices)
     theta = lopt.init(jax.random.key(0))
     state = [estimator.init(jax.random.key(1), theta, task)]
     key = [jax.random.key(2)]
@@ -148,7 +154,7 @@ def run(quick: bool) -> dict:
     learned = plain_training(task, lopt.as_optax(jax.tree.map(jnp.asarray, theta), 1000), plain_steps)
     rows = []
     for particles in particle_counts:
-        seconds = _interleaved({
+        seconds = interleaved({
             "adam": adam, "lopt": learned, "pes_one_process": pes_truncation(task, lopt, particles),
             "pes_one_device": pes_truncation(task, lopt, particles, jax.devices()[:1]),
         }, repeats)
