@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                      "final_loss_ratio": {t["name"]: t["final_loss_ratio"] for t in result["tasks"]}})
         ratios = " ".join(f"{name} {r:.3g}x" for name, r in rows[-1]["final_loss_ratio"].items())
         print(f"{json.dumps(hparams)}: wins {agg['wins']}/{agg['num_tasks']}, geomean "
-              f"{agg['geomean_final_loss_ratio']:.3g}x | {ratios}", file=sys.stderr if args.json else sys.stdout,
-              flush=True)
+              f"{agg['geomean_final_loss_ratio']:.3g}x | {ratios}",
+              file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         print(json.dumps({"suite": suite.name, "optimizer": args.optimizer, "variants": rows}))
     return 0

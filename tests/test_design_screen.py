@@ -17,7 +17,9 @@ baselines: [adam]
 trials: 2
 test_points: 2
 tasks:
-  - {name: quadratic_8, spec: {name: quadratic, kwargs: {dim: 8, log10_condition: 1.0, noise: 0.1, seed: 11}}, steps: 40}
+  - name: quadratic_8
+    spec: {name: quadratic, kwargs: {dim: 8, log10_condition: 1.0, noise: 0.1, seed: 11}}
+    steps: 40
 """
 
 
@@ -28,7 +30,8 @@ def test_each_variant_is_evaluated_untrained_and_reported(tmp_path, capsys):
     assert design_screen.main(["nominal_mlp", str(suite), *variants, "--json",
                                "--baseline-cache", str(tmp_path / "cache")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["suite"] == "tiny" and [v["hparams"] for v in report["variants"]] == [{}, {"rate_adaptation": 0.5}]
+    assert report["suite"] == "tiny"
+    assert [v["hparams"] for v in report["variants"]] == [{}, {"rate_adaptation": 0.5}]
     plain, adapted = (v["final_loss_ratio"]["quadratic_8"] for v in report["variants"])
     assert 0 < plain and 0 < adapted and plain != adapted  # the hyperparameter reached the optimizer
     assert all(v["num_tasks"] == 1 and v["wins"] in (0, 1) for v in report["variants"])

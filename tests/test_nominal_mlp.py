@@ -28,7 +28,8 @@ def _grads(params, i):
     return jax.tree.map(lambda x: jnp.sin(x * (i + 1)) * 10.0 ** (i % 5 - 2), params)
 
 
-def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4.6, eps=1e-8, b1=0.9, b2=0.999):
+def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4.6, eps=1e-8, b1=0.9,
+                        b2=0.999):
     """Slow reference, float64: AdamW (bias-corrected) at lr·0.5·(1 + cos(π t / T)); with kappa,
     each tensor's Adam step also times α_T, log α_T += kappa · cos(g_t, m_{t-1}/√v_{t-1})."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}

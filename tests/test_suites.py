@@ -126,7 +126,8 @@ def test_the_design_validation_suite_lies_outside_the_mix_and_every_evaluation_s
     assert len(val.tasks) >= 6 and not [t.name for t in val.tasks if in_meta_training_mix(t.spec)]
 
     def problem(spec):
-        return spec.name, tuple(sorted((k, v) for k, v in spec.kwargs.items() if k not in ("seed", "batch_size")))
+        kwargs = {k: v for k, v in spec.kwargs.items() if k not in ("seed", "batch_size")}
+        return spec.name, tuple(sorted(kwargs.items()))
 
     held_out = [t.spec for s in EVALUATION_SUITES for t in evaluation.load_suite(s).tasks]
     assert not {problem(s) for s in held_out} & {problem(t.spec) for t in val.tasks}

@@ -251,7 +251,8 @@ class NominalMLP:
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
-    def _adapt_rate(self, log_rate: jax.Array, g: jax.Array, m_prev: jax.Array, v_prev: jax.Array) -> jax.Array:
+    def _adapt_rate(self, log_rate: jax.Array, g: jax.Array, m_prev: jax.Array,
+                    v_prev: jax.Array) -> jax.Array:
         """One hypergradient step on log α_T (Baydin et al. 2018, per tensor and multiplicative):
         ∂loss/∂log α_T ∝ -<g_t, d_{t-1}>, so α grows while the new gradient still points along the
         last step (the rate is too small) and shrinks when it turns against it (overshoot), and
