@@ -11,8 +11,11 @@ default keeps only the newest three.
     python benchmarks/generalisation_curve.py RUN_DIR [--suites a,b] [--every-minutes 10]
         [--out DIR] [--baseline-cache DIR] [--json]
 
-Writes OUT/curve.json (one record per point and suite), OUT/curve.png, and every point's full
-`metaopt eval` report in OUT/reports/POINT-SUITE/.
+Writes OUT/curve.json (one record per point and suite), OUT/curve.png, every point's full
+`metaopt eval` report in OUT/reports/POINT-SUITE/, and OUT/selection.json: the best trained
+checkpoint on the FIRST suite by in-run evaluation's rule (most wins, then the lowest geometric-mean
+ratio), what `publishing.publish_checkpoint(..., selection=...)` records when a run's best
+checkpoint is published instead of its last. Choose on a suite you then do not report on.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from metaopt import evaluation, optimizers, publishing
-from metaopt.inrun_eval import checkpoint_ref
+from metaopt.inrun_eval import SELECTION_RULE, best_evaluation, checkpoint_ref
 from metaopt.run_report import read_metrics
 from metaopt.storage import CHECKPOINT_DIR_RE
 
@@ -95,6 +98,16 @@ def plot(records: list[dict], path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
+def select(records: list[dict], suite: str) -> dict | None:
+    """The best trained checkpoint on `suite` (in-run evaluation's rule), as a provenance record."""
+    best = best_evaluation([r for r in records if r["suite"] == suite and r["outer_step"] > 0])
+    if best is None:
+        return None
+    keys = ("suite", "outer_step", "checkpoint", "minutes", "wins", "num_tasks", "geomean_final_loss_ratio")
+    return {"rule": SELECTION_RULE, **{k: best[k] for k in keys},
+            "evaluations": sum(r["suite"] == suite for r in records)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=pathlib.Path)
@@ -108,11 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cache = args.baseline_cache or out / "baselines"
     suites = [evaluation.load_suite(s) for s in args.suites.split(",")]
-    points = [(0.0, untrained_ref(args.run_dir))]
+    points = [(0.0, untrained_ref(args.run_dir), None)]
     for minutes, path in checkpoints_by_minute(args.run_dir, args.every_minutes):
-        points.append((minutes, checkpoint_ref(publishing.find_checkpoint(str(path)), args.run_dir.name)))
+        checkpoint = publishing.find_checkpoint(str(path))
+        points.append((minutes, checkpoint_ref(checkpoint, args.run_dir.name), checkpoint))
     records = []
-    for minutes, ref in points:
+    for minutes, ref, checkpoint in points:
         for suite in suites:
             result = evaluation.evaluate(ref, suite, progress=False, baseline_cache=cache)
             evaluation.write_report(result, out / "reports" / f"{ref.ref.split('@')[-1]}-{suite.name}")
@@ -120,11 +134,15 @@ def main(argv: list[str] | None = None) -> dict:
             records.append({"minutes": round(minutes, 2), "ref": ref.ref, "suite": suite.name,
                             "wins": a["wins"], "num_tasks": a["num_tasks"], "win_share": a["win_rate"],
                             "geomean_final_loss_ratio": a["geomean_final_loss_ratio"],
-                            "diverged_runs": a["diverged_runs"]["ref"]})
+                            "diverged_runs": a["diverged_runs"]["ref"],
+                            "outer_step": checkpoint.step if checkpoint else 0,
+                            "checkpoint": checkpoint.uri if checkpoint else None})
             print(json.dumps(records[-1]), file=sys.stderr, flush=True)
     (out / "curve.json").write_text(json.dumps(records, indent=1))
     plot(records, out / "curve.png", f"{args.run_dir.name}: generalisation against meta-training time")
-    summary = {"run": str(args.run_dir), "out": str(out), "records": records}
+    selection = select(records, suites[0].name)
+    (out / "selection.json").write_text(json.dumps(selection, indent=1))
+    summary = {"run": str(args.run_dir), "out": str(out), "records": records, "selection": selection}
     if args.json:
         print(json.dumps(summary))
     return summary

@@ -292,13 +292,15 @@ def checkpoint_theta(checkpoint: Checkpoint, spec: dict[str, Any]):
 
 
 def publish_checkpoint(run_or_checkpoint_uri: str, registry_uri: str, name: str | None = None, *,
-                       evaluation: dict[str, Any] | None = None, aliases: Iterable[str] = ()) -> str:
+                       evaluation: dict[str, Any] | None = None, aliases: Iterable[str] = (),
+                       selection: dict[str, Any] | None = None) -> str:
     """Publish the θ of a run's newest good checkpoint (or of the checkpoint named) as the next
     version of `name` (default: the job spec's artifact_name, else its name); return NAME:VERSION.
 
     Provenance comes from the checkpoint: its job id, outer steps and meta-loss history, and the
     job spec and code version from its meta (or the spec from the run's job.json), plus the
-    checkpoint's URI and step, and `evaluation` (a `metaopt eval` report) if given."""
+    checkpoint's URI and step, `evaluation` (a `metaopt eval` report) if given, and `selection` if
+    given: how this checkpoint was chosen over the run's last (the rule, the suite, its figures)."""
     aliases = list(aliases)
     checkpoint = find_checkpoint(run_or_checkpoint_uri)
     spec = _job_spec(checkpoint)
@@ -320,7 +322,8 @@ def publish_checkpoint(run_or_checkpoint_uri: str, registry_uri: str, name: str 
     record = provenance(spec, str(meta["job_id"]), meta["history"], int(meta["version"]), summary,
                         code_version=str(meta.get("code_version") or "unknown"), meta_loss_first=first,
                         checkpoint={"uri": checkpoint.uri, "step": checkpoint.step},
-                        published_with=installed_code_version())
+                        published_with=installed_code_version(),
+                        **({"selection": selection} if selection is not None else {}))
     return registry.publish(registry_uri, name, opt.name, dict(opt.hparams), theta, record, aliases)
 
 

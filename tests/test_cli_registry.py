@@ -102,6 +102,12 @@ def test_publish_a_run_records_its_provenance(run, tmp_path):
     assert registry.load("demo-opt:2", reg).manifest["provenance"]["outer_steps"] == 1
     _assert_theta(registry.load("demo-opt:2", reg), thetas[1])
     assert publishing.publish_checkpoint(f"{run_dir}/checkpoints", reg, "other") == "other:1"
+    assert "selection" not in registry.load("other:1", reg).manifest["provenance"]
+    # A checkpoint chosen over the run's last says how (benchmarks/generalisation_curve.py's record).
+    chosen = {"rule": "most wins", "suite": "in_distribution", "outer_step": 1, "wins": 8}
+    assert publishing.publish_checkpoint(f"{run_dir}/checkpoints/ckpt-000000001", reg, "other",
+                                         selection=chosen) == "other:2"
+    assert registry.load("other:2", reg).manifest["provenance"]["selection"] == chosen
 
 
 def test_spec_and_code_version_in_the_checkpoint_meta_need_no_job_json(run, tmp_path):

@@ -1,5 +1,6 @@
 """benchmarks/generalisation_curve.py picks the checkpoints to evaluate from a run's own record:
-for every mark, the newest checkpoint saved by then, each once, and always the last."""
+for every mark, the newest checkpoint saved by then, each once, and always the last; and selects
+the best trained one on the first suite by in-run evaluation's rule."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
-from generalisation_curve import checkpoints_by_minute, plot  # noqa: E402
+from generalisation_curve import checkpoints_by_minute, plot, select  # noqa: E402
 
 
 def _run(tmp_path: pathlib.Path, step_minutes: dict[int, float], saved: list[int]) -> pathlib.Path:
@@ -50,3 +51,17 @@ def test_the_plot_is_written(tmp_path):
                for s in ("a", "b") for m, w, r in ((0, 0.25, 2.0), (10, 0.5, 0.9))]
     plot(records, tmp_path / "curve.png", "test")
     assert (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_the_best_trained_checkpoint_on_the_selection_suite_never_the_untrained_one():
+    def rec(suite, step, wins, ratio):
+        return {"suite": suite, "outer_step": step, "checkpoint": f"ck-{step}" if step else None,
+                "minutes": step / 10, "wins": wins, "num_tasks": 8, "geomean_final_loss_ratio": ratio}
+
+    records = [rec("in", 0, 8, 0.1),  # the untrained θ: best figures, but nothing to publish
+               rec("in", 30, 8, 0.4), rec("in", 60, 8, 0.2), rec("in", 90, 7, 0.01),
+               rec("other", 90, 9, 0.001)]  # another suite never chooses
+    chosen = select(records, "in")
+    assert (chosen["outer_step"], chosen["checkpoint"], chosen["wins"]) == (60, "ck-60", 8)
+    assert chosen["evaluations"] == 4 and chosen["suite"] == "in" and "most wins" in chosen["rule"]
+    assert select([rec("in", 0, 8, 0.1)], "in") is None
