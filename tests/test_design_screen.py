@@ -1,5 +1,5 @@
-"""benchmarks/design_screen.py: untrained variants of a learned optimizer on a suite, one row
-each, and clear refusals of what it cannot screen."""
+"""benchmarks/design_screen.py: variants of a learned optimizer on a suite, untrained or at a
+trained θ from a registry, one row each, and clear refusals of what it cannot screen."""
 
 from __future__ import annotations
 
@@ -37,10 +37,49 @@ def test_each_variant_is_evaluated_untrained_and_reported(tmp_path, capsys):
     assert all(v["num_tasks"] == 1 and v["wins"] in (0, 1) for v in report["variants"])
 
 
+def test_variants_at_a_trained_theta_keep_its_hparams_and_take_the_variants(tmp_path, capsys):
+    """--theta: the registry's θ and hyperparameters, the variant's on top; {} is the trained one as
+    published, so it matches `metaopt eval` of the same ref."""
+    import jax
+
+    from metaopt import evaluation, optimizers, registry
+
+    opt = optimizers.make("nominal_mlp", rate_adaptation=0.2)
+    theta = opt.init(jax.random.key(0))
+    theta["mlp"]["w1"] = 0.5 * jax.random.normal(jax.random.key(1), theta["mlp"]["w1"].shape)
+    root = tmp_path / "registry"
+    registry.publish(str(root), "screened", "nominal_mlp", opt.hparams, theta, {"source": "test"})
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(SUITE)
+    cache = str(tmp_path / "cache")
+    ablated = '{"zero": ["mlp/w1", "mlp/b1"], "rate_adaptation": 0.0}'
+    assert design_screen.main(["nominal_mlp", str(suite), "{}", '{"elementwise_correction": true}', ablated,
+                               "--json", "--theta", "screened:1", "--registry", str(root),
+                               "--baseline-cache", cache]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["theta"] == "screened:1"
+    published, variant, without = (v["final_loss_ratio"]["quadratic_8"] for v in report["variants"])
+    # Without its correction and rate, the trained optimizer is its untrained anchor.
+    anchor = evaluation.evaluate(design_screen.untrained("nominal_mlp", {}), evaluation.load_suite(suite),
+                                 progress=False, baseline_cache=cache)
+    assert without == pytest.approx(anchor["tasks"][0]["final_loss_ratio"], rel=1e-5)
+    direct = evaluation.evaluate(evaluation.resolve_ref("screened:1", str(root)),
+                                 evaluation.load_suite(suite), progress=False, baseline_cache=cache)
+    assert published == pytest.approx(direct["tasks"][0]["final_loss_ratio"], rel=1e-6)
+    assert variant != published  # the variant's hyperparameter reached the trained optimizer
+
+
+REF4 = ["--theta", "reference:4", "--registry", "examples/registry"]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["nominal_mlp", "smoke", "{rate"], "not JSON"),
     (["nominal_mlp", "smoke", "[1]"], "JSON object"),
     (["adam", "smoke", "{}"], "hand-designed"),
+    (["nominal_mlp", "smoke", "{}", "--theta", "reference:4"], "needs --registry"),
+    (["small_fc", "smoke", "{}", *REF4], "is a 'nominal_mlp'"),
+    (["nominal_mlp", "smoke", '{"zero": ["mlp/w9"]}', *REF4], "no θ leaves"),
+    (["nominal_mlp", "smoke", '{"zero": ["mlp/w1"]}'], "ablates a trained"),
 ])
 def test_what_it_cannot_screen_is_refused_clearly(args, message):
     with pytest.raises(SystemExit, match=message):

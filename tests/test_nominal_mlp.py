@@ -96,6 +96,31 @@ def test_the_learned_correction_is_held_at_its_bound_per_tensor(relative):
         assert rms == pytest.approx(expected, rel=1e-3), k
 
 
+def test_the_elementwise_gain_reweights_each_element_of_adams_step_and_never_reverses_it():
+    """With `elementwise_correction` the step on each element is d_i · (1 + bound · tanh(MLP(x)_i)):
+    a learned gain within [1 - bound, 1 + bound] of Adam's own step, whatever θ. A θ that saturates
+    the MLP one way or the other puts the gains at either end, and Adam's sign is kept."""
+    bound = 0.75
+    opt = optimizers.make("nominal_mlp", correction_bound=bound, elementwise_correction=True)
+    params, grads, lr = _params(), _grads(_params(), 1), 1e-3
+    plain = opt.as_optax(opt.init(jax.random.key(0)), 10, learning_rate=optax.constant_schedule(lr))
+    d, _ = plain.update(grads, plain.init(params), params)
+    for sign in (1.0, -1.0):
+        theta = opt.init(jax.random.key(0))
+        theta["mlp"]["b0"] = jnp.ones_like(theta["mlp"]["b0"])  # every hidden unit active
+        theta["mlp"]["w1"] = sign * 100.0 * jnp.ones_like(theta["mlp"]["w1"])
+        learned = opt.as_optax(theta, 10, learning_rate=optax.constant_schedule(lr))
+        u, _ = learned.update(grads, learned.init(params), params)
+        gains = np.concatenate([np.ravel(np.asarray(u[k], np.float64) / np.asarray(d[k], np.float64))
+                                for k in params])
+        assert np.all(gains >= 1 - bound - 1e-5) and np.all(gains <= 1 + bound + 1e-5)
+        np.testing.assert_allclose(np.median(gains), 1 + sign * bound, atol=1e-4)
+    # Where Adam does not move an element, neither does the gain: a zero gradient stays a zero step.
+    zero = jax.tree.map(jnp.zeros_like, grads)
+    u0, _ = learned.update(zero, learned.init(params), params)
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(u0))
+
+
 def test_the_per_tensor_law_scales_the_step_as_its_closed_form():
     opt = optimizers.make("nominal_mlp")
     theta = opt.init(jax.random.key(0))
