@@ -39,6 +39,25 @@ def test_champion_is_version_4_the_best_checkpoint_on_in_distribution_of_the_v4_
     assert provenance["evaluation"]["suite"] != selection["suite"]
 
 
+def test_version_5_is_the_v5_recipes_best_checkpoint_on_in_distribution_and_not_champion():
+    """reference:5 came from examples/nominal_mix_v5.yaml (the element-wise gain), chosen on
+    in_distribution and reported on another suite; the champion rule (most in_distribution wins,
+    then its geometric mean) keeps version 4 (docs/reference_optimizer.md, version 5)."""
+    from metaopt.jobspec import load_job_spec
+
+    trained = metaopt.load("reference:5", registry=REGISTRY)
+    assert trained.optimizer_name == "nominal_mlp" and trained.hparams["elementwise_correction"] is True
+    provenance = trained.manifest["provenance"]
+    committed = load_job_spec(ROOT / "examples" / "nominal_mix_v5.yaml")
+    assert provenance["spec"]["optimizer"]["hparams"] == committed.optimizer.hparams
+    assert provenance["spec"]["stop"]["max_minutes"] == committed.stop.max_minutes == 60
+    selection = provenance["selection"]
+    assert selection["suite"] == "in_distribution"
+    assert selection["outer_step"] == provenance["checkpoint"]["step"]
+    assert provenance["evaluation"]["suite"] != selection["suite"]
+    assert registry.aliases(REGISTRY, "reference")["champion"] == 4
+
+
 def test_version_2_says_how_it_was_trained():
     trained = metaopt.load("reference:2", registry=REGISTRY)
     assert (trained.name, trained.version, trained.optimizer_name) == ("reference", 2, "nominal_mlp")
