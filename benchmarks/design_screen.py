@@ -37,6 +37,7 @@ def at_trained(trained: evaluation.OptimizerRef, variant: dict) -> evaluation.Op
     merged = {**trained.hparams, **hparams}
     optimizers.make(trained.optimizer_name, **merged)  # a bad variant fails here, before any training
     zero = variant.get("zero", [])
+
     def name(path):
         return jax.tree_util.keystr(path, simple=True, separator="/")
 
