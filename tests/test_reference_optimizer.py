@@ -20,41 +20,41 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 REGISTRY = str(ROOT / "examples" / "registry")
 
 
-def test_champion_is_version_4_the_best_checkpoint_on_in_distribution_of_the_v4_recipe():
-    """reference:4 came from examples/nominal_mix_v4.yaml (its provenance holds the spec that ran),
-    at the checkpoint that did best on in_distribution, and says so; its report is on another suite."""
+def _chosen_on_in_distribution(trained, recipe: str) -> dict:
+    """Checks that `trained` ran the committed 60-minute `examples/RECIPE` and was published at the
+    checkpoint chosen on in_distribution, its report on another suite; returns the selection."""
     from metaopt.jobspec import load_job_spec
 
-    assert registry.aliases(REGISTRY, "reference")["champion"] == 4
-    trained = metaopt.load("reference@champion", registry=REGISTRY)
-    assert (trained.name, trained.version, trained.optimizer_name) == ("reference", 4, "nominal_mlp")
-    assert trained.hparams["rate_adaptation"] == 0.1 and trained.hparams["relative_correction"] is True
     provenance = trained.manifest["provenance"]
-    committed = load_job_spec(ROOT / "examples" / "nominal_mix_v4.yaml")
-    assert provenance["spec"]["optimizer"]["hparams"] == committed.optimizer.hparams
-    assert provenance["spec"]["stop"]["max_minutes"] == committed.stop.max_minutes == 60
-    selection = provenance["selection"]
-    assert selection["suite"] == "in_distribution" and selection["wins"] == selection["num_tasks"] == 8
-    assert selection["outer_step"] == provenance["checkpoint"]["step"] == provenance["outer_steps"]
-    assert provenance["evaluation"]["suite"] != selection["suite"]
-
-
-def test_version_5_is_the_v5_recipes_best_checkpoint_on_in_distribution_and_not_champion():
-    """reference:5 came from examples/nominal_mix_v5.yaml (the element-wise gain), chosen on
-    in_distribution and reported on another suite; the champion rule (most in_distribution wins,
-    then its geometric mean) keeps version 4 (docs/reference_optimizer.md, version 5)."""
-    from metaopt.jobspec import load_job_spec
-
-    trained = metaopt.load("reference:5", registry=REGISTRY)
-    assert trained.optimizer_name == "nominal_mlp" and trained.hparams["elementwise_correction"] is True
-    provenance = trained.manifest["provenance"]
-    committed = load_job_spec(ROOT / "examples" / "nominal_mix_v5.yaml")
+    committed = load_job_spec(ROOT / "examples" / recipe)
     assert provenance["spec"]["optimizer"]["hparams"] == committed.optimizer.hparams
     assert provenance["spec"]["stop"]["max_minutes"] == committed.stop.max_minutes == 60
     selection = provenance["selection"]
     assert selection["suite"] == "in_distribution"
     assert selection["outer_step"] == provenance["checkpoint"]["step"]
     assert provenance["evaluation"]["suite"] != selection["suite"]
+    return selection
+
+
+def test_champion_is_version_4_the_best_checkpoint_on_in_distribution_of_the_v4_recipe():
+    """reference:4 came from examples/nominal_mix_v4.yaml (its provenance holds the spec that ran),
+    at the checkpoint that did best on in_distribution, and says so; its report is on another suite."""
+    assert registry.aliases(REGISTRY, "reference")["champion"] == 4
+    trained = metaopt.load("reference@champion", registry=REGISTRY)
+    assert (trained.name, trained.version, trained.optimizer_name) == ("reference", 4, "nominal_mlp")
+    assert trained.hparams["rate_adaptation"] == 0.1 and trained.hparams["relative_correction"] is True
+    selection = _chosen_on_in_distribution(trained, "nominal_mix_v4.yaml")
+    assert selection["wins"] == selection["num_tasks"] == 8
+    assert selection["outer_step"] == trained.manifest["provenance"]["outer_steps"]
+
+
+def test_version_5_is_the_v5_recipes_best_checkpoint_on_in_distribution_and_not_champion():
+    """reference:5 came from examples/nominal_mix_v5.yaml (the element-wise gain), chosen on
+    in_distribution and reported on another suite; the champion rule (most in_distribution wins,
+    then its geometric mean) keeps version 4 (docs/reference_optimizer.md, version 5)."""
+    trained = metaopt.load("reference:5", registry=REGISTRY)
+    assert trained.optimizer_name == "nominal_mlp" and trained.hparams["elementwise_correction"] is True
+    _chosen_on_in_distribution(trained, "nominal_mix_v5.yaml")
     assert registry.aliases(REGISTRY, "reference")["champion"] == 4
 
 
