@@ -4,23 +4,25 @@ a trained optimizer's θ and hyperparameters with the variant's on top, against 
 baselines.
 
     python benchmarks/design_screen.py OPTIMIZER SUITE '{"hparam": value}' ... \
-        [--theta NAME:VERSION --registry DIR] [--baseline-cache DIR] [--json]
+        [--theta NAME:VERSION --registry DIR] [--seeds N] [--baseline-cache DIR] [--json]
 
 Untrained, the screen chooses a design before any meta-training; at a trained θ it asks how a
 design change acts on what meta-training learned (a learned part can only hurt once it is trained).
 A variant's key "zero" lists θ leaves ("mlp/w1") to set to zero at the trained θ: an ablation,
-e.g. '{"zero": ["mlp/w1", "mlp/b1"]}' removes nominal_mlp's learned correction.
+e.g. '{"zero": ["mlp/w1", "mlp/b1"]}' removes nominal_mlp's learned correction. `--seeds N`
+screens on seeds 0..N-1 instead of the suite's own (one seed can flip a close call).
 
 The reference optimizer's design choices are screened on examples/suites/design_validation.yaml,
 which lies outside both the meta-training mix and every evaluation suite (tests/test_suites.py),
 so a choice made here is never a choice made on what is then reported. With `--json` the last
-line is {"suite", "variants": [{"hparams", "wins", "num_tasks", "geomean_final_loss_ratio",
+line is {"suite", "seeds", "variants": [{"hparams", "wins", "num_tasks", "geomean_final_loss_ratio",
 "final_loss_ratio": {task: ratio}}]}.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("variants", nargs="+", help="JSON objects of hyperparameters, one per variant")
     ap.add_argument("--theta", default=None, help="screen at this trained optimizer's θ (NAME:VERSION)")
     ap.add_argument("--registry", default=None, help="the registry that holds --theta")
+    ap.add_argument("--seeds", type=int, default=None, help="screen on seeds 0..N-1, not the suite's")
     ap.add_argument("--baseline-cache", default=None, help="folder to keep tuned baselines in")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -79,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     if not all(isinstance(v, dict) for v in variants):
         raise SystemExit("each variant must be a JSON object of hyperparameters")
     suite = evaluation.load_suite(args.suite)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise SystemExit(f"--seeds needs at least 1, got {args.seeds}")
+        suite = dataclasses.replace(suite, seeds=tuple(range(args.seeds)))
     trained = None
     if args.theta:
         if not args.registry:
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{agg['geomean_final_loss_ratio']:.3g}x | {ratios}",
               file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
-        print(json.dumps({"suite": suite.name, "optimizer": args.optimizer,
+        print(json.dumps({"suite": suite.name, "seeds": list(suite.seeds), "optimizer": args.optimizer,
                           "theta": args.theta or "init(key(0))", "variants": rows}))
     return 0
 

@@ -69,6 +69,31 @@ def test_variants_at_a_trained_theta_keep_its_hparams_and_take_the_variants(tmp_
     assert variant != published  # the variant's hyperparameter reached the trained optimizer
 
 
+def test_seeds_replaces_the_suites_own(tmp_path, capsys):
+    """--seeds 2 screens on seeds 0 and 1 of a one-seed suite: the same ratio as evaluating a suite
+    with those two seeds, not the one-seed ratio."""
+    import dataclasses
+
+    from metaopt import evaluation
+
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(SUITE)
+    cache = str(tmp_path / "cache")
+    assert design_screen.main(["nominal_mlp", str(suite), "{}", "--seeds", "2", "--json",
+                               "--baseline-cache", cache]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["seeds"] == [0, 1]
+    one_seed = evaluation.load_suite(suite)
+    ratio = {}
+    for seeds in ((0,), (0, 1)):
+        result = evaluation.evaluate(design_screen.untrained("nominal_mlp", {}),
+                                     dataclasses.replace(one_seed, seeds=seeds), progress=False,
+                                     baseline_cache=cache)
+        ratio[seeds] = result["tasks"][0]["final_loss_ratio"]
+    screened = report["variants"][0]["final_loss_ratio"]["quadratic_8"]
+    assert screened == pytest.approx(ratio[(0, 1)], rel=1e-6) and screened != ratio[(0,)]
+
+
 REF4 = ["--theta", "reference:4", "--registry", "examples/registry"]
 
 
@@ -80,6 +105,7 @@ REF4 = ["--theta", "reference:4", "--registry", "examples/registry"]
     (["small_fc", "smoke", "{}", *REF4], "is a 'nominal_mlp'"),
     (["nominal_mlp", "smoke", '{"zero": ["mlp/w9"]}', *REF4], "no θ leaves"),
     (["nominal_mlp", "smoke", '{"zero": ["mlp/w1"]}'], "ablates a trained"),
+    (["nominal_mlp", "smoke", "{}", "--seeds", "0"], "at least 1"),
 ])
 def test_what_it_cannot_screen_is_refused_clearly(args, message):
     with pytest.raises(SystemExit, match=message):

@@ -29,22 +29,25 @@ def _grads(params, i):
 
 
 def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4.6, eps=1e-8, b1=0.9,
-                        b2=0.999):
-    """Slow reference, float64: AdamW (bias-corrected) at lr·0.5·(1 + cos(π t / T)); with kappa,
-    each tensor's Adam step also times α_T, log α_T += kappa · cos(g_t, m_{t-1}/√v_{t-1})."""
+                        b2=0.999, warm=0, hold=False):
+    """Slow reference, float64: AdamW (bias-corrected) at lr·t/W for the first `warm` steps W, then
+    lr·0.5·(1 + cos(π (t - W) / (T - W))); with kappa, each tensor's Adam step also times α_T,
+    log α_T += kappa · cos(g_t, m_{t-1}/√v_{t-1}) (with `hold`, not during the first W steps)."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
     log_alpha = dict.fromkeys(p, 0.0)
     out = []
     for t, grads in enumerate(grads_seq):
-        rate = lr * 0.5 * (1 + math.cos(math.pi * t / num_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * (t - warm) / (num_steps - warm)))
+        rate = lr * t / warm if t < warm else lr * decay
         step = {}
         for k in p:
             g = np.asarray(grads[k], np.float64)
             d_prev = m[k] / (np.sqrt(v[k]) + 1e-30)
             cos = np.vdot(g, d_prev) / (np.linalg.norm(g) * np.linalg.norm(d_prev) + 1e-30)
-            log_alpha[k] = float(np.clip(log_alpha[k] + kappa * cos, -bound, bound))
+            if not (hold and t < warm):
+                log_alpha[k] = float(np.clip(log_alpha[k] + kappa * cos, -bound, bound))
             m[k] = b1 * m[k] + (1 - b1) * g
             v[k] = b2 * v[k] + (1 - b2) * g * g
             mhat, vhat = m[k] / (1 - b1 ** (t + 1)), v[k] / (1 - b2 ** (t + 1))
@@ -54,17 +57,21 @@ def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4
     return out
 
 
-@pytest.mark.parametrize(("weight_decay", "kappa"), [(0.0, 0.0), (0.1, 0.0), (0.1, 0.3)])
-def test_untrained_is_adamw_on_a_cosine_schedule(weight_decay, kappa):
-    """kappa > 0: AdamW whose per-tensor rate follows the hypergradient (the NumPy reference's)."""
-    opt = optimizers.make("nominal_mlp", learning_rate=0.01, warmup=0.0, weight_decay=weight_decay,
-                          rate_adaptation=kappa, rate_range=0.5)
+@pytest.mark.parametrize(("weight_decay", "kappa", "warmup", "hold"),
+                         [(0.0, 0.0, 0.0, False), (0.1, 0.0, 0.0, False), (0.1, 0.3, 0.0, False),
+                          (0.0, 0.3, 0.25, False), (0.0, 0.3, 0.25, True)])
+def test_untrained_is_adamw_on_a_cosine_schedule(weight_decay, kappa, warmup, hold):
+    """kappa > 0: AdamW whose per-tensor rate follows the hypergradient (the NumPy reference's),
+    through a linear warm-up or, with `rate_after_warmup`, only after it."""
+    opt = optimizers.make("nominal_mlp", learning_rate=0.01, warmup=warmup, weight_decay=weight_decay,
+                          rate_adaptation=kappa, rate_range=0.5, rate_after_warmup=hold)
     num_steps = 8
     tx = opt.as_optax(opt.init(jax.random.key(3)), num_steps)
     params = _params()
     state, update = tx.init(params), jax.jit(tx.update)
     grads_seq = [_grads(params, i) for i in range(num_steps)]
-    expected = _numpy_adamw_cosine(params, grads_seq, 0.01, num_steps, weight_decay, kappa, bound=0.5)
+    expected = _numpy_adamw_cosine(params, grads_seq, 0.01, num_steps, weight_decay, kappa, bound=0.5,
+                                   warm=round(warmup * num_steps), hold=hold)
     p = params
     for i, g in enumerate(grads_seq):
         u, state = update(g, state, p)
@@ -184,6 +191,24 @@ def test_the_adapted_rate_grows_on_a_slope_and_shrinks_on_an_overshoot():
         else:
             assert seen[0] == 0.0 and seen[1] == pytest.approx(-kappa, abs=1e-5), seen
             assert max(seen) <= 1e-6 and min(seen) >= -bound - 1e-6 and seen[-1] < 0, seen
+
+
+def test_with_rate_after_warmup_the_rate_is_held_through_the_warm_up_then_climbs():
+    """The slope of the test above, with a warm-up of 3 of 12 steps: log α_T stays exactly 0 for
+    those 3 steps, whatever the gradients say, then climbs by κ a step (the previous step exists
+    by then, so the first active step already has cos = 1)."""
+    kappa, bound, num_steps = 0.2, 1.0, 12
+    opt = optimizers.make("nominal_mlp", rate_adaptation=kappa, rate_range=bound, warmup=0.25,
+                          rate_after_warmup=True)
+    tx = opt.as_optax(opt.init(jax.random.key(0)), num_steps, learning_rate=optax.constant_schedule(1e-4))
+    x = {"x": jnp.ones((4,))}
+    state, seen = tx.init(x), []
+    for _ in range(num_steps):
+        u, state = tx.update(x, state, x)
+        x = optax.apply_updates(x, u)
+        seen.append(float(state.log_rate[0]))
+    np.testing.assert_allclose(seen, [0.0] * 3 + [min(kappa * i, bound) for i in range(1, num_steps - 2)],
+                               atol=1e-5)
 
 
 def test_meta_parameter_count_and_bad_hparams():
