@@ -207,7 +207,7 @@ class NominalMLP:
         mlp, law = theta["mlp"], theta["tensor"]
         decays = jnp.asarray(MOM_DECAYS, jnp.float32)
         adapt = self.rate_adaptation > 0
-        hold_steps = int(round(self.warmup * num_steps)) if self.rate_after_warmup else 0
+        hold_steps = int(round(self.warmup * num_steps))
 
         def init_fn(params):
             leaves = jax.tree.leaves(params)
@@ -225,6 +225,8 @@ class NominalMLP:
             count = state.count + 1
             t = count.astype(jnp.float32)
             lr = schedule(state.count)
+            # Only with rate_after_warmup: without it the compiled step is versions 4 and 5's.
+            held = state.count < hold_steps if self.rate_after_warmup else None
             step_feats = jnp.stack([state.count.astype(jnp.float32) / num_steps, jnp.log10(t) / 4.0,
                                     lr / jnp.maximum(jnp.abs(base), 1e-30)]).astype(jnp.float32)
             # Bias corrections of every EMA (as optax: 1 - β^t).
@@ -237,8 +239,7 @@ class NominalMLP:
                 bshape = (-1,) + (1,) * g32.ndim
                 rate = 1.0
                 if adapt:
-                    log_rate = self._adapt_rate(log_rate, g32, m[ADAM_MOMENTUM], v,
-                                                active=state.count >= hold_steps)
+                    log_rate = self._adapt_rate(log_rate, g32, m[ADAM_MOMENTUM], v, held)
                     rate = jnp.exp(log_rate)
                     new_rate.append(log_rate)
                 m = decays.reshape(bshape) * m + (1 - decays.reshape(bshape)) * g32
@@ -272,14 +273,16 @@ class NominalMLP:
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
     def _adapt_rate(self, log_rate: jax.Array, g: jax.Array, m_prev: jax.Array,
-                    v_prev: jax.Array, active: jax.Array) -> jax.Array:
+                    v_prev: jax.Array, held: jax.Array | None) -> jax.Array:
         """One hypergradient step on log α_T (Baydin et al. 2018, per tensor and multiplicative):
         ∂loss/∂log α_T ∝ -<g_t, d_{t-1}>, so α grows while the new gradient still points along the
         last step (the rate is too small) and shrinks when it turns against it (overshoot), and
         under pure gradient noise it drifts down, an annealing of its own. The cosine makes the
-        step scale-free; bias corrections are per-tensor scalars and drop out of it. Not `active`
-        (the warm-up, with `rate_after_warmup`): log α_T is held where it is."""
+        step scale-free; bias corrections are per-tensor scalars and drop out of it. While `held`
+        (the warm-up, with `rate_after_warmup`), log α_T stays where it is."""
         d_prev = m_prev / (jnp.sqrt(v_prev) + 1e-30)
         cos = jnp.vdot(g, d_prev) / (jnp.linalg.norm(g) * jnp.linalg.norm(d_prev) + 1e-30)
-        step = jnp.where(active, self.rate_adaptation * cos, 0.0)
+        step = self.rate_adaptation * cos
+        if held is not None:
+            step = jnp.where(held, 0.0, step)
         return jnp.clip(log_rate + step, -self.rate_range, self.rate_range)
