@@ -1,5 +1,5 @@
-"""Time one jitted `small_fc` update, and one of `nominal_mlp` in reference:4's configuration
-(relative correction, per-tensor hypergradient rate), against one jitted `optax.adam` update.
+"""Time one jitted `small_fc` update, and one of `nominal_mlp` in the newest reference recipe's
+configuration (REFERENCE_RECIPE's hyperparameters), against one jitted `optax.adam` update.
 
 For 10k, 100k and 1M float32 parameters (four 2-D tensors), reports per size: median ms per
 step for both (after warm-up, `block_until_ready`, Adam and small_fc timed alternately so
@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import statistics
 import time
 
@@ -33,6 +34,14 @@ from metaopt import optimizers
 from metaopt.optimizers import small_fc
 
 _ELEMENTWISE_FLOPS = 150  # features, accumulators, normalisation, output: rough count
+REFERENCE_RECIPE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "nominal_mix_v7.yaml"
+
+
+def reference_hparams() -> dict:
+    """nominal_mlp's hyperparameters in the newest reference recipe."""
+    from metaopt.jobspec import load_job_spec
+
+    return dict(load_job_spec(REFERENCE_RECIPE).optimizer.hparams)
 
 
 def make_params(n: int) -> dict[str, jax.Array]:
@@ -79,7 +88,7 @@ def bench_size(n: int, repeats: int) -> dict:
     grads = jax.tree.map(lambda x: 0.01 * x, params)
     opt = optimizers.make("small_fc")
     theta = opt.init(jax.random.key(1))
-    nominal = optimizers.make("nominal_mlp", relative_correction=True, rate_adaptation=0.1)
+    nominal = optimizers.make("nominal_mlp", **reference_hparams())
     txs = {"adam": optax.adam(1e-3), "small_fc": opt.as_optax(theta, 1000),
            "nominal_mlp": nominal.as_optax(nominal.init(jax.random.key(1)), 1000)}
     calls, states = {}, {}
@@ -165,7 +174,8 @@ def main() -> None:
             f"{r['small_fc_state_bytes_per_param']:>12.1f} {r['small_fc_flops_per_param']:>10} "
             f"{r['mlp_gflops']:>11.0f} {r['nominal_mlp_ms']:>10.3f} {r['nominal_mlp_ratio']:>6.1f}"
         )
-    result = {"sizes": rows, "backend": jax.default_backend(), "cpu_count": os.cpu_count()}
+    result = {"sizes": rows, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+              "nominal_mlp_hparams": reference_hparams()}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "lopt_step.json"), "w") as f:

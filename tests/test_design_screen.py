@@ -23,10 +23,14 @@ tasks:
 """
 
 
-def test_each_variant_is_evaluated_untrained_and_reported(tmp_path, capsys):
+def test_each_variant_is_evaluated_untrained_and_reported(tmp_path, capsys, monkeypatch):
+    """...and each variant's compiled programs are dropped after it (kept, a long screen runs out
+    of memory maps)."""
     suite = tmp_path / "tiny.yaml"
     suite.write_text(SUITE)
     variants = ['{}', '{"rate_adaptation": 0.5}']
+    cleared = []
+    monkeypatch.setattr(design_screen.jax, "clear_caches", lambda: cleared.append(True))
     assert design_screen.main(["nominal_mlp", str(suite), *variants, "--json",
                                "--baseline-cache", str(tmp_path / "cache")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -35,6 +39,7 @@ def test_each_variant_is_evaluated_untrained_and_reported(tmp_path, capsys):
     plain, adapted = (v["final_loss_ratio"]["quadratic_8"] for v in report["variants"])
     assert 0 < plain and 0 < adapted and plain != adapted  # the hyperparameter reached the optimizer
     assert all(v["num_tasks"] == 1 and v["wins"] in (0, 1) for v in report["variants"])
+    assert len(cleared) == len(variants)
 
 
 def test_variants_at_a_trained_theta_keep_its_hparams_and_take_the_variants(tmp_path, capsys):

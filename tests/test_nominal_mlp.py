@@ -29,10 +29,11 @@ def _grads(params, i):
 
 
 def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4.6, eps=1e-8, b1=0.9,
-                        b2=0.999, warm=0, hold=False):
+                        b2=0.999, warm=0, hold=False, pace=False):
     """Slow reference, float64: AdamW (bias-corrected) at lr·t/W for the first `warm` steps W, then
     lr·0.5·(1 + cos(π (t - W) / (T - W))); with kappa, each tensor's Adam step also times α_T,
-    log α_T += kappa · cos(g_t, m_{t-1}/√v_{t-1}) (with `hold`, not during the first W steps)."""
+    log α_T += kappa · cos(g_t, m_{t-1}/√v_{t-1}) (with `hold`, not during the first W steps; with
+    `pace`, times the schedule's rate over its peak)."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
@@ -47,7 +48,8 @@ def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4
             d_prev = m[k] / (np.sqrt(v[k]) + 1e-30)
             cos = np.vdot(g, d_prev) / (np.linalg.norm(g) * np.linalg.norm(d_prev) + 1e-30)
             if not (hold and t < warm):
-                log_alpha[k] = float(np.clip(log_alpha[k] + kappa * cos, -bound, bound))
+                step_k = kappa * cos * (rate / lr if pace else 1.0)
+                log_alpha[k] = float(np.clip(log_alpha[k] + step_k, -bound, bound))
             m[k] = b1 * m[k] + (1 - b1) * g
             v[k] = b2 * v[k] + (1 - b2) * g * g
             mhat, vhat = m[k] / (1 - b1 ** (t + 1)), v[k] / (1 - b2 ** (t + 1))
@@ -57,21 +59,25 @@ def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4
     return out
 
 
-@pytest.mark.parametrize(("weight_decay", "kappa", "warmup", "hold"),
-                         [(0.0, 0.0, 0.0, False), (0.1, 0.0, 0.0, False), (0.1, 0.3, 0.0, False),
-                          (0.0, 0.3, 0.25, False), (0.0, 0.3, 0.25, True)])
-def test_untrained_is_adamw_on_a_cosine_schedule(weight_decay, kappa, warmup, hold):
+@pytest.mark.parametrize(("weight_decay", "kappa", "warmup", "hold", "pace"),
+                         [(0.0, 0.0, 0.0, False, False), (0.1, 0.0, 0.0, False, False),
+                          (0.1, 0.3, 0.0, False, False), (0.0, 0.3, 0.25, False, False),
+                          (0.0, 0.3, 0.25, True, False), (0.1, 0.3, 0.25, False, True),
+                          (0.0, 0.3, 0.25, True, True)])
+def test_untrained_is_adamw_on_a_cosine_schedule(weight_decay, kappa, warmup, hold, pace):
     """kappa > 0: AdamW whose per-tensor rate follows the hypergradient (the NumPy reference's),
-    through a linear warm-up or, with `rate_after_warmup`, only after it."""
+    through a linear warm-up or, with `rate_after_warmup`, only after it; with `rate_on_schedule`
+    at the schedule's pace."""
     opt = optimizers.make("nominal_mlp", learning_rate=0.01, warmup=warmup, weight_decay=weight_decay,
-                          rate_adaptation=kappa, rate_range=0.5, rate_after_warmup=hold)
+                          rate_adaptation=kappa, rate_range=0.5, rate_after_warmup=hold,
+                          rate_on_schedule=pace)
     num_steps = 8
     tx = opt.as_optax(opt.init(jax.random.key(3)), num_steps)
     params = _params()
     state, update = tx.init(params), jax.jit(tx.update)
     grads_seq = [_grads(params, i) for i in range(num_steps)]
     expected = _numpy_adamw_cosine(params, grads_seq, 0.01, num_steps, weight_decay, kappa, bound=0.5,
-                                   warm=round(warmup * num_steps), hold=hold)
+                                   warm=round(warmup * num_steps), hold=hold, pace=pace)
     p = params
     for i, g in enumerate(grads_seq):
         u, state = update(g, state, p)
@@ -209,6 +215,22 @@ def test_with_rate_after_warmup_the_rate_is_held_through_the_warm_up_then_climbs
         seen.append(float(state.log_rate[0]))
     np.testing.assert_allclose(seen, [0.0] * 3 + [min(kappa * i, bound) for i in range(1, num_steps - 2)],
                                atol=1e-5)
+
+
+def test_with_rate_on_schedule_the_rate_climbs_at_the_pace_of_the_users_schedule():
+    """The slope of the test above on the user's own schedule, 1e-4 for 4 steps then 2.5e-5: with
+    `rate_on_schedule` log α_T climbs by κ a step while the schedule is at its peak, then by κ/4."""
+    kappa, num_steps = 0.2, 8
+    schedule = optax.piecewise_constant_schedule(1e-4, {4: 0.25})
+    opt = optimizers.make("nominal_mlp", rate_adaptation=kappa, rate_range=5.0, rate_on_schedule=True)
+    tx = opt.as_optax(opt.init(jax.random.key(0)), num_steps, learning_rate=schedule)
+    x = {"x": jnp.ones((4,))}
+    state, seen = tx.init(x), []
+    for _ in range(num_steps):
+        u, state = tx.update(x, state, x)
+        x = optax.apply_updates(x, u)
+        seen.append(float(state.log_rate[0]))
+    np.testing.assert_allclose(seen, [0.0, 0.2, 0.4, 0.6, 0.65, 0.7, 0.75, 0.8], atol=1e-5)
 
 
 def test_meta_parameter_count_and_bad_hparams():

@@ -13,11 +13,12 @@ from metaopt import optimizers
 NAMES = optimizers.names()
 # Every registered optimizer at its defaults, plus the non-default options a published optimizer
 # uses (reference:4's per-tensor hypergradient rate; reference:5's and 6's element-wise gain, here
-# with the rate held through a long warm-up too), for the checks every optimizer must pass.
+# with the rate held through a long warm-up and adapting at the schedule's pace too), for the checks
+# every optimizer must pass.
 CONFIGS = [(name, {}) for name in NAMES] + [
     ("nominal_mlp", {"rate_adaptation": 0.1}),
     ("nominal_mlp", {"elementwise_correction": True, "rate_adaptation": 0.1, "warmup": 0.2,
-                     "rate_after_warmup": True})]
+                     "rate_after_warmup": True, "rate_on_schedule": True})]
 CONFIG_IDS = [name + "".join(f"-{k}={v}" for k, v in hp.items()) for name, hp in CONFIGS]
 
 

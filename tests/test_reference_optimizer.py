@@ -71,6 +71,18 @@ def test_version_6_is_the_v6_recipes_best_checkpoint_on_in_distribution_and_not_
     assert registry.aliases(REGISTRY, "reference")["champion"] == 4
 
 
+def test_version_7_is_the_v7_recipes_best_checkpoint_on_in_distribution_and_not_champion():
+    """reference:7 came from examples/nominal_mix_v7.yaml (version 6 with the rate adapting at the
+    schedule's pace), chosen on in_distribution after 45 minutes at most and reported on another
+    suite; the champion rule keeps version 4 (docs/reference_optimizer.md, version 7)."""
+    trained = metaopt.load("reference:7", registry=REGISTRY)
+    assert trained.optimizer_name == "nominal_mlp" and trained.hparams["rate_on_schedule"] is True
+    assert trained.hparams["warmup"] == 0.2 and trained.hparams["rate_after_warmup"] is False
+    selection = _chosen_on_in_distribution(trained, "nominal_mix_v7.yaml")
+    assert selection["wins"] == selection["num_tasks"] == 8 and selection["minutes"] <= 45
+    assert registry.aliases(REGISTRY, "reference")["champion"] == 4
+
+
 def test_version_2_says_how_it_was_trained():
     trained = metaopt.load("reference:2", registry=REGISTRY)
     assert (trained.name, trained.version, trained.optimizer_name) == ("reference", 2, "nominal_mlp")

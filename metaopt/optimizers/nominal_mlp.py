@@ -11,7 +11,8 @@ never saw during meta-training.
       a_T = exp(4 tanh((b + w · f_T) / 4))        learned per-tensor step multiplier, in [e⁻⁴, e⁴]
       α_T = 1, or with `rate_adaptation` κ > 0 the tensor's hypergradient rate:
             log α_T += κ · cos(g_t, d_{t-1}) each step, within ±rate_range (with
-            `rate_after_warmup`, only once the warm-up is over)
+            `rate_after_warmup`, only once the warm-up is over; with `rate_on_schedule`, κ times
+            lr(t)/peak, so α_T adapts at the schedule's pace)
       lr(t) = learning_rate · cosine decay to 0 over num_steps (after `warmup` of the run), or
               the user's own schedule: `as_optax(theta, num_steps, learning_rate=schedule)`
 
@@ -46,10 +47,19 @@ Where each piece comes from, and why it is here:
   optimizer already has it, and its rate κ and range were chosen untrained on
   examples/suites/design_validation.yaml, never on an evaluation suite.
   `rate_after_warmup` holds α_T at 1 until the warm-up ends: during a warm-up the schedule keeps
-  steps deliberately small, so each gradient still points along the last step and α_T climbs,
+  steps deliberately small, so each gradient still points along the last step and α_T can climb,
   undoing part of the warm-up. On the design suite (20% warm-up, 3 seeds) holding it took the
   LSTM from 1.25× tuned Adam's final loss to 1.01× and least squares from 0.996× to 1.16×: one
   win fewer, so the reference does not use it (docs/reference_optimizer.md, version 6).
+  `rate_on_schedule` scales κ by lr(t)/peak, so α_T moves in proportion to the steps it judges.
+  While the schedule keeps steps small (early in the warm-up, late in the decay) a step barely
+  changes the next gradient, so cos(g_t, d_{t-1}) speaks of the noise and of that smallness, not
+  of the rate, yet without it α_T moves at the full κ. On the design suite's 5,000-step 5×48 tanh
+  MLP (seed 0) version 6's anchor (20% warm-up) had some tensors' α_T at the floor and others near
+  the ceiling before the warm-up ended, the loss climbed back from 0.009 to 0.41 as the rate
+  peaked, and the run ended at 7.0e-5; at the schedule's pace no tensor's α_T rose above 1 in the
+  warm-up and the run ended at 8.8e-7. Over the design suite (3 seeds) it kept 9 of 12 wins and
+  lowered the geometric mean, so the reference uses it (docs/reference_optimizer.md, version 7).
 - The schedule is the user's (Celo2): the optimizer cannot know a good horizon-dependent decay
   better than the person who sets `num_steps`; the learned parts see the run's fraction and the
   absolute step (μLO: features of the absolute step generalise to longer runs).
@@ -163,6 +173,7 @@ class NominalMLP:
     rate_adaptation: float = 0.0  # κ of the per-tensor hypergradient rate; 0: off (v2, v3 load unchanged)
     rate_range: float = 2.3  # |log α_T| ≤ this: α_T within [1/10, 10] by default
     rate_after_warmup: bool = False  # hold α_T at 1 through the warm-up (False: v4, v5 load unchanged)
+    rate_on_schedule: bool = False  # κ times lr(t)/peak (False: v4-v6 load unchanged)
     weight_decay: float = 0.0
     eps: float = 1e-8
 
@@ -227,8 +238,10 @@ class NominalMLP:
             lr = schedule(state.count)
             # Only with rate_after_warmup: without it the compiled step is versions 4 and 5's.
             held = state.count < hold_steps if self.rate_after_warmup else None
+            pace = lr / jnp.maximum(jnp.abs(base), 1e-30)
             step_feats = jnp.stack([state.count.astype(jnp.float32) / num_steps, jnp.log10(t) / 4.0,
-                                    lr / jnp.maximum(jnp.abs(base), 1e-30)]).astype(jnp.float32)
+                                    pace]).astype(jnp.float32)
+            pace = pace if self.rate_on_schedule else None
             # Bias corrections of every EMA (as optax: 1 - β^t).
             mom_fix = 1.0 - decays ** t
             rms_fix = 1.0 - RMS_DECAY ** t
@@ -239,7 +252,7 @@ class NominalMLP:
                 bshape = (-1,) + (1,) * g32.ndim
                 rate = 1.0
                 if adapt:
-                    log_rate = self._adapt_rate(log_rate, g32, m[ADAM_MOMENTUM], v, held)
+                    log_rate = self._adapt_rate(log_rate, g32, m[ADAM_MOMENTUM], v, held, pace)
                     rate = jnp.exp(log_rate)
                     new_rate.append(log_rate)
                 m = decays.reshape(bshape) * m + (1 - decays.reshape(bshape)) * g32
@@ -273,16 +286,19 @@ class NominalMLP:
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
     def _adapt_rate(self, log_rate: jax.Array, g: jax.Array, m_prev: jax.Array,
-                    v_prev: jax.Array, held: jax.Array | None) -> jax.Array:
+                    v_prev: jax.Array, held: jax.Array | None, pace: jax.Array | None) -> jax.Array:
         """One hypergradient step on log α_T (Baydin et al. 2018, per tensor and multiplicative):
         ∂loss/∂log α_T ∝ -<g_t, d_{t-1}>, so α grows while the new gradient still points along the
         last step (the rate is too small) and shrinks when it turns against it (overshoot), and
         under pure gradient noise it drifts down, an annealing of its own. The cosine makes the
         step scale-free; bias corrections are per-tensor scalars and drop out of it. While `held`
-        (the warm-up, with `rate_after_warmup`), log α_T stays where it is."""
+        (the warm-up, with `rate_after_warmup`), log α_T stays where it is; `pace` (lr(t)/peak, with
+        `rate_on_schedule`) scales the step."""
         d_prev = m_prev / (jnp.sqrt(v_prev) + 1e-30)
         cos = jnp.vdot(g, d_prev) / (jnp.linalg.norm(g) * jnp.linalg.norm(d_prev) + 1e-30)
         step = self.rate_adaptation * cos
+        if pace is not None:
+            step = step * pace
         if held is not None:
             step = jnp.where(held, 0.0, step)
         return jnp.clip(log_rate + step, -self.rate_range, self.rate_range)
