@@ -177,6 +177,18 @@ def test_a_users_schedule_replaces_the_default_and_a_rate_keeps_the_cosine():
     np.testing.assert_allclose(u1["x"], -0.25, rtol=1e-5)
 
 
+def _log_rates_on_a_slope(tx, num_steps: int) -> list[float]:
+    """log α_T after each of `num_steps` steps of `tx` on f(x) = x²/2 from x = 1 (4 elements, one
+    tensor): the gradient is x itself."""
+    x = {"x": jnp.ones((4,))}
+    state, seen = tx.init(x), []
+    for _ in range(num_steps):
+        u, state = tx.update(x, state, x)
+        x = optax.apply_updates(x, u)
+        seen.append(float(state.log_rate[0]))
+    return seen
+
+
 def test_the_adapted_rate_grows_on_a_slope_and_shrinks_on_an_overshoot():
     """On f(x) = x²/2 from x = 1, a rate far too small keeps each gradient along the last step
     (cos = 1): log α_T climbs by κ a step up to its range. A rate far too large throws x past 0,
@@ -186,12 +198,7 @@ def test_the_adapted_rate_grows_on_a_slope_and_shrinks_on_an_overshoot():
     for lr in (1e-4, 3.0):
         opt = optimizers.make("nominal_mlp", rate_adaptation=kappa, rate_range=bound)
         tx = opt.as_optax(opt.init(jax.random.key(0)), num_steps, learning_rate=optax.constant_schedule(lr))
-        x = {"x": jnp.ones((4,))}
-        state, seen = tx.init(x), []
-        for _ in range(num_steps):
-            u, state = tx.update(x, state, x)  # the gradient of x²/2 is x
-            x = optax.apply_updates(x, u)
-            seen.append(float(state.log_rate[0]))
+        seen = _log_rates_on_a_slope(tx, num_steps)
         if lr < 1:  # step 1 has no previous step (cos 0); then +κ a step until the range
             np.testing.assert_allclose(seen, [min(kappa * i, bound) for i in range(num_steps)], atol=1e-5)
         else:
@@ -207,12 +214,7 @@ def test_with_rate_after_warmup_the_rate_is_held_through_the_warm_up_then_climbs
     opt = optimizers.make("nominal_mlp", rate_adaptation=kappa, rate_range=bound, warmup=0.25,
                           rate_after_warmup=True)
     tx = opt.as_optax(opt.init(jax.random.key(0)), num_steps, learning_rate=optax.constant_schedule(1e-4))
-    x = {"x": jnp.ones((4,))}
-    state, seen = tx.init(x), []
-    for _ in range(num_steps):
-        u, state = tx.update(x, state, x)
-        x = optax.apply_updates(x, u)
-        seen.append(float(state.log_rate[0]))
+    seen = _log_rates_on_a_slope(tx, num_steps)
     np.testing.assert_allclose(seen, [0.0] * 3 + [min(kappa * i, bound) for i in range(1, num_steps - 2)],
                                atol=1e-5)
 
@@ -224,12 +226,7 @@ def test_with_rate_on_schedule_the_rate_climbs_at_the_pace_of_the_users_schedule
     schedule = optax.piecewise_constant_schedule(1e-4, {4: 0.25})
     opt = optimizers.make("nominal_mlp", rate_adaptation=kappa, rate_range=5.0, rate_on_schedule=True)
     tx = opt.as_optax(opt.init(jax.random.key(0)), num_steps, learning_rate=schedule)
-    x = {"x": jnp.ones((4,))}
-    state, seen = tx.init(x), []
-    for _ in range(num_steps):
-        u, state = tx.update(x, state, x)
-        x = optax.apply_updates(x, u)
-        seen.append(float(state.log_rate[0]))
+    seen = _log_rates_on_a_slope(tx, num_steps)
     np.testing.assert_allclose(seen, [0.0, 0.2, 0.4, 0.6, 0.65, 0.7, 0.75, 0.8], atol=1e-5)
 
 
