@@ -82,13 +82,13 @@ def _median_time(f, args, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def bench_size(n: int, repeats: int) -> dict:
+def bench_size(n: int, repeats: int, nominal_hparams: dict) -> dict:
     params = make_params(n)
     n_real = sum(x.size for x in jax.tree.leaves(params))
     grads = jax.tree.map(lambda x: 0.01 * x, params)
     opt = optimizers.make("small_fc")
     theta = opt.init(jax.random.key(1))
-    nominal = optimizers.make("nominal_mlp", **reference_hparams())
+    nominal = optimizers.make("nominal_mlp", **nominal_hparams)
     txs = {"adam": optax.adam(1e-3), "small_fc": opt.as_optax(theta, 1000),
            "nominal_mlp": nominal.as_optax(nominal.init(jax.random.key(1)), 1000)}
     calls, states = {}, {}
@@ -156,9 +156,10 @@ def main() -> None:
     ap.add_argument("--out", help="directory for lopt_step.json and lopt_step.png")
     args = ap.parse_args()
     repeats = 5 if args.quick else 20
+    hparams = reference_hparams()
     rows = []
     for n in (10_000, 100_000, 1_000_000):
-        r = bench_size(n, repeats)
+        r = bench_size(n, repeats, hparams)
         r["size"] = n
         r["target_ratio"] = _TARGET_RATIO[n]
         rows.append(r)
@@ -175,7 +176,7 @@ def main() -> None:
             f"{r['mlp_gflops']:>11.0f} {r['nominal_mlp_ms']:>10.3f} {r['nominal_mlp_ratio']:>6.1f}"
         )
     result = {"sizes": rows, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-              "nominal_mlp_hparams": reference_hparams()}
+              "nominal_mlp_hparams": hparams}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "lopt_step.json"), "w") as f:

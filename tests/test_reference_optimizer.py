@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import optax
+import pytest
 
 import metaopt
 import task_zoo
@@ -59,26 +60,19 @@ def test_version_5_is_the_v5_recipes_best_checkpoint_on_in_distribution_and_not_
     assert registry.aliases(REGISTRY, "reference")["champion"] == 4
 
 
-def test_version_6_is_the_v6_recipes_best_checkpoint_on_in_distribution_and_not_champion():
-    """reference:6 came from examples/nominal_mix_v6.yaml (version 5 with a 20% warm-up), chosen on
-    in_distribution after 45 minutes at most and reported on another suite; the champion rule keeps
-    version 4 (docs/reference_optimizer.md, version 6)."""
-    trained = metaopt.load("reference:6", registry=REGISTRY)
-    assert trained.optimizer_name == "nominal_mlp" and trained.hparams["warmup"] == 0.2
-    assert trained.hparams["elementwise_correction"] is True and trained.hparams["rate_after_warmup"] is False
-    selection = _chosen_on_in_distribution(trained, "nominal_mix_v6.yaml")
-    assert selection["wins"] == selection["num_tasks"] == 8 and selection["minutes"] <= 45
-    assert registry.aliases(REGISTRY, "reference")["champion"] == 4
-
-
-def test_version_7_is_the_v7_recipes_best_checkpoint_on_in_distribution_and_not_champion():
-    """reference:7 came from examples/nominal_mix_v7.yaml (version 6 with the rate adapting at the
-    schedule's pace), chosen on in_distribution after 45 minutes at most and reported on another
-    suite; the champion rule keeps version 4 (docs/reference_optimizer.md, version 7)."""
-    trained = metaopt.load("reference:7", registry=REGISTRY)
-    assert trained.optimizer_name == "nominal_mlp" and trained.hparams["rate_on_schedule"] is True
-    assert trained.hparams["warmup"] == 0.2 and trained.hparams["rate_after_warmup"] is False
-    selection = _chosen_on_in_distribution(trained, "nominal_mix_v7.yaml")
+@pytest.mark.parametrize(("version", "hparams"), [
+    (6, {"warmup": 0.2, "elementwise_correction": True, "rate_after_warmup": False}),
+    (7, {"warmup": 0.2, "rate_after_warmup": False, "rate_on_schedule": True})])
+def test_versions_6_and_7_are_their_recipes_best_checkpoints_on_in_distribution_and_not_champion(
+        version, hparams):
+    """reference:6 came from examples/nominal_mix_v6.yaml (version 5 with a 20% warm-up), reference:7
+    from examples/nominal_mix_v7.yaml (version 6 with the rate adapting at the schedule's pace),
+    each chosen on in_distribution after 45 minutes at most and reported on another suite; the
+    champion rule keeps version 4 (docs/reference_optimizer.md, versions 6 and 7)."""
+    trained = metaopt.load(f"reference:{version}", registry=REGISTRY)
+    assert trained.optimizer_name == "nominal_mlp"
+    assert {k: trained.hparams[k] for k in hparams} == hparams
+    selection = _chosen_on_in_distribution(trained, f"nominal_mix_v{version}.yaml")
     assert selection["wins"] == selection["num_tasks"] == 8 and selection["minutes"] <= 45
     assert registry.aliases(REGISTRY, "reference")["champion"] == 4
 

@@ -238,10 +238,10 @@ class NominalMLP:
             lr = schedule(state.count)
             # Only with rate_after_warmup: without it the compiled step is versions 4 and 5's.
             held = state.count < hold_steps if self.rate_after_warmup else None
-            pace = lr / jnp.maximum(jnp.abs(base), 1e-30)
+            lr_fraction = lr / jnp.maximum(jnp.abs(base), 1e-30)
             step_feats = jnp.stack([state.count.astype(jnp.float32) / num_steps, jnp.log10(t) / 4.0,
-                                    pace]).astype(jnp.float32)
-            pace = pace if self.rate_on_schedule else None
+                                    lr_fraction]).astype(jnp.float32)
+            pace = lr_fraction if self.rate_on_schedule else None
             # Bias corrections of every EMA (as optax: 1 - β^t).
             mom_fix = 1.0 - decays ** t
             rms_fix = 1.0 - RMS_DECAY ** t
