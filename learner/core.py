@@ -382,6 +382,11 @@ class Learner:
             return len(self._incarnations.records)
 
     @property
+    def accumulators_full(self) -> bool:
+        """Whether the next estimate would wait in `submit` for an accumulator."""
+        return self._filling is None
+
+    @property
     def pending_batches(self) -> int:
         """Full meta-batches queued for or in the outer update."""
         return self._pending

@@ -252,13 +252,27 @@ class LearnerService:
                     items.append(self._ingest.get_nowait())
                 except queue.Empty:
                     break
-            settled = [self._settle(*item) for item in items if item is not None]
-            try:
-                self.loop.call_soon_threadsafe(self._deliver, settled)
-            except RuntimeError:  # the loop is closed: the server stopped under us
+            settled = []
+            for item in items:
+                if item is None:
+                    continue
+                if settled and self.learner.accumulators_full:
+                    # The next estimate may wait for an accumulator: the acks already settled
+                    # go out first, or a worker waits on credit the learner has already earned.
+                    if not self._hand_over(settled):
+                        return
+                    settled = []
+                settled.append(self._settle(*item))
+            if not self._hand_over(settled) or None in items:
                 return
-            if None in items:
-                return
+
+    def _hand_over(self, settled: list) -> bool:
+        """Give settled acks to the loop; False if the loop is closed (the server stopped under us)."""
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, settled)
+        except RuntimeError:
+            return False
+        return True
 
     def _settle(self, stream: _Stream, message: bytes | None) -> tuple[_Stream, list | None]:
         if message is None:

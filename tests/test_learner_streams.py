@@ -196,7 +196,7 @@ def test_a_worker_never_has_more_estimates_in_flight_than_its_credit(serve):
     learner = make_learner(max_in_flight=2, max_pending_batches=1)
     release = threading.Event()
     apply = learner._apply
-    learner._apply = lambda *args: (release.wait(20), apply(*args))[1]
+    learner._apply = lambda *args: (release.wait(120), apply(*args))[1]  # `finally` releases
     port = serve(learner)
     client = LearnerClient(f"127.0.0.1:{port}", hello(learner).hello)
     sent, in_flight = [], []
@@ -227,6 +227,55 @@ def test_a_worker_never_has_more_estimates_in_flight_than_its_credit(serve):
             time.sleep(0.05)
         client.close()
     assert client.accepted == 8 and max(in_flight) <= 2
+
+
+def test_acks_settled_before_a_blocked_estimate_go_out_while_it_waits(serve, monkeypatch):
+    """Estimates 2 and 3 reach the ingest thread together; the update is held, so 2 fills the
+    last accumulator and 3 must wait. 2's ack goes out before 3 waits: a worker is never kept
+    from credit the learner has already earned (the cause of a flaky credit test)."""
+    learner = make_learner(max_in_flight=3, max_pending_batches=1)
+    release = threading.Event()
+    apply = learner._apply
+    learner._apply = lambda *args: (release.wait(120), apply(*args))[1]
+    settle, first = LearnerService._settle, threading.Event()
+
+    def settle_1_while_2_and_3_queue(self, stream, message):
+        if not first.is_set():
+            first.set()
+            deadline = time.monotonic() + 20
+            while self._ingest.qsize() < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return settle(self, stream, message)
+
+    monkeypatch.setattr(LearnerService, "_settle", settle_1_while_2_and_3_queue)
+    port = serve(learner)
+    got, all_sent = [], threading.Event()
+
+    def requests():
+        yield hello(learner)
+        for i in (1, 2, 3):
+            yield pb.WorkerMessage(estimate=estimate(np.ones(SIZE) * 0.01, i))
+        all_sent.wait(60)
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    replies = channel.stream_stream("/metaopt.v1.Learner/Connect",
+                                    request_serializer=pb.WorkerMessage.SerializeToString,
+                                    response_deserializer=pb.LearnerMessage.FromString)(
+        requests(), timeout=60)
+    try:
+        for reply in replies:
+            if reply.WhichOneof("kind") == "ack":
+                got.append(reply.ack.sequence)
+                if len(got) == 2:
+                    assert learner.accumulators_full and not release.is_set()
+                    release.set()
+                if len(got) == 3:
+                    break
+    finally:
+        release.set()
+        all_sent.set()
+        channel.close()
+    assert got == [1, 2, 3]
 
 
 def test_token_and_tls_on_the_learner(serve, pki):
