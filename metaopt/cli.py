@@ -249,7 +249,8 @@ def workers(
     except WorkerFailed as err:
         _fail(str(err), code=1)
     accepted = sum(s["accepted"] for s in stats)
-    typer.echo(json.dumps(stats) if as_json else f"{len(stats)} workers: {accepted} estimates accepted")
+    typer.echo(json.dumps({"accepted": accepted, "workers": stats}) if as_json else
+               f"{len(stats)} workers: {accepted} estimates accepted")
 
 
 cli_registry.register(app)  # publish, pull, registry list|alias

@@ -73,8 +73,9 @@ def test_ray_workers_join_a_learner_of_its_own(tmp_path):
     finally:
         learner.kill()
     assert learner.returncode == 0, err[-2000:]
-    stats = last_json(fleet.stdout)
-    assert len(stats) == 2 and sum(s["accepted"] for s in stats) >= 6
+    report = last_json(fleet.stdout)  # one object, as every --json report: the total and each worker's
+    assert len(report["workers"]) == 2 and report["accepted"] == sum(s["accepted"] for s in report["workers"])
+    assert report["accepted"] >= 6
     assert last_json(out)["outer_steps"] == 3
 
 
