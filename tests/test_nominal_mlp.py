@@ -29,15 +29,16 @@ def _grads(params, i):
 
 
 def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4.6, eps=1e-8, b1=0.9,
-                        b2=0.999, warm=0, hold=False, pace=False):
+                        b2=0.999, warm=0, hold=False, pace=False, init=0.0, threshold=0.0):
     """Slow reference, float64: AdamW (bias-corrected) at lr·t/W for the first `warm` steps W, then
     lr·0.5·(1 + cos(π (t - W) / (T - W))); with kappa, each tensor's Adam step also times α_T,
     log α_T += kappa · cos(g_t, m_{t-1}/√v_{t-1}) (with `hold`, not during the first W steps; with
-    `pace`, times the schedule's rate over its peak)."""
+    `pace`, times the schedule's rate over its peak), from log α_T = `init`, less `threshold` from
+    the cosine."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
-    log_alpha = dict.fromkeys(p, 0.0)
+    log_alpha = dict.fromkeys(p, init)
     out = []
     for t, grads in enumerate(grads_seq):
         decay = 0.5 * (1 + math.cos(math.pi * (t - warm) / (num_steps - warm)))
@@ -48,7 +49,7 @@ def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4
             d_prev = m[k] / (np.sqrt(v[k]) + 1e-30)
             cos = np.vdot(g, d_prev) / (np.linalg.norm(g) * np.linalg.norm(d_prev) + 1e-30)
             if not (hold and t < warm):
-                step_k = kappa * cos * (rate / lr if pace else 1.0)
+                step_k = kappa * (cos - threshold) * (rate / lr if pace else 1.0)
                 log_alpha[k] = float(np.clip(log_alpha[k] + step_k, -bound, bound))
             m[k] = b1 * m[k] + (1 - b1) * g
             v[k] = b2 * v[k] + (1 - b2) * g * g
@@ -59,25 +60,27 @@ def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4
     return out
 
 
-@pytest.mark.parametrize(("weight_decay", "kappa", "warmup", "hold", "pace"),
-                         [(0.0, 0.0, 0.0, False, False), (0.1, 0.0, 0.0, False, False),
-                          (0.1, 0.3, 0.0, False, False), (0.0, 0.3, 0.25, False, False),
-                          (0.0, 0.3, 0.25, True, False), (0.1, 0.3, 0.25, False, True),
-                          (0.0, 0.3, 0.25, True, True)])
-def test_untrained_is_adamw_on_a_cosine_schedule(weight_decay, kappa, warmup, hold, pace):
+@pytest.mark.parametrize(("weight_decay", "kappa", "warmup", "hold", "pace", "init", "threshold"),
+                         [(0.0, 0.0, 0.0, False, False, 0.0, 0.0), (0.1, 0.0, 0.0, False, False, 0.0, 0.0),
+                          (0.1, 0.3, 0.0, False, False, 0.0, 0.0), (0.0, 0.3, 0.25, False, False, 0.0, 0.0),
+                          (0.0, 0.3, 0.25, True, False, 0.0, 0.0), (0.1, 0.3, 0.25, False, True, 0.0, 0.0),
+                          (0.0, 0.3, 0.25, True, True, 0.0, 0.0), (0.1, 0.3, 0.25, False, True, -0.4, 0.0),
+                          (0.0, 0.3, 0.25, False, True, 0.0, 0.2), (0.0, 0.3, 0.0, False, False, 0.3, -0.1)])
+def test_untrained_is_adamw_on_a_cosine_schedule(weight_decay, kappa, warmup, hold, pace, init, threshold):
     """kappa > 0: AdamW whose per-tensor rate follows the hypergradient (the NumPy reference's),
     through a linear warm-up or, with `rate_after_warmup`, only after it; with `rate_on_schedule`
-    at the schedule's pace."""
+    at the schedule's pace; from `rate_init`, with `rate_threshold` taken from the cosine."""
     opt = optimizers.make("nominal_mlp", learning_rate=0.01, warmup=warmup, weight_decay=weight_decay,
                           rate_adaptation=kappa, rate_range=0.5, rate_after_warmup=hold,
-                          rate_on_schedule=pace)
+                          rate_on_schedule=pace, rate_init=init, rate_threshold=threshold)
     num_steps = 8
     tx = opt.as_optax(opt.init(jax.random.key(3)), num_steps)
     params = _params()
     state, update = tx.init(params), jax.jit(tx.update)
     grads_seq = [_grads(params, i) for i in range(num_steps)]
     expected = _numpy_adamw_cosine(params, grads_seq, 0.01, num_steps, weight_decay, kappa, bound=0.5,
-                                   warm=round(warmup * num_steps), hold=hold, pace=pace)
+                                   warm=round(warmup * num_steps), hold=hold, pace=pace, init=init,
+                                   threshold=threshold)
     p = params
     for i, g in enumerate(grads_seq):
         u, state = update(g, state, p)
@@ -235,7 +238,7 @@ def test_meta_parameter_count_and_bad_hparams():
     n = sum(x.size for x in jax.tree.leaves(opt.init(jax.random.key(0))))
     assert n == NUM_FEATURES * 16 + 16 + 16 + 1 + 3 + 1 == 213  # the module docstring's count
     for bad in ({"hidden": 0}, {"warmup": 1.0}, {"correction_bound": -1.0}, {"rate_adaptation": -0.1},
-                {"rate_range": -1.0}):
+                {"rate_range": -1.0}, {"rate_init": -3.0, "rate_range": 2.3}, {"rate_threshold": 1.0}):
         with pytest.raises(ValueError, match="nominal_mlp needs"):
             optimizers.make("nominal_mlp", **bad)
 

@@ -21,10 +21,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 REGISTRY = str(ROOT / "examples" / "registry")
 
 
-def _chosen_on_in_distribution(trained, recipe: str) -> dict:
+def _chosen_on(trained, recipe: str, suite: str = "in_distribution") -> dict:
     """Checks that `trained` ran the committed `examples/RECIPE` (at most 60 minutes, the issue's
-    budget) and was published at the checkpoint chosen on in_distribution, its report on another
-    suite; returns the selection."""
+    budget) and was published at the checkpoint chosen on `suite`, its report on another suite;
+    returns the selection."""
     from metaopt.jobspec import load_job_spec
 
     provenance = trained.manifest["provenance"]
@@ -32,7 +32,7 @@ def _chosen_on_in_distribution(trained, recipe: str) -> dict:
     assert provenance["spec"]["optimizer"]["hparams"] == committed.optimizer.hparams
     assert provenance["spec"]["stop"]["max_minutes"] == committed.stop.max_minutes <= 60
     selection = provenance["selection"]
-    assert selection["suite"] == "in_distribution"
+    assert selection["suite"] == suite
     assert selection["outer_step"] == provenance["checkpoint"]["step"]
     assert provenance["evaluation"]["suite"] != selection["suite"]
     return selection
@@ -45,7 +45,7 @@ def test_champion_is_version_4_the_best_checkpoint_on_in_distribution_of_the_v4_
     trained = metaopt.load("reference@champion", registry=REGISTRY)
     assert (trained.name, trained.version, trained.optimizer_name) == ("reference", 4, "nominal_mlp")
     assert trained.hparams["rate_adaptation"] == 0.1 and trained.hparams["relative_correction"] is True
-    selection = _chosen_on_in_distribution(trained, "nominal_mix_v4.yaml")
+    selection = _chosen_on(trained, "nominal_mix_v4.yaml")
     assert selection["wins"] == selection["num_tasks"] == 8
     assert selection["outer_step"] == trained.manifest["provenance"]["outer_steps"]
 
@@ -56,7 +56,7 @@ def test_version_5_is_the_v5_recipes_best_checkpoint_on_in_distribution_and_not_
     then its geometric mean) keeps version 4 (docs/reference_optimizer.md, version 5)."""
     trained = metaopt.load("reference:5", registry=REGISTRY)
     assert trained.optimizer_name == "nominal_mlp" and trained.hparams["elementwise_correction"] is True
-    _chosen_on_in_distribution(trained, "nominal_mix_v5.yaml")
+    _chosen_on(trained, "nominal_mix_v5.yaml")
     assert registry.aliases(REGISTRY, "reference")["champion"] == 4
 
 
@@ -72,8 +72,20 @@ def test_versions_6_and_7_are_their_recipes_best_checkpoints_on_in_distribution_
     trained = metaopt.load(f"reference:{version}", registry=REGISTRY)
     assert trained.optimizer_name == "nominal_mlp"
     assert {k: trained.hparams[k] for k in hparams} == hparams
-    selection = _chosen_on_in_distribution(trained, f"nominal_mix_v{version}.yaml")
+    selection = _chosen_on(trained, f"nominal_mix_v{version}.yaml")
     assert selection["wins"] == selection["num_tasks"] == 8 and selection["minutes"] <= 45
+    assert registry.aliases(REGISTRY, "reference")["champion"] == 4
+
+
+def test_version_8_is_a_checkpoint_of_the_v7_run_chosen_on_the_design_suite_and_not_champion():
+    """reference:8 is an earlier checkpoint of version 7's run, chosen on the design suite (apart
+    from the mix and from every evaluation suite) rather than on in_distribution, and reported on
+    another suite (docs/reference_optimizer.md, after version 7)."""
+    trained = metaopt.load("reference:8", registry=REGISTRY)
+    selection = _chosen_on(trained, "nominal_mix_v7.yaml", suite="design_validation")
+    v7 = metaopt.load("reference:7", registry=REGISTRY).manifest["provenance"]
+    assert trained.manifest["provenance"]["job_id"] == v7["job_id"]
+    assert selection["outer_step"] < v7["checkpoint"]["step"] and selection["num_tasks"] == 12
     assert registry.aliases(REGISTRY, "reference")["champion"] == 4
 
 

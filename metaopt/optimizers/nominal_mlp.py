@@ -10,9 +10,9 @@ never saw during meta-training.
             on each element of Adam's step, within [1 - bound, 1 + bound]
       a_T = exp(4 tanh((b + w · f_T) / 4))        learned per-tensor step multiplier, in [e⁻⁴, e⁴]
       α_T = 1, or with `rate_adaptation` κ > 0 the tensor's hypergradient rate:
-            log α_T += κ · cos(g_t, d_{t-1}) each step, within ±rate_range (with
-            `rate_after_warmup`, only once the warm-up is over; with `rate_on_schedule`, κ times
-            lr(t)/peak, so α_T adapts at the schedule's pace)
+            log α_T += κ · (cos(g_t, d_{t-1}) - rate_threshold) each step from `rate_init`,
+            within ±rate_range (with `rate_after_warmup`, only once the warm-up is over; with
+            `rate_on_schedule`, κ times lr(t)/peak, so α_T adapts at the schedule's pace)
       lr(t) = learning_rate · cosine decay to 0 over num_steps (after `warmup` of the run), or
               the user's own schedule: `as_optax(theta, num_steps, learning_rate=schedule)`
 
@@ -60,6 +60,11 @@ Where each piece comes from, and why it is here:
   peaked, and the run ended at 7.0e-5; at the schedule's pace no tensor's α_T rose above 1 in the
   warm-up and the run ended at 8.8e-7. Over the design suite (3 seeds) it kept 9 of 12 wins and
   lowered the geometric mean, so the reference uses it (docs/reference_optimizer.md, version 7).
+  `rate_init` (log α_T at step 0) and `rate_threshold` (the cosine above which α_T grows) were
+  screened after version 7 and are not used: on a transformer every tensor's α_T but the
+  embedding's falls towards the floor, the embedding's (sparse rows, cos near 0) stays at 1, and
+  the early steps at α_T ≈ 1 cost it later; starting lower or requiring a positive cosine mends
+  both transformers but costs the MLPs their early rate (6 of 12 wins at best against 9).
 - The schedule is the user's (Celo2): the optimizer cannot know a good horizon-dependent decay
   better than the person who sets `num_steps`; the learned parts see the run's fraction and the
   absolute step (μLO: features of the absolute step generalise to longer runs).
@@ -174,6 +179,8 @@ class NominalMLP:
     rate_range: float = 2.3  # |log α_T| ≤ this: α_T within [1/10, 10] by default
     rate_after_warmup: bool = False  # hold α_T at 1 through the warm-up (False: v4, v5 load unchanged)
     rate_on_schedule: bool = False  # κ times lr(t)/peak (False: v4-v6 load unchanged)
+    rate_threshold: float = 0.0  # log α_T grows only while cos(g_t, d_{t-1}) > this (0: v2-v7 unchanged)
+    rate_init: float = 0.0  # log α_T at step 0, within ±rate_range (0: v2-v7 load unchanged)
     weight_decay: float = 0.0
     eps: float = 1e-8
 
@@ -184,9 +191,11 @@ class NominalMLP:
 
     def __post_init__(self):
         if (self.hidden < 1 or not 0 <= self.warmup < 1 or self.correction_bound < 0
-                or self.rate_adaptation < 0 or self.rate_range < 0):
-            raise ValueError(f"nominal_mlp needs hidden >= 1, 0 <= warmup < 1, and correction_bound, "
-                             f"rate_adaptation and rate_range >= 0, got {self}")
+                or self.rate_adaptation < 0 or self.rate_range < 0 or abs(self.rate_init) > self.rate_range
+                or not -1 < self.rate_threshold < 1):
+            raise ValueError(f"nominal_mlp needs hidden >= 1, 0 <= warmup < 1, correction_bound, "
+                             f"rate_adaptation and rate_range >= 0, |rate_init| <= rate_range and "
+                             f"-1 < rate_threshold < 1 (a cosine's range), got {self}")
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -224,7 +233,7 @@ class NominalMLP:
             leaves = jax.tree.leaves(params)
             momenta = tuple(jnp.zeros((len(MOM_DECAYS), *jnp.shape(p)), jnp.float32) for p in leaves)
             rms = tuple(jnp.zeros(jnp.shape(p), jnp.float32) for p in leaves)
-            log_rate = tuple(jnp.zeros((), jnp.float32) for _ in leaves) if adapt else ()
+            log_rate = tuple(jnp.full((), self.rate_init, jnp.float32) for _ in leaves) if adapt else ()
             return NominalMLPState(jnp.zeros((), jnp.int32), momenta, rms, log_rate)
 
         def update_fn(updates, state, params=None, **extra_args):
@@ -296,7 +305,7 @@ class NominalMLP:
         `rate_on_schedule`) scales the step."""
         d_prev = m_prev / (jnp.sqrt(v_prev) + 1e-30)
         cos = jnp.vdot(g, d_prev) / (jnp.linalg.norm(g) * jnp.linalg.norm(d_prev) + 1e-30)
-        step = self.rate_adaptation * cos
+        step = self.rate_adaptation * (cos - self.rate_threshold)
         if pace is not None:
             step = step * pace
         if held is not None:
