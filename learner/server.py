@@ -244,7 +244,8 @@ class LearnerService:
 
     def _ingest_loop(self) -> None:
         """Settle messages in arrival order; hand the acks to the loop in batches (one wake-up
-        of the loop per batch, not per ack). Ends at None, which `close` puts."""
+        of the loop per batch, not per ack), and before any estimate that may wait for an
+        accumulator. Ends at None, which `close` puts."""
         while True:
             items = [self._ingest.get()]
             while len(items) < 256:
