@@ -1,5 +1,6 @@
-"""Trace one run of `nominal_mlp` variants on one task of a suite: the training loss along the run
-and every tensor's hypergradient rate log α_T, to see *why* a design choice helps or hurts
+"""Trace one run of `nominal_mlp` variants on one task of a suite: the training loss along the run,
+every tensor's hypergradient rate log α_T and, with `rate_estimate`, Prodigy's estimated rate d_t,
+to see *why* a design choice helps or hurts
 (benchmarks/design_screen.py says *whether*). Untrained (θ₀, so the anchor alone); a variant
 {"adam": LR} runs optax.adam at that constant rate beside them.
 
@@ -7,10 +8,11 @@ and every tensor's hypergradient rate log α_T, to see *why* a design choice hel
         [--per-tensor] [--json]
 
 Prints, per variant, the loss (a 21-step mean) at 11 points of the run and the mean of the last
-50 steps, and log α_T's mean/min/max over tensors at 5 points; with --per-tensor, each tensor's
-log α_T at a fifth, half and the end of the run. With --json the last line is {"suite", "task",
-"steps", "seed", "variants": {name: {"hparams", "loss_points", "final_loss", "log_rates":
-{tensor: [at a fifth, half, end]}}}}.
+50 steps, log α_T's mean/min/max over tensors at 5 points, and d_t at the 11 points; with
+--per-tensor, each tensor's log α_T at a fifth, half and the end of the run. With --json the
+last line is {"suite", "task", "steps", "seed", "variants": {name: {"hparams", "loss_points",
+"final_loss", "log_rates": {tensor: [at a fifth, half, end]}, "estimate_points": [d_t at the 11
+points, or empty]}}}.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ FINAL_WINDOW = 50  # steps averaged for the final loss
 POINT_WINDOW = 21  # steps averaged around each of the 11 loss points
 
 
-def trace(task, hparams: dict, steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(loss per step, (steps, tensors) log α_T per step; zero columns when the variant has none)."""
+def trace(task, hparams: dict, steps: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(loss per step, (steps, tensors) log α_T per step, zero columns when the variant has none;
+    d_t per step, zeros without `rate_estimate`)."""
     if "adam" in hparams:
         tx = optax.adam(hparams["adam"])
     else:
@@ -50,18 +53,20 @@ def trace(task, hparams: dict, steps: int, seed: int) -> tuple[np.ndarray, np.nd
             updates, state = tx.update(grads, state, p, loss=loss)
             rates = getattr(state, "log_rate", ())
             rates = jnp.stack(rates) if rates else jnp.zeros(len(jax.tree.leaves(p)))
-            return (optax.apply_updates(p, updates), state), (loss, rates)
+            estimate = getattr(state, "estimate", ())
+            d = estimate.d if estimate else jnp.float32(0.0)
+            return (optax.apply_updates(p, updates), state), (loss, rates, d)
 
         _, out = jax.lax.scan(body, (params, tx.init(params)), jax.random.split(k_steps, steps))
         return out
 
-    loss, rates = jax.jit(run)(jax.random.key(seed))
-    return np.asarray(loss), np.asarray(rates)
+    loss, rates, d = jax.jit(run)(jax.random.key(seed))
+    return np.asarray(loss), np.asarray(rates), np.asarray(d)
 
 
 def summary(task, hparams: dict, steps: int, seed: int) -> tuple[dict, np.ndarray]:
     """(the variant's JSON record, its log α_T per step and tensor)."""
-    loss, rates = trace(task, hparams, steps, seed)
+    loss, rates, d = trace(task, hparams, steps, seed)
     points = [int(i) for i in np.linspace(0, steps - 1, 11)]
     names = [jax.tree_util.keystr(path) for path, _ in
              jax.tree_util.tree_leaves_with_path(task.init(jax.random.key(0)))]
@@ -69,7 +74,9 @@ def summary(task, hparams: dict, steps: int, seed: int) -> tuple[dict, np.ndarra
     return {"hparams": hparams,
             "loss_points": [float(np.mean(loss[max(0, i - POINT_WINDOW + 1):i + 1])) for i in points],
             "final_loss": float(np.mean(loss[-FINAL_WINDOW:])),
-            "log_rates": {name: [float(rates[i, j]) for i in at] for j, name in enumerate(names)}}, rates
+            "log_rates": {name: [float(rates[i, j]) for i in at] for j, name in enumerate(names)},
+            "estimate_points": [float(d[i]) for i in points] if hparams.get("rate_estimate", 0) > 0 else []
+            }, rates
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.per_tensor:
                 for tensor, values in row["log_rates"].items():
                     print(f"   {tensor:48s} " + " ".join(f"{v:+.2f}" for v in values), file=out)
+        if row["estimate_points"]:
+            points = " ".join(f"{x:.3g}" for x in row["estimate_points"])
+            print(f"{name} estimated rate d_t {points}", file=out)
         out.flush()
     if args.json:
         print(json.dumps({"suite": suite.name, "task": args.task, "steps": steps, "seed": args.seed,

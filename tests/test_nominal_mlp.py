@@ -29,33 +29,47 @@ def _grads(params, i):
 
 
 def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4.6, eps=1e-8, b1=0.9,
-                        b2=0.999, warm=0, hold=False, pace=False, init=0.0, threshold=0.0):
-    """Slow reference, float64: AdamW (bias-corrected) at lr·t/W for the first `warm` steps W, then
-    lr·0.5·(1 + cos(π (t - W) / (T - W))); with kappa, each tensor's Adam step also times α_T,
+                        b2=0.999, warm=0, hold=False, pace=False, init=0.0, threshold=0.0, coef=0.0):
+    """Slow reference, float64 arithmetic on float32 parameters: AdamW (bias-corrected) at lr·t/W
+    for the first `warm` steps W, then lr·0.5·(1 + cos(π (t - W) / (T - W))); with kappa, each
+    tensor's Adam step also times α_T,
     log α_T += kappa · cos(g_t, m_{t-1}/√v_{t-1}) (with `hold`, not during the first W steps; with
     `pace`, times the schedule's rate over its peak), from log α_T = `init`, less `threshold` from
-    the cosine."""
+    the cosine. With coef > 0 the rate also times Prodigy's d (Mishchenko & Defazio 2023, Alg. 4),
+    written out over the whole parameter vector: λ = d² lr(t) bc_t, r ← β3 r + λ <g, x0 - x>,
+    s ← β3 s + λ g, d ← max(d, coef · r / ||s||_1), the step taken at the d before the update, and
+    Adam's moments (and eps) on d·g."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
     log_alpha = dict.fromkeys(p, init)
+    x0 = {k: x.copy() for k, x in p.items()}
+    s = {k: np.zeros_like(x) for k, x in p.items()}
+    d, r, beta3 = 1e-6, 0.0, math.sqrt(b2)
     out = []
     for t, grads in enumerate(grads_seq):
         decay = 0.5 * (1 + math.cos(math.pi * (t - warm) / (num_steps - warm)))
         rate = lr * t / warm if t < warm else lr * decay
+        fraction, d_step = rate / lr, 1.0  # the schedule's, before d: the pace of α_T
+        if coef > 0:
+            weight = d * d * rate * math.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1))
+            r = beta3 * r + weight * sum(np.vdot(grads[k], x0[k] - p[k]) for k in p)
+            s = {k: beta3 * s[k] + weight * np.asarray(grads[k], np.float64) for k in p}
+            norm = sum(np.abs(x).sum() for x in s.values())
+            rate, d_step, d = rate * d, d, max(d, coef * r / norm if norm > 0 else 0.0)
         step = {}
         for k in p:
-            g = np.asarray(grads[k], np.float64)
+            g = d_step * np.asarray(grads[k], np.float64)  # the moments average d·g, as Prodigy's
             d_prev = m[k] / (np.sqrt(v[k]) + 1e-30)
             cos = np.vdot(g, d_prev) / (np.linalg.norm(g) * np.linalg.norm(d_prev) + 1e-30)
             if not (hold and t < warm):
-                step_k = kappa * (cos - threshold) * (rate / lr if pace else 1.0)
+                step_k = kappa * (cos - threshold) * (fraction if pace else 1.0)
                 log_alpha[k] = float(np.clip(log_alpha[k] + step_k, -bound, bound))
             m[k] = b1 * m[k] + (1 - b1) * g
             v[k] = b2 * v[k] + (1 - b2) * g * g
             mhat, vhat = m[k] / (1 - b1 ** (t + 1)), v[k] / (1 - b2 ** (t + 1))
-            step[k] = -rate * (math.exp(log_alpha[k]) * mhat / (np.sqrt(vhat) + eps) + wd * p[k])
-            p[k] = p[k] + step[k]
+            step[k] = -rate * (math.exp(log_alpha[k]) * mhat / (np.sqrt(vhat) + eps * d_step) + wd * p[k])
+            p[k] = (p[k] + step[k]).astype(np.float32).astype(np.float64)  # float32 params, as the test's
         out.append(step)
     return out
 
@@ -70,17 +84,57 @@ def test_untrained_is_adamw_on_a_cosine_schedule(weight_decay, kappa, warmup, ho
     """kappa > 0: AdamW whose per-tensor rate follows the hypergradient (the NumPy reference's),
     through a linear warm-up or, with `rate_after_warmup`, only after it; with `rate_on_schedule`
     at the schedule's pace; from `rate_init`, with `rate_threshold` taken from the cosine."""
-    opt = optimizers.make("nominal_mlp", learning_rate=0.01, warmup=warmup, weight_decay=weight_decay,
-                          rate_adaptation=kappa, rate_range=0.5, rate_after_warmup=hold,
-                          rate_on_schedule=pace, rate_init=init, rate_threshold=threshold)
-    num_steps = 8
+    _check_against_numpy(0.01, 8, weight_decay=weight_decay, rate_adaptation=kappa, warmup=warmup,
+                         rate_after_warmup=hold, rate_on_schedule=pace, rate_init=init,
+                         rate_threshold=threshold)
+
+
+@pytest.mark.parametrize(("coef", "warmup", "kappa", "weight_decay"),
+                         [(1.0, 0.0, 0.0, 0.0), (0.5, 0.25, 0.0, 0.0), (0.5, 0.25, 0.3, 0.1)])
+def test_with_rate_estimate_the_rate_is_prodigys_estimate(coef, warmup, kappa, weight_decay):
+    """`rate_estimate`: the peak rate is Prodigy's d times learning_rate (here 1, its convention),
+    through a warm-up from 0 (whose first step adds nothing to the estimate) and beside α_T. Over
+    40 steps d climbs from 1e-6 by orders of magnitude, so the reference is checked where the
+    estimate moves, not only at its start."""
+    _check_against_numpy(1.0, 40, weight_decay=weight_decay, rate_adaptation=kappa, warmup=warmup,
+                         rate_estimate=coef, rate_on_schedule=kappa > 0)
+
+
+def test_the_estimated_rate_never_falls_and_grows_to_the_distance_it_must_cover():
+    """On sum((p - p*)²) with p* two units from the start along every coordinate, d climbs from 1e-6
+    to the order of that distance (a coordinate's distance is what Adam's unit-size step at rate d
+    must cover), never falling, and the run gets there."""
+    opt = optimizers.make("nominal_mlp", learning_rate=1.0, rate_estimate=1.0)
+    params = _params()
+    target = jax.tree.map(lambda x: x + 2.0, params)
+
+    def loss(p):
+        return sum(jnp.sum(jnp.square(a - b)) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target),
+                                                              strict=True))
+
+    tx = opt.as_optax(opt.init(jax.random.key(0)), 200)
+    state, update, ds = tx.init(params), jax.jit(tx.update), []
+    for _ in range(200):
+        u, state = update(jax.grad(loss)(params), state, params)
+        params = optax.apply_updates(params, u)
+        ds.append(float(state.estimate.d))
+    assert all(b >= a for a, b in zip(ds, ds[1:], strict=False))
+    assert 0.1 < ds[-1] < 20.0, ds[-1]
+    assert loss(params) < 1e-2 * 2.0 ** 2 * sum(x.size for x in jax.tree.leaves(params))
+
+
+def _check_against_numpy(lr, num_steps, **hparams):
+    opt = optimizers.make("nominal_mlp", learning_rate=lr, rate_range=0.5, **hparams)
     tx = opt.as_optax(opt.init(jax.random.key(3)), num_steps)
     params = _params()
     state, update = tx.init(params), jax.jit(tx.update)
     grads_seq = [_grads(params, i) for i in range(num_steps)]
-    expected = _numpy_adamw_cosine(params, grads_seq, 0.01, num_steps, weight_decay, kappa, bound=0.5,
-                                   warm=round(warmup * num_steps), hold=hold, pace=pace, init=init,
-                                   threshold=threshold)
+    expected = _numpy_adamw_cosine(
+        params, grads_seq, lr, num_steps, hparams.get("weight_decay", 0.0),
+        hparams.get("rate_adaptation", 0.0), bound=0.5, warm=round(hparams.get("warmup", 0.0) * num_steps),
+        hold=hparams.get("rate_after_warmup", False), pace=hparams.get("rate_on_schedule", False),
+        init=hparams.get("rate_init", 0.0), threshold=hparams.get("rate_threshold", 0.0),
+        coef=hparams.get("rate_estimate", 0.0))
     p = params
     for i, g in enumerate(grads_seq):
         u, state = update(g, state, p)
@@ -238,7 +292,8 @@ def test_meta_parameter_count_and_bad_hparams():
     n = sum(x.size for x in jax.tree.leaves(opt.init(jax.random.key(0))))
     assert n == NUM_FEATURES * 16 + 16 + 16 + 1 + 3 + 1 == 213  # the module docstring's count
     for bad in ({"hidden": 0}, {"warmup": 1.0}, {"correction_bound": -1.0}, {"rate_adaptation": -0.1},
-                {"rate_range": -1.0}, {"rate_init": -3.0, "rate_range": 2.3}, {"rate_threshold": 1.0}):
+                {"rate_range": -1.0}, {"rate_init": -3.0, "rate_range": 2.3}, {"rate_threshold": 1.0},
+                {"rate_estimate": -0.5}, {"rate_estimate": float("nan")}):
         with pytest.raises(ValueError, match="nominal_mlp needs"):
             optimizers.make("nominal_mlp", **bad)
 

@@ -14,7 +14,10 @@ never saw during meta-training.
             within ±rate_range (with `rate_after_warmup`, only once the warm-up is over; with
             `rate_on_schedule`, κ times lr(t)/peak, so α_T adapts at the schedule's pace)
       lr(t) = learning_rate · cosine decay to 0 over num_steps (after `warmup` of the run), or
-              the user's own schedule: `as_optax(theta, num_steps, learning_rate=schedule)`
+              the user's own schedule: `as_optax(theta, num_steps, learning_rate=schedule)`;
+              with `rate_estimate` c > 0, also times Prodigy's estimate d_t of the rate (from 1e-6,
+              never falling; Adam's moments then average d·g), so learning_rate is a multiplier
+              (Prodigy's convention: 1)
 
 Where each piece comes from, and why it is here:
 - The nominal term (learned_optimization `adafac_nominal.py`, "STAR"): the learned part only
@@ -65,6 +68,13 @@ Where each piece comes from, and why it is here:
   embedding's falls towards the floor, the embedding's (sparse rows, cos near 0) stays at 1, and
   the early steps at α_T ≈ 1 cost it later; starting lower or requiring a positive cosine mends
   both transformers but costs the MLPs their early rate (6 of 12 wins at best against 9).
+- `rate_estimate` (Prodigy, Mishchenko & Defazio 2023, as optax.contrib.prodigy): instead of a
+  peak rate, d_t = max(d_{t-1}, c · Σ λ_k <g_k, x_0 - x_k> / ||Σ λ_k g_k||_1), a distance over a
+  gradient size, grown from far below any rate. Screened after version 8, untrained, on the design
+  suite: it wins three of its four language models (version 7's anchor wins two) and least
+  squares, since it starts with tiny steps and settles near tuned constant Adam's rate; but it loses
+  the deep MLPs at every coefficient, 9 of 12 at best (c = 0.5) against the anchor's 9 at a lower
+  geometric mean. Not used by the reference (docs/reference_optimizer.md, "After version 8").
 - The schedule is the user's (Celo2): the optimizer cannot know a good horizon-dependent decay
   better than the person who sets `num_steps`; the learned parts see the run's fraction and the
   absolute step (μLO: features of the absolute step generalise to longer runs).
@@ -77,7 +87,7 @@ Meta-parameters θ = {"mlp": {"w0": (11, hidden), "b0", "w1": (hidden, 1), "b1"}
 tensor law, so the untrained optimizer equals AdamW with the schedule (a NumPy test checks it).
 
 Optimizer state per parameter: 3 momenta + 1 second moment = 4 float32 (and one float32 per
-tensor for α_T).
+tensor for α_T); with `rate_estimate` 2 more (x_0 and Prodigy's gradient sum) and 2 scalars.
 """
 
 from __future__ import annotations
@@ -100,18 +110,32 @@ NUM_TENSOR_FEATURES = 3
 NUM_STEP_FEATURES = 3
 NUM_FEATURES = NUM_ELEMENT_FEATURES + NUM_TENSOR_FEATURES + NUM_STEP_FEATURES
 MULTIPLIER_RANGE = 4.0  # a_T within [e^-4, e^4]
+ESTIMATE_START = 1e-6  # d_0 of `rate_estimate`: an under-estimate of any rate (Prodigy's default)
 CHUNK = 16384  # elements per lax.map iteration of the MLP: (16, CHUNK) f32 activations = 1 MiB
+
+
+class DistanceEstimate(NamedTuple):
+    """Prodigy's running estimate of the rate (with `rate_estimate`): d, the rate (never falls);
+    numerator, the decayed sum of d-weighted <g_t, x_0 - x_t>; x0, the parameters at init;
+    grad_sum, per leaf, the decayed d-weighted sum of gradients (its L1 norm is the denominator)."""
+
+    d: jax.Array
+    numerator: jax.Array
+    x0: tuple
+    grad_sum: tuple
 
 
 class NominalMLPState(NamedTuple):
     """count: () int32 steps taken; momenta: per-leaf (len(MOM_DECAYS), *leaf.shape) float32
     EMAs of g; rms: per-leaf EMA of g² (leaf shapes); log_rate: per-leaf () float32 log of the
-    tensor's adapted rate multiplier α_T (empty when `rate_adaptation` is 0)."""
+    tensor's adapted rate multiplier α_T (empty when `rate_adaptation` is 0); estimate: the
+    DistanceEstimate with `rate_estimate` (else empty)."""
 
     count: jax.Array
     momenta: tuple
     rms: tuple
     log_rate: tuple = ()
+    estimate: tuple = ()
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -181,6 +205,9 @@ class NominalMLP:
     rate_on_schedule: bool = False  # κ times lr(t)/peak (False: v4-v6 load unchanged)
     rate_threshold: float = 0.0  # log α_T grows only while cos(g_t, d_{t-1}) > this (0: v2-v7 unchanged)
     rate_init: float = 0.0  # log α_T at step 0, within ±rate_range (0: v2-v7 load unchanged)
+    # Prodigy's coefficient on its estimate of the peak rate; 0: off, the peak is learning_rate
+    # (v2-v8 load unchanged). On, learning_rate multiplies the estimate (Prodigy's convention: 1).
+    rate_estimate: float = 0.0
     weight_decay: float = 0.0
     eps: float = 1e-8
 
@@ -192,10 +219,11 @@ class NominalMLP:
     def __post_init__(self):
         if (self.hidden < 1 or not 0 <= self.warmup < 1 or self.correction_bound < 0
                 or self.rate_adaptation < 0 or self.rate_range < 0 or abs(self.rate_init) > self.rate_range
-                or not -1 < self.rate_threshold < 1):
+                or not -1 < self.rate_threshold < 1
+                or not (math.isfinite(self.rate_estimate) and self.rate_estimate >= 0)):
             raise ValueError(f"nominal_mlp needs hidden >= 1, 0 <= warmup < 1, correction_bound, "
-                             f"rate_adaptation and rate_range >= 0, |rate_init| <= rate_range and "
-                             f"-1 < rate_threshold < 1 (a cosine's range), got {self}")
+                             f"rate_adaptation, rate_range and rate_estimate >= 0, |rate_init| <= "
+                             f"rate_range and -1 < rate_threshold < 1 (a cosine's range), got {self}")
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -234,7 +262,11 @@ class NominalMLP:
             momenta = tuple(jnp.zeros((len(MOM_DECAYS), *jnp.shape(p)), jnp.float32) for p in leaves)
             rms = tuple(jnp.zeros(jnp.shape(p), jnp.float32) for p in leaves)
             log_rate = tuple(jnp.full((), self.rate_init, jnp.float32) for _ in leaves) if adapt else ()
-            return NominalMLPState(jnp.zeros((), jnp.int32), momenta, rms, log_rate)
+            estimate = ()
+            if self.rate_estimate > 0:
+                estimate = DistanceEstimate(jnp.float32(ESTIMATE_START), jnp.float32(0.0),
+                                            tuple(jnp.asarray(p, jnp.float32) for p in leaves), rms)
+            return NominalMLPState(jnp.zeros((), jnp.int32), momenta, rms, log_rate, estimate)
 
         def update_fn(updates, state, params=None, **extra_args):
             del extra_args  # e.g. loss=; not used
@@ -248,6 +280,14 @@ class NominalMLP:
             # Only with rate_after_warmup: without it the compiled step is versions 4 and 5's.
             held = state.count < hold_steps if self.rate_after_warmup else None
             lr_fraction = lr / jnp.maximum(jnp.abs(base), 1e-30)
+            estimate, scale = state.estimate, 1.0
+            if self.rate_estimate > 0:
+                estimate = self._estimate_rate(estimate, grads, leaves, lr, t)
+                # As Prodigy's, this step is taken at the estimate so far, and Adam's moments
+                # average d·g: while d climbs by orders of magnitude, the gradients from when it was
+                # small fade from them (on raw gradients the screen lost 4 more of 12 problems).
+                scale = state.estimate.d
+                lr = lr * scale
             step_feats = jnp.stack([state.count.astype(jnp.float32) / num_steps, jnp.log10(t) / 4.0,
                                     lr_fraction]).astype(jnp.float32)
             pace = lr_fraction if self.rate_on_schedule else None
@@ -257,7 +297,7 @@ class NominalMLP:
             new_updates, new_m, new_v, new_rate = [], [], [], []
             log_rates = state.log_rate if adapt else (None,) * len(grads)
             for g, p, m, v, log_rate in zip(grads, leaves, state.momenta, state.rms, log_rates, strict=True):
-                g32, p32 = g.astype(jnp.float32), p.astype(jnp.float32)
+                g32, p32 = g.astype(jnp.float32) * scale, p.astype(jnp.float32)
                 bshape = (-1,) + (1,) * g32.ndim
                 rate = 1.0
                 if adapt:
@@ -266,7 +306,7 @@ class NominalMLP:
                     new_rate.append(log_rate)
                 m = decays.reshape(bshape) * m + (1 - decays.reshape(bshape)) * g32
                 v = RMS_DECAY * v + (1 - RMS_DECAY) * jnp.square(g32)
-                denom = jnp.sqrt(v / rms_fix) + self.eps
+                denom = jnp.sqrt(v / rms_fix) + self.eps * scale
                 ratios = m / mom_fix.reshape(bshape) / denom  # (K, *shape)
                 direction = ratios[ADAM_MOMENTUM]
                 p_rms = _rms(p32)
@@ -289,10 +329,34 @@ class NominalMLP:
                 new_updates.append(u.astype(g.dtype))
                 new_m.append(m)
                 new_v.append(v)
-            new_state = NominalMLPState(count, tuple(new_m), tuple(new_v), tuple(new_rate))
+            new_state = NominalMLPState(count, tuple(new_m), tuple(new_v), tuple(new_rate), estimate)
             return jax.tree.unflatten(treedef, new_updates), new_state
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    def _estimate_rate(self, estimate: DistanceEstimate, grads: list, params: list, lr: jax.Array,
+                       t: jax.Array) -> DistanceEstimate:
+        """One step of Prodigy's estimate of the rate (Mishchenko & Defazio 2023, Algorithm 4, as
+        optax.contrib.prodigy): d grows to coef · Σ_k λ_k d_k <g_k, x_0 - x_k> / ||Σ_k λ_k d_k g_k||_1,
+        where λ_k = d_k lr(k) bc_k, both sums decayed by β3 = sqrt(β2), and never falls. The
+        numerator says how far the run has moved along its gradients, the denominator how large they
+        were: their ratio is a distance to the solution over a gradient size, the rate at which
+        Adam's step covers it. Here Adam's moments stay on the raw gradient (the learned features
+        read them), so d only sets the rate. d_0 divides both sums to keep them in float32's range
+        (it cancels in the ratio); a step at lr(k) = 0 (a warm-up from 0) adds nothing to either."""
+        d = estimate.d
+        beta3 = math.sqrt(RMS_DECAY)
+        bias = jnp.sqrt(1.0 - RMS_DECAY ** t) / (1.0 - MOM_DECAYS[ADAM_MOMENTUM] ** t)
+        weight = d / ESTIMATE_START * d * lr * bias  # λ_k d_k / d_0
+        moved = sum(jnp.vdot(g.astype(jnp.float32), x0 - p.astype(jnp.float32))
+                    for g, x0, p in zip(grads, estimate.x0, params, strict=True))
+        numerator = beta3 * estimate.numerator + weight * moved
+        grad_sum = tuple(beta3 * s + weight * g.astype(jnp.float32)
+                         for s, g in zip(estimate.grad_sum, grads, strict=True))
+        denominator = sum(jnp.sum(jnp.abs(s)) for s in grad_sum)
+        proposal = jnp.where(denominator > 0, self.rate_estimate * numerator
+                             / jnp.maximum(denominator, 1e-30), 0.0)
+        return DistanceEstimate(jnp.maximum(d, proposal), numerator, estimate.x0, grad_sum)
 
     def _adapt_rate(self, log_rate: jax.Array, g: jax.Array, m_prev: jax.Array,
                     v_prev: jax.Array, held: jax.Array | None, pace: jax.Array | None) -> jax.Array:
