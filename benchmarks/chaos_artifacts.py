@@ -6,7 +6,8 @@ another name; `NAME@champion` points at version 1. Each case tampers with a copy
 (`ARTIFACT_KINDS`): a file of NAME:1 truncated, a byte flipped, bytes appended, a file deleted or
 emptied, COMMIT.json removed, files swapped in from another artifact, COMMIT.json edited, the
 manifest edited or malformed (with COMMIT.json made to match, so that only the manifest's own
-checks can catch it), aliases.json damaged. NAME:1 is then pulled three ways with a cache of its
+checks can catch it), aliases.json damaged, or rewritten consistently while a ref pins its digest
+(`pinned_rewrite`). NAME:1 is then pulled three ways with a cache of its
 own, empty or already holding the other two artifacts (whose digests a swapped COMMIT.json names):
 `metaopt pull` (sometimes with --dest), `registry.pull` and `metaopt.load`. Each must refuse with
 an error that names the artifact and the damaged file (`CorruptArtifactError`, or
@@ -15,8 +16,8 @@ for the command), leave the cache and --dest as they were, and still pull and lo
 NAME:2 afterwards. Two kinds are not refusals: a damaged copy in the cache (`damaged_cache`) must
 be refused by `load_path` and replaced by a verified one on the next pull; and a consistent
 rewrite (`consistent_rewrite`: θ or the manifest changed with every hash that pins them rewritten
-to match) cannot be told from a publish by design, since nothing signs COMMIT.json: it is tried
-and reported, outside the figures that must be zero.
+to match) asked for by NAME:1, a ref that pins nothing, cannot be told from a publish by design,
+since nothing signs COMMIT.json: it is tried and reported, outside the figures that must be zero.
 
 Figures: `artifact_cases`, `artifact_accepted` (a tampered artifact pulled or loaded, or a damaged
 cache copy loaded), `cache_poisoned` (bytes of a refused artifact left in the cache or --dest, or a
@@ -265,7 +266,8 @@ def malformed_manifest(draw, reg):
 
 def aliases_file(draw, reg):
     path = reg / NAME / registry.ALIASES_FILE
-    variant = draw(st.sampled_from(["truncated", "not_object", "not_a_version", "no_such_version", "gone"]))
+    variant = draw(st.sampled_from(["truncated", "not_object", "not_a_version", "no_such_version",
+                                    "wrong_digest", "gone"]))
     if variant == "truncated":
         data = path.read_bytes()
         path.write_bytes(data[:draw(st.integers(0, len(data) - 1))])
@@ -274,6 +276,7 @@ def aliases_file(draw, reg):
                                               st.none(), st.integers())),
                  "not_a_version": {ALIAS: draw(NOT_INT)},
                  "no_such_version": {ALIAS: draw(st.integers().filter(lambda v: v not in (1, 2)))},
+                 "wrong_digest": {ALIAS: {"version": 1, "digest": "sha256:" + draw(HEX)}},
                  "gone": {"stable": 2}}[variant]
         _write_json(path, table)
     return Tamper(variant, (registry.ALIASES_FILE, ALIAS, "not in"), ref=f"{NAME}@{ALIAS}",
@@ -289,8 +292,8 @@ def damaged_cache(draw, reg):
 
 
 def consistent_rewrite(draw, reg):
-    """Undetectable by design: θ (another artifact's, same structure) or the provenance changed,
-    with the manifest's hash of θ and COMMIT.json rewritten to match. Nothing pins COMMIT.json."""
+    """Undetectable by design when the ref pins nothing: θ (another artifact's, same structure) or
+    the provenance changed, with the manifest's hash of θ and COMMIT.json rewritten to match."""
     vdir = _dir(reg)
     m = _json(vdir / MANIFEST)
     variant = draw(st.sampled_from(["theta", "provenance"]))
@@ -305,9 +308,19 @@ def consistent_rewrite(draw, reg):
     return Tamper(variant, refuse=False)
 
 
+def pinned_rewrite(draw, reg):
+    """The consistent rewrite, asked for by a ref that pins NAME:1's digest: `NAME@sha256:…` or the
+    alias, which recorded the digest when it was set. Refused, naming the digest it was pinned to."""
+    pinned = registry.digest(str(reg), NAME, 1)
+    rewrite = consistent_rewrite(draw, reg)
+    ref = draw(st.sampled_from([f"{NAME}@{ALIAS}", f"{NAME}@{pinned}"]))
+    how = "alias" if ref.endswith(ALIAS) else "digest"
+    return Tamper(f"{rewrite.variant} by {how}", (pinned,), ref=ref, dest=draw(st.booleans()))
+
+
 ARTIFACT_KINDS = {f.__name__: f for f in (
     truncate, flip_byte, append_bytes, delete_file, emptied_file, remove_marker, swap_file, edit_marker,
-    edit_manifest, malformed_manifest, aliases_file, damaged_cache, consistent_rewrite)}
+    edit_manifest, malformed_manifest, aliases_file, damaged_cache, consistent_rewrite, pinned_rewrite)}
 
 
 def _damage(path: pathlib.Path, variant: str, fname: str, at: int) -> None:

@@ -45,7 +45,8 @@ def train(task, tx, steps: int, seed: int = 0) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ref", default="reference@champion", help="NAME, NAME:VERSION or NAME@ALIAS")
+    parser.add_argument("--ref", default="reference@champion",
+                        help="NAME, NAME:VERSION, NAME@ALIAS or NAME@sha256:DIGEST")
     parser.add_argument("--registry", default=str(pathlib.Path(__file__).parent / "registry"))
     parser.add_argument("--task", default='{"name": "mlp", "kwargs": {"width": 32, "depth": 1, '
                         '"activation": "relu", "batch_size": 64, "seed": 7}}', help="a TaskSpec as JSON")

@@ -79,9 +79,10 @@ def train(
             f"job {result.job_id}: {result.outer_steps} outer steps, meta-loss "
             f"{result.meta_loss_first:.4g} -> {result.meta_loss_last:.4g}\n"
             f"run directory: {result.run_dir} (metrics.jsonl, meta_loss.png)\n"
-            f"trained optimizer: {result.artifact} in {result.registry}\n"
+            f"trained optimizer: {result.artifact} ({result.artifact_digest}) in {result.registry}\n"
             f"use it: metaopt.load({result.artifact!r}, registry={result.registry!r})"
-            ".as_optax(num_steps=1000)"
+            ".as_optax(num_steps=1000), or pinned to this content: "
+            f"{result.artifact.partition(':')[0]}@{result.artifact_digest}"
         )
 
 

@@ -81,9 +81,11 @@ def publish(
     manifest = _run(lambda: registry.read_manifest(registry_uri, name_, version))
     prov = manifest["provenance"]
     moved = sorted(a for a, v in _run(lambda: registry.aliases(registry_uri, name_)).items() if v == version)
+    digest = _run(lambda: registry.digest(registry_uri, name_, version))
     if as_json:
         typer.echo(json.dumps({
-            "ref": ref, "name": name_, "version": version, "registry": registry_uri, "aliases": moved,
+            "ref": ref, "name": name_, "version": version, "digest": digest, "registry": registry_uri,
+            "aliases": moved,
             "checkpoint": prov["checkpoint"]["uri"], "job_id": prov["job_id"],
             "outer_steps": prov["outer_steps"], "meta_loss_first": prov["meta_loss_first"],
             "meta_loss_last": prov["meta_loss_last"],
@@ -91,6 +93,7 @@ def publish(
         return
     typer.echo(
         f"published {ref} to {registry_uri} (aliases: {', '.join(moved)})\n"
+        f"digest {digest}: {name_}@{digest} pins exactly this content\n"
         f"from {prov['checkpoint']['uri']}: job {prov['job_id']}, {prov['outer_steps']} outer steps, "
         f"meta-loss {_num(prov['meta_loss_first'])} -> {_num(prov['meta_loss_last'])}\n"
         f"use it: metaopt pull {ref} --registry {registry_uri}, or "
@@ -99,7 +102,8 @@ def publish(
 
 
 def pull(
-    ref: Annotated[str, typer.Argument(help="NAME, NAME:VERSION or NAME@ALIAS (default: the newest).")],
+    ref: Annotated[str, typer.Argument(
+        help="NAME, NAME:VERSION, NAME@ALIAS or NAME@sha256:DIGEST (default: the newest).")],
     registry_uri: RegistryUri = DEFAULT_REGISTRY,
     dest: Annotated[
         pathlib.Path | None, typer.Option("--dest", help="Local directory (default: the cache).")
@@ -130,9 +134,10 @@ def list_(
         table += [[r["name"], str(r["newest"]), str(r["versions"]), _aliases_text(r["aliases"])]
                   for r in rows]
     else:
-        table = [["VERSION", "CREATED", "JOB", "OUTER STEPS", "FINAL META-LOSS", "ALIASES"]]
+        table = [["VERSION", "CREATED", "JOB", "OUTER STEPS", "FINAL META-LOSS", "ALIASES", "DIGEST"]]
         table += [[str(r["version"]), r["created_at"][:19].replace("T", " "), str(r["job_id"]),
-                   str(r["outer_steps"]), _num(r["meta_loss_last"]), ", ".join(r["aliases"])] for r in rows]
+                   str(r["outer_steps"]), _num(r["meta_loss_last"]), ", ".join(r["aliases"]), r["digest"]]
+                  for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -189,6 +194,7 @@ def _version_rows(registry_uri: str, name: str) -> list[dict]:
             "meta_loss_last": prov.get("meta_loss_last", prov.get("meta_loss")),
             "optimizer": manifest.get("optimizer", {}).get("name"),
             "evaluated": "evaluation" in prov, "aliases": by_version.get(version, []),
+            "digest": registry.digest(registry_uri, name, version),
         })
     return rows
 

@@ -8,7 +8,8 @@ the CLI and other tools read it. Conventional fields (the store does not enforce
     theta_version         θ's version, i.e. outer steps applied
     meta_loss, estimates_per_second, workers_alive
     last_checkpoint       URI of the newest checkpoint
-    artifact              URI of the published optimizer
+    artifact              NAME:VERSION of the published optimizer
+    artifact_digest       its content digest, sha256:HEX (NAME@sha256:HEX pins exactly it)
     error                 why the job failed (None otherwise)
     learner               the lease owner that writes the record
     created_at, started_at, updated_at    Unix seconds; every write sets `updated_at`

@@ -8,11 +8,20 @@ Layout under a registry root URI (any fsspec URI or local path):
     NAME/VERSION/COMMIT.json         written last; sha256 of both files (see metaopt.storage)
     NAME/VERSION/.claim              object stores only: written first, by the one publisher
                                      that may write this version (see metaopt.storage)
-    NAME/aliases.json                {alias: version}, e.g. {"champion": 3}
+    NAME/aliases.json                {alias: {version, digest}}, e.g. {"champion": {"version": 3,
+                                     "digest": "sha256:…"}} (older registries: {alias: version})
 
 Versions count 1, 2, … and are never overwritten. Aliases move: `latest` is always the newest
 committed version (it moves by itself on every publish); the others (`champion`, …) move only
 when `set_alias` points them elsewhere.
+
+Pinned by digest. An artifact's DIGEST (`digest`) is the sha256 of its COMMIT.json file table,
+so it covers every byte of every file. Every file's sha256 is checked against that table, but a
+rewrite that changes θ and every sha256 to match would pass those checks; a digest held outside
+the artifact would not. As OCI registries do, a ref may pin one: `NAME@sha256:HEX` resolves to
+the version with that digest and is refused if no version has it. Each alias records the digest
+of the version it was set to, and resolving it refuses a version whose digest has changed since,
+naming both digests; job records store the digest of what a run published.
 
 Pulls go through a local cache keyed by content, not by name: CACHE/sha256/DIGEST, where DIGEST
 is the sha256 of the artifact's COMMIT.json file table (the sha256 and size of every file). The
@@ -58,6 +67,7 @@ __all__ = [
     "aliases",
     "check_name",
     "content_digest",
+    "digest",
     "default_cache_dir",
     "default_registry",
     "list_names",
@@ -76,8 +86,10 @@ THETA_FILE = "theta.safetensors"
 MANIFEST_FILE = "manifest.json"
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _VERSION_RE = re.compile(r"[1-9][0-9]*")
-_REF_FORMS = "NAME, NAME:VERSION, NAME:latest or NAME@ALIAS (NAME like 'my-opt.v2', VERSION like 3)"
-ALIASES_FILE = "aliases.json"  # NAME/aliases.json: {alias: version}; aliases move, versions don't
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+_REF_FORMS = ("NAME, NAME:VERSION, NAME:latest, NAME@ALIAS or NAME@sha256:DIGEST (NAME like "
+              "'my-opt.v2', VERSION like 3, DIGEST 64 hex digits, as `metaopt registry list NAME` shows)")
+ALIASES_FILE = "aliases.json"  # NAME/aliases.json: {alias: {version, digest}}; aliases move, versions don't
 LATEST = "latest"  # the alias of the newest version: computed, never stored, never set by hand
 DEFAULT_REGISTRY = "runs/registry"  # what `metaopt train` writes under its default --out runs
 
@@ -102,7 +114,13 @@ def _join(root: str, *parts: Any) -> str:
 
 def parse_ref(ref: str) -> tuple[str, int | str | None]:
     """ "NAME" / "NAME:latest" / "NAME@latest" -> (NAME, None); "NAME:VERSION" -> (NAME, VERSION);
-    "NAME@ALIAS" -> (NAME, "ALIAS")."""
+    "NAME@ALIAS" -> (NAME, "ALIAS"); "NAME@sha256:HEX" -> (NAME, "sha256:HEX")."""
+    if isinstance(ref, str) and "@sha256:" in ref:
+        name, _, pinned = ref.partition("@")
+        if not _NAME_RE.fullmatch(name) or len(name) > 128 or not _DIGEST_RE.fullmatch(pinned):
+            raise ValueError(f"invalid registry ref {ref!r}: a digest is 'sha256:' and 64 lowercase hex "
+                             f"digits; accepted forms: {_REF_FORMS}")
+        return name, pinned
     if not isinstance(ref, str) or ref.count(":") + ref.count("@") > 1:
         raise ValueError(f"invalid registry ref {ref!r}; accepted forms: {_REF_FORMS}")
     if "@" in ref:
@@ -138,21 +156,23 @@ def _check_alias(alias: str) -> str:
     return alias
 
 
-def _stored_aliases(registry_uri: str, name: str) -> dict[str, int]:
+def _stored_aliases(registry_uri: str, name: str) -> dict[str, tuple[int, str | None]]:
+    """{alias: (version, the digest it was set to, or None in a registry from before digests)}."""
     fs, path = fresh_fs(_join(registry_uri, name, ALIASES_FILE))
     if not fs.exists(path):
         return {}
     try:
         table = json.loads(fs.cat_file(path))
-        return {str(k): int(v) for k, v in table.items() if k != LATEST}
-    except (ValueError, TypeError, AttributeError) as err:
-        raise CorruptArtifactError(f"{_join(registry_uri, name, ALIASES_FILE)} is unreadable ({err}); "
+        return {str(k): (int(v), None) if isinstance(v, int) else (int(v["version"]), str(v["digest"]))
+                for k, v in table.items() if k != LATEST}
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise CorruptArtifactError(f"{_join(registry_uri, name, ALIASES_FILE)} is unreadable ({err!r}); "
                                    "set the aliases again with set_alias") from None
 
 
 def aliases(registry_uri: str, name: str) -> dict[str, int]:
     """{alias: version} of `name`, `latest` (the newest version) included; empty if none."""
-    table = _stored_aliases(registry_uri, name)
+    table = {alias: version for alias, (version, _) in _stored_aliases(registry_uri, name).items()}
     versions = list_versions(registry_uri, name)
     return table | {LATEST: versions[-1]} if versions else table
 
@@ -171,10 +191,11 @@ def set_alias(registry_uri: str, name: str, version: int, alias: str) -> int | N
         raise ArtifactNotFoundError(f"{name}:{version} is not in {registry_uri}; available versions: "
                                     f"{versions}")
     table = _stored_aliases(registry_uri, name)
-    previous = table.get(alias)
-    table[alias] = int(version)
+    previous = table.get(alias, (None, None))[0]
+    table[alias] = (int(version), digest(registry_uri, name, version))
     fs, path = fresh_fs(_join(registry_uri, name, ALIASES_FILE))
-    data = json.dumps(table, indent=2, sort_keys=True).encode()
+    data = json.dumps({a: {"version": v, "digest": d} for a, (v, d) in table.items()},
+                      indent=2, sort_keys=True).encode()
     if isinstance(fs, LocalFileSystem):  # write aside, then rename over: never half-written
         tmp = f"{path}.tmp-{os.getpid()}"
         fs.pipe_file(tmp, data)
@@ -208,15 +229,36 @@ def list_names(registry_uri: str) -> list[str]:
     ]
 
 
+def digest(registry_uri: str, name: str, version: int) -> str:
+    """"sha256:HEX", the content digest of NAME:VERSION (see the module docstring)."""
+    try:
+        table = read_marker(_join(registry_uri, check_name(name), version))["files"]
+    except FileNotFoundError:
+        raise ArtifactNotFoundError(f"{name}:{version} is not in {registry_uri}") from None
+    return "sha256:" + content_digest(table)
+
+
 def resolve(registry_uri: str, ref: str) -> tuple[str, int]:
-    """(name, version) for `ref`; no version (or `latest`) means the newest committed version."""
+    """(name, version) for `ref`; no version (or `latest`) means the newest committed version. A
+    digest resolves to the version that has it; an alias, to its version if that still has the
+    digest the alias recorded (both refused with the digests named otherwise)."""
+    return _resolve_pinned(registry_uri, ref)[:2]
+
+
+def _resolve_pinned(registry_uri: str, ref: str) -> tuple[str, int, str | None]:
+    """(name, version, the digest the ref pins it to, or None)."""
     name, version = parse_ref(ref)
+    if isinstance(version, str) and _DIGEST_RE.fullmatch(version):
+        return _find_digest(registry_uri, name, version)
+    pinned = None
     if isinstance(version, str):
         table = _stored_aliases(registry_uri, name)
         if version not in table:
             raise ArtifactNotFoundError(f"{name} has no alias {version!r} in {registry_uri}; "
                                         f"its aliases: {sorted(table) + [LATEST]}")
-        version = table[version]
+        alias = version
+        version, pinned = table[alias]
+        _check_digest(registry_uri, name, version, pinned, f"{name}@{alias}")
     versions = list_versions(registry_uri, name)
     if not versions:
         raise ArtifactNotFoundError(
@@ -224,12 +266,35 @@ def resolve(registry_uri: str, ref: str) -> tuple[str, int]:
             f"available names: {list_names(registry_uri) or 'none'}"
         )
     if version is None:
-        return name, versions[-1]
+        return name, versions[-1], None
     if version not in versions:
         raise ArtifactNotFoundError(
             f"{name}:{version} is not in {registry_uri}; available versions: {versions}"
         )
-    return name, version
+    return name, version, pinned
+
+
+def _find_digest(registry_uri: str, name: str, pinned: str) -> tuple[str, int, str]:
+    found = {v: digest(registry_uri, name, v) for v in list_versions(registry_uri, name)}
+    for version, d in found.items():
+        if d == pinned:
+            return name, version, pinned
+    listed = ", ".join(f"{name}:{v} {d}" for v, d in found.items()) or "none"
+    raise ArtifactNotFoundError(f"no version of {name!r} in {registry_uri} has digest {pinned} (an "
+                                f"artifact rewritten since it was pinned has another); its versions: "
+                                f"{listed}")
+
+
+def _check_digest(registry_uri: str, name: str, version: int, pinned: str | None, what: str) -> None:
+    """Refuse NAME:VERSION if its digest is no longer `pinned` (None: nothing pinned)."""
+    if pinned is None:
+        return
+    actual = digest(registry_uri, name, version)
+    if actual != pinned:
+        raise CorruptArtifactError(
+            f"{what} was pinned to {name}:{version} with digest {pinned}, but {name}:{version} now has "
+            f"digest {actual}: the artifact was rewritten after it was pinned; do not use it. Re-publish "
+            f"the optimizer as a new version, or point the alias again if the rewrite is trusted")
 
 
 def read_manifest(registry_uri: str, name: str, version: int) -> dict[str, Any]:
@@ -347,18 +412,20 @@ def pull(ref: str, registry_uri: str, dest_dir: str | None = None) -> str:
     Only the registry's COMMIT.json is read when the content is already in the cache (or in
     `dest_dir`) and verifies; a damaged copy is replaced.
     """
-    name, version = resolve(registry_uri, ref)
-    return _pull_resolved(registry_uri, name, version, dest_dir)[0]
+    name, version, pinned = _resolve_pinned(registry_uri, ref)
+    return _pull_resolved(registry_uri, name, version, dest_dir, pinned)[0]
 
 
-def _pull_resolved(registry_uri: str, name: str, version: int,
-                   dest_dir: str | None = None) -> tuple[str, dict[str, bytes]]:
-    """(local path, verified files) of NAME:VERSION."""
+def _pull_resolved(registry_uri: str, name: str, version: int, dest_dir: str | None = None,
+                   pinned: str | None = None) -> tuple[str, dict[str, bytes]]:
+    """(local path, verified files) of NAME:VERSION, whose digest must be `pinned` if given."""
     src = _join(registry_uri, name, version)
     try:
         wanted = read_marker(src)["files"]
     except CorruptArtifactError as e:
         raise CorruptArtifactError(f"{e} (re-publish {name} if the registry copy is damaged)") from e
+    if pinned is not None and "sha256:" + content_digest(wanted) != pinned:  # rewritten since resolved
+        _check_digest(registry_uri, name, version, pinned, f"{name}:{version}")
     cached = _cache_path(content_digest(wanted))
     if dest_dir is not None:
         _refuse_foreign_directory(dest_dir)
@@ -510,15 +577,17 @@ def load(ref: str, registry: str | None = None) -> TrainedOptimizer:
     `default_registry()`). From a remote registry, through the local cache: loading the same
     artifact twice downloads it once."""
     registry = registry or default_registry()
-    name, version = resolve(registry, ref)
+    name, version, pinned = _resolve_pinned(registry, ref)
     uri = _join(registry, name, version)
     if not isinstance(fresh_fs(uri)[0], LocalFileSystem):
-        uri, files = _pull_resolved(registry, name, version)
+        uri, files = _pull_resolved(registry, name, version, pinned=pinned)
         return _trained(*_check_artifact(files, uri, name, version))
     try:
         files, _ = read_committed(uri)
     except CorruptArtifactError as e:
         raise CorruptArtifactError(f"{e} (re-pull, or re-publish {name}:{version})") from e
+    # The files match COMMIT.json; a pinned ref also needs COMMIT.json to be the one it pinned.
+    _check_digest(registry, name, version, pinned, ref)
     return _trained(*_check_artifact(files, uri, name, version))
 
 

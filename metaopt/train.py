@@ -35,6 +35,7 @@ class RunResult:
     meta_loss_last: float
     artifact: str  # NAME:VERSION
     registry: str
+    artifact_digest: str  # sha256:HEX, its content digest: NAME@sha256:HEX pins exactly this
     run_dir: str
     metrics_url: str
     wall_s: float  # from the learner's start to the workers' stop
@@ -104,10 +105,10 @@ def _train(run: _LearnerRun, host: str, progress: bool, metrics_port: int) -> Ru
     (run.run_dir / "workers.json").write_text(json.dumps(worker_stats, indent=2))
     run.check_lease()
     artifact, registry_uri = run.publish()
-    run.artifact = artifact
     return RunResult(
         job_id=job_id, outer_steps=learner.version, meta_loss_first=learner.totals.meta_loss_first,
         meta_loss_last=learner.recent_steps(1)[0].meta_loss, artifact=artifact, registry=registry_uri,
+        artifact_digest=run.artifact_digest,
         run_dir=str(run.run_dir), metrics_url=metrics_url, wall_s=wall_s, learner_busy_s=learner.busy_s,
         estimates_accepted=sum(learner.accepted_by_worker.values()),
         worker_incarnations=learner.worker_incarnations,
@@ -138,7 +139,7 @@ class _LearnerRun:
         # (jax-ml/jax#25861). The learner's threads (updater, checkpointer, server) all use jax.
         # Read when jax starts its CPU backend: in `train` and `serve-learner`, right below.
         jax.config.update("jax_cpu_enable_async_dispatch", False)
-        self.spec, self.job_id, self.artifact = spec, job_id, None
+        self.spec, self.job_id, self.artifact, self.artifact_digest = spec, job_id, None, None
         self.out_dir = pathlib.Path(out).resolve()
         self.run_dir = self.out_dir / "runs" / job_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,8 +214,8 @@ class _LearnerRun:
         except BaseException as err:
             self.recorder.stop(_outcome(err), timeout_s=FINAL_RECORD_TIMEOUT_S)
             raise
-        self.recorder.stop({**self._progress(), "state": "SUCCEEDED", "artifact": self.artifact},
-                           timeout_s=FINAL_RECORD_TIMEOUT_S)
+        self.recorder.stop({**self._progress(), "state": "SUCCEEDED", "artifact": self.artifact,
+                            "artifact_digest": self.artifact_digest}, timeout_s=FINAL_RECORD_TIMEOUT_S)
 
     def follow(self, runs, progress: bool) -> None:
         budget_s = self.spec.stop.max_minutes * 60 if self.spec.stop.max_minutes else None
@@ -256,6 +257,9 @@ class _LearnerRun:
                 spec, self.job_id, published, step, report, meta_loss_first=learner.totals.meta_loss_first,
                 **extra),
         ), f"publishing to {self.registry_uri}")
+        self.artifact = artifact
+        self.artifact_digest = storage.retrying(lambda: registry.digest(
+            self.registry_uri, *registry.parse_ref(artifact)), f"reading {artifact}'s digest")
         return artifact, self.registry_uri
 
 
@@ -308,9 +312,8 @@ def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening,
     if learner.version == 0:
         raise RuntimeError(f"job {job_id}: stopped before any outer step; nothing to publish")
     artifact, registry_uri = run.publish()
-    run.artifact = artifact
     return {"job_id": job_id, "outer_steps": learner.version, "artifact": artifact,
-            "registry": registry_uri, "run_dir": str(run.run_dir),
+            "artifact_digest": run.artifact_digest, "registry": registry_uri, "run_dir": str(run.run_dir),
             "accepted_by_worker": dict(learner.accepted_by_worker)}
 
 

@@ -236,6 +236,7 @@ def test_cli_publish_pull_list_alias(run, tmp_path, cache):
     assert out | {"checkpoint": None} == {
         "ref": "demo:1", "name": "demo", "version": 1, "registry": reg, "aliases": ["latest"],
         "checkpoint": None, "job_id": JOB_ID, "outer_steps": 2, "meta_loss_first": 2.0, "meta_loss_last": 1.5,
+        "digest": registry.digest(reg, "demo", 1),
     }
     report = tmp_path / "result.json"
     report.write_text(json.dumps(_report()))
@@ -275,6 +276,13 @@ def test_cli_publish_pull_list_alias(run, tmp_path, cache):
     assert all(r["created_at"] for r in rows) and [r["evaluated"] for r in rows] == [False, True]
     text = invoke("registry", "list", "demo", "--registry", reg).stdout.splitlines()
     assert text[0].split()[:2] == ["VERSION", "CREATED"] and JOB_ID in text[1] and "1.5" in text[1]
+    # Each version's digest, shown in full, pins it: `pull NAME@sha256:…` fetches that content.
+    assert [r["digest"] for r in rows] == [registry.digest(reg, "demo", v) for v in (1, 2)]
+    assert rows[0]["digest"] in text[1] and rows[1]["digest"] in text[2]
+    done = invoke("pull", f"demo@{rows[0]['digest']}", "--registry", reg)
+    assert done.exit_code == 0 and registry.load_path(done.stdout.strip()).version == 1
+    done = invoke("pull", "demo@sha256:" + "0" * 64, "--registry", reg)
+    assert done.exit_code != 0 and "no version of 'demo'" in done.output and rows[1]["digest"] in done.output
 
 
 def test_cli_registry_defaults_to_the_environment(run, tmp_path, cache):

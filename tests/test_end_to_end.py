@@ -20,7 +20,7 @@ import safetensors.numpy
 
 import metaopt
 import task_zoo
-from metaopt import publishing, wire
+from metaopt import publishing, registry, wire
 from metaopt.run_report import read_metrics
 from tests.inrun_spec import e2e_with_eval
 from tests.jsonout import last_json
@@ -47,6 +47,7 @@ def test_run_finishes_with_everything_on_disk(run):
     result, out = run
     assert result["outer_steps"] == 40 and result["job_id"] == "e2e-1"
     assert result["artifact"] == "e2e:1"
+    assert result["artifact_digest"] == registry.digest(result["registry"], "e2e", 1)
     run_dir = pathlib.Path(result["run_dir"])
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [row["step"] for row in rows] == list(range(1, 41))
@@ -138,15 +139,15 @@ def test_artifact_loads_and_trains_a_fresh_quadratic(run):
 
 def test_pull_verifies_and_refuses_a_tampered_artifact(run, tmp_path):
     result, _ = run
-    registry = tmp_path / "registry"
-    shutil.copytree(result["registry"], registry)
-    done = metaopt_cli("pull", result["artifact"], "--registry", registry, "--dest", tmp_path / "a")
+    copy = tmp_path / "registry"
+    shutil.copytree(result["registry"], copy)
+    done = metaopt_cli("pull", result["artifact"], "--registry", copy, "--dest", tmp_path / "a")
     assert done.returncode == 0, done.stderr
-    theta_file = registry / "e2e" / "1" / "theta.safetensors"
+    theta_file = copy / "e2e" / "1" / "theta.safetensors"
     data = bytearray(theta_file.read_bytes())
     data[-1] ^= 0xFF
     theta_file.write_bytes(bytes(data))
-    done = metaopt_cli("pull", result["artifact"], "--registry", registry, "--dest", tmp_path / "b")
+    done = metaopt_cli("pull", result["artifact"], "--registry", copy, "--dest", tmp_path / "b")
     assert done.returncode == 1
     assert "theta.safetensors" in done.stderr and "re-publish" in done.stderr
     assert not (tmp_path / "b" / "theta.safetensors").exists()

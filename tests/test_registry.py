@@ -93,6 +93,8 @@ def test_bad_refs(ref):
 def test_parse_ref():
     assert registry.parse_ref("my.opt_2") == ("my.opt_2", None)
     assert registry.parse_ref("a:12") == ("a", 12)
+    assert registry.parse_ref("a@champion") == ("a", "champion")
+    assert registry.parse_ref("a@sha256:" + "0f" * 32) == ("a", "sha256:" + "0f" * 32)
 
 
 def test_pull_copies_and_verifies(reg, tmp_path, monkeypatch):
@@ -298,7 +300,9 @@ def test_latest_follows_every_publish_and_champion_moves_only_when_set(tmp_path)
     with pytest.raises(ValueError, match="moves by itself"):
         registry.publish(reg, "my-opt", "small_fc", {}, THETA, PROV, aliases=["latest"])
     assert registry.list_versions(reg, "my-opt") == [1, 2, 3, 4]
-    assert json.loads((tmp_path / "my-opt" / "aliases.json").read_text()) == {"champion": 4, "candidate": 4}
+    pinned = registry.digest(reg, "my-opt", 4)
+    assert json.loads((tmp_path / "my-opt" / "aliases.json").read_text()) == {
+        "champion": {"version": 4, "digest": pinned}, "candidate": {"version": 4, "digest": pinned}}
 
 
 # --- tampering ------------------------------------------------------------------------------
@@ -331,6 +335,63 @@ def test_swapped_theta_with_a_rewritten_marker_is_caught_by_the_manifest(tmp_pat
     with pytest.raises(CorruptArtifactError, match="theta.safetensors does not match"):
         registry.pull("my-opt:1", reg)
     assert not (tmp_path / "cache" / "sha256").exists() or not any((tmp_path / "cache" / "sha256").iterdir())
+
+
+def _rewrite_consistently(uri: str) -> None:
+    """Replace θ and rewrite the manifest's sha256 and COMMIT.json to match: every check inside
+    the artifact passes, only a digest held outside it can tell."""
+    import safetensors.numpy
+
+    from metaopt.storage import sha256_hex
+
+    files, meta = read_committed(uri)
+    files["theta.safetensors"] = safetensors.numpy.save({"layer/w": np.full((2, 3), 9, np.float32),
+                                                         "layer/b": np.zeros(3, np.float32)})
+    manifest = json.loads(files["manifest.json"])
+    manifest["files"]["theta.safetensors"]["sha256"] = sha256_hex(files["theta.safetensors"])
+    files["manifest.json"] = json.dumps(manifest).encode()
+    write_committed(uri, files, meta, overwrite=True)
+
+
+def test_a_ref_pinned_by_digest_loads_that_content_and_refuses_a_consistent_rewrite(reg, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("METAOPT_REGISTRY_CACHE", str(tmp_path / "cache"))
+    _publish(reg)
+    _publish(reg, theta={"w": np.ones(2, np.float32)})
+    first, second = registry.digest(reg, "my-opt", 1), registry.digest(reg, "my-opt", 2)
+    assert first != second and first.startswith("sha256:") and len(first) == 7 + 64
+    assert registry.resolve(reg, f"my-opt@{first}") == ("my-opt", 1)
+    w = registry.load(f"my-opt@{first}", reg).theta["layer"]["w"]
+    np.testing.assert_array_equal(w, THETA["layer"]["w"])
+    assert registry.load_path(registry.pull(f"my-opt@{second}", reg)).version == 2
+    registry.set_alias(reg, "my-opt", 1, "champion")
+    _rewrite_consistently(f"{reg}/my-opt/1")
+    np.testing.assert_array_equal(registry.load("my-opt:1", reg).theta["layer"]["w"], 9)  # unpinned: passes
+    with pytest.raises(registry.ArtifactNotFoundError, match=f"no version of 'my-opt'.*has digest {first}"):
+        registry.load(f"my-opt@{first}", reg)
+    with pytest.raises(registry.ArtifactNotFoundError, match=f"my-opt:2 {second}"):
+        registry.pull(f"my-opt@{first}", reg)
+    rewritten = registry.digest(reg, "my-opt", 1)
+    for call in (registry.load, registry.pull):
+        with pytest.raises(CorruptArtifactError, match=f"my-opt@champion was pinned to my-opt:1 with digest "
+                                                       f"{first}, but my-opt:1 now has digest {rewritten}"):
+            call("my-opt@champion", reg)
+
+
+def test_an_alias_set_before_digests_existed_still_resolves(tmp_path):
+    reg = str(tmp_path)
+    _publish(reg)
+    (tmp_path / "my-opt" / "aliases.json").write_text(json.dumps({"champion": 1}))
+    assert registry.resolve(reg, "my-opt@champion") == ("my-opt", 1)
+    assert registry.aliases(reg, "my-opt") == {"champion": 1, "latest": 1}
+
+
+@pytest.mark.parametrize("ref", ["my-opt@sha256:", "my-opt@sha256:abc", "my-opt@sha256:" + "A" * 64,
+                                 "my-opt@sha256:" + "0" * 65, "@sha256:" + "0" * 64,
+                                 "my-opt@md5:" + "0" * 32])
+def test_a_bad_digest_ref_is_refused(ref):
+    with pytest.raises(ValueError, match="accepted forms"):
+        registry.parse_ref(ref)
 
 
 def test_a_version_moved_under_another_number_is_refused(tmp_path):

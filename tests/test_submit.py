@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metaopt import storage
+from metaopt import registry, storage
 from tests.jsonout import last_json
 from tests.ports import free_port
 from tests.redis_fixture import RedisServer
@@ -136,6 +136,8 @@ def test_a_submitted_job_completes_and_a_cancelled_one_stops_with_a_checkpoint(c
     record = row["record"]  # what the learner kept in Redis, as `metaopt status` shows it
     assert record["state"] == "SUCCEEDED" and record["theta_version"] == 6, record
     assert record["artifact"] == "e2e:1" and record["spec"]["stop"]["max_outer_steps"] == 6
+    assert record["artifact_digest"] == summary["artifact_digest"]
+    assert record["artifact_digest"] == registry.digest(summary["registry"], "e2e", 1)
     assert record["last_checkpoint"].endswith("ckpt-000000006")
     text = metaopt(env, "status", "short-1").stdout
     assert "SUCCEEDED" in text and "theta_version: 6" in text
