@@ -163,8 +163,12 @@ def _stored_aliases(registry_uri: str, name: str) -> dict[str, tuple[int, str | 
         return {}
     try:
         table = json.loads(fs.cat_file(path))
-        return {str(k): (int(v), None) if isinstance(v, int) else (int(v["version"]), str(v["digest"]))
-                for k, v in table.items() if k != LATEST}
+        entries = {str(k): (int(v), None) if isinstance(v, int) else (int(v["version"]), v["digest"])
+                   for k, v in table.items() if k != LATEST}
+        for alias, (_, pinned) in entries.items():
+            if pinned is not None and not (isinstance(pinned, str) and _DIGEST_RE.fullmatch(pinned)):
+                raise ValueError(f"alias {alias!r} records digest {pinned!r}, not sha256:HEX")
+        return entries
     except (ValueError, TypeError, AttributeError, KeyError) as err:
         raise CorruptArtifactError(f"{_join(registry_uri, name, ALIASES_FILE)} is unreadable ({err!r}); "
                                    "set the aliases again with set_alias") from None

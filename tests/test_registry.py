@@ -384,6 +384,15 @@ def test_an_alias_set_before_digests_existed_still_resolves(tmp_path):
     (tmp_path / "my-opt" / "aliases.json").write_text(json.dumps({"champion": 1}))
     assert registry.resolve(reg, "my-opt@champion") == ("my-opt", 1)
     assert registry.aliases(reg, "my-opt") == {"champion": 1, "latest": 1}
+    registry.set_alias(reg, "my-opt", 1, "candidate")  # the old entry is kept as it was: no digest
+    assert json.loads((tmp_path / "my-opt" / "aliases.json").read_text())["champion"] == {
+        "version": 1, "digest": None}
+    for alias in ("champion", "candidate"):
+        assert registry.resolve(reg, f"my-opt@{alias}") == ("my-opt", 1)
+    bad = {"champion": {"version": 1, "digest": "md5:0"}}
+    (tmp_path / "my-opt" / "aliases.json").write_text(json.dumps(bad))
+    with pytest.raises(CorruptArtifactError, match="aliases.json is unreadable.*not sha256:HEX"):
+        registry.resolve(reg, "my-opt@champion")
 
 
 @pytest.mark.parametrize("ref", ["my-opt@sha256:", "my-opt@sha256:abc", "my-opt@sha256:" + "A" * 64,

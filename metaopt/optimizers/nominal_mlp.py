@@ -341,9 +341,8 @@ class NominalMLP:
         where λ_k = d_k lr(k) bc_k, both sums decayed by β3 = sqrt(β2), and never falls. The
         numerator says how far the run has moved along its gradients, the denominator how large they
         were: their ratio is a distance to the solution over a gradient size, the rate at which
-        Adam's step covers it. Here Adam's moments stay on the raw gradient (the learned features
-        read them), so d only sets the rate. d_0 divides both sums to keep them in float32's range
-        (it cancels in the ratio); a step at lr(k) = 0 (a warm-up from 0) adds nothing to either."""
+        Adam's step covers it. d_0 divides both sums to keep them in float32's range (it cancels
+        in the ratio); a step at lr(k) = 0 (a warm-up from 0) adds nothing to either."""
         d = estimate.d
         beta3 = math.sqrt(RMS_DECAY)
         bias = jnp.sqrt(1.0 - RMS_DECAY ** t) / (1.0 - MOM_DECAYS[ADAM_MOMENTUM] ** t)
