@@ -262,7 +262,8 @@ def _resolve_pinned(registry_uri: str, ref: str) -> tuple[str, int, str | None]:
                                         f"its aliases: {sorted(table) + [LATEST]}")
         alias = version
         version, pinned = table[alias]
-        _check_digest(registry_uri, name, version, pinned, f"{name}@{alias}")
+        if pinned is not None:
+            _check_digest(name, version, pinned, digest(registry_uri, name, version), f"{name}@{alias}")
     versions = list_versions(registry_uri, name)
     if not versions:
         raise ArtifactNotFoundError(
@@ -289,12 +290,10 @@ def _find_digest(registry_uri: str, name: str, pinned: str) -> tuple[str, int, s
                                 f"{listed}")
 
 
-def _check_digest(registry_uri: str, name: str, version: int, pinned: str | None, what: str) -> None:
-    """Refuse NAME:VERSION if its digest is no longer `pinned` (None: nothing pinned)."""
-    if pinned is None:
-        return
-    actual = digest(registry_uri, name, version)
-    if actual != pinned:
+def _check_digest(name: str, version: int, pinned: str | None, actual: str, what: str) -> None:
+    """Refuse NAME:VERSION, whose digest is `actual`, if `what` pinned it to another (None: nothing
+    pinned)."""
+    if pinned is not None and actual != pinned:
         raise CorruptArtifactError(
             f"{what} was pinned to {name}:{version} with digest {pinned}, but {name}:{version} now has "
             f"digest {actual}: the artifact was rewritten after it was pinned; do not use it. Re-publish "
@@ -428,8 +427,7 @@ def _pull_resolved(registry_uri: str, name: str, version: int, dest_dir: str | N
         wanted = read_marker(src)["files"]
     except CorruptArtifactError as e:
         raise CorruptArtifactError(f"{e} (re-publish {name} if the registry copy is damaged)") from e
-    if pinned is not None and "sha256:" + content_digest(wanted) != pinned:  # rewritten since resolved
-        _check_digest(registry_uri, name, version, pinned, f"{name}:{version}")
+    _check_digest(name, version, pinned, "sha256:" + content_digest(wanted), f"{name}:{version}")
     cached = _cache_path(content_digest(wanted))
     if dest_dir is not None:
         _refuse_foreign_directory(dest_dir)
@@ -591,7 +589,8 @@ def load(ref: str, registry: str | None = None) -> TrainedOptimizer:
     except CorruptArtifactError as e:
         raise CorruptArtifactError(f"{e} (re-pull, or re-publish {name}:{version})") from e
     # The files match COMMIT.json; a pinned ref also needs COMMIT.json to be the one it pinned.
-    _check_digest(registry, name, version, pinned, ref)
+    if pinned is not None:
+        _check_digest(name, version, pinned, digest(registry, name, version), ref)
     return _trained(*_check_artifact(files, uri, name, version))
 
 
