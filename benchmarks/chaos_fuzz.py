@@ -59,12 +59,13 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from learner import security
-from learner.core import Learner, LearnerConfig
-from learner.server import MAX_RECEIVE_BYTES, SERVICE_NAME, make_server
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
-from workers.client import LearnerClient
+from metaopt.jobspec import OuterSpec
+from metaopt.learner import security
+from metaopt.learner.core import Learner, LearnerConfig
+from metaopt.learner.server import MAX_RECEIVE_BYTES, SERVICE_NAME, make_server
+from metaopt.workers.client import LearnerClient
 
 # Run as a script, only benchmarks/ is on sys.path: the mutations are imported as `benchmarks.*`.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -612,8 +613,8 @@ def _figures(stats: dict) -> dict:
 
 def _make_learner() -> Learner:
     """A learner whose meta-batch is never full here (θ cannot move), resumed at VERSION."""
-    config = LearnerConfig(job_id=JOB, max_outer_steps=1_000_000, meta_batch_size=1_000_000_000,
-                           max_staleness=MAX_STALENESS, max_estimate_norm=MAX_NORM, task_families=(FAMILY,))
+    outer = OuterSpec(meta_batch_size=1_000_000_000, max_staleness=MAX_STALENESS, max_estimate_norm=MAX_NORM)
+    config = LearnerConfig(job_id=JOB, max_outer_steps=1_000_000, outer=outer, task_families=(FAMILY,))
     learner = Learner(config, {"w": np.linspace(-1, 1, SIZE, dtype=np.float32)})
     _, arrays_, meta = learner.snapshot()
     learner.restore(arrays_, meta | {"version": VERSION})  # as from a checkpoint: stale versions exist

@@ -80,7 +80,7 @@ from benchmarks.learner_ingest import (  # noqa: E402
     _Estimates,
     _stream,
 )
-from learner.core import HISTORY_WINDOW  # noqa: E402
+from metaopt.learner.core import HISTORY_WINDOW  # noqa: E402
 
 RSS_BOUND_MB = 64.0
 OUTER_STEP_BYTES = 280  # one `OuterStep` in `Learner.history`, measured with tracemalloc
@@ -101,7 +101,7 @@ class _Tally:
 def _hold_process(commands, results) -> None:
     """A sender process: per command (address, size, digest, streams, run_s, prefix), that many
     streams for run_s, each drained at the end; answers with accepted acks per worker."""
-    from workers.client import CHANNEL_OPTIONS
+    from metaopt.workers.client import CHANNEL_OPTIONS
 
     async def run(address, size, digest, streams, run_s, prefix):
         estimates = _Estimates(size)
@@ -147,11 +147,13 @@ def _send(pool: SenderPool, address: str, size: int, digest: str, streams: int, 
 def _serve(size: int):
     """The learner as `learner_ingest` serves it, with θ of `size` values. Staleness is not
     refused (max_staleness 1000): this is about holding streams, not the staleness policy."""
-    from learner.core import Learner, LearnerConfig
-    from learner.server import make_server
+    from metaopt.jobspec import OuterSpec
+    from metaopt.learner.core import Learner, LearnerConfig
+    from metaopt.learner.server import make_server
 
-    config = LearnerConfig(job_id=JOB, max_outer_steps=10**9, meta_batch_size=META_BATCH["small"],
-                           max_staleness=1000, max_in_flight=MAX_IN_FLIGHT, max_estimate_norm=1e6)
+    outer = OuterSpec(meta_batch_size=META_BATCH["small"], max_staleness=1000, max_in_flight=MAX_IN_FLIGHT,
+                      max_estimate_norm=1e6)
+    config = LearnerConfig(job_id=JOB, max_outer_steps=10**9, outer=outer)
     learner = Learner(config, {"theta": np.zeros(size, np.float32)})
     server, port = make_server(learner, port=0)
     return learner, server, port
@@ -231,7 +233,7 @@ def hold_streams(streams: int = 256, seconds: float = 60.0, size: int = SIZES["s
         "streams_requested": streams, "streams": max(s[3] for s in samples),
         "streams_min": min(s[3] for s in window), "all_open_at_s": round(all_open_at, 2),
         "seconds": seconds, "measured_s": t1 - t0, "warm_s": warm_s,
-        "drain_s": drained_s, "values": size, "meta_batch_size": learner.config.meta_batch_size,
+        "drain_s": drained_s, "values": size, "meta_batch_size": learner.config.outer.meta_batch_size,
         "max_in_flight": MAX_IN_FLIGHT, "accepted": accepted,
         "learner_accepted": sum(learner.accepted_by_worker.values()), "applied": applied,
         "accepted_lost": accepted - applied,

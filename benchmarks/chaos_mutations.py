@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError
 
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
-from workers.client import split_estimate
+from metaopt.workers.client import split_estimate
 
 OPERATORS = ("bit_flip", "truncate", "splice", "duplicate")
 EXCHANGES = ("inline", "chunked", "get_theta")

@@ -358,7 +358,7 @@ def redis_outage(workdir: pathlib.Path, outage_s: float, max_outer_steps: int, o
     spec = _spec(max_outer_steps, max_s, storage={"job_store": redis.url_for(redis.user)})
     try:
         with pytest.MonkeyPatch.context() as env, \
-                _Logged("learner.checkpointing", "lease is not confirmed") as held_back:
+                _Logged("metaopt.learner.checkpointing", "lease is not confirmed") as held_back:
             env.setenv(PASSWORD_ENV, redis.password)
             run, seen = _train_during(chaos, spec, workdir / "out", job_id)
         record = open_job_store(redis.url).get(job_id) or {}
@@ -462,7 +462,7 @@ def object_store_outage(workdir: pathlib.Path, outage_s: float, max_outer_steps:
     spec = _spec(max_outer_steps, max_s, checkpoint_interval_s=0.5, storage={"root": f"s3://{BUCKET}/chaos"})
     try:
         with pytest.MonkeyPatch.context() as env, \
-                _Logged("learner.checkpointing", "failed; will retry") as failures:
+                _Logged("metaopt.learner.checkpointing", "failed; will retry") as failures:
             use_s3_endpoint(env, server.endpoint, workdir)
             # See the module docstring: a write fails within a second, not after ~15 s of retries.
             env.setenv("AWS_MAX_ATTEMPTS", "2")

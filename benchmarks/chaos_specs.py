@@ -42,9 +42,8 @@ from typer.testing import CliRunner
 
 import metaopt.submit
 import metaopt.train
-import task_zoo
 from benchmarks.chaos_common import MAPPING, WORD, by_kind, files_under, kind_stats, run_kinds
-from metaopt import jobspec, optimizers
+from metaopt import jobspec, optimizers, task_zoo
 from metaopt.cli import app
 from metaopt.evaluation import suite_names
 

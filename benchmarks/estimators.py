@@ -42,15 +42,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
-import task_zoo  # noqa: E402
-from metaopt import optimizers  # noqa: E402
+from metaopt import optimizers, task_zoo  # noqa: E402
+from metaopt.workers.estimators import ESTIMATORS, make_estimator  # noqa: E402
 from tests.test_estimators import X0, A, FakeLearnedStepSize, ScalarQuadratic  # noqa: E402
-from workers.estimators import (  # noqa: E402
-    ESTIMATORS,
-    EstimatorConfig,  # noqa: E402
-    make_estimator,
-)
-from workers.full_es import FullES  # noqa: E402
 
 
 def closed_form_loss(theta, horizon):
@@ -153,10 +147,8 @@ def meta_train(kind, estimator, task, theta0, cfg, lr, evaluate):
 
 def make_evaluator(optimizer, task, cfg, norm):
     """Mean whole-run meta-loss at θ on fixed episodes (unperturbed runs)."""
-    runner = FullES(optimizer, EstimatorConfig(
-        num_particles=1, truncation_length=cfg["horizon"], inner_horizon=cfg["horizon"],
-        loss_normalization=norm,
-    ))
+    runner = make_estimator("full_es", optimizer, num_particles=1, truncation_length=cfg["horizon"],
+                            inner_horizon=cfg["horizon"], loss_normalization=norm)
     keys = jax.random.split(jax.random.key(999), cfg["eval_episodes"])
 
     @jax.jit

@@ -60,7 +60,7 @@ class _Estimates:
 
     def __init__(self, size: int):
         from metaopt._proto import learner_pb2 as pb
-        from workers.client import CHUNK_BYTES
+        from metaopt.workers.client import CHUNK_BYTES
 
         values, length, crc = wire.encode(np.random.default_rng(0).normal(0, 1e-3, size).astype(np.float32))
         header = pb.GradientEstimate(
@@ -168,7 +168,7 @@ async def _stream(channel, name: str, mode: str, estimates: _Estimates, digest: 
 
 def _sender_process(commands, results) -> None:
     """Runs streams on command: (address, mode, size, digest, streams, run_s, prefix)."""
-    from workers.client import CHANNEL_OPTIONS
+    from metaopt.workers.client import CHANNEL_OPTIONS
 
     async def run(address, mode, size, digest, streams, run_s, prefix):
         estimates = _Estimates(size)
@@ -224,8 +224,8 @@ class SenderPool:
 def _bare_server():
     """An asyncio server on the learner's method path that answers every message with an
     empty one, with the learner's server options."""
-    from learner.background import BackgroundServer
-    from learner.server import SERVER_OPTIONS
+    from metaopt.learner.background import BackgroundServer
+    from metaopt.learner.server import SERVER_OPTIONS
 
     async def connect(requests, context):
         async for _ in requests:
@@ -240,11 +240,13 @@ def _bare_server():
 
 
 def _learner(size: str):
-    from learner.core import Learner, LearnerConfig
-    from learner.server import make_server
+    from metaopt.jobspec import OuterSpec
+    from metaopt.learner.core import Learner, LearnerConfig
+    from metaopt.learner.server import make_server
 
-    config = LearnerConfig(job_id=JOB, max_outer_steps=10**9, meta_batch_size=META_BATCH[size],
-                           max_staleness=1000, max_in_flight=MAX_IN_FLIGHT, max_estimate_norm=1e6)
+    outer = OuterSpec(meta_batch_size=META_BATCH[size], max_staleness=1000, max_in_flight=MAX_IN_FLIGHT,
+                      max_estimate_norm=1e6)
+    config = LearnerConfig(job_id=JOB, max_outer_steps=10**9, outer=outer)
     learner = Learner(config, {"theta": np.zeros(SIZES[size], np.float32)})
     server, port = make_server(learner, port=0)
     return learner, server, port

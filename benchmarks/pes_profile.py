@@ -48,9 +48,8 @@ sys.path.insert(0, str(ROOT))  # run as a script: this checkout's benchmarks and
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import task_zoo  # noqa: E402
 from benchmarks import lopt_step, worker_throughput  # noqa: E402
-from metaopt import optimizers  # noqa: E402
+from metaopt import optimizers, task_zoo  # noqa: E402
 from metaopt.optimizers import small_fc  # noqa: E402
 
 PARTICLES = worker_throughput.REFERENCE_PARTICLES

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import task_zoo
-from metaopt import evaluation, optimizers
+from metaopt import evaluation, optimizers, task_zoo
 
 FINAL_WINDOW = 50  # steps averaged for the final loss
 POINT_WINDOW = 21  # steps averaged around each of the 11 loss points

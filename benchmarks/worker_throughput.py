@@ -38,10 +38,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import task_zoo
-from metaopt import optimizers
-from workers.cores import claim_cores
-from workers.estimators import make_estimator
+from metaopt import optimizers, task_zoo
+from metaopt.workers.cores import claim_cores
+from metaopt.workers.estimators import make_estimator
 
 TASK = task_zoo.TaskSpec("mlp", {"width": 32, "depth": 1, "activation": "relu", "batch_size": 128, "seed": 0})
 TRUNCATION_LENGTH = 10

@@ -21,8 +21,7 @@ import jax
 import numpy as np
 import optax
 
-import task_zoo
-from metaopt import optimizers
+from metaopt import optimizers, task_zoo
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from lopt_step import make_params  # noqa: E402  (a sibling script, not a package)

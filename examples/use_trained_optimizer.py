@@ -21,7 +21,7 @@ import jax
 import optax
 
 import metaopt
-import task_zoo
+from metaopt import task_zoo
 
 
 def train(task, tx, steps: int, seed: int = 0) -> list[float]:

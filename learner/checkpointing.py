@@ -14,8 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from learner.core import Learner
 from metaopt import storage
+from metaopt.learner.core import Learner
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from learner.bookkeeping import Incarnations, Totals
-from learner.metrics import LearnerMetrics
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
+from metaopt.jobspec import OuterSpec
+from metaopt.learner.bookkeeping import Incarnations, Totals
+from metaopt.learner.metrics import LearnerMetrics
 
 Reason = pb.RejectReason
 # Outer steps kept in memory and in each checkpoint. Readers of the live history poll it far
@@ -43,24 +44,20 @@ HISTORY_WINDOW = 1024
 
 @dataclasses.dataclass(frozen=True)
 class LearnerConfig:
+    """The learner's settings: the job spec's `outer` section (its defaults and checks) and what
+    the job adds to it."""
+
     job_id: str
     max_outer_steps: int
-    outer_learning_rate: float = 1e-3
-    clip_norm: float = 1.0  # global-norm clip of each averaged meta-gradient
-    meta_batch_size: int = 4  # estimates averaged per outer step
-    max_staleness: int = 2  # accept estimates computed at most this many versions ago
-    max_estimate_norm: float = 1e6  # larger estimates are rejected as poisoned
-    max_in_flight: int = 2  # unacknowledged estimates a worker may have
+    outer: OuterSpec = OuterSpec()  # the outer optimizer and what estimates it accepts
     max_pending_batches: int = 1  # full meta-batches waiting for or in the outer update
     seed: int = 0
     task_families: tuple[str, ...] = ()  # accepted task families (metric labels); () = any
 
     def __post_init__(self):
-        for name in ("max_outer_steps", "meta_batch_size", "max_in_flight", "max_pending_batches"):
+        for name in ("max_outer_steps", "max_pending_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_staleness < 0 or not (self.clip_norm > 0 and self.max_estimate_norm > 0):
-            raise ValueError(f"need max_staleness >= 0, clip_norm > 0, max_estimate_norm > 0: {self}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +78,7 @@ class OuterStep:
 
 def make_outer_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
     return optax.chain(
-        optax.clip_by_global_norm(config.clip_norm), optax.adam(config.outer_learning_rate)
+        optax.clip_by_global_norm(config.outer.clip_norm), optax.adam(config.outer.learning_rate)
     )
 
 
@@ -131,7 +128,7 @@ class Learner:
         self.history: deque[OuterStep] = deque(maxlen=HISTORY_WINDOW)
         self.totals = Totals()
         self._totals_lock = threading.Lock()  # for `totals.rejected`: `reject` may hold `_lock`
-        self._incarnations = Incarnations(config.max_staleness)
+        self._incarnations = Incarnations(config.outer.max_staleness)
         self.done = threading.Event()
         self._closing = False  # `stop` has begun: accept nothing more
         self._theta_message = wire.theta_message(np.asarray(self.theta), 0, self.structure)
@@ -189,7 +186,7 @@ class Learner:
             if replay is not None:
                 return self.reject(est, Reason.REJECT_REASON_REPLAYED, replay)
             staleness = self.version - est.theta_version
-            if staleness > self.config.max_staleness:  # θ may have moved since _validate
+            if staleness > self.config.outer.max_staleness:  # θ may have moved since _validate
                 return self.reject(est, Reason.REJECT_REASON_STALE, "θ moved on")
             first_of_incarnation = self._incarnations.accepted(stream, est.sequence, est.theta_version)
             self.totals.estimates_accepted += 1
@@ -206,7 +203,7 @@ class Learner:
             batch.workers.add(est.worker_id)
             batch.family_loss_sums[est.task.name] += est.mean_loss
             batch.family_counts[est.task.name] += 1
-            if batch.count >= self.config.meta_batch_size:
+            if batch.count >= self.config.outer.meta_batch_size:
                 self._pending += 1
                 self._updates.put(batch)
                 self._filling = self._free.pop() if self._free else None
@@ -227,7 +224,7 @@ class Learner:
     def _buffered(self) -> int:
         """Accepted estimates not yet applied. Caller holds the lock."""
         filling = self._filling.count if self._filling is not None else 0
-        return filling + self._pending * self.config.meta_batch_size
+        return filling + self._pending * self.config.outer.meta_batch_size
 
     def _validate(self, est: pb.GradientEstimate, values: list):
         """(reason, detail, the values as float32 arrays, one per buffer of `values`); reason 0
@@ -257,16 +254,16 @@ class Learner:
             norm = float(np.sqrt(sum(np.dot(part, part) for part in parts)))
         if not (np.isfinite(norm) and np.isfinite(est.mean_loss)):
             if all(np.isfinite(part).all() for part in parts) and np.isfinite(est.mean_loss):
-                detail = f"norm overflows float32 (> {self.config.max_estimate_norm:.3g})"
+                detail = f"norm overflows float32 (> {self.config.outer.max_estimate_norm:.3g})"
                 return Reason.REJECT_REASON_NORM_TOO_LARGE, detail, None
             return Reason.REJECT_REASON_NON_FINITE, "NaN or Inf in the estimate or its loss", None
-        if norm > self.config.max_estimate_norm:
-            detail = f"norm {norm:.3g} > {self.config.max_estimate_norm:.3g}"
+        if norm > self.config.outer.max_estimate_norm:
+            detail = f"norm {norm:.3g} > {self.config.outer.max_estimate_norm:.3g}"
             return Reason.REJECT_REASON_NORM_TOO_LARGE, detail, None
         version = self.version
         if est.theta_version > version:
             return Reason.REJECT_REASON_FUTURE_VERSION, f"θ version {est.theta_version} > {version}", None
-        if version - est.theta_version > self.config.max_staleness:
+        if version - est.theta_version > self.config.outer.max_staleness:
             return Reason.REJECT_REASON_STALE, f"θ version {est.theta_version}, current {version}", None
         return 0, "", parts
 

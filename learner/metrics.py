@@ -23,7 +23,7 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from learner.core import OuterStep
+    from metaopt.learner.core import OuterStep
 
 
 class LearnerMetrics:

@@ -40,11 +40,11 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from learner import security
-from learner.background import BackgroundServer
-from learner.core import Learner
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
+from metaopt.learner import security
+from metaopt.learner.background import BackgroundServer
+from metaopt.learner.core import Learner
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "metaopt.v1.Learner"
@@ -155,7 +155,7 @@ class LearnerService:
         reader = None
         try:
             yield pb.LearnerMessage(welcome=pb.Welcome(
-                theta_version=stream.told, max_in_flight=learner.config.max_in_flight,
+                theta_version=stream.told, max_in_flight=learner.config.outer.max_in_flight,
                 seed=learner.next_worker_seed(),
             ))
             if learner.done.is_set():

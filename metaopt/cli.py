@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from metaopt import cli_jobs, cli_registry
+from metaopt.extras import MissingExtraError, require
 
 app = typer.Typer(
     help="Meta-train learned optimizers and use the trained ones.",
@@ -21,6 +22,14 @@ app = typer.Typer(
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _needs(extra: str, verb: str) -> None:
+    """Exit 1 naming the pip extra to install where `metaopt VERB` cannot run in this environment."""
+    try:
+        require(extra, f"`metaopt {verb}`")
+    except MissingExtraError as err:
+        _fail(str(err), code=1)
 
 
 @app.command()
@@ -44,6 +53,7 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary line at the end.")] = False,
 ) -> None:
     """Meta-train locally: learner, Ray workers, checkpoints, registry, all on this machine."""
+    _needs("service", "train")
     from metaopt.jobspec import JobSpecError, check_job_id, load_job_spec
 
     try:
@@ -61,7 +71,7 @@ def train(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("metaopt.train").setLevel(logging.INFO)  # where the learner and metrics are
-    logging.getLogger("learner.checkpointing").setLevel(logging.INFO)  # where it resumed
+    logging.getLogger("metaopt.learner.checkpointing").setLevel(logging.INFO)  # where it resumed
     logging.getLogger("metaopt.inrun_eval").setLevel(logging.INFO)  # each evaluation, and skipped ticks
     show_progress = sys.stderr.isatty() or not as_json
     job_id = job_id or new_job_id(spec)
@@ -117,8 +127,9 @@ def serve_learner(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary line at the end.")] = False,
 ) -> None:
     """Run a job's learner alone, as in its own pod; workers elsewhere join with `metaopt worker`."""
-    from learner.security import TLSConfig, read_token
+    _needs("service", "serve-learner")
     from metaopt.jobspec import JobSpecError, check_job_id, load_job_spec
+    from metaopt.learner.security import TLSConfig, read_token
 
     _tls_options(tls_cert, tls_key)
     if tls_client_ca is not None and tls_cert is None:
@@ -138,7 +149,7 @@ def serve_learner(
     from metaopt.train import serve_learner as run_learner
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("learner.checkpointing").setLevel(logging.INFO)  # where it resumed
+    logging.getLogger("metaopt.learner.checkpointing").setLevel(logging.INFO)  # where it resumed
     logging.getLogger("metaopt.inrun_eval").setLevel(logging.INFO)  # each evaluation, and skipped ticks
     job_id = job_id or new_job_id(spec)
 
@@ -175,8 +186,8 @@ StatsJson = Annotated[bool, typer.Option("--json", help="Print one JSON line of 
 
 def _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name):
     """(spec, token, ClientTLS or None) for `worker` and `workers`; bad input exits 2."""
-    from learner.security import read_token
     from metaopt.jobspec import JobSpecError, load_job_spec
+    from metaopt.learner.security import read_token
 
     _tls_options(tls_cert, tls_key)
     if tls_cert is not None and tls_ca is None:
@@ -186,7 +197,7 @@ def _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name
         token = read_token(token_file) if token_file else None
     except (JobSpecError, ValueError, OSError) as err:
         _fail(str(err))
-    from workers.client import ClientTLS
+    from metaopt.workers.client import ClientTLS
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tls = (ClientTLS(str(tls_ca), str(tls_cert) if tls_cert else None, str(tls_key) if tls_key else None,
@@ -213,9 +224,10 @@ def worker(
     import os
     import socket
 
+    _needs("service", "worker")
     spec, token, tls = _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name)
     from metaopt._proto import learner_pb2 as pb
-    from workers.actor import PESWorker
+    from metaopt.workers.actor import PESWorker
 
     encoding = pb.ENCODING_BFLOAT16_LE if bfloat16 else pb.ENCODING_FLOAT32_LE
     worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -242,6 +254,7 @@ def workers(
     as_json: StatsJson = False,
 ) -> None:
     """Start a job's workers as Ray actors on this Ray cluster, against a learner served elsewhere."""
+    _needs("service", "workers")
     spec, token, tls = _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name)
     from metaopt.train import WorkerFailed, run_workers
 
@@ -288,6 +301,7 @@ def eval_(
     ] = None,
 ) -> None:
     """Evaluate an optimizer on a task suite against tuned baselines; writes JSON and plots."""
+    _needs("eval", "eval")
     from metaopt import evaluation
 
     try:
@@ -343,7 +357,8 @@ def _print_rows(rows: list[dict], as_json: bool) -> None:
 @list_app.command("tasks")
 def list_tasks(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False) -> None:
     """Task families: `metaopt list tasks [--json]`."""
-    import task_zoo
+    _needs("eval", "list tasks")
+    from metaopt import task_zoo
 
     _print_rows([{"name": n, "description": task_zoo.family(n).description} for n in task_zoo.families()],
                 as_json)

@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-from metaopt.submit import DEFAULT_ADDRESS, SubmitError
+from metaopt.extras import MissingExtraError, require
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # Ray's dashboard on this machine, as for `ray job`
 
 Address = Annotated[str, typer.Option(
     "--address", envvar="RAY_ADDRESS", help="The Ray dashboard, as for `ray job`.")]
@@ -30,6 +32,17 @@ def _address(address: str) -> str:
         _fail(f"--address must be the Ray dashboard's http:// address, like {DEFAULT_ADDRESS}; "
               f"got {address!r}", code=2)
     return address
+
+
+def _jobs(verb: str):
+    """metaopt.submit; exits 1 naming the extra to install where this environment lacks it."""
+    try:
+        require("service", f"`metaopt {verb}`")
+    except MissingExtraError as err:
+        _fail(str(err))
+    from metaopt import submit
+
+    return submit
 
 
 def register(app: typer.Typer) -> None:
@@ -59,7 +72,7 @@ def register(app: typer.Typer) -> None:
         as_json: AsJson = False,
     ) -> None:
         """Submit a job to a Ray cluster (or, with --k8s, as a KubeRay RayJob); prints its id at once."""
-        from metaopt import submit as jobs
+        jobs = _jobs("submit")
         from metaopt.jobspec import JobSpecError, check_job_id, load_job_spec
         from metaopt.train import new_job_id
 
@@ -75,7 +88,7 @@ def register(app: typer.Typer) -> None:
             return
         try:
             submission_id = jobs.submit(spec, _address(address), job_id)
-        except SubmitError as err:
+        except jobs.SubmitError as err:
             _fail(str(err))
         if as_json:
             typer.echo(json.dumps({"job_id": job_id, "submission_id": submission_id, "address": address}))
@@ -95,11 +108,11 @@ def register(app: typer.Typer) -> None:
         as_json: AsJson = False,
     ) -> None:
         """A job's state on the cluster and, with a job store, its progress."""
-        from metaopt import submit as jobs
+        jobs = _jobs("status")
 
         try:
             row = jobs.job_info(_address(address), job_id)
-        except SubmitError as err:
+        except jobs.SubmitError as err:
             # A job Ray does not know (one the Helm chart runs, or a cluster out of reach) may
             # still have a record in the job store.
             record = _read_record(job_store, job_store_prefix, job_id) if job_id else None
@@ -117,12 +130,12 @@ def register(app: typer.Typer) -> None:
         follow: Annotated[bool, typer.Option("--follow", "-f", help="Print until the job ends.")] = False,
     ) -> None:
         """The job's output (the learner's log and final summary)."""
-        from metaopt import submit as jobs
+        jobs = _jobs("logs")
 
         try:
             for text in jobs.logs(_address(address), job_id, follow):
                 typer.echo(text, nl=False)
-        except SubmitError as err:
+        except jobs.SubmitError as err:
             _fail(str(err))
         except KeyboardInterrupt:  # the usual way to stop following
             raise typer.Exit(130) from None
@@ -133,22 +146,22 @@ def register(app: typer.Typer) -> None:
         address: Address = DEFAULT_ADDRESS,
     ) -> None:
         """Stop a job; it writes a final checkpoint, so `metaopt submit --job-id` resumes it."""
-        from metaopt import submit as jobs
+        jobs = _jobs("cancel")
 
         try:
             stopped = jobs.cancel(_address(address), job_id)
-        except SubmitError as err:
+        except jobs.SubmitError as err:
             _fail(str(err))
         typer.echo(f"job {job_id}: " + ("stopping" if stopped else "had already ended"))
 
     @app.command("list-jobs")
     def list_jobs(address: Address = DEFAULT_ADDRESS, as_json: AsJson = False) -> None:
         """The cluster's jobs, newest first."""
-        from metaopt import submit as jobs
+        jobs = _jobs("list-jobs")
 
         try:
             rows = jobs.list_jobs(_address(address))
-        except SubmitError as err:
+        except jobs.SubmitError as err:
             _fail(str(err))
         if as_json:
             typer.echo(json.dumps(rows))
@@ -162,7 +175,7 @@ def _submit_k8s(spec, job_id: str, image: str | None, namespace: str, cluster: s
     import yaml
 
     from metaopt import k8s
-    from metaopt.submit import check_storage
+    from metaopt.submit import SubmitError, check_storage
 
     if image is None:
         _fail("--k8s needs --image, the metaopt image the pods run (deploy/Dockerfile)", code=2)

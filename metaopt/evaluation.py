@@ -63,7 +63,7 @@ import numpy as np
 import optax
 import yaml
 
-import task_zoo
+from metaopt import task_zoo
 
 SUITES_DIR = pathlib.Path(__file__).resolve().parent / "suites"
 TEST_BATCHES = 2  # held-out loss = mean over this many test batches

@@ -39,7 +39,7 @@ class AugmentSpec(_Frozen):
 
     @model_validator(mode="after")
     def _valid_ranges(self):
-        import task_zoo
+        from metaopt import task_zoo
 
         task_zoo.Augmentation(**self.model_dump())  # raises ValueError with the ranges
         return self
@@ -53,7 +53,7 @@ class TaskMix(_Frozen):
 
     @model_validator(mode="after")
     def _family_exists(self):
-        import task_zoo  # metaopt may import task_zoo only where validating a spec needs it
+        from metaopt import task_zoo  # metaopt may import task_zoo only where validating a spec needs it
 
         try:
             task_zoo.family(self.family, **self.kwargs)
@@ -78,16 +78,24 @@ class OptimizerSpec(_Frozen):
 
 
 class EstimatorSpec(_Frozen):
+    """How workers estimate meta-gradients; also the estimators' own configuration
+    (`metaopt.workers.estimators.make_estimator`), so defaults and checks live here alone."""
+
     kind: Literal["pes", "truncated_es", "full_es", "tbptt"] = "pes"
     num_particles: int = Field(8, ge=1)  # antithetic pairs per worker
     truncation_length: int = Field(20, ge=1)  # inner steps per estimate
-    inner_horizon: int = Field(200, ge=1)  # inner steps before a particle resets
-    sigma: float = Field(0.01, gt=0)  # perturbation standard deviation
-    # meta-loss: inner loss divided by the inner run's first loss ("initial"), the log of that
-    # ratio ("log"), or raw ("none")
+    inner_horizon: int = Field(200, ge=1)  # inner steps before a particle's inner problem resets
+    sigma: float = Field(0.01, gt=0)  # standard deviation of the perturbation ε
+    # "initial": the meta-loss is each inner loss divided by the loss at the inner run's first
+    # step, so tasks of any scale weigh alike; capped at `max_loss_ratio` so that a diverging
+    # particle (inf, NaN) gives a large finite loss. "log": the log of that ratio, so halving a
+    # loss counts the same late in a run as early (final loss matters, not just the first fast
+    # descent). "none": raw inner losses.
     loss_normalization: Literal["initial", "log", "none"] = "initial"
-    max_loss_ratio: float = Field(10.0, gt=0)  # cap on normalised losses (diverged runs)
-    min_loss_ratio: float = Field(1e-6, gt=0)  # "log": floor on the ratio (no pay for loss → 0)
+    max_loss_ratio: float = Field(10.0, gt=0)
+    # "log" only: ratios below this count as this. A floor well under what the baselines reach
+    # keeps the optimizer from being paid for driving a loss to ~0 at the price of spikes.
+    min_loss_ratio: float = Field(1e-6, gt=0)
     truncations_per_task: int | None = Field(None, ge=1)  # default: one inner horizon
     # Spread each worker's particles over random points of their first inner run. Off by
     # default: a worker keeps a task for one horizon, so a staggered particle would never finish
@@ -109,9 +117,9 @@ class EstimatorSpec(_Frozen):
         return self
 
     @property
-    def settings(self) -> dict[str, Any]:
-        """Keyword arguments for `workers.estimators.make_estimator`."""
-        return self.model_dump(exclude={"kind", "truncations_per_task"})
+    def persistent(self) -> bool:
+        """PES carries each particle's perturbations across truncations; truncated ES does not."""
+        return self.kind == "pes"
 
     @property
     def task_lifetime(self) -> int:

@@ -30,7 +30,6 @@ from metaopt.jobspec import JobSpec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 SPEC_FILE = "job.yaml"  # the validated spec, as the cluster receives it
 
 

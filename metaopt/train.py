@@ -70,8 +70,8 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
 def _train(run: _LearnerRun, host: str, progress: bool, metrics_port: int) -> RunResult:
     import ray
 
-    from learner.server import make_server
-    from workers.actor import start_workers
+    from metaopt.learner.server import make_server
+    from metaopt.workers.actor import start_workers
 
     spec, job_id, learner = run.spec, run.job_id, run.learner
     # A fresh token per run: only this run's workers can submit to its learner.
@@ -126,12 +126,12 @@ class _LearnerRun:
     def __init__(self, spec: JobSpec, out: str, job_id: str):
         import jax
 
-        from learner.checkpointing import Checkpointer
-        from learner.core import Learner, LearnerConfig
         from metaopt import optimizers
         from metaopt.inrun_eval import InRunEvaluator
         from metaopt.jobrecorder import JobRecorder
         from metaopt.jobstore import open_job_store
+        from metaopt.learner.checkpointing import Checkpointer
+        from metaopt.learner.core import Learner, LearnerConfig
         from metaopt.publishing import installed_code_version
 
         # The outer step waits for its result at once, so asynchronous CPU dispatch gains the
@@ -151,10 +151,7 @@ class _LearnerRun:
         self.optimizer = optimizers.make(spec.optimizer.name, **spec.optimizer.hparams)
         theta0 = self.optimizer.init(jax.random.key(spec.seed))
         self.learner = Learner(LearnerConfig(
-            job_id=job_id, max_outer_steps=spec.stop.max_outer_steps, seed=spec.seed,
-            outer_learning_rate=spec.outer.learning_rate, clip_norm=spec.outer.clip_norm,
-            meta_batch_size=spec.outer.meta_batch_size, max_staleness=spec.outer.max_staleness,
-            max_estimate_norm=spec.outer.max_estimate_norm, max_in_flight=spec.outer.max_in_flight,
+            job_id=job_id, max_outer_steps=spec.stop.max_outer_steps, outer=spec.outer, seed=spec.seed,
             task_families=tuple(t.family for t in spec.tasks),
         ), theta0)
         self.lease_lost = None  # the LeaseHeldError, once another learner has taken the job
@@ -280,7 +277,7 @@ def serve_learner(spec: JobSpec, out: str, job_id: str, host: str, port: int,
 
 def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening, progress,
            health_port) -> dict:
-    from learner.server import make_server, serve_health
+    from metaopt.learner.server import make_server, serve_health
 
     learner, job_id = run.learner, run.job_id
     server, bound = make_server(learner, host, port, token=token, tls=tls)
@@ -324,7 +321,7 @@ def run_workers(spec: JobSpec, learner_address: str, job_id: str, token: str | N
     wait until the learner stops them. Returns each worker's stats."""
     import ray
 
-    from workers.actor import start_workers
+    from metaopt.workers.actor import start_workers
 
     _start_ray(spec)
     actors, runs = start_workers(spec, learner_address, job_id, count=count, token=token, tls=tls)
@@ -342,7 +339,7 @@ def _linger(finished_at: float) -> None:
     """Serve a little after the job finished: a worker that was between connections then (its
     stream cut by a restart of this learner, say) comes back within its backoff and is told to
     stop, instead of retrying forever against a learner that is gone."""
-    from workers.actor import MAX_BACKOFF_S
+    from metaopt.workers.actor import MAX_BACKOFF_S
 
     time.sleep(max(0.0, MAX_BACKOFF_S + 1.0 - (time.monotonic() - finished_at)))
 

@@ -40,8 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import task_zoo
-from metaopt import optimizers
+from metaopt import optimizers, task_zoo
 
 
 @dataclasses.dataclass

@@ -1,25 +1,32 @@
 """The task zoo: families of inner training problems for meta-training learned optimizers.
 
->>> import jax, task_zoo
+>>> import jax
+>>> from metaopt import task_zoo
 >>> fam = task_zoo.family("quadratic", dims=(8,))
 >>> spec = fam.sample(jax.random.key(0))       # a TaskSpec: JSON-serialisable
 >>> t = task_zoo.task(spec)                     # a Task: a jittable pytree
 >>> params = t.init(jax.random.key(1))
 >>> loss = t.loss(params, jax.random.key(2), t.batch(jax.random.key(3), task_zoo.TRAIN))
+
+It needs `pip install 'metaopt[eval]'` (flax, scikit-learn, ...); without it, importing it says so.
 """
 
-from task_zoo.augment import Augmentation
-from task_zoo.autoencoder import AutoencoderFamily
-from task_zoo.base import SPLITS, TEST, TRAIN, Task, TaskCost, TaskFamily, TaskSpec, batches
-from task_zoo.cnn import CNNFamily
-from task_zoo.least_squares import LeastSquaresFamily
-from task_zoo.logistic import LogisticFamily
-from task_zoo.lstm_lm import LSTMLMFamily
-from task_zoo.mixture import Mixture
-from task_zoo.mlp import MLPFamily
-from task_zoo.quadratic import QuadraticFamily
-from task_zoo.registry import cost, families, family, register, task
-from task_zoo.transformer_lm import TransformerLMFamily
+from metaopt.extras import require
+
+require("eval", "metaopt.task_zoo")
+
+from metaopt.task_zoo.augment import Augmentation
+from metaopt.task_zoo.autoencoder import AutoencoderFamily
+from metaopt.task_zoo.base import SPLITS, TEST, TRAIN, Task, TaskCost, TaskFamily, TaskSpec, batches
+from metaopt.task_zoo.cnn import CNNFamily
+from metaopt.task_zoo.least_squares import LeastSquaresFamily
+from metaopt.task_zoo.logistic import LogisticFamily
+from metaopt.task_zoo.lstm_lm import LSTMLMFamily
+from metaopt.task_zoo.mixture import Mixture
+from metaopt.task_zoo.mlp import MLPFamily
+from metaopt.task_zoo.quadratic import QuadraticFamily
+from metaopt.task_zoo.registry import cost, families, family, register, task
+from metaopt.task_zoo.transformer_lm import TransformerLMFamily
 
 register(QuadraticFamily.name, QuadraticFamily)
 register(MLPFamily.name, MLPFamily)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from task_zoo.base import SPLITS, TRAIN, TaskCost
+from metaopt.task_zoo.base import SPLITS, TRAIN, TaskCost
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from task_zoo.base import TaskSpec
+from metaopt.task_zoo.base import TaskSpec
 
 
 def spec_error(spec: TaskSpec, problem: str) -> ValueError:

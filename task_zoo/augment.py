@@ -26,7 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from task_zoo.base import Task, TaskSpec
+from metaopt.task_zoo.base import Task, TaskSpec
 
 AUGMENT_KEY = "augment"
 

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from task_zoo._layers import ACTIVATIONS, dense_apply, dense_cost, dense_init, draw
-from task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
-from task_zoo.base import SPLITS, TRAIN, TaskCost, TaskSpec
-from task_zoo.images import DIGITS, check_datasets, check_image_spec, image_info, load_images
+from metaopt.task_zoo._layers import ACTIVATIONS, dense_apply, dense_cost, dense_init, draw
+from metaopt.task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
+from metaopt.task_zoo.base import SPLITS, TRAIN, TaskCost, TaskSpec
+from metaopt.task_zoo.images import DIGITS, check_datasets, check_image_spec, image_info, load_images
 
 NAME = "autoencoder"
 

@@ -16,10 +16,10 @@ import numpy as np
 import optax
 from flax import struct
 
-from task_zoo._layers import ACTIVATIONS, draw, split_data
-from task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
-from task_zoo.base import TaskCost, TaskSpec
-from task_zoo.images import DIGITS, check_datasets, check_image_spec, image_info, load_images
+from metaopt.task_zoo._layers import ACTIVATIONS, draw, split_data
+from metaopt.task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
+from metaopt.task_zoo.base import TaskCost, TaskSpec
+from metaopt.task_zoo.images import DIGITS, check_datasets, check_image_spec, image_info, load_images
 
 NAME = "cnn"
 KERNEL = 3

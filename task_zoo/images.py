@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from task_zoo._layers import ACTIVATIONS
-from task_zoo._spec import spec_error
-from task_zoo.base import TaskSpec
+from metaopt.task_zoo._layers import ACTIVATIONS
+from metaopt.task_zoo._spec import spec_error
+from metaopt.task_zoo.base import TaskSpec
 
 DIGITS = "digits"
 IDX_PREFIX = "idx:"

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from task_zoo._layers import draw, split_data
-from task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
-from task_zoo.base import TaskCost, TaskSpec
+from metaopt.task_zoo._layers import draw, split_data
+from metaopt.task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
+from metaopt.task_zoo.base import TaskCost, TaskSpec
 
 NAME = "least_squares"
 REQUIRED = {"n_features": int, "n_samples": int, "log10_condition": float, "noise": float,

@@ -27,9 +27,9 @@ import numpy as np
 import optax
 from flax import struct
 
-from task_zoo._layers import dense_cost, dense_init, draw, split_data
-from task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
-from task_zoo.base import TaskCost, TaskSpec
+from metaopt.task_zoo._layers import dense_cost, dense_init, draw, split_data
+from metaopt.task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
+from metaopt.task_zoo.base import TaskCost, TaskSpec
 
 NAME = "logistic"
 SYNTHETIC = "synthetic"

@@ -16,9 +16,9 @@ import numpy as np
 import optax
 from flax import struct
 
-from task_zoo import text
-from task_zoo._spec import choices, pick, seed, spec_error, spec_kwargs
-from task_zoo.base import TaskCost, TaskSpec
+from metaopt.task_zoo import text
+from metaopt.task_zoo._spec import choices, pick, seed, spec_error, spec_kwargs
+from metaopt.task_zoo.base import TaskCost, TaskSpec
 
 NAME = "lstm_lm"
 

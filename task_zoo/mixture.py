@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from task_zoo.augment import Augmentation
-from task_zoo.base import TaskFamily, TaskSpec
-from task_zoo.registry import cost
+from metaopt.task_zoo.augment import Augmentation
+from metaopt.task_zoo.base import TaskFamily, TaskSpec
+from metaopt.task_zoo.registry import cost
 
 BALANCES = ("weight", "cost")
 

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from task_zoo._spec import spec_error, spec_kwargs
-from task_zoo.base import SPLITS, TRAIN, TaskCost, TaskSpec
+from metaopt.task_zoo._spec import spec_error, spec_kwargs
+from metaopt.task_zoo.base import SPLITS, TRAIN, TaskCost, TaskSpec
 
 NAME = "quadratic"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-from task_zoo.augment import augment_task, split_augment
-from task_zoo.base import Task, TaskCost, TaskFamily, TaskSpec
+from metaopt.task_zoo.augment import augment_task, split_augment
+from metaopt.task_zoo.base import Task, TaskCost, TaskFamily, TaskSpec
 
 _FACTORIES: dict[str, Callable[..., TaskFamily]] = {}
 

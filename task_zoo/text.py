@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from task_zoo.base import SPLITS, TRAIN
+from metaopt.task_zoo.base import SPLITS, TRAIN
 
 STDLIB = "stdlib"
 PYDOC = "pydoc"

@@ -1,16 +1,30 @@
 """Fixtures shared by test files: `pki`, certificates for TLS tests, made here with
-`cryptography` (EC P-256 keys: fast)."""
+`cryptography` (EC P-256 keys: fast). And the checkout's helpers on the import path (below)."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import pathlib
+import sys
+import types
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# --- the import path ------------------------------------------------------------------------
+# The repository root stays off sys.path, so tests import metaopt as a user's environment has it:
+# `metaopt.task_zoo`, `metaopt.learner`, never a second, top-level `task_zoo` with its own registry.
+# The checkout's own helpers, tests/ and benchmarks/ (not installed), are reached as packages by
+# their folders alone.
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+for _name in ("tests", "benchmarks"):
+    if _name not in sys.modules:
+        sys.modules[_name] = types.ModuleType(_name)
+        sys.modules[_name].__path__ = [str(ROOT / _name)]
 
 # --- certificates ---------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ top of the real `workers.actor` (a class defined in `__main__` would travel by v
 
 from __future__ import annotations
 
-from workers.actor import PESWorker
+from metaopt.workers.actor import PESWorker
 
 FAULT = "planted fault: worker-1 cannot sample a task"
 

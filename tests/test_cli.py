@@ -6,8 +6,7 @@ import json
 import subprocess
 import sys
 
-import task_zoo
-from metaopt import optimizers
+from metaopt import optimizers, task_zoo
 
 
 def metaopt(*args: str) -> subprocess.CompletedProcess:

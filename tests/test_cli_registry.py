@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from learner.checkpointing import Checkpointer
-from learner.core import Learner, LearnerConfig
 from metaopt import optimizers, publishing, registry, storage, wire
 from metaopt._proto import learner_pb2 as pb
 from metaopt.cli import app
-from metaopt.jobspec import parse_job_spec
+from metaopt.jobspec import OuterSpec, parse_job_spec
+from metaopt.learner.checkpointing import Checkpointer
+from metaopt.learner.core import Learner, LearnerConfig
 from metaopt.storage import CorruptArtifactError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def run(tmp_path_factory):
     run_dir.mkdir(parents=True)
     (run_dir / "job.json").write_text(json.dumps(SPEC.model_dump(mode="json"), indent=2))
     opt = optimizers.make(SPEC.optimizer.name, **SPEC.optimizer.hparams)
-    learner = Learner(LearnerConfig(job_id=JOB_ID, max_outer_steps=10, meta_batch_size=1),
+    learner = Learner(LearnerConfig(job_id=JOB_ID, max_outer_steps=10, outer=OuterSpec(meta_batch_size=1)),
                       opt.init(jax.random.key(SPEC.seed)))
     checkpointer = Checkpointer(learner, str(run_dir / "checkpoints"))
     thetas = {}
@@ -206,7 +206,7 @@ def test_an_evaluation_report_is_summarised_into_the_provenance(run, tmp_path):
 
 
 def test_provenance_takes_job_specs_and_history_records_alike():
-    from learner.core import OuterStep
+    from metaopt.learner.core import OuterStep
 
     history = [OuterStep(step=1, meta_loss=3.0, gradient_norm=1.0, estimates=2, inner_steps=4, time=0.0),
                OuterStep(step=2, meta_loss=float("nan"), gradient_norm=1.0, estimates=2, inner_steps=4,

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from workers import cores
+from metaopt.workers import cores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPUS = sorted(os.sched_getaffinity(0))
@@ -20,7 +20,7 @@ needs_two = pytest.mark.skipif(len(CPUS) < 2, reason="needs a process that may r
 # claim) may run, then holds the claim until its stdin closes.
 CLAIMANT = textwrap.dedent("""
     import json, os, sys, threading
-    from workers.cores import claim_cores
+    from metaopt.workers.cores import claim_cores
     claim = claim_cores(float(sys.argv[2]), lock_dir=__import__("pathlib").Path(sys.argv[1]))
     seen = {}
     t = threading.Thread(target=lambda: seen.update(late=sorted(os.sched_getaffinity(0))))
@@ -84,7 +84,7 @@ def test_several_cores_per_worker(tmp_path):
 def test_no_pinning_under_a_cgroup_limit_smaller_than_the_cpus_fake_cgroup(tmp_path, monkeypatch, caplog):
     quota = int((len(CPUS) - 0.5) * 100000)
     monkeypatch.setattr(cores, "CGROUP_ROOT", _cgroup(tmp_path / "cgroup", {"cpu.max": f"{quota} 100000"}))
-    with caplog.at_level("INFO", logger="workers.cores"):
+    with caplog.at_level("INFO", logger="metaopt.workers.cores"):
         assert cores.claim_cores(1, lock_dir=tmp_path / "locks") is None
     assert "cgroup allows" in caplog.text
     assert sorted(os.sched_getaffinity(0)) == CPUS
@@ -132,7 +132,7 @@ def test_a_cgroup_file_that_exists_but_is_unreadable_or_malformed_is_not_unlimit
 @pytest.mark.parametrize("text", [None, "garbage"], ids=["unreadable", "unparsable"])
 def test_an_unknown_cgroup_limit_turns_pinning_off_and_says_why(tmp_path, monkeypatch, caplog, text):
     monkeypatch.setattr(cores, "CGROUP_ROOT", _cgroup(tmp_path / "cgroup", {"cpu.max": text}))
-    with caplog.at_level("WARNING", logger="workers.cores"):
+    with caplog.at_level("WARNING", logger="metaopt.workers.cores"):
         assert cores.claim_cores(1, lock_dir=tmp_path / "locks") is None
     assert "not pinning to cores: the cgroup CPU limit is unknown" in caplog.text
     assert "cpu.max" in caplog.text

@@ -19,8 +19,7 @@ import pytest
 import safetensors.numpy
 
 import metaopt
-import task_zoo
-from metaopt import publishing, registry, wire
+from metaopt import publishing, registry, task_zoo, wire
 from metaopt.run_report import read_metrics
 from tests.inrun_spec import e2e_with_eval
 from tests.jsonout import last_json

@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import task_zoo
-from metaopt import optimizers
+from metaopt import optimizers, task_zoo
+from metaopt.workers.estimators import ESTIMATORS, make_estimator
 from tests.test_estimators import THETA, X0, A, FakeLearnedStepSize, ScalarQuadratic, gaussian_moment
-from workers.estimators import ESTIMATORS, make_estimator
 
 SIGMA, H = 0.05, 10
 RUNS, PAIRS = 30, 2000  # full ES: 30 independent estimates, each a mean over 2000 antithetic pairs

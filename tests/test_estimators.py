@@ -24,9 +24,9 @@ import numpy as np
 import optax
 import pytest
 
-import task_zoo
-from metaopt import optimizers
-from workers.estimators import EstimatorConfig, make_estimator
+from metaopt import optimizers, task_zoo
+from metaopt.jobspec import EstimatorSpec
+from metaopt.workers.estimators import make_estimator
 
 A, X0, THETA, SIGMA, K, J = 1.0, 1.0, 0.1, 0.05, 5, 3
 RUNS, PARTICLES = 40, 2000  # 40 independent means of 2000 antithetic pairs each
@@ -194,10 +194,12 @@ def test_log_normalisation_is_the_log_of_the_capped_initial_ratio():
 
 
 def test_config_rejects_a_truncation_longer_than_the_horizon():
-    with pytest.raises(ValueError, match="truncation_length <= inner_horizon"):
-        EstimatorConfig(truncation_length=50, inner_horizon=20)
-    with pytest.raises(ValueError, match="min_loss_ratio < max_loss_ratio"):
-        EstimatorConfig(min_loss_ratio=20.0)
+    """The estimators' settings are the job spec's EstimatorSpec: its checks, in one place."""
+    with pytest.raises(ValueError, match=r"truncation_length \(50\) must not exceed inner_horizon \(20\)"):
+        make_estimator("pes", FakeLearnedStepSize(), truncation_length=50, inner_horizon=20)
+    with pytest.raises(ValueError, match="min_loss_ratio .* must be below max_loss_ratio"):
+        make_estimator("tbptt", FakeLearnedStepSize(), min_loss_ratio=20.0)
+    assert make_estimator("full_es", FakeLearnedStepSize()).config == EstimatorSpec(kind="full_es")
 
 
 LEARNED = [name for name in optimizers.names() if optimizers.make(name).learned]
@@ -222,9 +224,9 @@ def test_every_learned_optimizer_can_be_meta_trained_with_pes(name):
 
 SHARDED_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
-import task_zoo
+from metaopt import task_zoo
 from metaopt import optimizers
-from workers.estimators import make_estimator
+from metaopt.workers.estimators import make_estimator
 
 assert len(jax.devices()) == 2, jax.devices()
 task = task_zoo.task(task_zoo.TaskSpec(

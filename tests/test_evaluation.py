@@ -17,8 +17,7 @@ import optax
 import pytest
 from typer.testing import CliRunner
 
-import task_zoo
-from metaopt import evaluation, optimizers, registry
+from metaopt import evaluation, optimizers, registry, task_zoo
 from metaopt.cli import app
 from tests.jsonout import last_json
 

@@ -14,11 +14,11 @@ import pytest
 from benchmarks import chaos_fuzz
 from benchmarks.chaos_fuzz import KINDS, fuzz_learner
 from benchmarks.chaos_mutations import EXCHANGES, OPERATORS, Contract, judge, mutate, traffic
-from learner import security
-from learner.core import Learner, LearnerConfig
-from learner.server import make_server
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
+from metaopt.learner import security
+from metaopt.learner.core import Learner, LearnerConfig
+from metaopt.learner.server import make_server
 
 PER_KIND = 8  # hostile inputs of each kind
 MUTATIONS = 200  # hostile mutants of real traffic

@@ -15,8 +15,12 @@ import json
 import pathlib
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
+
+from tests.test_packaging import _canonical, _declared
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCKERFILES = {"cpu": ROOT / "deploy" / "Dockerfile", "cuda": ROOT / "deploy" / "Dockerfile.cuda"}
@@ -249,6 +253,18 @@ def test_builder_installs_runtime_dependencies_from_the_lock_then_the_project(ki
     assert not any(re.search(r"(^|\s)(-e|--editable)\s", cmd) for cmd in project), "editable install"
     assert all("--no-cache-dir" in cmd for cmd in pip_installs), f"pip cache kept: {pip_installs}"
 
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_the_image_gets_the_dependencies_of_the_core_and_of_the_eval_and_service_extras(kind):
+    """The builder lists its runtime requirements from pyproject.toml with a python one-liner: run
+    it as the image would, and it must name everything the service needs, metaopt itself never."""
+    run = next(r for r in _builder(kind).args("RUN") if "runtime-requirements" in r)
+    code = re.search(r"python -c '(.*?)'", run, re.S)[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    named = {_canonical(re.match(r"[A-Za-z0-9._-]+", line)[0]) for line in done.stdout.split("\n") if line}
+    assert named == _declared("eval", "service"), named ^ _declared("eval", "service")
 
 def test_cuda_image_pins_the_locked_jax():
     jax = _locked_version("jax")

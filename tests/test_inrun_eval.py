@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from learner.core import OuterStep
-from learner.metrics import LearnerMetrics
 from metaopt.evaluation import suite_names
 from metaopt.inrun_eval import RECORDS_FILE, InRunEvaluator, best_evaluation, theta_file
 from metaopt.jobspec import EvalSpec, JobSpecError, parse_job_spec
+from metaopt.learner.core import OuterStep
+from metaopt.learner.metrics import LearnerMetrics
 from metaopt.run_report import family_series, plot_run, read_metrics, running_mean
 from tests.inrun_spec import TINY_SUITE
 

@@ -15,7 +15,7 @@ def test_a_minimal_spec_gets_the_documented_defaults():
     assert spec.task_balance == "weight" and spec.tasks[0].augment is None
     assert spec.estimator.task_lifetime == 10  # inner_horizon 200 / truncation_length 20
     # Whole inner runs, one per task; the estimator gets the choice.
-    assert spec.estimator.settings["stagger"] is False
+    assert spec.estimator.stagger is False
     assert spec.stop.max_minutes is None
 
 

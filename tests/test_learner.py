@@ -16,12 +16,13 @@ import optax
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from learner.checkpointing import Checkpointer
-from learner.core import Learner, LearnerConfig, make_outer_optimizer
-from learner.server import ANNOUNCE_INTERVAL_S, make_server
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
 from metaopt._proto import learner_pb2_grpc as pb_grpc
+from metaopt.jobspec import OuterSpec
+from metaopt.learner.checkpointing import Checkpointer
+from metaopt.learner.core import Learner, LearnerConfig, make_outer_optimizer
+from metaopt.learner.server import ANNOUNCE_INTERVAL_S, make_server
 
 THETA0 = {"mlp": {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(3, 2),
                   "b": np.zeros(4, np.float32)}, "scale": np.float32(0.5)}
@@ -29,10 +30,11 @@ SIZE = 11
 
 
 def make_learner(**overrides) -> Learner:
-    config = dict(job_id="job-1", max_outer_steps=100, meta_batch_size=2, clip_norm=1.0,
-                  outer_learning_rate=0.01, max_staleness=1, max_estimate_norm=1e3,
-                  task_families=("quadratic", "mlp"))
-    return Learner(LearnerConfig(**(config | overrides)), THETA0)
+    """Overrides of the job spec's `outer` section and of LearnerConfig's own fields alike."""
+    outer = dict(meta_batch_size=2, clip_norm=1.0, learning_rate=0.01, max_staleness=1, max_estimate_norm=1e3)
+    outer |= {k: overrides.pop(k) for k in list(overrides) if k in OuterSpec.model_fields}
+    config = dict(job_id="job-1", max_outer_steps=100, task_families=("quadratic", "mlp")) | overrides
+    return Learner(LearnerConfig(**config, outer=OuterSpec(**outer)), THETA0)
 
 
 SEQUENCE = itertools.count(1)  # estimates of worker "w", run "r": each sequence is new
@@ -243,9 +245,16 @@ def test_a_damaged_checkpoint_is_refused_with_a_clear_error():
             make_learner().restore(a, m)
 
 
-@pytest.mark.parametrize("bad", [dict(meta_batch_size=0), dict(max_in_flight=0), dict(clip_norm=0.0)])
-def test_learner_config_is_validated(bad):
-    with pytest.raises(ValueError, match="must be|need"):
+@pytest.mark.parametrize(("bad", "why"), [
+    (dict(meta_batch_size=0), "meta_batch_size\n  Input should be greater than or equal to 1"),
+    (dict(max_in_flight=0), "max_in_flight\n  Input should be greater than or equal to 1"),
+    (dict(clip_norm=0.0), "clip_norm\n  Input should be greater than 0"),
+    (dict(max_outer_steps=0), "max_outer_steps must be >= 1, got 0"),
+    (dict(max_pending_batches=0), "max_pending_batches must be >= 1, got 0"),
+])
+def test_learner_config_is_validated(bad, why):
+    """The outer settings are checked by the job spec's OuterSpec, the rest by LearnerConfig."""
+    with pytest.raises(ValueError, match=why):
         make_learner(**bad)
 
 

@@ -14,12 +14,12 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-import learner.core
-from learner.bookkeeping import Totals
-from learner.checkpointing import Checkpointer
-from learner.core import HISTORY_WINDOW, Learner
 from metaopt import publishing, train
 from metaopt._proto import learner_pb2 as pb
+from metaopt.learner import core
+from metaopt.learner.bookkeeping import Totals
+from metaopt.learner.checkpointing import Checkpointer
+from metaopt.learner.core import HISTORY_WINDOW, Learner
 from metaopt.run_report import keep_outer_steps, plot_metrics, read_metrics
 from tests.test_inrun_eval import _record
 from tests.test_learner_streams import acks, estimate, hello, make_learner, serve  # noqa: F401
@@ -30,7 +30,7 @@ STALENESS = 2
 
 @pytest.fixture
 def small_window(monkeypatch):
-    monkeypatch.setattr(learner.core, "HISTORY_WINDOW", WINDOW)
+    monkeypatch.setattr(core, "HISTORY_WINDOW", WINDOW)
 
 
 def bounded_learner(**overrides) -> Learner:

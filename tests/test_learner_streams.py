@@ -14,12 +14,13 @@ import grpc
 import numpy as np
 import pytest
 
-from learner.core import Learner, LearnerConfig
-from learner.security import TLSConfig
-from learner.server import LearnerService, make_server
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
-from workers.client import ClientTLS, LearnerClient, split_estimate
+from metaopt.jobspec import OuterSpec
+from metaopt.learner.core import Learner, LearnerConfig
+from metaopt.learner.security import TLSConfig
+from metaopt.learner.server import LearnerService, make_server
+from metaopt.workers.client import ClientTLS, LearnerClient, split_estimate
 
 SIZE = 11
 THETA0 = {"w": np.linspace(-1, 1, SIZE, dtype=np.float32)}
@@ -27,10 +28,11 @@ TOKEN = "job-token-123"
 
 
 def make_learner(size: int = SIZE, **overrides) -> Learner:
-    config = dict(job_id="job-s", max_outer_steps=1000, meta_batch_size=1, max_staleness=1000,
-                  max_estimate_norm=1e6, outer_learning_rate=0.01)
+    outer = dict(meta_batch_size=1, max_staleness=1000, max_estimate_norm=1e6, learning_rate=0.01)
+    outer |= {k: overrides.pop(k) for k in list(overrides) if k in OuterSpec.model_fields}
+    config = dict(job_id="job-s", max_outer_steps=1000) | overrides
     theta0 = THETA0 if size == SIZE else {"w": np.zeros(size, np.float32)}
-    return Learner(LearnerConfig(**(config | overrides)), theta0)
+    return Learner(LearnerConfig(**config, outer=OuterSpec(**outer)), theta0)
 
 
 def estimate(values, sequence, worker="w", run="r", encoding=pb.ENCODING_FLOAT32_LE, version=0):
@@ -309,7 +311,7 @@ def test_a_plaintext_health_port_answers_probes_beside_a_tls_learner(serve, pki)
     port of its own, while the learner's port stays TLS-only."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from learner.server import SERVICE_NAME, serve_health
+    from metaopt.learner.server import SERVICE_NAME, serve_health
 
     port = serve(make_learner(), token=TOKEN, tls=TLSConfig(pki["server_cert"], pki["server_key"]))
     health_server, health_port = serve_health("127.0.0.1", 0)
@@ -327,7 +329,7 @@ def test_a_plaintext_health_port_answers_probes_beside_a_tls_learner(serve, pki)
 
 VANISHING_WORKER = """
 import sys, time
-from workers.client import LearnerClient
+from metaopt.workers.client import LearnerClient
 from metaopt._proto import learner_pb2 as pb
 client = LearnerClient(sys.argv[1], pb.Hello(job_id="job-s", worker_id="w", run_id="gone",
                                              theta_structure_digest=sys.argv[2]))

@@ -16,5 +16,8 @@ def test_readme_examples_run():
     runnable = [b for b in blocks if "runs/registry" not in b]
     assert runnable, "no self-contained example in the README"
     for block in runnable:
-        done = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=300)
+        # -P: the checkout's folders are not importable as they would be from `python -c` here, so
+        # an example must import metaopt as a user's environment has it (metaopt.task_zoo, ...).
+        done = subprocess.run([sys.executable, "-P", "-c", block], capture_output=True, text=True,
+                              timeout=300, cwd=README.parent)
         assert done.returncode == 0, f"README example failed:\n{block}\n{done.stderr[-2000:]}"

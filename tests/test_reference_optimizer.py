@@ -13,8 +13,7 @@ import optax
 import pytest
 
 import metaopt
-import task_zoo
-from metaopt import registry
+from metaopt import registry, task_zoo
 from tests.jsonout import last_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -17,10 +17,11 @@ import pytest
 import s3fs
 from fsspec.core import url_to_fs
 
-from learner.checkpointing import Checkpointer
-from learner.core import Learner, LearnerConfig
 from metaopt import registry, storage, wire
 from metaopt._proto import learner_pb2 as pb
+from metaopt.jobspec import OuterSpec
+from metaopt.learner.checkpointing import Checkpointer
+from metaopt.learner.core import Learner, LearnerConfig
 from metaopt.storage import MARKER, CorruptArtifactError
 
 pytest_plugins = ["tests.s3_fixture"]  # s3_bucket (importing the fixture would trip ruff's F811)
@@ -207,9 +208,9 @@ THETA0 = {"mlp": {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(3, 2),
 
 
 def _learner() -> Learner:
-    config = LearnerConfig(job_id="job-1", max_outer_steps=100, meta_batch_size=1, clip_norm=1.0,
-                           outer_learning_rate=0.01, max_staleness=1, max_estimate_norm=1e3,
-                           task_families=("quadratic",))
+    outer = OuterSpec(meta_batch_size=1, clip_norm=1.0, learning_rate=0.01, max_staleness=1,
+                      max_estimate_norm=1e3)
+    config = LearnerConfig(job_id="job-1", max_outer_steps=100, outer=outer, task_families=("quadratic",))
     return Learner(config, THETA0)
 
 

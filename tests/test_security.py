@@ -8,8 +8,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from learner.background import BackgroundServer
-from learner.security import (
+from metaopt.learner.background import BackgroundServer
+from metaopt.learner.security import (
     TLSConfig,
     TokenInterceptor,
     channel_credentials,

@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import task_zoo
-from metaopt import evaluation
+from metaopt import evaluation, task_zoo
 
 # The meta-training mix the evaluation suites are kept apart from: MLP classifiers on 8x8
 # digits of these depths, widths and activations (less two shapes that out_of_distribution

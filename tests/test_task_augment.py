@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import task_zoo
-from task_zoo.augment import split_augment
+from metaopt import task_zoo
+from metaopt.task_zoo.augment import split_augment
 
 SPEC = task_zoo.TaskSpec("quadratic", {"dim": 6, "log10_condition": 1.0, "noise": 0.0, "seed": 3})
 

@@ -17,9 +17,9 @@ import numpy as np
 import optax
 import pytest
 
-import task_zoo
-from task_zoo import TEST, TRAIN, TaskSpec
-from task_zoo.images import IDX_FILES, image_info, load_images, write_idx
+from metaopt import task_zoo
+from metaopt.task_zoo import TEST, TRAIN, TaskSpec
+from metaopt.task_zoo.images import IDX_FILES, image_info, load_images, write_idx
 
 NEW = ["mlp", "cnn", "autoencoder", "logistic"]
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import task_zoo
-from task_zoo import TEST, TRAIN, TaskSpec
-from task_zoo.least_squares import make_data, split_sizes
+from metaopt import task_zoo
+from metaopt.task_zoo import TEST, TRAIN, TaskSpec
+from metaopt.task_zoo.least_squares import make_data, split_sizes
 
 # the spec of the shifted suite's least-squares task
 SHIFTED = {"n_features": 64, "n_samples": 1024, "log10_condition": 3.5, "noise": 0.1, "batch_size": 32,

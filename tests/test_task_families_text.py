@@ -12,9 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-import task_zoo
-from task_zoo import TEST, TRAIN, TaskSpec
-from task_zoo.text import load_corpus
+from metaopt import task_zoo
+from metaopt.task_zoo import TEST, TRAIN, TaskSpec
+from metaopt.task_zoo.text import load_corpus
 
 LM_FAMILIES = ("transformer_lm", "lstm_lm")
 # a small, highly predictable corpus: a model that learns anything gets far below ln(256)

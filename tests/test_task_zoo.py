@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-import task_zoo
-from task_zoo import TEST, TRAIN, TaskSpec
+from metaopt import task_zoo
+from metaopt.task_zoo import TEST, TRAIN, TaskSpec
 
 FAMILIES = task_zoo.families()
 

@@ -25,11 +25,11 @@ DATA = pathlib.Path(__file__).parent / "data"
 TRAIN_WITH_A_FAILING_WORKER = """
 import sys
 
-import workers.actor
 from metaopt.cli import app
+from metaopt.workers import actor
 from tests.failing_worker import WorkerThatFails
 
-workers.actor.PESWorker = WorkerThatFails
+actor.PESWorker = WorkerThatFails
 app(sys.argv[1:], prog_name="metaopt")
 """
 

@@ -8,8 +8,7 @@ import math
 import jax
 import pytest
 
-import task_zoo
-from metaopt import tuning
+from metaopt import task_zoo, tuning
 
 # Noise-free quadratic 0.5·mean(c·(x − center)²) with c = logspace(0, 1, 8): the Hessian is
 # diag(c)/8, so L = 10/8 and 1/L = 0.8; SGD diverges above 2/L = 1.6.

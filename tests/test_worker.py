@@ -9,12 +9,12 @@ import time
 import jax
 import pytest
 
-from learner.core import Learner, LearnerConfig
-from learner.server import make_server
 from metaopt import optimizers
-from metaopt.jobspec import parse_job_spec
+from metaopt.jobspec import OuterSpec, parse_job_spec
+from metaopt.learner.core import Learner, LearnerConfig
+from metaopt.learner.server import make_server
+from metaopt.workers.actor import PESWorker
 from tests.ports import free_port
-from workers.actor import PESWorker
 
 SPEC = parse_job_spec({
     "name": "reconnect", "tasks": [{"family": "quadratic", "kwargs": {"dims": [4]}}],
@@ -27,7 +27,7 @@ SPEC = parse_job_spec({
 
 def new_learner() -> Learner:
     theta0 = optimizers.make("small_fc", hidden=8).init(jax.random.key(0))
-    return Learner(LearnerConfig(job_id="job-r", max_outer_steps=40, meta_batch_size=1), theta0)
+    return Learner(LearnerConfig("job-r", max_outer_steps=40, outer=OuterSpec(meta_batch_size=1)), theta0)
 
 
 def wait_for(condition, timeout_s: float) -> None:
@@ -88,7 +88,7 @@ def test_a_worker_with_another_optimizer_is_refused_with_a_clear_error():
 def test_every_estimator_kind_meta_trains_through_the_real_learner(kind):
     spec = SPEC.with_overrides(**{"estimator.kind": kind, "stop.max_outer_steps": 3})
     theta0 = optimizers.make("small_fc", hidden=8).init(jax.random.key(0))
-    learner = Learner(LearnerConfig(job_id="job-k", max_outer_steps=3, meta_batch_size=1), theta0)
+    learner = Learner(LearnerConfig("job-k", max_outer_steps=3, outer=OuterSpec(meta_batch_size=1)), theta0)
     server, port = make_server(learner, "127.0.0.1", 0)
     try:
         worker = PESWorker(spec, f"127.0.0.1:{port}", "worker-0", "job-k")
@@ -104,7 +104,7 @@ def test_every_estimator_kind_meta_trains_through_the_real_learner(kind):
 
 
 def test_workers_share_a_compilation_cache_only_when_the_spec_names_one(tmp_path):
-    from workers.actor import worker_env
+    from metaopt.workers.actor import worker_env
 
     assert "JAX_COMPILATION_CACHE_DIR" not in worker_env(SPEC)
     spec = SPEC.with_overrides(**{"workers.compile_cache_dir": str(tmp_path)})

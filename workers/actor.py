@@ -18,13 +18,12 @@ import grpc
 import jax
 import numpy as np
 
-import task_zoo
-from metaopt import optimizers, wire
+from metaopt import optimizers, task_zoo, wire
 from metaopt._proto import learner_pb2 as pb
 from metaopt.jobspec import JobSpec, parse_job_spec
-from workers.client import ClientTLS, LearnerClient
-from workers.cores import claim_cores
-from workers.estimators import make_estimator
+from metaopt.workers.client import ClientTLS, LearnerClient
+from metaopt.workers.cores import claim_cores
+from metaopt.workers.estimators import make_estimator
 
 log = logging.getLogger(__name__)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -49,9 +48,7 @@ class PESWorker:
         self.run_id = uuid.uuid4().hex  # new per incarnation: a restart is visible
         self.optimizer = optimizers.make(self.spec.optimizer.name, **self.spec.optimizer.hparams)
         self.template = self.optimizer.init(jax.random.key(0))
-        self.estimator = make_estimator(
-            self.spec.estimator.kind, self.optimizer, **self.spec.estimator.settings
-        )
+        self.estimator = make_estimator(optimizer=self.optimizer, **self.spec.estimator.model_dump())
         tasks = self.spec.tasks
         self.mixture = task_zoo.Mixture(
             [task_zoo.family(t.family, **t.kwargs) for t in tasks], [t.weight for t in tasks],

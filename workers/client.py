@@ -18,10 +18,10 @@ import time
 import grpc
 import numpy as np
 
-from learner import security
 from metaopt import wire
 from metaopt._proto import learner_pb2 as pb
 from metaopt._proto import learner_pb2_grpc as pb_grpc
+from metaopt.learner import security
 
 log = logging.getLogger(__name__)
 STREAM_DEADLINE_S = 7 * 24 * 3600.0

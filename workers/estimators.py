@@ -28,7 +28,6 @@ steps instead would cost up to a horizon of compute per worker start.)
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.struct
@@ -37,54 +36,11 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from metaopt.jobspec import EstimatorSpec
 from metaopt.optimizers.base import Optimizer, Theta
-from task_zoo.base import TRAIN, Task
+from metaopt.task_zoo.base import TRAIN, Task
 
 Params = Any
-LOSS_NORMALIZATIONS = ("initial", "log", "none")
-
-
-@dataclasses.dataclass(frozen=True)
-class EstimatorConfig:
-    """Settings of an ES-family estimator (static: changing them recompiles)."""
-
-    num_particles: int = 8  # antithetic pairs
-    truncation_length: int = 20  # inner steps per estimate
-    inner_horizon: int = 200  # inner steps before a particle's inner problem resets
-    sigma: float = 0.01  # standard deviation of the perturbation ε
-    persistent: bool = True  # PES if True, truncated ES if False
-    # Spread inner resets across truncations: each pair's first inner run is cut short at a
-    # random point. Off by default: unless a task lives for many horizons, late inner steps
-    # then count less towards the meta-loss (docs/reference_optimizer.md, finding 4).
-    stagger: bool = False
-    # "initial": the meta-loss is each inner loss divided by the loss at the inner run's
-    # first step, so tasks of any scale weigh alike; capped at `max_loss_ratio` so that a
-    # diverging particle (inf, NaN) gives a large finite loss. "log": the log of that ratio,
-    # so halving a loss counts the same late in a run as early (final loss matters, not
-    # just the first fast descent). "none": raw inner losses.
-    loss_normalization: str = "initial"
-    max_loss_ratio: float = 10.0
-    # "log" only: ratios below this count as this. A floor well under what the baselines reach
-    # keeps the optimizer from being paid for driving a loss to ~0 at the price of spikes.
-    min_loss_ratio: float = 1e-6
-
-    def __post_init__(self):
-        if self.num_particles < 1:
-            raise ValueError(f"num_particles must be >= 1, got {self.num_particles}")
-        if not 1 <= self.truncation_length <= self.inner_horizon:
-            raise ValueError(
-                f"need 1 <= truncation_length <= inner_horizon, got {self.truncation_length} "
-                f"and {self.inner_horizon}: a particle may reset at most once per truncation"
-            )
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        if not 0 < self.min_loss_ratio < self.max_loss_ratio:
-            raise ValueError(f"need 0 < min_loss_ratio < max_loss_ratio, got {self.min_loss_ratio} "
-                             f"and {self.max_loss_ratio}")
-        if self.loss_normalization not in LOSS_NORMALIZATIONS:
-            raise ValueError(
-                f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {self.loss_normalization!r}"
-            )
 
 
 @flax.struct.dataclass
@@ -124,7 +80,7 @@ def _select(condition, new, old):
 class ESEstimator:
     """PES or truncated ES for one learned optimizer; `init` then `estimate` per truncation."""
 
-    def __init__(self, optimizer: Optimizer, config: EstimatorConfig, devices=None):
+    def __init__(self, optimizer: Optimizer, config: EstimatorSpec, devices=None):
         self.optimizer = optimizer
         self.config = config
         self.mesh = _halves_mesh(2 * config.num_particles, devices)
@@ -305,17 +261,18 @@ ESTIMATORS = ("pes", "truncated_es", "full_es", "tbptt")
 
 
 def make_estimator(kind: str, optimizer: Optimizer, devices=None, **settings) -> ESEstimator:
-    """`kind` is one of ESTIMATORS; `settings` are `EstimatorConfig` fields. All four share
-    the interface (`init`, `estimate`, `inner_steps_per_estimate`), so they can be compared.
-    PES and truncated ES split their particle halves across `devices` (default: all local
-    devices); full ES and TBPTT run on the default device."""
-    if kind in ("pes", "truncated_es"):
-        return ESEstimator(optimizer, EstimatorConfig(persistent=kind == "pes", **settings), devices)
-    # Imported here: both build on ESEstimator, so they import this module.
-    from workers.full_es import FullES
-    from workers.tbptt import TruncatedBackprop
-
-    classes = {"full_es": FullES, "tbptt": TruncatedBackprop}
-    if kind not in classes:
+    """`kind` is one of ESTIMATORS; `settings` are the other fields of the job spec's
+    `EstimatorSpec` (its defaults and checks). All four share the interface (`init`, `estimate`,
+    `inner_steps_per_estimate`), so they can be compared. PES and truncated ES split their
+    particle halves across `devices` (default: all local devices); full ES and TBPTT run on the
+    default device."""
+    if kind not in ESTIMATORS:
         raise ValueError(f"unknown estimator {kind!r}; known: {list(ESTIMATORS)}")
-    return classes[kind](optimizer, EstimatorConfig(**settings))
+    config = EstimatorSpec(kind=kind, **settings)
+    if kind in ("pes", "truncated_es"):
+        return ESEstimator(optimizer, config, devices)
+    # Imported here: both build on ESEstimator, so they import this module.
+    from metaopt.workers.full_es import FullES
+    from metaopt.workers.tbptt import TruncatedBackprop
+
+    return {"full_es": FullES, "tbptt": TruncatedBackprop}[kind](optimizer, config)

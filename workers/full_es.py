@@ -6,7 +6,7 @@ unrolls `inner_horizon` steps, then
 
     ĝ = mean over pairs of  (L+ − L−) · ε / (2σ²),
 
-with L the meta-loss (normalised as configured, see `EstimatorConfig`) averaged over all
+with L the meta-loss (normalised as configured, see `EstimatorSpec`) averaged over all
 `inner_horizon` steps. ĝ is an unbiased estimate of the gradient of the Gaussian-smoothed
 full-run objective E_ε[L(θ + ε)] (one ε for the whole run), with no truncation bias, at a
 cost of 2·P·inner_horizon inner steps per estimate. `truncation_length` and `stagger` are
@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from metaopt.jobspec import EstimatorSpec
 from metaopt.optimizers.base import Optimizer, Theta
-from task_zoo.base import Task
-from workers.estimators import ESEstimator, EstimatorConfig, ParticleState
+from metaopt.task_zoo.base import Task
+from metaopt.workers.estimators import ESEstimator, ParticleState
 
 
 def unroll_truncation(estimator: ESEstimator, task: Task, theta_i, carry, reset_key, length: int):
@@ -39,7 +40,7 @@ def unroll_truncation(estimator: ESEstimator, task: Task, theta_i, carry, reset_
 class FullES(ESEstimator):
     """Antithetic ES over whole inner runs; same interface as `ESEstimator`."""
 
-    def __init__(self, optimizer: Optimizer, config: EstimatorConfig):
+    def __init__(self, optimizer: Optimizer, config: EstimatorSpec):
         super().__init__(optimizer, config)
         # The state passes through unchanged: nothing to donate.
         self.estimate = jax.jit(self._estimate)

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from metaopt.optimizers.base import Theta
-from task_zoo.base import Task
-from workers.estimators import ESEstimator, ParticleState
-from workers.full_es import unroll_truncation
+from metaopt.task_zoo.base import Task
+from metaopt.workers.estimators import ESEstimator, ParticleState
+from metaopt.workers.full_es import unroll_truncation
 
 
 class TruncatedBackprop(ESEstimator):

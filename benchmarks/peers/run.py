@@ -54,10 +54,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import timing  # noqa: E402
 
-import task_zoo  # noqa: E402
 from benchmarks import lopt_step, worker_throughput  # noqa: E402
-from metaopt import optimizers  # noqa: E402
-from task_zoo.images import load_images  # noqa: E402
+from metaopt import optimizers, task_zoo  # noqa: E402
+from metaopt.task_zoo.images import load_images  # noqa: E402
 
 # The peer's environment: what learned_optimization's modules used here import (its setup.py
 # pins versions from 2021 that no longer install beside a current jax), at metaopt's versions

@@ -1,0 +1,120 @@
+"""Install checks: metaopt from this working tree into clean virtual environments, as a user
+gets it from pip. Without extras it pulls, verifies and uses a trained optimizer with optax, and
+Ray, gRPC, Redis, Kubernetes and the task zoo's flax are not even importable; with [eval] the
+task zoo works and the service is still absent.
+
+Versions come from requirements.lock (a constraints file), so pip takes the wheels this machine
+already has (its local index, or pip's cache) rather than downloading newer ones: about 20 s an
+environment here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import venv
+
+import pytest
+
+from tests.test_import_direction import ROOT
+
+REGISTRY = ROOT / "examples" / "registry"
+SOURCES = ["metaopt", "learner", "workers", "task_zoo", "pyproject.toml", "README.md"]
+SERVICE_MODULES = ["ray", "grpc", "redis", "kubernetes"]
+# flax's orbax-checkpoint brings prometheus_client and protobuf along, so only the core lacks them.
+EVAL_MODULES = ["flax", "sklearn", "matplotlib", "prometheus_client", "google.protobuf"]
+TOP_LEVEL = ["task_zoo", "learner", "workers"]  # the design's folders: only as metaopt.*
+
+
+def _install(where, requirement: str) -> None:
+    """A clean venv at `where`, with `requirement` (a path to the sources, extras appended)."""
+    venv.create(where, with_pip=True, clear=True)
+    done = subprocess.run([where / "bin" / "python", "-m", "pip", "install", "--quiet", "-c",
+                           ROOT / "requirements.lock", requirement],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """The package's sources copied out of the checkout: pip builds in the source folder, and its
+    build/ must not land in the working tree."""
+    src = tmp_path_factory.mktemp("src")
+    for name in SOURCES:
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                         if (ROOT / name).is_dir() else {}))
+    return src
+
+
+def _run(where, code: str, cwd) -> dict:
+    """Run `code` with the venv's python in `cwd` (not the checkout, whose folders `python -c`
+    would find); it prints one JSON line."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([where / "bin" / "python", "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+IMPORTABLE = """
+import importlib.util, json
+
+def found(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+print(json.dumps(sorted(n for n in {names!r} if found(n))))
+"""
+
+USE_THE_REFERENCE = f"""
+import json
+import jax, jax.numpy as jnp, optax
+import metaopt
+
+# A 30-parameter least-squares problem, stepped eagerly as a user debugging would.
+A = jax.random.normal(jax.random.key(0), (40, 30)); b = A @ jnp.ones(30)
+loss = lambda x: jnp.mean((A @ x - b) ** 2)
+tx = metaopt.load("reference@champion", registry={str(REGISTRY)!r}).as_optax(num_steps=100)
+x = jnp.zeros(30); state = tx.init(x); first = float(loss(x))
+for _ in range(100):
+    updates, state = tx.update(jax.grad(loss)(x), state, x)
+    x = optax.apply_updates(x, updates)
+print(json.dumps({{"first": first, "last": float(loss(x))}}))
+"""
+
+
+def test_metaopt_without_extras_uses_a_trained_optimizer_and_has_no_service(sources, tmp_path):
+    where = tmp_path / "venv"
+    _install(where, str(sources))
+    losses = _run(where, USE_THE_REFERENCE, tmp_path)
+    assert losses["last"] < 0.5 * losses["first"], losses  # it trains: the library works alone
+    present = _run(where, IMPORTABLE.format(names=SERVICE_MODULES + EVAL_MODULES + TOP_LEVEL), tmp_path)
+    assert present == []
+    # The CLI's registry verbs work; a verb needing an extra says which, and exits 1.
+    metaopt = where / "bin" / "metaopt"
+    listed = subprocess.run([metaopt, "registry", "list", "--registry", REGISTRY, "--json"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert listed.returncode == 0 and "reference" in listed.stdout, listed.stderr
+    train = subprocess.run([metaopt, "train", "job.yaml"], capture_output=True, text=True, timeout=120,
+                           cwd=tmp_path)
+    assert train.returncode == 1 and "pip install 'metaopt[service]'" in train.stderr, train.stderr
+    zoo = subprocess.run([where / "bin" / "python", "-c", "import metaopt.task_zoo"], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert "metaopt.task_zoo needs metaopt[eval]" in zoo.stderr, zoo.stderr
+
+
+def test_metaopt_with_eval_has_the_task_zoo_and_still_no_service(sources, tmp_path):
+    where = tmp_path / "venv"
+    _install(where, f"{sources}[eval]")
+    code = "import json; from metaopt import task_zoo; print(json.dumps(task_zoo.families()))"
+    families = _run(where, code, tmp_path)
+    assert {"mlp", "quadratic", "transformer_lm"} <= set(families)
+    assert _run(where, IMPORTABLE.format(names=SERVICE_MODULES + TOP_LEVEL), tmp_path) == []
+    listed = subprocess.run([where / "bin" / "metaopt", "list", "tasks", "--json"], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    assert listed.returncode == 0 and json.loads(listed.stdout), listed.stderr
+
