@@ -52,8 +52,11 @@ bench: venv
 	$(BIN)/python benchmarks/meta_training.py --out bench-out
 	$(BIN)/python benchmarks/learner_ingest.py --out bench-out
 	$(BIN)/python benchmarks/chaos.py --out bench-out
+	$(BIN)/python benchmarks/torch_numerics.py --out bench-out
+	$(BIN)/python benchmarks/torch_step.py --out bench-out $(if $(PYLO_SRC),--pylo-src $(PYLO_SRC))
 
 # The peer comparison needs a google/learned_optimization checkout: make bench-peers LO_SRC=PATH
+# (and `make bench PYLO_SRC=PATH` times PyLO's torch small_fc beside metaopt.torch's)
 bench-peers: venv
 	$(BIN)/python benchmarks/peers/run.py --lo-src $(LO_SRC) --out bench-out
 

@@ -37,6 +37,8 @@ PROMISED = {
     "pes_profile": ("peak_flops_per_s", "inner_step_ms", "parts.loss_and_grad.fraction_of_peak",
                     "parts.lopt_update.fraction_of_peak", "mlp_within_update.fraction_of_peak",
                     "step_over_floor"),
+    "torch_numerics": ("rows.*.worst", "rows.*.errors.*"),
+    "torch_step": ("rows.*.seconds.adam", "rows.*.vs_adam.small_fc", "rows.*.vs_adam.nominal_mlp"),
     "worker_throughput": ("rows.*.adam_steps_per_s", "rows.*.lopt_steps_per_s",
                           "rows.*.pes_inner_steps_per_s", "rows.*.estimates_per_s", "rows.*.pes_vs_adam"),
     "zoo": ("optimizers.*.ms_per_update", "optimizers.*.ratio_to_adam", "tasks.*.seconds_per_step"),

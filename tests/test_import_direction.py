@@ -1,5 +1,5 @@
-"""Imports run one way: the library (trained optimizers, the registry client, storage, evaluation
-and the task zoo) never imports the service (training orchestration, the learner, workers, the
+"""Imports run one way: the library (trained optimizers, the registry client, storage, evaluation,
+the task zoo and metaopt.torch) never imports the service (training orchestration, the learner, workers, the
 job store, submission, wire code, the CLI) or the service's dependencies, not even inside a
 function. A user who only loads an optimizer must not need Ray, gRPC, Redis or Kubernetes."""
 
@@ -12,7 +12,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LIBRARY = ["metaopt/__init__.py", "metaopt/registry.py", "metaopt/storage.py", "metaopt/evaluation.py",
-           "metaopt/tuning.py", "metaopt/optimizers", "task_zoo"]  # task_zoo/ is metaopt.task_zoo
+           "metaopt/tuning.py", "metaopt/optimizers", "metaopt/torch", "task_zoo"]  # task_zoo/ is metaopt's
 SERVICE = {"metaopt.learner", "metaopt.workers", "metaopt.train", "metaopt.cli", "metaopt.cli_jobs",
            "metaopt.cli_registry", "metaopt.jobspec", "metaopt.jobstore", "metaopt.jobrecorder",
            "metaopt.submit", "metaopt.k8s", "metaopt.wire", "metaopt.inrun_eval", "metaopt.run_report",

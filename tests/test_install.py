@@ -1,7 +1,7 @@
 """Install checks: metaopt from this working tree into clean virtual environments, as a user
 gets it from pip. Without extras it pulls, verifies and uses a trained optimizer with optax, and
 Ray, gRPC, Redis, Kubernetes and the task zoo's flax are not even importable; with [eval] the
-task zoo works and the service is still absent.
+task zoo works and the service is still absent; with [torch], metaopt.torch trains a torch model.
 
 Versions come from requirements.lock (a constraints file), so pip takes the wheels this machine
 already has (its local index, or pip's cache) rather than downloading newer ones: about 20 s an
@@ -118,3 +118,31 @@ def test_metaopt_with_eval_has_the_task_zoo_and_still_no_service(sources, tmp_pa
                             text=True, timeout=120, cwd=tmp_path)
     assert listed.returncode == 0 and json.loads(listed.stdout), listed.stderr
 
+
+
+USE_IT_FROM_TORCH = f"""
+import json
+import torch
+import metaopt.torch
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+x = torch.randn(64, 4); y = x.sum(1, keepdim=True)
+opt = metaopt.torch.load("reference@champion", model.parameters(), num_steps=100, registry={str(REGISTRY)!r})
+losses = []
+for _ in range(100):
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+print(json.dumps({{"first": losses[0], "last": losses[-1]}}))
+"""
+
+
+def test_metaopt_with_torch_trains_a_torch_model_and_has_no_service(sources, tmp_path):
+    where = tmp_path / "venv"
+    _install(where, f"{sources}[torch]")  # torch==2.13.0 from requirements.lock
+    losses = _run(where, USE_IT_FROM_TORCH, tmp_path)
+    assert losses["last"] < 0.1 * losses["first"], losses
+    assert _run(where, IMPORTABLE.format(names=SERVICE_MODULES + EVAL_MODULES + TOP_LEVEL), tmp_path) == []

@@ -2,8 +2,9 @@
 
 `pip install metaopt` is the library (trained optimizers, the registry client, storage, the
 `metaopt` command's registry verbs); `metaopt[eval]` adds the task zoo and evaluation;
-`metaopt[service]` meta-training. Each file imports only what its layer's extras declare, read
-from pyproject.toml; tests/test_install.py installs each layer into a clean environment."""
+`metaopt[service]` meta-training; `metaopt[torch]` metaopt.torch. Each file imports only what its
+layer's extras declare, read from pyproject.toml; tests/test_install.py installs each layer into
+a clean environment."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ CORE = ["metaopt/__init__.py", "metaopt/registry.py", "metaopt/storage.py", "met
         "metaopt/publishing.py", "metaopt/optimizers"]
 CORE_TOP_LEVEL_ONLY = ["metaopt/cli.py", "metaopt/cli_registry.py", "metaopt/cli_jobs.py"]
 EVAL = ["metaopt/evaluation.py", "metaopt/tuning.py", "task_zoo"]
+TORCH = ["metaopt/torch"]
 EVERYTHING = ["metaopt", "learner", "workers", "task_zoo"]
 
 
@@ -80,7 +82,8 @@ def test_each_layer_imports_only_what_its_extras_declare():
     assert not _undeclared(_files(CORE), core)
     assert not _undeclared(_files(CORE_TOP_LEVEL_ONLY), core, top_level_only=True)
     assert not _undeclared(_files(EVAL), _declared("eval"))
-    assert not _undeclared(_files(EVERYTHING), _declared("eval", "service"))
+    assert not _undeclared(_files(TORCH), _declared("torch"))
+    assert not _undeclared(_files(EVERYTHING), _declared("eval", "service", "torch"))
 
 
 def test_the_layer_rule_catches_an_undeclared_import_even_inside_a_function(tmp_path):

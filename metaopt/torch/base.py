@@ -1,0 +1,138 @@
+"""What every trained optimizer in torch shares: θ on each parameter's device, the step, and
+state that resumes exactly.
+
+Layouts. A learned optimizer sees a tensor's shape (its fan-in, its rows and columns), and JAX
+models keep a dense kernel as (in, out) and a convolution's as (*kernel, in, out), where torch
+keeps (out, in) and (out, in, *kernel). So a ≥2-D torch parameter is read as the JAX layout of the
+same layer: its fan-in is size / shape[0] (an embedding, (num, dim) in both, is read as a dense
+(dim, num) kernel).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+CHUNK = 16384  # columns per block of a learned optimizer's MLP: (32, CHUNK) float32 = 2 MiB
+
+
+def fan_in(p: torch.Tensor) -> int:
+    """A torch (out, in, *kernel) parameter's fan-in: in · prod(kernel); 1 for 0-D and 1-D."""
+    return p.numel() // p.shape[0] if p.ndim >= 2 and p.shape[0] else 1
+
+
+def _to_jax_order(ndim: int) -> tuple[int, ...]:
+    return (*range(2, ndim), 1, 0) if ndim >= 2 else tuple(range(ndim))
+
+
+def jax_view(t: torch.Tensor) -> torch.Tensor:
+    """A view of a torch (out, in, *kernel) tensor in JAX's (*kernel, in, out) order."""
+    return t.permute(_to_jax_order(t.ndim))
+
+
+def torch_view(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of `jax_view`: a JAX-ordered tensor viewed in torch's order."""
+    order = _to_jax_order(t.ndim)
+    return t.permute(tuple(order.index(i) for i in range(t.ndim)))
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """A trained θ applied to torch parameters. A subclass sets `jax_class`, the JAX optimizer
+    class whose artifacts it runs (its hyperparameters are checked and defaulted there, once),
+    and implements `_update(p, grad, state, group, theta, loss)` for one tensor, or `_step(items,
+    loss)` for optimizers that read every tensor at once.
+
+    `step(closure=None, loss=None)`: as torch.optim's, and `loss` for optimizers that read it.
+    Each group's `lr` multiplies the learned step (1: the step θ was trained for) and
+    `weight_decay` is decoupled (AdamW's: p ← p − lr · weight_decay · p); both may change between
+    steps, as schedulers do."""
+
+    jax_class: type
+    name = ""  # the metaopt.optimizers name: the JAX class's
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.name = cls.jax_class.name
+
+    def __init__(self, params, theta: Any, hparams: dict[str, Any], num_steps: int, lr: float = 1.0,
+                 weight_decay: float | None = None):
+        self.config = self._config(hparams)
+        if weight_decay is None:  # the optimizer's own (nominal_mlp has one), else none
+            weight_decay = getattr(self.config, "weight_decay", 0.0)
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int (the length of the run), got {num_steps!r}")
+        for what, value in (("lr", lr), ("weight_decay", weight_decay)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self.num_steps = num_steps
+        self._theta = {torch.device("cpu"): _map(lambda a: torch.from_numpy(np.array(a, np.float32)), theta)}
+        # load_state_dict casts floating-point state to each parameter's dtype; the state is
+        # float32 whatever the parameters are, so it is put back as saved (see _keep_state).
+        self.register_load_state_dict_pre_hook(LearnedOptimizer._keep_state)
+        self.register_load_state_dict_post_hook(LearnedOptimizer._restore_state)
+
+    def _config(self, hparams: dict[str, Any]) -> Any:
+        return self.jax_class(**hparams)
+
+    def theta(self, device: torch.device) -> Any:
+        """θ as float32 tensors on `device` (copied there once)."""
+        if device not in self._theta:
+            self._theta[device] = _map(lambda t: t.to(device), self._theta[torch.device("cpu")])
+        return self._theta[device]
+
+    @torch.no_grad()
+    def step(self, closure=None, loss=None):
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = [(p, group) for group in self.param_groups for p in group["params"]
+                 if p.grad is not None and p.numel()]
+        if any(p.grad.is_sparse for p, _ in items):
+            raise RuntimeError(f"{self.name} does not take sparse gradients (an Embedding's sparse=True)")
+        if items:
+            self._step(items, loss)
+        return loss
+
+    def _step(self, items: list, loss) -> None:
+        """One step of the parameters with gradients, (parameter, its group) in order."""
+        for p, group in items:
+            self._update(p, p.grad, self.state[p], group, self.theta(p.device), loss)
+
+    def _update(self, p, grad, state: dict, group: dict, theta: Any, loss) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _keep_state(optimizer: LearnedOptimizer, state_dict: dict) -> None:
+        optimizer._saved_state = {k: dict(v) for k, v in state_dict["state"].items()}
+
+    @staticmethod
+    def _restore_state(optimizer: LearnedOptimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for index, saved in optimizer._saved_state.items():
+            p = params[index]
+            optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in saved.items()}
+        del optimizer._saved_state
+
+
+def mlp_columns(weights: list, biases: list, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """A relu MLP applied to each column of the feature-major x (features, n) → (outputs, n).
+    `weights` are JAX's (in, out) matrices. Columns go through in chunks, so that the (hidden,
+    chunk) activations stay in cache (a million-parameter tensor's would be 64 MB), and each
+    layer is one addmm with its bias."""
+    out = torch.empty((weights[-1].shape[1], x.shape[1]), dtype=x.dtype, device=x.device)
+    for start in range(0, x.shape[1], chunk):
+        h = x[:, start:start + chunk]
+        for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+            h = torch.addmm(b[:, None], w.T, h)
+            if i < len(weights) - 1:
+                h = torch.relu_(h)
+        out[:, start:start + chunk] = h
+    return out
+
+
+def _map(fn, tree):
+    return {k: _map(fn, v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
