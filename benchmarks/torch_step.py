@@ -1,11 +1,11 @@
 """The time of one optimizer step in torch and in JAX, as a ratio to Adam's in the same framework.
 
-    python benchmarks/torch_step.py [--pylo-src PATH] [--quick] [--compile] [--json] [--out DIR]
+    python benchmarks/torch_step.py [--pylo-src PATH] [--quick] [--json] [--out DIR]
 
 For 10k, 100k and 1M parameters (an MLP's two weight matrices and biases): torch.optim.Adam,
 metaopt.torch's small_fc (reference:1: one hidden layer of 16; and small_fc_32x2, the default
-shape, two hidden layers of 32) and nominal_mlp (the champion), eager; with --compile also under
-torch.compile, which today recompiles the step for every new step count. Beside them the JAX
+shape, two hidden layers of 32) and nominal_mlp (the champion), eager and compiled
+(`compile=True`: each tensor's step through torch.compile). Beside them the JAX
 step: optax.adam, small_fc (reference:1) and nominal_mlp, each jitted. With --pylo-src (a
 checkout of Belilovsky-Lab/pylo; the `pylo` package on PyPI is another project), PyLO's
 pure-torch small_fc_lopt (`AdafacLO_naive`: 39 features into two hidden layers of 32, the shape
@@ -78,8 +78,8 @@ def torch_candidates(pylo_src: pathlib.Path | None) -> dict:
     import metaopt.torch as mt
     from metaopt import optimizers, registry
 
-    def learned(ref):
-        return lambda params: mt.load(ref, params, num_steps=10**6, registry=REGISTRY)
+    def learned(ref, **options):
+        return lambda params: mt.load(ref, params, num_steps=10**6, registry=REGISTRY, **options)
 
     def untrained(name):
         opt = optimizers.make(name)
@@ -89,7 +89,8 @@ def torch_candidates(pylo_src: pathlib.Path | None) -> dict:
 
     candidates = {"adam": lambda params: torch.optim.Adam(params, lr=1e-3),
                   "small_fc": learned("reference:1"), "small_fc_32x2": untrained("small_fc"),
-                  "nominal_mlp": learned("reference@champion")}
+                  "nominal_mlp": learned("reference@champion"),
+                  "nominal_mlp_compiled": learned("reference@champion", compile=True)}
     if pylo_src is not None:
         adafac = _pylo(pylo_src)
         candidates["pylo_small_fc_naive"] = lambda params: adafac(params)
@@ -107,15 +108,9 @@ def _time_rounds(steps: dict, rounds: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def torch_times(size: int, device: str, pylo_src, rounds: int, compile_: bool) -> dict[str, float]:
-    steps = {}
-    for name, make in torch_candidates(pylo_src).items():
-        params = _torch_params(size, device)
-        opt = make(params)
-        steps[name] = opt.step
-        if compile_ and name in ("small_fc", "nominal_mlp"):
-            compiled_params = _torch_params(size, device)
-            steps[f"{name}_compiled"] = torch.compile(make(compiled_params).step)
+def torch_times(size: int, device: str, pylo_src, rounds: int) -> dict[str, float]:
+    candidates = torch_candidates(pylo_src)
+    steps = {name: make(_torch_params(size, device)).step for name, make in candidates.items()}
 
     def synced(step):
         return lambda: (step(), torch.cuda.synchronize() if device == "cuda" else None)
@@ -168,8 +163,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pylo-src", type=pathlib.Path, help="a checkout of Belilovsky-Lab/pylo")
     parser.add_argument("--quick", action="store_true", help="10k and 100k parameters, few rounds")
-    parser.add_argument("--compile", action="store_true",
-                        help="add torch.compile(opt.step) rows (today each new step count recompiles it)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", type=pathlib.Path, help="write torch_step.json here")
     args = parser.parse_args()
@@ -179,7 +172,7 @@ def main() -> None:
     rows = []
     for size in sizes:
         for device in devices:
-            times = torch_times(size, device, args.pylo_src, rounds, compile_=args.compile)
+            times = torch_times(size, device, args.pylo_src, rounds)
             rows.append(_row("torch", device, size, times))
         rows.append(_row("jax", jax.default_backend(), size, jax_times(size, rounds)))
     peer = [{"parameters": r["parameters"], "device": r["device"],

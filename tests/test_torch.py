@@ -185,6 +185,7 @@ def test_a_tampered_artifact_is_refused_and_a_pinned_digest_is_checked(tmp_path)
     (lambda p: mt.load("reference@champion", p, num_steps=10, registry=REGISTRY, learning_rate=0.0),
      "positive, finite learning_rate"),
     (lambda p: mt.load("nobody", p, num_steps=10, registry=REGISTRY), "nobody"),
+    (lambda p: mt.load("reference:1", p, num_steps=10, registry=REGISTRY, compile=True), "cannot compile"),
 ])
 def test_bad_input_is_refused_with_a_reason(call, why):
     with pytest.raises((ValueError, LookupError, NotImplementedError), match=why):
@@ -252,3 +253,40 @@ def test_sparse_gradients_are_refused_and_the_parameters_left_as_they_were():
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
     assert torch.equal(embedding.weight, before) and not opt.state
+
+
+def test_a_compiled_nominal_mlp_steps_as_the_eager_one_does():
+    """torch.compile of each tensor's step (once per shape and rank): the same trajectory, to
+    float32 rounding (inductor fuses and reorders), on a 0-D, 1-D, 2-D and 4-D tensor."""
+    results = []
+    for compiled in (False, True):
+        init = numerics.initial()
+        params = {k: torch.tensor(v) for k, v in init.items()}
+        opt = mt.load("reference:7", list(params.values()), num_steps=30, registry=REGISTRY, compile=compiled)
+        rng = np.random.default_rng(3)
+        for _ in range(30):
+            for k, p in params.items():
+                p.grad = torch.tensor(np.asarray(rng.normal(size=numerics.SHAPES[k]) * 0.1, np.float32))
+            opt.step()
+        results.append(params)
+    for k in numerics.SHAPES:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_step_compiles_once_per_rank_not_per_shape_step_or_lr():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    # Ranks 2, 1, 4 and 0, two shapes of each but the scalar. (A dimension of size 1, as in a 1x1
+    # convolution, is fixed by dynamo: one more graph.)
+    shapes = [(8, 4), (16, 8), (4,), (9,), (3, 2, 3, 3), (5, 4, 2, 2), ()]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = mt.load("reference:7", params, num_steps=20, registry=REGISTRY, compile=True)
+    for step in range(8):
+        if step == 4:
+            opt.param_groups[0]["lr"] = 0.5  # as a scheduler would
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert counters["stats"]["unique_graphs"] == 4

@@ -52,13 +52,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     jax_class: type
     name = ""  # the metaopt.optimizers name: the JAX class's
+    compilable = False  # whether `compile=True` runs its step through torch.compile
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.name = cls.jax_class.name
 
     def __init__(self, params, theta: Any, hparams: dict[str, Any], num_steps: int, lr: float = 1.0,
-                 weight_decay: float | None = None):
+                 weight_decay: float | None = None, compile: bool = False):
+        if compile and not self.compilable:
+            raise NotImplementedError(f"{self.name} cannot compile its step yet (nominal_mlp can); "
+                                      "leave compile=False")
         self.config = self._config(hparams)
         if weight_decay is None:  # the optimizer's own (nominal_mlp has one), else none
             weight_decay = getattr(self.config, "weight_decay", 0.0)
@@ -118,20 +122,26 @@ class LearnedOptimizer(torch.optim.Optimizer):
         del optimizer._saved_state
 
 
-def mlp_columns(weights: list, biases: list, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def mlp_columns(weights: list, biases: list, x: torch.Tensor, chunk: int | None = CHUNK) -> torch.Tensor:
     """A relu MLP applied to each column of the feature-major x (features, n) → (outputs, n).
     `weights` are JAX's (in, out) matrices. Columns go through in chunks, so that the (hidden,
     chunk) activations stay in cache (a million-parameter tensor's would be 64 MB), and each
-    layer is one addmm with its bias."""
+    layer is one addmm with its bias. `chunk=None`: one block, with no Python loop over the
+    columns (under torch.compile such a loop would fix the tensor's size into the graph)."""
+    if chunk is None:
+        return _mlp(weights, biases, x)
     out = torch.empty((weights[-1].shape[1], x.shape[1]), dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[1], chunk):
-        h = x[:, start:start + chunk]
-        for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
-            h = torch.addmm(b[:, None], w.T, h)
-            if i < len(weights) - 1:
-                h = torch.relu_(h)
-        out[:, start:start + chunk] = h
+        out[:, start:start + chunk] = _mlp(weights, biases, x[:, start:start + chunk])
     return out
+
+
+def _mlp(weights: list, biases: list, h: torch.Tensor) -> torch.Tensor:
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        h = torch.addmm(b[:, None], w.T, h)
+        if i < len(weights) - 1:
+            h = torch.relu_(h)
+    return h
 
 
 def _map(fn, tree):

@@ -14,20 +14,25 @@ from typing import Any
 import torch
 
 from metaopt.optimizers import nominal_mlp as reference
-from metaopt.torch.base import LearnedOptimizer, fan_in, mlp_columns
+from metaopt.torch.base import CHUNK, LearnedOptimizer, fan_in, mlp_columns
 
 K = len(reference.MOM_DECAYS)
+COMPILE_MAX = 131_072  # elements: larger tensors take the eager, blocked step even with compile=True
 
 
 class NominalMLP(LearnedOptimizer):
     """Adam on a cosine schedule, a bounded learned correction and a learned per-tensor law."""
 
     jax_class = reference.NominalMLP
+    compilable = True
 
     def __init__(self, params, theta: Any, hparams: dict[str, Any], num_steps: int,
-                 learning_rate: float | None = None, lr: float = 1.0, weight_decay: float | None = None):
-        """`learning_rate`: the peak rate of the schedule (default: the artifact's)."""
-        super().__init__(params, theta, hparams, num_steps, lr=lr, weight_decay=weight_decay)
+                 learning_rate: float | None = None, lr: float = 1.0, weight_decay: float | None = None,
+                 compile: bool = False):
+        """`learning_rate`: the peak rate of the schedule (default: the artifact's). `compile`:
+        run the step of each tensor of up to COMPILE_MAX elements through torch.compile (the
+        first steps compile it, once per tensor rank, as shapes are dynamic: seconds on a CPU)."""
+        super().__init__(params, theta, hparams, num_steps, lr=lr, weight_decay=weight_decay, compile=compile)
         if self.config.rate_estimate > 0:
             raise NotImplementedError("nominal_mlp's rate_estimate (Prodigy's d_t) is not in metaopt.torch "
                                       "yet; no published version uses it")
@@ -36,6 +41,8 @@ class NominalMLP(LearnedOptimizer):
             raise ValueError(f"nominal_mlp needs a positive, finite learning_rate, got {learning_rate!r}")
         self.base = float(base)
         self.warmup_steps = int(round(self.config.warmup * num_steps))
+        self._eager = self._make_kernel(compiled=False)
+        self._compiled = self._make_kernel(compiled=True) if compile else None
 
     def schedule(self, count: int) -> float:
         """The peak rate with a linear warm-up from 0, then cosine decay to 0 at num_steps (optax's
@@ -55,64 +62,78 @@ class NominalMLP(LearnedOptimizer):
             state["rms"] = torch.zeros(p.shape, dtype=f32, device=p.device)
             if cfg.rate_adaptation > 0:
                 state["log_rate"] = torch.full((), cfg.rate_init, dtype=f32, device=p.device)
-        def scalar(value) -> torch.Tensor:
-            return torch.tensor(value, dtype=f32, device=p.device)
-
+        # Everything that changes from step to step goes in as a tensor, so that a compiled kernel
+        # is compiled once per shape, not once per step.
         count = int(state["step"])
-        t = scalar(count + 1)
         lr = self.schedule(count)
-        lr_fraction = lr / self.base
-        step_features = torch.stack([scalar(count / self.num_steps), torch.log10(t) / 4.0,
-                                     scalar(lr_fraction)])
-        decays = torch.tensor(reference.MOM_DECAYS, dtype=f32, device=p.device).reshape(-1, *[1] * p.ndim)
-        mom_fix = 1.0 - decays ** t
-        rms_fix = 1.0 - scalar(reference.RMS_DECAY) ** t
-
-        g, x = grad.to(f32), p.to(f32)
-        m, v = state["momenta"], state["rms"]
-        rate = 1.0
-        if cfg.rate_adaptation > 0:
-            held = cfg.rate_after_warmup and count < self.warmup_steps
-            pace = lr_fraction if cfg.rate_on_schedule else 1.0
-            previous = m[reference.ADAM_MOMENTUM]
-            state["log_rate"] = self._adapt_rate(state["log_rate"], g, previous, v, held, pace)
-            rate = torch.exp(state["log_rate"])
-        m.mul_(decays).add_((1 - decays) * g)
-        v.mul_(reference.RMS_DECAY).add_((1 - reference.RMS_DECAY) * torch.square(g))
-        denom = torch.sqrt(v / rms_fix) + cfg.eps
-        ratios = m / mom_fix / denom
-        direction = ratios[reference.ADAM_MOMENTUM]
-        p_rms = _rms(x)
-        log_fan_in = math.log10(max(fan_in(p), 1))
-        tensor_features = torch.stack([torch.log10(p_rms + 1e-8) + 1.0, scalar(log_fan_in - 1.5),
-                                       scalar(float(p.ndim <= 1))])
-        clip = reference.RATIO_CLIP
-        features = torch.cat([torch.clamp(g / denom, -clip, clip).reshape(1, -1),
-                              torch.clamp(ratios, -clip, clip).reshape(K, -1),
-                              (x / torch.clamp(p_rms, min=1e-30)).reshape(1, -1)])
-        mlp, law = theta["mlp"], theta["tensor"]
-        n = reference.NUM_ELEMENT_FEATURES
-        bias = mlp["b0"] + torch.cat([tensor_features, step_features]) @ mlp["w0"][n:]
-        out = mlp_columns([mlp["w0"][:n], mlp["w1"]], [bias, mlp["b1"]], features)[0].reshape(p.shape)
-        if cfg.elementwise_correction:
-            correction = cfg.correction_bound * direction * torch.tanh(out)
-        else:
-            bound = cfg.correction_bound * (_rms(direction) if cfg.relative_correction else 1.0)
-            correction = out * torch.clamp(bound / torch.clamp(_rms(out), min=1e-30), max=1.0)
-        z = law["b"] + law["w"] @ tensor_features
-        multiplier = torch.exp(reference.MULTIPLIER_RANGE * torch.tanh(z / reference.MULTIPLIER_RANGE))
-        update = -lr * (rate * multiplier * (direction + correction) + group["weight_decay"] * x)
-        p.add_(update.to(p.dtype), alpha=group["lr"])
+        held = cfg.rate_after_warmup and count < self.warmup_steps
+        log_fan_in = math.log10(max(fan_in(p), 1)) - 1.5
+        scalars = [count + 1, count / self.num_steps, lr, lr / self.base, float(held), group["lr"],
+                   group["weight_decay"], log_fan_in, float(p.ndim <= 1)]
+        scalars = torch.tensor(scalars, dtype=f32, device=p.device)
+        # Compiled, a tensor's features and MLP fuse into a few passes, which wins on small and
+        # middling tensors; above COMPILE_MAX elements the eager step's cache-sized blocks win
+        # (benchmarks/torch_step.py; figures in docs/torch.md), so large tensors take that.
+        small = self._compiled is not None and p.numel() <= COMPILE_MAX
+        kernel = self._compiled if small else self._eager
+        # p.detach(): the same storage, as a plain tensor (dynamo fixes a Parameter's shape).
+        kernel(p.detach(), grad, state["momenta"], state["rms"], state.get("log_rate"), scalars, theta)
         state["step"] += 1
 
-    def _adapt_rate(self, log_rate, g, m_prev, v_prev, held: bool, pace: float):
-        """One hypergradient step on log α_T (the JAX optimizer's `_adapt_rate`)."""
-        cfg = self.config
-        d_prev = m_prev / (torch.sqrt(v_prev) + 1e-30)
-        cos = torch.dot(g.reshape(-1), d_prev.reshape(-1)) / (torch.linalg.vector_norm(g)
-                                                              * torch.linalg.vector_norm(d_prev) + 1e-30)
-        step = 0.0 if held else cfg.rate_adaptation * (cos - cfg.rate_threshold) * pace
-        return torch.clamp(log_rate + step, -cfg.rate_range, cfg.rate_range)
+    def _make_kernel(self, compiled: bool):
+        """The step of one tensor, a function of tensors alone (`scalars`: see `_update`);
+        under torch.compile its MLP runs in one block, as inductor fuses it anyway."""
+        cfg, chunk = self.config, None if compiled else CHUNK
+        n, clip = reference.NUM_ELEMENT_FEATURES, reference.RATIO_CLIP
+
+        def kernel(p, grad, m, v, log_rate, scalars, theta):
+            t, run_fraction, lr, lr_fraction, held, group_lr, weight_decay, log_fan_in, is_vector = scalars
+            decays = torch.tensor(reference.MOM_DECAYS, dtype=torch.float32, device=p.device)
+            decays = decays.reshape(-1, *[1] * p.ndim)
+            mom_fix = 1.0 - decays ** t
+            rms_fix = 1.0 - torch.tensor(reference.RMS_DECAY, dtype=torch.float32, device=p.device) ** t
+            g, x = grad.to(torch.float32), p.to(torch.float32)
+            rate = 1.0
+            if log_rate is not None:
+                pace = lr_fraction if cfg.rate_on_schedule else 1.0
+                log_rate.copy_(_adapt_rate(cfg, log_rate, g, m[reference.ADAM_MOMENTUM], v, held, pace))
+                rate = torch.exp(log_rate)
+            m.mul_(decays).add_((1 - decays) * g)
+            v.mul_(reference.RMS_DECAY).add_((1 - reference.RMS_DECAY) * torch.square(g))
+            denom = torch.sqrt(v / rms_fix) + cfg.eps
+            ratios = m / mom_fix / denom
+            direction = ratios[reference.ADAM_MOMENTUM]
+            p_rms = _rms(x)
+            tensor_features = torch.stack([torch.log10(p_rms + 1e-8) + 1.0, log_fan_in, is_vector])
+            step_features = torch.stack([run_fraction, torch.log10(t) / 4.0, lr_fraction])
+            features = torch.cat([torch.clamp(g / denom, -clip, clip).reshape(1, -1),
+                                  torch.clamp(ratios, -clip, clip).reshape(K, -1),
+                                  (x / torch.clamp(p_rms, min=1e-30)).reshape(1, -1)])
+            mlp, law = theta["mlp"], theta["tensor"]
+            bias = mlp["b0"] + torch.cat([tensor_features, step_features]) @ mlp["w0"][n:]
+            out = mlp_columns([mlp["w0"][:n], mlp["w1"]], [bias, mlp["b1"]], features, chunk)
+            out = out[0].reshape(p.shape)
+            if cfg.elementwise_correction:
+                correction = cfg.correction_bound * direction * torch.tanh(out)
+            else:
+                bound = cfg.correction_bound * (_rms(direction) if cfg.relative_correction else 1.0)
+                correction = out * torch.clamp(bound / torch.clamp(_rms(out), min=1e-30), max=1.0)
+            z = law["b"] + law["w"] @ tensor_features
+            multiplier = torch.exp(reference.MULTIPLIER_RANGE * torch.tanh(z / reference.MULTIPLIER_RANGE))
+            update = -lr * (rate * multiplier * (direction + correction) + weight_decay * x)
+            p.add_((update * group_lr).to(p.dtype))
+
+        return torch.compile(kernel, dynamic=True) if compiled else kernel
+
+
+def _adapt_rate(cfg, log_rate, g, m_prev, v_prev, held, pace):
+    """One hypergradient step on log α_T (the JAX optimizer's `_adapt_rate`); `held` is 1 while
+    the rate is held (through the warm-up, with rate_after_warmup)."""
+    d_prev = m_prev / (torch.sqrt(v_prev) + 1e-30)
+    cos = torch.dot(g.reshape(-1), d_prev.reshape(-1)) / (torch.linalg.vector_norm(g)
+                                                          * torch.linalg.vector_norm(d_prev) + 1e-30)
+    step = torch.where(held > 0, 0.0, cfg.rate_adaptation * (cos - cfg.rate_threshold) * pace)
+    return torch.clamp(log_rate + step, -cfg.rate_range, cfg.rate_range)
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
