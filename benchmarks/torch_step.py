@@ -31,7 +31,6 @@ import types
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import torch
 
@@ -75,20 +74,17 @@ def _pylo(src: pathlib.Path):
 
 
 def torch_candidates(pylo_src: pathlib.Path | None) -> dict:
+    from torch_numerics import untrained  # benchmarks/, beside this script
+
     import metaopt.torch as mt
-    from metaopt import optimizers, registry
 
     def learned(ref, **options):
         return lambda params: mt.load(ref, params, num_steps=10**6, registry=REGISTRY, **options)
 
-    def untrained(name):
-        opt = optimizers.make(name)
-        theta = jax.tree.map(np.asarray, opt.init(jax.random.key(0)))
-        return lambda params: mt.from_trained(
-            registry.TrainedOptimizer(name, 0, name, opt.hparams, theta, {}), params, num_steps=10**6)
-
+    small_fc_32x2 = untrained("small_fc")  # the default shape, θ at its initial value
     candidates = {"adam": lambda params: torch.optim.Adam(params, lr=1e-3),
-                  "small_fc": learned("reference:1"), "small_fc_32x2": untrained("small_fc"),
+                  "small_fc": learned("reference:1"),
+                  "small_fc_32x2": lambda params: mt.from_trained(small_fc_32x2, params, num_steps=10**6),
                   "nominal_mlp": learned("reference@champion"),
                   "nominal_mlp_compiled": learned("reference@champion", compile=True)}
     if pylo_src is not None:

@@ -20,7 +20,8 @@ import sys
 
 import pytest
 
-from tests.test_packaging import _canonical, _declared
+from metaopt.extras import _canonical
+from tests.test_packaging import _declared
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCKERFILES = {"cpu": ROOT / "deploy" / "Dockerfile", "cuda": ROOT / "deploy" / "Dockerfile.cuda"}

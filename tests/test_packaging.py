@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from metaopt import extras
 from metaopt.cli import app
+from metaopt.extras import _canonical
 from tests.test_import_direction import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -31,10 +32,6 @@ CORE_TOP_LEVEL_ONLY = ["metaopt/cli.py", "metaopt/cli_registry.py", "metaopt/cli
 EVAL = ["metaopt/evaluation.py", "metaopt/tuning.py", "task_zoo"]
 TORCH = ["metaopt/torch"]
 EVERYTHING = ["metaopt", "learner", "workers", "task_zoo"]
-
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _declared(*extras_: str) -> set[str]:

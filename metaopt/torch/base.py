@@ -93,13 +93,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        items = self._with_gradients()
+        if items:
+            self._step(items, loss)
+        return loss
+
+    def _with_gradients(self) -> list:
+        """(parameter, its group) for every parameter with a gradient, in order."""
         items = [(p, group) for group in self.param_groups for p in group["params"]
                  if p.grad is not None and p.numel()]
         if any(p.grad.is_sparse for p, _ in items):
             raise RuntimeError(f"{self.name} does not take sparse gradients (an Embedding's sparse=True)")
-        if items:
-            self._step(items, loss)
-        return loss
+        return items
 
     def _step(self, items: list, loss) -> None:
         """One step of the parameters with gradients, (parameter, its group) in order."""

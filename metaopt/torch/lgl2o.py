@@ -66,12 +66,15 @@ class LGL2O(LearnedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        items = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        items = self._with_gradients()
         start = [p.detach().clone() for p, _ in items]
         grads = [p.grad.detach().clone() for p, _ in items]
         candidates = []
         for optimizer in (self.learned, self.fallback):
-            optimizer.step(loss=loss) if isinstance(optimizer, LearnedOptimizer) else optimizer.step()
+            if isinstance(optimizer, LearnedOptimizer):
+                optimizer.step(loss=loss)
+            else:  # a torch.optim fallback
+                optimizer.step()
             candidates.append([p.detach() - s for (p, _), s in zip(items, start, strict=True)])
             for (p, _), s, g in zip(items, start, grads, strict=True):
                 p.copy_(s)
