@@ -4,14 +4,17 @@
 
 For 10k, 100k and 1M parameters (an MLP's two weight matrices and biases): torch.optim.Adam,
 metaopt.torch's small_fc (reference:1: one hidden layer of 16; and small_fc_32x2, the default
-shape, two hidden layers of 32) and nominal_mlp (the champion), eager and compiled
-(`compile=True`: each tensor's step through torch.compile). Beside them the JAX
-step: optax.adam, small_fc (reference:1) and nominal_mlp, each jitted. With --pylo-src (a
+shape, two hidden layers of 32) and nominal_mlp (the champion), each eager and compiled
+(`compile=True`: each tensor's step through torch.compile, where it fits COMPILED_ACTIVATIONS).
+Beside them the JAX step: optax.adam, small_fc (reference:1) and nominal_mlp, each jitted. With --pylo-src (a
 checkout of Belilovsky-Lab/pylo; the `pylo` package on PyPI is another project), PyLO's
 pure-torch small_fc_lopt (`AdafacLO_naive`: 39 features into two hidden layers of 32, the shape
 of small_fc_32x2, which reads 24) runs on the same parameters as the peer for this step; its
 meta-network gets random weights (the time of a step does not depend on them; the pretrained
 ones come from the Hugging Face hub, which this machine cannot reach).
+
+Also, to choose metaopt.torch.base.COMPILED_ACTIVATIONS: one square tensor of each of several
+sizes, its step eager and compiled with every size compiled (`threshold` in the JSON: compiled over eager).
 
 Each figure is the median over rounds, the candidates taking turns within a round, so a busy
 moment of a shared machine costs them alike. Ratios, not absolute times, carry over to other
@@ -21,6 +24,7 @@ machines. On CUDA (when torch sees one), the torch rows run there too.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import platform
@@ -37,6 +41,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REGISTRY = str(ROOT / "examples" / "registry")
 SIZES = (10_000, 100_000, 1_000_000)
+THRESHOLD_SIZES = (16_384, 65_536, 131_044, 262_144, 1_048_576)  # squares of 128, 256, 362, 512, 1024
 
 
 def _widths(size: int) -> int:
@@ -73,20 +78,26 @@ def _pylo(src: pathlib.Path):
     return AdafacLO_naive
 
 
-def torch_candidates(pylo_src: pathlib.Path | None) -> dict:
+def learned_optimizers() -> dict:
+    """metaopt.torch's candidates: name -> make(params, compile)."""
     from torch_numerics import untrained  # benchmarks/, beside this script
 
     import metaopt.torch as mt
+    from metaopt import registry
 
-    def learned(ref, **options):
-        return lambda params: mt.load(ref, params, num_steps=10**6, registry=REGISTRY, **options)
+    def learned(trained):
+        return lambda params, compile: mt.from_trained(trained, params, num_steps=10**6, compile=compile)
 
-    small_fc_32x2 = untrained("small_fc")  # the default shape, θ at its initial value
-    candidates = {"adam": lambda params: torch.optim.Adam(params, lr=1e-3),
-                  "small_fc": learned("reference:1"),
-                  "small_fc_32x2": lambda params: mt.from_trained(small_fc_32x2, params, num_steps=10**6),
-                  "nominal_mlp": learned("reference@champion"),
-                  "nominal_mlp_compiled": learned("reference@champion", compile=True)}
+    return {"small_fc": learned(registry.load("reference:1", REGISTRY)),
+            "small_fc_32x2": learned(untrained("small_fc")),  # the default shape, θ at its initial value
+            "nominal_mlp": learned(registry.load("reference@champion", REGISTRY))}
+
+
+def torch_candidates(pylo_src: pathlib.Path | None) -> dict:
+    candidates = {"adam": lambda params: torch.optim.Adam(params, lr=1e-3)}
+    for name, make in learned_optimizers().items():
+        candidates[name] = functools.partial(make, compile=False)
+        candidates[f"{name}_compiled"] = functools.partial(make, compile=True)
     if pylo_src is not None:
         adafac = _pylo(pylo_src)
         candidates["pylo_small_fc_naive"] = lambda params: adafac(params)
@@ -142,6 +153,33 @@ def jax_times(size: int, rounds: int) -> dict[str, float]:
     return _time_rounds(steps, rounds)
 
 
+def compile_threshold(sizes: tuple[int, ...], rounds: int, repeats: int) -> list[dict]:
+    """Compiled over eager step time of one square tensor per size, every size compiled, for the
+    architectures that compile, `repeats` times (above ~100k elements it varies from run to run on
+    a shared machine): where compiling stops paying sets COMPILED_ACTIVATIONS."""
+    from unittest import mock
+
+    from metaopt.torch import base
+
+    rows = []
+    with mock.patch.object(base, "COMPILED_ACTIVATIONS", float("inf")):
+        for repeat in range(repeats):
+            for name, make in learned_optimizers().items():
+                for size in sizes:
+                    w = int(size ** 0.5)
+                    steps = {}
+                    for compiled in (False, True):
+                        p = torch.nn.Parameter(torch.randn(w, w) * 0.1)
+                        p.grad = torch.randn(w, w) * 0.01
+                        steps[compiled] = make([p], compiled).step
+                        for _ in range(3):  # state, compilation
+                            steps[compiled]()
+                    times = _time_rounds(steps, rounds)
+                    rows.append({"optimizer": name, "elements": w * w, "repeat": repeat,
+                                 "compiled_vs_eager": times[True] / times[False]})
+    return rows
+
+
 def _pylo_commit(src: pathlib.Path) -> str:
     """The checkout's commit, where git can tell (a `git archive` export cannot)."""
     import subprocess
@@ -171,13 +209,16 @@ def main() -> None:
             times = torch_times(size, device, args.pylo_src, rounds)
             rows.append(_row("torch", device, size, times))
         rows.append(_row("jax", jax.default_backend(), size, jax_times(size, rounds)))
+    threshold = compile_threshold(THRESHOLD_SIZES[:2] if args.quick else THRESHOLD_SIZES, rounds,
+                                  repeats=1 if args.quick else 3)
     peer = [{"parameters": r["parameters"], "device": r["device"],
              "metaopt_small_fc_vs_pylo": r["seconds"]["small_fc_32x2"] / r["seconds"]["pylo_small_fc_naive"]}
             for r in rows if "pylo_small_fc_naive" in r["seconds"]]
     result = {"benchmark": "torch_step", "date": time.strftime("%Y-%m-%d"), "quick": args.quick,
               "pylo": None if args.pylo_src is None else _pylo_commit(args.pylo_src),
               "rounds": rounds, "machine": platform.machine(), "cpus": torch.get_num_threads(),
-              "torch": torch.__version__, "jax": jax.__version__, "rows": rows, "peer": peer}
+              "torch": torch.__version__, "jax": jax.__version__, "rows": rows, "peer": peer,
+              "threshold": threshold}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "torch_step.json").write_text(json.dumps(result, indent=2))
@@ -188,6 +229,11 @@ def main() -> None:
         ratios = ", ".join(f"{k} {v:.1f}x" for k, v in r["vs_adam"].items() if k != "adam")
         adam_ms = r["seconds"]["adam"] * 1e3
         print(f"{r['framework']:>5} {r['device']:<4} {r['parameters']:>9,}: adam {adam_ms:.2f} ms; {ratios}")
+    for name in dict.fromkeys(t["optimizer"] for t in threshold):
+        for size in dict.fromkeys(t["elements"] for t in threshold):
+            ratios = [f"{t['compiled_vs_eager']:.2f}x" for t in threshold
+                      if t["optimizer"] == name and t["elements"] == size]
+            print(f"compiled / eager, one {size:,}-element tensor, {name}: {', '.join(ratios)}")
     for p in peer:
         ratio = p["metaopt_small_fc_vs_pylo"]
         print(f"metaopt.torch small_fc (32x2) / PyLO naive at {p['parameters']:,}: {ratio:.2f}x")

@@ -19,7 +19,8 @@ BENCHMARKS = sorted(p for p in (pathlib.Path(__file__).resolve().parent.parent /
 
 # Per script, the figures its docstring promises that must be finite and positive in any honest
 # run: rates, ratios and counts of what was done. `*` is every item of a list or value of a dict
-# (at least one). A figure renamed or dropped, or a NaN, fails the slow test.
+# (at least one), a number one item of a list. A figure renamed or dropped, or a NaN, fails the
+# slow test.
 PROMISED = {
     "chaos": ("fuzz_messages", "learner_kills", "resumes"),
     "chaos_fuzz": ("fuzz_messages",),
@@ -38,7 +39,9 @@ PROMISED = {
                     "parts.lopt_update.fraction_of_peak", "mlp_within_update.fraction_of_peak",
                     "step_over_floor"),
     "torch_numerics": ("rows.*.worst", "rows.*.errors.*"),
-    "torch_step": ("rows.*.seconds.adam", "rows.*.vs_adam.small_fc", "rows.*.vs_adam.nominal_mlp"),
+    "torch_step": ("rows.*.seconds.adam", "rows.*.vs_adam.small_fc", "rows.*.vs_adam.nominal_mlp",
+                   "rows.0.vs_adam.small_fc_compiled", "rows.0.vs_adam.nominal_mlp_compiled",  # 0: torch
+                   "threshold.*.compiled_vs_eager"),
     "worker_throughput": ("rows.*.adam_steps_per_s", "rows.*.lopt_steps_per_s",
                           "rows.*.pes_inner_steps_per_s", "rows.*.estimates_per_s", "rows.*.pes_vs_adam"),
     "zoo": ("optimizers.*.ms_per_update", "optimizers.*.ratio_to_adam", "tasks.*.seconds_per_step"),
@@ -62,6 +65,8 @@ def _values(node, keys: list[str], where: str):
             yield from _values(child, rest, f"{where}.{name}")
     elif isinstance(node, dict) and key in node:
         yield from _values(node[key], rest, f"{where}.{key}")
+    elif isinstance(node, list) and key.isdigit() and int(key) < len(node):  # a list's item by index
+        yield from _values(node[int(key)], rest, f"{where}.{key}")
     else:
         yield f"{where}.{key}", _MISSING
 

@@ -185,7 +185,8 @@ def test_a_tampered_artifact_is_refused_and_a_pinned_digest_is_checked(tmp_path)
     (lambda p: mt.load("reference@champion", p, num_steps=10, registry=REGISTRY, learning_rate=0.0),
      "positive, finite learning_rate"),
     (lambda p: mt.load("nobody", p, num_steps=10, registry=REGISTRY), "nobody"),
-    (lambda p: mt.load("reference:1", p, num_steps=10, registry=REGISTRY, compile=True), "cannot compile"),
+    (lambda p: mt.from_trained(numerics.untrained("rnn_mlp"), p, num_steps=10, compile=True),
+     "rnn_mlp cannot compile"),
 ])
 def test_bad_input_is_refused_with_a_reason(call, why):
     with pytest.raises((ValueError, LookupError, NotImplementedError), match=why):
@@ -255,14 +256,22 @@ def test_sparse_gradients_are_refused_and_the_parameters_left_as_they_were():
     assert torch.equal(embedding.weight, before) and not opt.state
 
 
-def test_a_compiled_nominal_mlp_steps_as_the_eager_one_does():
-    """torch.compile of each tensor's step (once per shape and rank): the same trajectory, to
-    float32 rounding (inductor fuses and reorders), on a 0-D, 1-D, 2-D and 4-D tensor."""
+COMPILABLE = [7, 1, "adafac_mlp"]  # nominal_mlp (the champion), small_fc, adafac_mlp
+
+
+def test_the_compilable_architectures_are_these():
+    assert sorted(name for name, cls in mt.ARCHITECTURES.items() if cls.compilable) == sorted(
+        numerics.case(version).optimizer_name for version in COMPILABLE)
+
+
+@pytest.mark.parametrize("version", COMPILABLE)
+def test_a_compiled_step_is_the_eager_one(version):
+    """torch.compile of each tensor's step (once per rank): the same trajectory, to float32
+    rounding (inductor fuses and reorders), on a 0-D, 1-D, 2-D and 4-D tensor."""
     results = []
     for compiled in (False, True):
-        init = numerics.initial()
-        params = {k: torch.tensor(v) for k, v in init.items()}
-        opt = mt.load("reference:7", list(params.values()), num_steps=30, registry=REGISTRY, compile=compiled)
+        params = {k: torch.tensor(v) for k, v in numerics.initial().items()}
+        opt = mt.from_trained(numerics.case(version), list(params.values()), num_steps=30, compile=compiled)
         rng = np.random.default_rng(3)
         for _ in range(30):
             for k, p in params.items():
@@ -273,16 +282,33 @@ def test_a_compiled_nominal_mlp_steps_as_the_eager_one_does():
         torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-5, atol=1e-6)
 
 
-def test_the_compiled_step_compiles_once_per_rank_not_per_shape_step_or_lr():
+def test_a_tensor_compiles_while_its_mlp_activations_fit():
+    """Compiled, a tensor's MLP runs in one block: up to COMPILED_ACTIVATIONS floats of hidden
+    activations (benchmarks/torch_step.py measured where compiling stops paying), else eager."""
+    from metaopt.torch.base import COMPILED_ACTIVATIONS
+
+    two_layers_of_32 = numerics.untrained("small_fc")  # 64 hidden units, so up to 65,536 elements
+    fits, too_big = torch.zeros(256, 256), torch.zeros(257, 256)
+    opt = mt.from_trained(two_layers_of_32, [fits, too_big], num_steps=10, compile=True)
+    assert fits.numel() * 64 == COMPILED_ACTIVATIONS
+    assert opt._kernel(fits) is opt._compiled and opt._kernel(too_big) is opt._eager
+    one_layer_of_16 = mt.load("reference:1", [too_big], num_steps=10, registry=REGISTRY, compile=True)
+    assert one_layer_of_16._kernel(too_big) is one_layer_of_16._compiled
+
+
+@pytest.mark.parametrize("version", COMPILABLE)
+def test_the_compiled_step_compiles_once_per_rank_not_per_shape_step_or_lr(version):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    # Ranks 2, 1, 4 and 0, two shapes of each but the scalar. (A dimension of size 1, as in a 1x1
-    # convolution, is fixed by dynamo: one more graph.)
-    shapes = [(8, 4), (16, 8), (4,), (9,), (3, 2, 3, 3), (5, 4, 2, 2), ()]
+    # Ranks 2, 1, 4 and 0, two shapes of each but the scalar; the first of rank 1 and 2 each has a
+    # dimension as long as a kernel's `scalars` (9, 4: see base.kernel_scalars). (A dimension of
+    # size 1, as in a 1x1 convolution, is fixed by dynamo, and a square tensor's two dimensions
+    # are tied until a non-square one of its rank comes: one more graph each.)
+    shapes = [(8, 4), (16, 8), (9,), (4,), (3, 2, 3, 3), (5, 4, 2, 2), ()]
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    opt = mt.load("reference:7", params, num_steps=20, registry=REGISTRY, compile=True)
+    opt = mt.from_trained(numerics.case(version), params, num_steps=20, compile=True)
     for step in range(8):
         if step == 4:
             opt.param_groups[0]["lr"] = 0.5  # as a scheduler would

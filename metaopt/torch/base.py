@@ -17,6 +17,10 @@ import numpy as np
 import torch
 
 CHUNK = 16384  # columns per block of a learned optimizer's MLP: (32, CHUNK) float32 = 2 MiB
+# Hidden activations (floats: 16 MiB) a compiled step may hold at once. A compiled step runs its MLP
+# on a whole tensor in one block; past this the eager step's cache-sized blocks win, so a larger
+# tensor takes that even with compile=True (measured: benchmarks/torch_step.py's `threshold`).
+COMPILED_ACTIVATIONS = 2**22
 
 
 def fan_in(p: torch.Tensor) -> int:
@@ -48,20 +52,30 @@ class LearnedOptimizer(torch.optim.Optimizer):
     `step(closure=None, loss=None)`: as torch.optim's, and `loss` for optimizers that read it.
     Each group's `lr` multiplies the learned step (1: the step θ was trained for) and
     `weight_decay` is decoupled (AdamW's: p ← p − lr · weight_decay · p); both may change between
-    steps, as schedulers do."""
+    steps, as schedulers do.
+
+    `compile=True`, for a subclass that writes a tensor's step as a function of tensors alone
+    (`_make_kernel`), runs that step through torch.compile: all that changes from step to step
+    (the step count, a group's lr) goes in as a tensor and shapes are dynamic, so it compiles once
+    per tensor rank (the first steps: seconds on a CPU), never per shape, step or lr. Its features
+    and MLP then fuse into a few passes, which wins on small and middling tensors; a tensor whose
+    MLP activations exceed COMPILED_ACTIVATIONS (above 65,536 elements with two hidden layers of
+    32) keeps the eager step, whose cache-sized blocks win there (benchmarks/torch_step.py)."""
 
     jax_class: type
     name = ""  # the metaopt.optimizers name: the JAX class's
-    compilable = False  # whether `compile=True` runs its step through torch.compile
+    compilable = False  # whether `compile=True` is taken: the subclass defines `_make_kernel`
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.name = cls.jax_class.name
+        cls.compilable = cls._make_kernel is not LearnedOptimizer._make_kernel
 
     def __init__(self, params, theta: Any, hparams: dict[str, Any], num_steps: int, lr: float = 1.0,
                  weight_decay: float | None = None, compile: bool = False):
         if compile and not self.compilable:
-            raise NotImplementedError(f"{self.name} cannot compile its step yet (nominal_mlp can); "
+            can = ", ".join(sorted(c.name for c in _subclasses(LearnedOptimizer) if c.compilable))
+            raise NotImplementedError(f"{self.name} cannot compile its step yet ({can} can); "
                                       "leave compile=False")
         self.config = self._config(hparams)
         if weight_decay is None:  # the optimizer's own (nominal_mlp has one), else none
@@ -78,6 +92,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         # float32 whatever the parameters are, so it is put back as saved (see _keep_state).
         self.register_load_state_dict_pre_hook(LearnedOptimizer._keep_state)
         self.register_load_state_dict_post_hook(LearnedOptimizer._restore_state)
+        if self.compilable:
+            mlp = theta["mlp"]  # the hidden units of its MLP: every layer's outputs but the last's
+            self._hidden_units = sum(mlp[f"w{i}"].shape[1] for i in range(len(mlp) // 2 - 1))
+            self._eager = self._make_kernel(CHUNK)
+            self._compiled = torch.compile(self._make_kernel(None), dynamic=True) if compile else None
 
     def _config(self, hparams: dict[str, Any]) -> Any:
         return self.jax_class(**hparams)
@@ -114,6 +133,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _update(self, p, grad, state: dict, group: dict, theta: Any, loss) -> None:
         raise NotImplementedError
 
+    def _make_kernel(self, chunk: int | None):
+        """The step of one tensor as a function of tensors alone, its MLP run in blocks of `chunk`
+        columns (None: one block, as torch.compile needs; see `mlp_columns`)."""
+        raise NotImplementedError
+
+    def _kernel(self, p: torch.Tensor):
+        """The step for `p`: compiled if compile=True and its MLP's activations on p fit."""
+        small = self._compiled is not None and p.numel() * self._hidden_units <= COMPILED_ACTIVATIONS
+        return self._compiled if small else self._eager
+
     @staticmethod
     def _keep_state(optimizer: LearnedOptimizer, state_dict: dict) -> None:
         optimizer._saved_state = {k: dict(v) for k, v in state_dict["state"].items()}
@@ -147,6 +176,21 @@ def _mlp(weights: list, biases: list, h: torch.Tensor) -> torch.Tensor:
         if i < len(weights) - 1:
             h = torch.relu_(h)
     return h
+
+
+def kernel_scalars(values: list[float], device: torch.device) -> torch.Tensor:
+    """The numbers a compiled kernel reads besides tensors (the step count, a group's lr, ...), as
+    one float32 tensor, so that it is not compiled again as they change. Its length is marked
+    static: dynamo's duck sizing would otherwise tie it to every dimension of the same size among
+    the kernel's arguments (a 4-element `scalars` and a (4, n) weight), fixing that dimension too,
+    which then compiles again for each new size."""
+    scalars = torch.tensor(values, dtype=torch.float32, device=device)
+    torch._dynamo.mark_static(scalars)
+    return scalars
+
+
+def _subclasses(cls) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 def _map(fn, tree):

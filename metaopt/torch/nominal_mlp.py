@@ -14,24 +14,20 @@ from typing import Any
 import torch
 
 from metaopt.optimizers import nominal_mlp as reference
-from metaopt.torch.base import CHUNK, LearnedOptimizer, fan_in, mlp_columns
+from metaopt.torch.base import LearnedOptimizer, fan_in, kernel_scalars, mlp_columns
 
 K = len(reference.MOM_DECAYS)
-COMPILE_MAX = 131_072  # elements: larger tensors take the eager, blocked step even with compile=True
 
 
 class NominalMLP(LearnedOptimizer):
     """Adam on a cosine schedule, a bounded learned correction and a learned per-tensor law."""
 
     jax_class = reference.NominalMLP
-    compilable = True
 
     def __init__(self, params, theta: Any, hparams: dict[str, Any], num_steps: int,
                  learning_rate: float | None = None, lr: float = 1.0, weight_decay: float | None = None,
                  compile: bool = False):
-        """`learning_rate`: the peak rate of the schedule (default: the artifact's). `compile`:
-        run the step of each tensor of up to COMPILE_MAX elements through torch.compile (the
-        first steps compile it, once per tensor rank, as shapes are dynamic: seconds on a CPU)."""
+        """`learning_rate`: the peak rate of the schedule (default: the artifact's)."""
         super().__init__(params, theta, hparams, num_steps, lr=lr, weight_decay=weight_decay, compile=compile)
         if self.config.rate_estimate > 0:
             raise NotImplementedError("nominal_mlp's rate_estimate (Prodigy's d_t) is not in metaopt.torch "
@@ -41,8 +37,6 @@ class NominalMLP(LearnedOptimizer):
             raise ValueError(f"nominal_mlp needs a positive, finite learning_rate, got {learning_rate!r}")
         self.base = float(base)
         self.warmup_steps = int(round(self.config.warmup * num_steps))
-        self._eager = self._make_kernel(compiled=False)
-        self._compiled = self._make_kernel(compiled=True) if compile else None
 
     def schedule(self, count: int) -> float:
         """The peak rate with a linear warm-up from 0, then cosine decay to 0 at num_steps (optax's
@@ -70,20 +64,15 @@ class NominalMLP(LearnedOptimizer):
         log_fan_in = math.log10(max(fan_in(p), 1)) - 1.5
         scalars = [count + 1, count / self.num_steps, lr, lr / self.base, float(held), group["lr"],
                    group["weight_decay"], log_fan_in, float(p.ndim <= 1)]
-        scalars = torch.tensor(scalars, dtype=f32, device=p.device)
-        # Compiled, a tensor's features and MLP fuse into a few passes, which wins on small and
-        # middling tensors; above COMPILE_MAX elements the eager step's cache-sized blocks win
-        # (benchmarks/torch_step.py; figures in docs/torch.md), so large tensors take that.
-        small = self._compiled is not None and p.numel() <= COMPILE_MAX
-        kernel = self._compiled if small else self._eager
+        scalars = kernel_scalars(scalars, p.device)
         # p.detach(): the same storage, as a plain tensor (dynamo fixes a Parameter's shape).
-        kernel(p.detach(), grad, state["momenta"], state["rms"], state.get("log_rate"), scalars, theta)
+        self._kernel(p)(p.detach(), grad, state["momenta"], state["rms"], state.get("log_rate"), scalars,
+                        theta)
         state["step"] += 1
 
-    def _make_kernel(self, compiled: bool):
-        """The step of one tensor, a function of tensors alone (`scalars`: see `_update`);
-        under torch.compile its MLP runs in one block, as inductor fuses it anyway."""
-        cfg, chunk = self.config, None if compiled else CHUNK
+    def _make_kernel(self, chunk: int | None):
+        """The step of one tensor, a function of tensors alone (`scalars`: see `_update`)."""
+        cfg = self.config
         n, clip = reference.NUM_ELEMENT_FEATURES, reference.RATIO_CLIP
 
         def kernel(p, grad, m, v, log_rate, scalars, theta):
@@ -123,7 +112,7 @@ class NominalMLP(LearnedOptimizer):
             update = -lr * (rate * multiplier * (direction + correction) + weight_decay * x)
             p.add_((update * group_lr).to(p.dtype))
 
-        return torch.compile(kernel, dynamic=True) if compiled else kernel
+        return kernel
 
 
 def _adapt_rate(cfg, log_rate, g, m_prev, v_prev, held, pace):
