@@ -78,6 +78,8 @@ def train(
     try:
         result = run_training(spec, out=str(out), job_id=job_id, progress=show_progress,
                               metrics_port=metrics_port)
+    except JobSpecError as err:  # a plugin that fails its check: bad input, nothing started
+        _fail(str(err))
     except (WorkerFailed, JobStoreError, ValueError, OSError) as err:
         _fail(str(err), code=1)
     except KeyboardInterrupt:
@@ -159,6 +161,8 @@ def serve_learner(
     try:
         summary = run_learner(spec, str(out), job_id, host, port, token, tls, metrics_port, listening,
                               progress=sys.stderr.isatty() or not as_json, health_port=health_port)
+    except JobSpecError as err:  # a plugin that fails its check: bad input, nothing started
+        _fail(str(err))
     except (ValueError, OSError, RuntimeError) as err:
         _fail(str(err), code=1)
     except KeyboardInterrupt:

@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Submit a job to a Ray cluster (or, with --k8s, as a KubeRay RayJob); prints its id at once."""
         jobs = _jobs("submit")
-        from metaopt.jobspec import JobSpecError, check_job_id, load_job_spec
+        from metaopt.jobspec import JobSpecError, check_job_id, check_plugins, load_job_spec
         from metaopt.train import new_job_id
 
         try:
@@ -81,6 +81,7 @@ def register(app: typer.Typer) -> None:
             if max_outer_steps is not None:
                 spec = spec.with_overrides(**{"stop.max_outer_steps": max_outer_steps})
             job_id = check_job_id(job_id) if job_id is not None else new_job_id(spec)
+            check_plugins(spec)
         except JobSpecError as err:
             _fail(str(err), code=2)
         if k8s:
@@ -179,7 +180,10 @@ def _submit_k8s(spec, job_id: str, image: str | None, namespace: str, cluster: s
 
     if image is None:
         _fail("--k8s needs --image, the metaopt image the pods run (deploy/Dockerfile)", code=2)
-    manifest = k8s.rayjob(spec, job_id, image, namespace, cluster, env_secrets)
+    try:
+        manifest = k8s.rayjob(spec, job_id, image, namespace, cluster, env_secrets)
+    except SubmitError as err:
+        _fail(str(err), code=2)
     if dry_run:
         typer.echo(yaml.safe_dump(manifest, sort_keys=False), nl=False)
         return

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from metaopt.plugins import is_import_path
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
 
 
@@ -46,7 +48,7 @@ class AugmentSpec(_Frozen):
 
 
 class TaskMix(_Frozen):
-    family: str  # a task_zoo family name
+    family: str  # a task_zoo family name, or a plugin's import path (module:Attribute)
     weight: float = Field(1.0, gt=0)  # relative share (of samples, or of compute: task_balance)
     kwargs: dict[str, Any] = {}  # family settings, e.g. {"dims": [16]}
     augment: AugmentSpec | None = None
@@ -63,7 +65,7 @@ class TaskMix(_Frozen):
 
 
 class OptimizerSpec(_Frozen):
-    name: str = "small_fc"  # a metaopt.optimizers name
+    name: str = "small_fc"  # a metaopt.optimizers name, or a plugin's import path (module:Attribute)
     hparams: dict[str, Any] = {}
 
     @model_validator(mode="after")
@@ -258,6 +260,12 @@ class JobSpec(_Frozen):
             raise ValueError(f"each family may appear once in the mix, got {names}")
         return tasks
 
+    @property
+    def plugins(self) -> list[str]:
+        """The import paths of the plugins the job names (task families, its optimizer)."""
+        names = [t.family for t in self.tasks] + [self.optimizer.name]
+        return sorted({n for n in names if is_import_path(n)})
+
     def with_overrides(self, **changes: Any) -> JobSpec:
         """A copy with dotted-path overrides, e.g. `{"stop.max_outer_steps": 5}`, re-validated."""
         data = self.model_dump()
@@ -270,6 +278,24 @@ class JobSpec(_Frozen):
                 node = node[part]
             node[leaf] = value
         return parse_job_spec(data)
+
+
+def check_plugins(spec: JobSpec) -> None:
+    """Run each plugin the job names on a tiny sample, as workers will (JobSpecError naming the
+    field and what is wrong). Parsing a spec only imports and builds them: this runs JAX, which
+    `metaopt train` starts after Ray's processes (they fork), and before anything of the job."""
+    from metaopt import optimizers, task_zoo
+    from metaopt.plugins import PluginError
+
+    checks = [(f"tasks.{i}.family", task_zoo.check_family, t.family, t.kwargs)
+              for i, t in enumerate(spec.tasks)]
+    checks.append(("optimizer.name", optimizers.check, spec.optimizer.name, spec.optimizer.hparams))
+    for where, check, name, kwargs in checks:
+        if is_import_path(name):
+            try:
+                check(name, **kwargs)
+            except PluginError as err:
+                raise JobSpecError(f"invalid job spec:\n  {where}: {err}") from None
 
 
 def check_job_id(job_id: str) -> str:

@@ -28,6 +28,10 @@ WORKER_MEMORY = "4Gi"
 def rayjob(spec: JobSpec, job_id: str, image: str, namespace: str = "default", cluster: str | None = None,
            env_secrets: tuple[str, ...] = ()) -> dict:
     """The RayJob manifest for `spec` (a dict, ready for the API or for YAML)."""
+    if spec.plugins:
+        raise SubmitError(f"the job names plugins {spec.plugins}, which cannot go with --k8s yet (a "
+                          "RayJob cannot upload them); submit it to the cluster's Ray Jobs API instead: "
+                          "metaopt submit --address http://HEAD:8265")
     encoded = base64.b64encode(yaml.safe_dump(spec.model_dump(mode="json")).encode()).decode()
     entrypoint = (f"printf %s {encoded} | base64 -d > {SPEC_PATH} && "
                   + shlex.join(["metaopt", "train", SPEC_PATH, "--job-id", job_id, "--json"]))

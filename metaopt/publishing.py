@@ -31,7 +31,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
-from metaopt import registry, storage
+from metaopt import plugins, registry, storage
 from metaopt.storage import ARRAYS_FILE, CHECKPOINT_DIR_RE, CorruptArtifactError, basename, fresh_fs
 
 __all__ = [
@@ -134,7 +134,8 @@ def provenance(spec: Any, job_id: str, history: Sequence[Any], outer_steps: int,
     installation's); meta_loss_first: outer step 1's, where `history` no longer begins there (the
     learner keeps a window of its last steps). Keys: job_id, code_version, task_families,
     outer_steps, meta_loss_first, meta_loss_last (None without history), estimator, spec,
-    [evaluation], and `extra`.
+    [plugins] (import path and source sha256 of each plugin the spec names), [evaluation], and
+    `extra`.
     """
     spec = _spec_dict(spec)
     record = {
@@ -148,6 +149,9 @@ def provenance(spec: Any, job_id: str, history: Sequence[Any], outer_steps: int,
         "estimator": spec.get("estimator"),
         "spec": spec,
     }
+    used = {t["family"] for t in spec.get("tasks", [])} | {spec.get("optimizer", {}).get("name")}
+    if any(plugins.is_import_path(p) for p in used):  # the sources they were trained with
+        record["plugins"] = [plugins.record(p) for p in sorted(filter(plugins.is_import_path, used))]
     if evaluation is not None:
         record["evaluation"] = evaluation_summary(evaluation)
     return record | extra

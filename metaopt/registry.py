@@ -44,6 +44,7 @@ import safetensors.numpy
 from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError
 
+from metaopt import plugins
 from metaopt.storage import (
     CorruptArtifactError,
     contiguous,
@@ -347,6 +348,9 @@ def publish(
         except (TypeError, ValueError) as e:
             raise TypeError(f"{what} is not JSON-serialisable ({e}); pass plain types") from e
 
+    optimizer = {"name": optimizer_name, "hparams": hparams}
+    if plugins.is_import_path(optimizer_name):  # what loading it needs installed (never shipped)
+        optimizer["plugin"] = plugins.record(optimizer_name)
     flat = flatten_tree(theta)
     theta_bytes = safetensors.numpy.save(contiguous(flat))
     for attempt in range(_PUBLISH_ATTEMPTS):
@@ -355,7 +359,7 @@ def publish(
         manifest = {
             "name": name,
             "version": version,
-            "optimizer": {"name": optimizer_name, "hparams": hparams},
+            "optimizer": optimizer,
             "theta_structure": tree_structure(theta),
             "provenance": provenance,
             "created_at": _dt.datetime.now(_dt.UTC).isoformat(),
@@ -511,6 +515,8 @@ class TrainedOptimizer:
 
         from metaopt.optimizers import make
 
+        if "plugin" in self.manifest["optimizer"]:
+            plugins.check_recorded(self.manifest["optimizer"]["plugin"], self.ref)
         opt = make(self.optimizer_name, **self.hparams)
         return opt.as_optax(jax.tree.map(jnp.asarray, self.theta), num_steps, **options)
 

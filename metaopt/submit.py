@@ -21,11 +21,13 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 
+from metaopt import plugins
 from metaopt.jobspec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -186,6 +188,14 @@ def submit(spec: JobSpec, address: str, job_id: str, retry_s: float = 60.0) -> s
         with open(f"{working_dir}/{SPEC_FILE}", "w") as f:
             yaml.safe_dump(spec.model_dump(mode="json"), f, sort_keys=False)
         env = {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S)}
+        # The job's plugins go in its working directory, which Ray uploads and puts on the path
+        # of its driver and of every worker (the job SDK's py_modules takes directories only).
+        for source in {plugins.source(p) for p in spec.plugins}:
+            if source.is_dir():  # a package
+                shutil.copytree(source, f"{working_dir}/{source.name}",
+                                ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(source, working_dir)
         deadline = time.monotonic() + retry_s
         while True:
             try:

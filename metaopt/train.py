@@ -20,7 +20,8 @@ import signal
 import threading
 import time
 
-from metaopt.jobspec import JobSpec
+from metaopt import plugins
+from metaopt.jobspec import JobSpec, check_plugins
 
 log = logging.getLogger(__name__)
 STALL_S = 60.0  # a full meta-batch waiting this long for its outer update is a fault
@@ -61,6 +62,7 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
         # the run as Ctrl-C does, through the cleanup below that writes the final checkpoint.
         signal.signal(signal.SIGTERM, _interrupt)
         _dump_stacks_on_sigusr1()
+    check_plugins(spec)  # after Ray (it runs JAX), before anything of the job
     job_id = job_id or new_job_id(spec)
     run = _LearnerRun(spec, out, job_id)
     with run.recorded():
@@ -270,6 +272,7 @@ def serve_learner(spec: JobSpec, out: str, job_id: str, host: str, port: int,
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
         _dump_stacks_on_sigusr1()
+    check_plugins(spec)
     run = _LearnerRun(spec, out, job_id)
     with run.recorded():
         return _serve(run, host, port, token, tls, metrics_port, on_listening, progress, health_port)
@@ -368,8 +371,11 @@ def _start_ray(spec: JobSpec) -> str:
         if joining:
             ray.init(address=cluster, log_to_driver=False, logging_level=logging.ERROR)
         else:
+            # The job's plugins go to every worker as Ray py_modules: workers start elsewhere
+            # than this process's directory. (A submitted job's come with its runtime env.)
+            runtime_env = {"py_modules": plugins.ray_modules(spec.plugins)} if spec.plugins else None
             ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.ERROR,
+                     logging_level=logging.ERROR, runtime_env=runtime_env,
                      num_cpus=max(os.cpu_count() or 1, int(spec.workers.count * spec.workers.cpus)))
     return ray.util.get_node_ip_address() if joining else "127.0.0.1"
 

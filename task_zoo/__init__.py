@@ -25,7 +25,7 @@ from metaopt.task_zoo.lstm_lm import LSTMLMFamily
 from metaopt.task_zoo.mixture import Mixture
 from metaopt.task_zoo.mlp import MLPFamily
 from metaopt.task_zoo.quadratic import QuadraticFamily
-from metaopt.task_zoo.registry import cost, families, family, register, task
+from metaopt.task_zoo.registry import check_family, cost, families, family, register, task
 from metaopt.task_zoo.transformer_lm import TransformerLMFamily
 
 register(QuadraticFamily.name, QuadraticFamily)
@@ -40,6 +40,7 @@ register(LSTMLMFamily.name, LSTMLMFamily)
 __all__ = [
     "Augmentation",
     "Mixture",
+    "check_family",
     "cost",
     "SPLITS",
     "TEST",

@@ -1,16 +1,20 @@
 """Name -> task-family factory registry.
 
 A factory is any callable ``factory(**kwargs) -> TaskFamily`` (usually the family class). The
-built-in families register themselves in ``task_zoo/__init__.py``.
+built-in families register themselves in ``task_zoo/__init__.py``; a name `module:Attribute` is
+a plugin's factory, imported where it is first asked for (task_zoo/plugin.py).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
+from metaopt import plugins
 from metaopt.task_zoo.augment import augment_task, split_augment
 from metaopt.task_zoo.base import Task, TaskCost, TaskFamily, TaskSpec
+from metaopt.task_zoo.plugin import PluginFamily, check
 
 _FACTORIES: dict[str, Callable[..., TaskFamily]] = {}
 
@@ -31,6 +35,8 @@ def families() -> list[str]:
 
 
 def _factory(name: str, what: str) -> Callable[..., TaskFamily]:
+    if plugins.is_import_path(name):
+        return _plugin(name)
     try:
         return _FACTORIES[name]
     except KeyError:
@@ -46,6 +52,30 @@ def family(name: str, **kwargs) -> TaskFamily:
         accepted = list(inspect.signature(factory).parameters)
         raise ValueError(f"task family {name!r}: {e}; accepted kwargs: {accepted}") from None
     return factory(**kwargs)
+
+
+@functools.cache
+def _plugin(path: str) -> Callable[..., TaskFamily]:
+    """The plugin's factory, its families shown as PluginFamily (specs named by `path`)."""
+    factory = plugins.load(path, "task family")
+    if not callable(factory):
+        raise plugins.PluginError(f"task family {path!r} is a {type(factory).__name__}, not a "
+                                  "factory: name a class or function that takes the family's settings")
+
+    def plugin_family(**kwargs) -> PluginFamily:
+        return PluginFamily(path, factory(**kwargs))
+
+    plugin_family.__signature__ = inspect.signature(factory)  # the settings family() checks
+    return plugin_family
+
+
+def check_family(name: str, **kwargs) -> TaskFamily:
+    """`family(name, **kwargs)`, and for a plugin its interface run on one tiny sample
+    (PluginError naming what is wrong): what a job spec checks before anything starts."""
+    built = family(name, **kwargs)
+    if isinstance(built, PluginFamily):
+        check(built)
+    return built
 
 
 def task(spec: TaskSpec) -> Task:

@@ -25,6 +25,7 @@ from tests.ports import free_port
 from tests.redis_fixture import RedisServer
 
 DATA = Path(__file__).parent / "data"
+PLUGINS = Path(__file__).resolve().parent.parent / "examples" / "plugins"
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +88,9 @@ def ray_logs(env: dict, chars: int = 1500) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in wanted)
 
 
-def metaopt(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def metaopt(env: dict, *args: str, timeout: float = 120, cwd: Path | None = None):
     return subprocess.run([sys.executable, "-m", "metaopt.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+                          env=env, timeout=timeout, cwd=cwd)
 
 
 def write_spec(path: Path, **changes) -> Path:
@@ -216,3 +217,32 @@ def test_cluster_errors_say_what_to_do(cluster, tmp_path):
 
     done = metaopt(cluster, "list-jobs", "--address", "127.0.0.1:8265")
     assert done.returncode == 2 and "http://" in done.stderr
+
+
+def test_a_job_with_plugins_ships_them_to_the_cluster(cluster, tmp_path):
+    """The plugin modules are only in the user's folder: the job's driver (in the working
+    directory Ray made for it) and its worker actors import what `submit` uploaded with the job
+    (Ray py_modules), and the artifact records the plugin optimizer. A broken one is refused
+    before anything is submitted."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("my_tasks.py", "my_opts.py"):
+        shutil.copy(PLUGINS / name, project / name)
+    spec = yaml.safe_load((PLUGINS / "plugin.yaml").read_text())
+    spec.update(workers={"count": 1}, stop={"max_outer_steps": 3}, storage={"root": str(tmp_path / "store")})
+    (project / "job.yaml").write_text(yaml.safe_dump(spec))
+    done = metaopt(cluster, "submit", "job.yaml", "--job-id", "plugins-1", cwd=project)
+    assert done.returncode == 0, done.stderr
+    row = wait_for(cluster, "plugins-1", {"SUCCEEDED", "FAILED", "STOPPED"})
+    logs = metaopt(cluster, "logs", "plugins-1").stdout
+    assert row["status"] == "SUCCEEDED", logs[-3000:]
+    summary = last_json(logs)
+    assert summary["outer_steps"] == 3, summary  # its worker actor sampled my_tasks and ran my_opts
+    manifest = registry.read_manifest(summary["registry"], "plugin-demo", 1)
+    assert manifest["optimizer"]["plugin"]["import_path"] == "my_opts:LearnedMomentum"
+
+    (project / "my_opts.py").write_text("LearnedMomentum = 3\n")
+    done = metaopt(cluster, "submit", "job.yaml", "--job-id", "plugins-2", cwd=project)
+    assert done.returncode == 2 and "'my_opts:LearnedMomentum' is a int, not a factory" in done.stderr
+    listed = json.loads(metaopt(cluster, "list-jobs", "--json").stdout)
+    assert "plugins-2" not in {r["job_id"] for r in listed}

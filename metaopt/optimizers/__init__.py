@@ -13,7 +13,7 @@ from metaopt.optimizers.lookahead import Lookahead, LookaheadState
 from metaopt.optimizers.lstm_l2l import LSTML2L, LSTML2LState
 from metaopt.optimizers.nn_adam import NNAdam, NNAdamState
 from metaopt.optimizers.nominal_mlp import NominalMLP, NominalMLPState
-from metaopt.optimizers.registry import make, names, register
+from metaopt.optimizers.registry import check, make, names, register
 from metaopt.optimizers.rnn_mlp import RNNMLP, RNNMLPState
 from metaopt.optimizers.small_fc import SmallFC, SmallFCState
 
@@ -56,6 +56,7 @@ __all__ = [
     "NominalMLPState",
     "RNNMLP",
     "RNNMLPState",
+    "check",
     "make",
     "names",
     "register",

@@ -2,7 +2,8 @@
 
 Every factory is a frozen dataclass type (or callable) whose keyword arguments are the
 optimizer's hyperparameters; `make` validates names before calling it so that typos fail
-loudly instead of silently using a default.
+loudly instead of silently using a default. A name `module:Attribute` is a plugin's factory,
+imported where it is first asked for (optimizers/plugin.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from metaopt import plugins
 from metaopt.optimizers.base import Optimizer
+from metaopt.optimizers.plugin import PluginOptimizer, plugin_factory
+from metaopt.optimizers.plugin import check as check_plugin
 
 _REGISTRY: dict[str, Callable[..., Optimizer]] = {}
 
@@ -41,11 +45,21 @@ def make(name: str, **hparams: Any) -> Optimizer:
     Raises ValueError for an unknown name (listing the known ones) or an unknown
     hyperparameter (naming it and the accepted ones).
     """
-    if name not in _REGISTRY:
+    plugin = plugins.is_import_path(name)
+    if name not in _REGISTRY and not plugin:
         raise ValueError(f"unknown optimizer {name!r}; registered optimizers: {names()}")
-    factory = _REGISTRY[name]
+    factory = plugin_factory(name) if plugin else _REGISTRY[name]
     accepted = _accepted(factory)
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown} for optimizer {name!r}; accepted: {accepted}")
-    return factory(**hparams)
+    return PluginOptimizer(name, factory(**hparams), hparams) if plugin else factory(**hparams)
+
+
+def check(name: str, **hparams: Any) -> Optimizer:
+    """`make(name, **hparams)`, and for a plugin its interface run on a tiny problem
+    (PluginError naming what is wrong): what a job spec checks before anything starts."""
+    opt = make(name, **hparams)
+    if isinstance(opt, PluginOptimizer):
+        check_plugin(opt)
+    return opt

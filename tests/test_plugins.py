@@ -1,0 +1,209 @@
+"""Plugins: a task family and an optimizer named by import path in a job spec, from a module
+of the user's (examples/plugins/, the code docs/plugins.md shows), used by the zoo, checked
+before a job starts, meta-trained by `metaopt train` (real Ray workers), recorded in the
+artifact and needed again to load it. `metaopt submit` to a real Ray head: tests/test_submit.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import pytest
+import yaml
+
+from metaopt import optimizers, task_zoo
+from metaopt.jobspec import JobSpecError, check_plugins, parse_job_spec
+from tests.jsonout import last_json
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "plugins"
+FAMILY, OPTIMIZER = "my_tasks:RosenbrockFamily", "my_opts:LearnedMomentum"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A user's folder with the two plugin modules and the job spec, as the working directory."""
+    for name in ("my_tasks.py", "my_opts.py", "plugin.yaml"):
+        shutil.copy(EXAMPLES / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def spec_with(**changes) -> dict:
+    spec = yaml.safe_load((EXAMPLES / "plugin.yaml").read_text())
+    return {**spec, **changes}
+
+
+def test_the_docs_example_is_the_tested_one_and_under_60_lines():
+    source = (EXAMPLES / "my_tasks.py").read_text()
+    assert len(source.splitlines()) < 60
+    docs = (EXAMPLES.parent.parent / "docs" / "plugins.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", docs, re.S):
+        assert all(line in source for line in block.splitlines()), block
+
+
+def test_a_plugin_family_samples_specs_named_by_its_import_path(project):
+    family = task_zoo.family(FAMILY, dims=[4])
+    spec = family.sample(jax.random.key(0))
+    assert spec.name == FAMILY and spec.kwargs["dim"] == 4  # what travels finds the plugin again
+    task = task_zoo.task(spec)  # as a worker builds it, from the spec alone
+    params = task.init(jax.random.key(1))
+    assert task.loss(params, jax.random.key(2), task.batch(jax.random.key(3), task_zoo.TEST)).shape == ()
+    assert task_zoo.cost(spec).parameters == 4
+    assert FAMILY not in task_zoo.families()  # the built-ins' list stays the built-ins'
+    task_zoo.check_family(FAMILY, dims=[4])
+
+
+def test_a_plugin_optimizer_is_named_by_its_import_path_and_rebuilds_from_its_hparams(project):
+    opt = optimizers.make(OPTIMIZER, init_lr=0.02)
+    assert opt.name == OPTIMIZER and opt.hparams == {"init_lr": 0.02} and opt.learned
+    again = optimizers.make(opt.name, **opt.hparams)  # what an artifact's manifest rebuilds
+    assert float(again.init(jax.random.key(0))["log_lr"]) == pytest.approx(float(jax.numpy.log(0.02)))
+    optimizers.check(OPTIMIZER)
+    with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['lr'\].*accepted: \['init_lr'\]"):
+        optimizers.make(OPTIMIZER, lr=0.1)
+
+
+@pytest.mark.parametrize(("family", "message"), [
+    ("no_such_module:Family", r"cannot import module 'no_such_module'.*current directory or on PYTHONPATH"),
+    ("my_tasks:NoSuchFamily", r"'my_tasks' has no attribute 'NoSuchFamily'; it has \[.*'RosenbrockFamily'"),
+    ("my_tasks:RosenbrockFamily.name", r"is a str, not a factory"),
+    ("my_tasks:", r"is not an import path: write it as `module:Attribute`"),
+])
+def test_a_bad_import_path_is_refused_when_the_spec_is_read(project, family, message):
+    with pytest.raises(JobSpecError, match=r"tasks\.0: .*" + message):
+        parse_job_spec(spec_with(tasks=[{"family": family}]))
+
+
+BROKEN = {
+    "a family whose loss is not a scalar": (
+        "family", "tasks.0.family", "task.loss must return a scalar float, got float32\\[3\\]",
+        """
+        import jax.numpy as jnp
+        from flax import struct
+        from my_tasks import Rosenbrock, RosenbrockFamily
+
+        @struct.dataclass
+        class VectorLoss(Rosenbrock):
+            def loss(self, params, key, batch):
+                return jnp.ones(3)
+
+        class Family(RosenbrockFamily):
+            def task_fn(self, spec):
+                t = super().task_fn(spec)
+                return VectorLoss(t.floor, t.noise, t.dim)
+        """),
+    "a family whose tasks are not pytrees": (
+        "family", "tasks.0.family", r"jax.jit of task.loss, the task an argument \(a pytree\) failed",
+        """
+        from my_tasks import Rosenbrock, RosenbrockFamily
+
+        class Plain(Rosenbrock):  # not registered with jax: a subclass needs @struct.dataclass too
+            pass
+
+        class Family(RosenbrockFamily):
+            def task_fn(self, spec):
+                t = super().task_fn(spec)
+                return Plain(t.floor, t.noise, t.dim)
+        """),
+    "a family without cost": (
+        "family", "tasks.0.family", r"cost\(spec\) failed: AttributeError",
+        """
+        from my_tasks import RosenbrockFamily
+
+        class Family:
+            name, description = "no_cost", "no cost method"
+            def __init__(self):
+                self.inner = RosenbrockFamily()
+            def sample(self, key):
+                return self.inner.sample(key)
+            def task_fn(self, spec):
+                return self.inner.task_fn(spec)
+        """),
+    "an optimizer whose updates have the wrong shape": (
+        "optimizer", "optimizer.name", r"update returned updates shaped .* for parameters shaped",
+        """
+        import jax, optax
+        from my_opts import LearnedMomentum
+
+        class Optimizer(LearnedMomentum):
+            def as_optax(self, theta, num_steps):
+                def update(grads, state, params=None, **extra):
+                    return jax.tree.map(lambda g: g[..., :1], grads), state
+                return optax.GradientTransformationExtraArgs(lambda params: (), update)
+        """),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_plugin_with_the_wrong_interface_is_refused_before_anything_starts(project, case):
+    kind, where, message, source = BROKEN[case]
+    module = f"broken_{list(BROKEN).index(case)}"  # one per case: Python keeps what it imported
+    (project / f"{module}.py").write_text(textwrap.dedent(source))
+    attribute = {"family": "Family", "optimizer": "Optimizer"}[kind]
+    spec = spec_with(tasks=[{"family": f"{module}:{attribute}"}]) if kind == "family" else (
+        spec_with(optimizer={"name": f"{module}:{attribute}"}))
+    parsed = parse_job_spec(spec)  # parsing imports and builds it; running it is the check's
+    with pytest.raises(JobSpecError, match=rf"{where}: .*{message}"):
+        check_plugins(parsed)
+
+
+def metaopt(project: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it in their folder: its own process (Ray forks)."""
+    command = [str(Path(sys.executable).parent / "metaopt"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=project, env=env)
+
+
+def test_metaopt_train_refuses_a_broken_plugin_and_starts_nothing(project):
+    (project / "broken.py").write_text("def Family(**kwargs):\n    return object()\n")
+    (project / "job.yaml").write_text(yaml.safe_dump(spec_with(tasks=[{"family": "broken:Family"}])))
+    done = metaopt(project, "train", "job.yaml", "--out", "out")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "tasks.0.family: task family 'broken:Family': sample(key) failed: AttributeError" in done.stderr
+    assert not (project / "out").exists()  # no run directory, no registry
+
+
+def test_metaopt_train_meta_trains_plugins_and_the_artifact_needs_them_to_load(project, tmp_path_factory):
+    done = metaopt(project, "train", "plugin.yaml", "--out", "out", "--job-id", "plugins",
+                   "--max-outer-steps", "3", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = last_json(done.stdout)
+    assert summary["outer_steps"] == 3 and summary["artifact"] == "plugin-demo:1"
+    manifest = json.loads((project / "out/registry/plugin-demo/1/manifest.json").read_text())
+    sha = {m: hashlib.sha256(f"{m}.py".encode() + b"\0" + (project / f"{m}.py").read_bytes() + b"\0")
+           .hexdigest() for m in ("my_opts", "my_tasks")}
+    assert manifest["optimizer"] == {"name": OPTIMIZER, "hparams": {"init_lr": 0.003},
+                                     "plugin": {"import_path": OPTIMIZER, "sha256": sha["my_opts"]}}
+    assert manifest["provenance"]["plugins"] == [{"import_path": p, "sha256": sha[p.split(":")[0]]}
+                                                 for p in (OPTIMIZER, FAMILY)]
+    assert FAMILY in (project / "out/runs/plugins/metrics.jsonl").read_text()  # its tasks were trained on
+
+    use = ("import metaopt, warnings; warnings.simplefilter('error');"
+           f"tx = metaopt.load('plugin-demo:1', registry={str(project / 'out/registry')!r}).as_optax(100);"
+           "print(type(tx).__name__)")
+    elsewhere = tmp_path_factory.mktemp("elsewhere")  # where the plugin cannot be imported
+    done = subprocess.run([sys.executable, "-c", use], capture_output=True, text=True, cwd=elsewhere)
+    assert done.returncode == 1
+    assert (f"plugin-demo:1 was trained with the plugin '{OPTIMIZER}' (source sha256 "
+            f"{sha['my_opts'][:12]}…), which this environment cannot import") in done.stderr
+    assert "code is never taken from the registry" in done.stderr
+    done = subprocess.run([sys.executable, "-c", use], capture_output=True, text=True, cwd=project)
+    assert done.returncode == 0 and "GradientTransformation" in done.stdout, done.stderr[-2000:]
+    (project / "my_opts.py").write_text((project / "my_opts.py").read_text() + "\n# edited\n")
+    done = subprocess.run([sys.executable, "-c", use], capture_output=True, text=True, cwd=project)
+    assert done.returncode == 1  # the warning, raised as an error here
+    assert f"of source sha256 {sha['my_opts'][:12]}…, but the installed one is" in done.stderr
+
+
+def test_submit_k8s_refuses_plugins_and_says_where_to_submit_them(project):
+    done = metaopt(project, "submit", "plugin.yaml", "--k8s", "--image", "metaopt:dev", "--dry-run")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "cannot go with --k8s yet" in done.stderr and "--address http://HEAD:8265" in done.stderr
+    assert "apiVersion" not in done.stdout
