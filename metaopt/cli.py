@@ -34,7 +34,8 @@ def _needs(extra: str, verb: str) -> None:
 
 @app.command()
 def train(
-    config: Annotated[pathlib.Path, typer.Argument(help="Job spec YAML, e.g. examples/quickstart.yaml.")],
+    config: Annotated[str, typer.Argument(
+        help="Job spec YAML, e.g. examples/quickstart.yaml (or `base64:` and its base64: a RayJob's).")],
     max_outer_steps: Annotated[
         int | None, typer.Option("--max-outer-steps", min=1, help="Override stop.max_outer_steps.")
     ] = None,
@@ -98,6 +99,21 @@ def train(
         )
 
 
+PluginsUri = Annotated[str | None, typer.Option(
+    "--plugins", help="URI of the job's plugin bundle (`metaopt upload-plugins`), fetched and verified.")]
+
+
+def _fetch_plugins(uri: str | None) -> None:
+    """Make the bundle's plugins importable before the spec that names them is read."""
+    if uri:
+        from metaopt.plugins import PluginError, fetch
+
+        try:
+            fetch(uri)
+        except PluginError as err:
+            _fail(str(err))
+
+
 def _tls_options(cert: pathlib.Path | None, key: pathlib.Path | None):
     """A certificate without its key (or the reverse) is a mistake."""
     if (cert is None) != (key is None):
@@ -126,10 +142,12 @@ def serve_learner(
         "--job-id", help="Job id (workers need it); an existing one resumes from its checkpoint.")] = None,
     max_outer_steps: Annotated[
         int | None, typer.Option("--max-outer-steps", min=1, help="Override stop.max_outer_steps.")] = None,
+    plugins_uri: PluginsUri = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary line at the end.")] = False,
 ) -> None:
     """Run a job's learner alone, as in its own pod; workers elsewhere join with `metaopt worker`."""
     _needs("service", "serve-learner")
+    _fetch_plugins(plugins_uri)
     from metaopt.jobspec import JobSpecError, check_job_id, load_job_spec
     from metaopt.learner.security import TLSConfig, read_token
 
@@ -188,10 +206,12 @@ TlsServerName = Annotated[str | None, typer.Option(
 StatsJson = Annotated[bool, typer.Option("--json", help="Print one JSON line of stats at the end.")]
 
 
-def _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name):
+def _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name, plugins_uri):
     """(spec, token, ClientTLS or None) for `worker` and `workers`; bad input exits 2."""
     from metaopt.jobspec import JobSpecError, load_job_spec
     from metaopt.learner.security import read_token
+
+    _fetch_plugins(plugins_uri)
 
     _tls_options(tls_cert, tls_key)
     if tls_cert is not None and tls_ca is None:
@@ -222,6 +242,7 @@ def worker(
     tls_server_name: TlsServerName = None,
     bfloat16: Annotated[bool, typer.Option(
         "--bfloat16", help="Send estimates as bfloat16: half the bytes, relative error <= 2^-8.")] = False,
+    plugins_uri: PluginsUri = None,
     as_json: StatsJson = False,
 ) -> None:
     """Run one PES worker against a learner started elsewhere (`metaopt serve-learner`)."""
@@ -229,7 +250,8 @@ def worker(
     import socket
 
     _needs("service", "worker")
-    spec, token, tls = _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name)
+    spec, token, tls = _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name,
+                                     plugins_uri)
     from metaopt._proto import learner_pb2 as pb
     from metaopt.workers.actor import PESWorker
 
@@ -255,11 +277,13 @@ def workers(
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
     tls_server_name: TlsServerName = None,
+    plugins_uri: PluginsUri = None,
     as_json: StatsJson = False,
 ) -> None:
     """Start a job's workers as Ray actors on this Ray cluster, against a learner served elsewhere."""
     _needs("service", "workers")
-    spec, token, tls = _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name)
+    spec, token, tls = _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name,
+                                     plugins_uri)
     from metaopt.train import WorkerFailed, run_workers
 
     try:

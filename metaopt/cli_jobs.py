@@ -100,6 +100,25 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"submitted{again}; follow it: metaopt status {job_id}; metaopt logs {job_id} --follow",
                    err=True)
 
+    @app.command("upload-plugins")
+    def upload_plugins(
+        config: Annotated[pathlib.Path, typer.Argument(help="Job spec YAML naming plugins.")],
+    ) -> None:
+        """Upload a job's plugins to its storage.root as one bundle and print its URI: the Helm chart's
+        job.plugins, and `--plugins` of serve-learner and workers."""
+        _jobs("upload-plugins")
+        from metaopt.jobspec import JobSpecError, check_plugins, load_job_spec
+
+        try:
+            spec = load_job_spec(config)
+            check_plugins(spec)
+        except JobSpecError as err:
+            _fail(str(err), code=2)
+        if not spec.plugins or not spec.storage.root:
+            _fail("nothing to upload: the job names no plugins" if not spec.plugins else
+                  "the plugins travel through the job's object storage: set storage.root", code=2)
+        typer.echo(_upload_plugins(spec))
+
     @app.command()
     def status(
         job_id: Annotated[str | None, typer.Argument(help="Job id (default: the newest job).")] = None,
@@ -175,15 +194,18 @@ def _submit_k8s(spec, job_id: str, image: str | None, namespace: str, cluster: s
                 env_secrets: tuple[str, ...], dry_run: bool) -> None:
     import yaml
 
-    from metaopt import k8s
+    from metaopt import k8s, plugins
     from metaopt.submit import SubmitError, check_storage
 
     if image is None:
         _fail("--k8s needs --image, the metaopt image the pods run (deploy/Dockerfile)", code=2)
-    try:
-        manifest = k8s.rayjob(spec, job_id, image, namespace, cluster, env_secrets)
-    except SubmitError as err:
-        _fail(str(err), code=2)
+    bundle = None
+    if spec.plugins:  # their sources, zipped into the job's object storage (not on a dry run)
+        if not spec.storage.root:
+            _fail("the job's plugins travel through its object storage: set storage.root", code=2)
+        bundle = (plugins.bundle_uri(spec.storage.root, plugins.pack(spec.plugins)) if dry_run else
+                  _upload_plugins(spec))
+    manifest = k8s.rayjob(spec, job_id, image, namespace, cluster, env_secrets, bundle)
     if dry_run:
         typer.echo(yaml.safe_dump(manifest, sort_keys=False), nl=False)
         return
@@ -194,6 +216,17 @@ def _submit_k8s(spec, job_id: str, image: str | None, namespace: str, cluster: s
         _fail(str(err))
     typer.echo(job_id)
     typer.echo(f"created RayJob {job_id}; follow it: kubectl get rayjob {job_id} -n {namespace}", err=True)
+
+
+def _upload_plugins(spec) -> str:
+    from metaopt import plugins
+    from metaopt.submit import check_storage
+
+    try:
+        check_storage(spec)
+        return plugins.upload(spec.plugins, spec.storage.root)
+    except Exception as err:  # noqa: BLE001 - fsspec backends raise their own types
+        _fail(f"cannot upload the job's plugins to {spec.storage.root}: {err}", code=1)
 
 
 def _read_record(url: str | None, prefix: str, job_id: str) -> dict | None:

@@ -10,6 +10,8 @@ except the task mix, so a spec can be as short as
 
 from __future__ import annotations
 
+import base64
+import binascii
 import pathlib
 import re
 from typing import Any, Literal
@@ -324,8 +326,18 @@ def parse_job_spec(data: Any) -> JobSpec:
         raise JobSpecError(f"invalid job spec:\n{_format(err)}") from None
 
 
+INLINE_SPEC = "base64:"  # a spec given as `base64:` and its YAML's base64, not as a file (k8s.py)
+
+
 def load_job_spec(path: str | pathlib.Path) -> JobSpec:
-    """Read and validate a YAML job spec; raises JobSpecError with every problem listed."""
+    """Read and validate a YAML job spec (a file, or INLINE_SPEC and its base64); raises
+    JobSpecError with every problem listed."""
+    if isinstance(path, str) and path.startswith(INLINE_SPEC):
+        try:
+            data = yaml.safe_load(base64.b64decode(path.removeprefix(INLINE_SPEC), validate=True))
+        except (binascii.Error, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise JobSpecError(f"the inline job spec is not base64 of YAML: {err}") from None
+        return parse_job_spec(data)
     path = pathlib.Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -4,7 +4,8 @@ The RayJob runs `metaopt train` as its entrypoint, exactly as `metaopt submit` d
 Ray Jobs API: the learner in the job's driver on the head node, the workers as Ray actors on
 the worker pods. By default the RayJob brings its own RayCluster (one worker pod per worker,
 deleted when the job ends); with `cluster=NAME` it runs on an existing one (the Helm chart's).
-The spec travels inside the entrypoint (base64), so nothing needs mounting.
+The spec travels inside the entrypoint (base64), so nothing needs mounting; a job's plugins travel
+as a bundle in its object storage, the RayJob's remote working_dir (metaopt/plugins.py).
 """
 
 from __future__ import annotations
@@ -16,32 +17,35 @@ from importlib import metadata
 
 import yaml
 
-from metaopt.jobspec import JobSpec
+from metaopt.jobspec import INLINE_SPEC, JobSpec
 from metaopt.submit import STOP_GRACE_S, SubmitError
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
-SPEC_PATH = "/tmp/metaopt-job.yaml"  # in the driver's container; /tmp is writable there
 HEAD_RESOURCES = {"cpu": "2", "memory": "8Gi"}  # the learner: aggregation, checkpoints
 WORKER_MEMORY = "4Gi"
 
 
 def rayjob(spec: JobSpec, job_id: str, image: str, namespace: str = "default", cluster: str | None = None,
-           env_secrets: tuple[str, ...] = ()) -> dict:
-    """The RayJob manifest for `spec` (a dict, ready for the API or for YAML)."""
-    if spec.plugins:
-        raise SubmitError(f"the job names plugins {spec.plugins}, which cannot go with --k8s yet (a "
-                          "RayJob cannot upload them); submit it to the cluster's Ray Jobs API instead: "
-                          "metaopt submit --address http://HEAD:8265")
+           env_secrets: tuple[str, ...] = (), plugins_uri: str | None = None) -> dict:
+    """The RayJob manifest for `spec` (a dict, ready for the API or for YAML). A job with plugins
+    needs their bundle's URI (`plugins.upload`): Ray fetches it as the job's working_dir, on the
+    path of its driver and of every worker."""
+    if spec.plugins and plugins_uri is None:
+        raise SubmitError(f"the job names plugins {spec.plugins}: upload their bundle first "
+                          "(metaopt.plugins.upload) and pass its URI")
+    # KubeRay pastes the entrypoint unquoted into its submitter's shell command line (`... ray job
+    # submit ... -- ENTRYPOINT ; fi`): it must hold no shell syntax, or that shell runs part of it.
+    # So the spec goes inline as `base64:…` (letters, digits, + / =), which `metaopt train` reads.
     encoded = base64.b64encode(yaml.safe_dump(spec.model_dump(mode="json")).encode()).decode()
-    entrypoint = (f"printf %s {encoded} | base64 -d > {SPEC_PATH} && "
-                  + shlex.join(["metaopt", "train", SPEC_PATH, "--job-id", job_id, "--json"]))
+    entrypoint = shlex.join(["metaopt", "train", f"{INLINE_SPEC}{encoded}", "--job-id", job_id, "--json"])
     labels = {"app.kubernetes.io/name": "metaopt", "app.kubernetes.io/component": "job",
               "metaopt.io/job-id": job_id}
     body: dict = {
         "entrypoint": entrypoint,
         "submissionMode": "K8sJobMode",
         "runtimeEnvYAML": yaml.safe_dump({"env_vars": {
-            "PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S)}}),
+            "PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S)},
+            **({"working_dir": plugins_uri} if plugins_uri else {})}),
     }
     if cluster is not None:
         body["clusterSelector"] = {"ray.io/cluster": cluster}

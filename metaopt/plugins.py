@@ -12,9 +12,12 @@ what is wrong (the module cannot be imported, or has no such attribute). The mod
 where Python searches, plus the current directory (`metaopt train` run next to `my_tasks.py`
 finds it, as `python -m` would). `metaopt train` hands the module's source to its Ray workers
 (`ray_modules`) and `metaopt submit` uploads it in the job's working directory (`source`), so
-every process imports the same code. An artifact trained with a plugin records its import path
-and the sha256 of its source (`record`); loading it needs the plugin installed, and code is never
-taken from an artifact.
+every process imports the same code. On Kubernetes (a RayJob cannot upload a folder, and the
+learner pod is not a Ray process) the sources travel as one zip in the job's object storage,
+named by its sha256 (`upload`): Ray fetches it as the job's remote working_dir, and
+`metaopt serve-learner|workers --plugins URI` fetch and verify it (`fetch`). An artifact trained
+with a plugin records its import path and the sha256 of its source (`record`); loading it needs
+the plugin installed, and code is never taken from an artifact.
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import io
 import os
 import pathlib
 import re
+import shutil
 import sys
+import tempfile
 import warnings
+import zipfile
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
@@ -129,3 +136,77 @@ def check_recorded(recorded: dict[str, str], artifact: str) -> None:
 def ray_modules(paths) -> list[str]:
     """Ray runtime_env `py_modules` entries that ship these plugins' sources to every worker."""
     return sorted({str(source(p)) for p in paths})
+
+
+BUNDLE_DIR = "plugins"  # the zip's one top-level folder: Ray makes its contents the working_dir
+_EPOCH = (1980, 1, 1, 0, 0, 0)  # zip's earliest date: the same sources give the same bytes
+
+
+def pack(paths) -> bytes:
+    """The plugins' sources (module files, or whole packages but their __pycache__) as one zip."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as bundle:
+        for root in sorted({source(p) for p in paths}):
+            files = ([f for f in sorted(root.rglob("*")) if f.is_file() and "__pycache__" not in f.parts]
+                     if root.is_dir() else [root])
+            for file in files:
+                name = f"{root.name}/{file.relative_to(root).as_posix()}" if root.is_dir() else root.name
+                bundle.writestr(zipfile.ZipInfo(f"{BUNDLE_DIR}/{name}", _EPOCH), file.read_bytes(),
+                                zipfile.ZIP_DEFLATED)
+    return buffer.getvalue()
+
+
+def bundle_uri(storage_root: str, data: bytes) -> str:
+    """Where `upload` puts a bundle: by content, so a bundle is written once and never changes.
+    A local root becomes a file:// URI, which Ray fetches as it fetches s3:// or gs://."""
+    from fsspec.core import split_protocol
+
+    if split_protocol(storage_root)[0] in (None, "file"):
+        storage_root = pathlib.Path(split_protocol(storage_root)[1]).resolve().as_uri()
+    return f"{storage_root.rstrip('/')}/plugins/{hashlib.sha256(data).hexdigest()}.zip"
+
+
+def upload(paths, storage_root: str) -> str:
+    """Put the plugins' bundle in the job's object storage; returns its URI."""
+    from metaopt.storage import fresh_fs
+
+    data = pack(paths)
+    uri = bundle_uri(storage_root, data)
+    fs, path = fresh_fs(uri)
+    if not fs.exists(path):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, data)
+    return uri
+
+
+def fetch(uri: str) -> pathlib.Path:
+    """Download the bundle at `uri`, check it against the sha256 in its name, unpack it and put it
+    first on sys.path (and on PYTHONPATH, for the processes this one starts); returns the folder."""
+    from metaopt.storage import fresh_fs
+
+    digest = pathlib.PurePosixPath(uri).stem
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise PluginError(f"{uri} is not a plugin bundle: its name must be SHA256.zip, as "
+                          "`metaopt submit --k8s` or `metaopt plugins upload` wrote it")
+    try:
+        fs, path = fresh_fs(uri)
+        data = fs.cat_file(path)
+    except (OSError, ValueError) as err:
+        raise PluginError(f"cannot read the plugin bundle {uri}: {err}") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise PluginError(f"the plugin bundle {uri} does not match the sha256 in its name: it was "
+                          "changed or damaged; upload the plugins again")
+    target = pathlib.Path(tempfile.gettempdir()) / "metaopt-plugins" / digest
+    if not target.is_dir():  # unpacked beside it, then renamed: another process may do the same
+        target.parent.mkdir(parents=True, exist_ok=True)
+        unpacked = tempfile.mkdtemp(dir=target.parent)
+        with zipfile.ZipFile(io.BytesIO(data)) as bundle:
+            bundle.extractall(unpacked)
+        try:
+            os.rename(unpacked, target)
+        except OSError:  # the other process was first: its copy is the same bytes
+            shutil.rmtree(unpacked, ignore_errors=True)
+    folder = str(target / BUNDLE_DIR)
+    sys.path.insert(0, folder)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [folder, os.environ.get("PYTHONPATH")]))
+    return target / BUNDLE_DIR

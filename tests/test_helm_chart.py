@@ -213,6 +213,17 @@ def test_the_rayjob_starts_the_workers_on_the_chart_s_cluster(chart):
     assert job["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
 
 
+def test_a_plugin_bundle_reaches_the_learner_and_the_workers(chart):
+    """The learner fetches and verifies it (--plugins); Ray fetches it for the workers' job."""
+    bundle = f"s3://ml-metaopt/metaopt/plugins/{'0' * 64}.zip"
+    objects = render(chart, {"job": {"plugins": bundle}})
+    validate_objects(k8s_objects(objects))
+    learner = containers(objects["Deployment/demo-learner"])[0]
+    assert f"--plugins={bundle}" in learner["args"]
+    assert yaml.safe_load(objects["RayJob/demo-workers"]["spec"]["runtimeEnvYAML"]) == {"working_dir": bundle}
+    assert "runtimeEnvYAML" not in render(chart)["RayJob/demo-workers"]["spec"]  # none without plugins
+
+
 def test_tls_is_wired_into_the_learner_and_the_workers(chart):
     objects = render(chart, LARGE)
     (learner,) = containers(objects["Deployment/demo-learner"])
@@ -334,6 +345,7 @@ def test_generated_secrets_are_random_per_install(chart):
     ({"rayCluster": {"head": {"rayStartParams": {"num-gpus": 0}}}}, "num-gpus"),
     ({"metrics": {"serviceMonitor": {"interval": "30 seconds"}}}, "/metrics/serviceMonitor/interval"),
     ({"job": {"id": "Big_Job"}}, "/job/id"),
+    ({"job": {"plugins": "s3://bucket/my_tasks.py"}}, "/job/plugins"),  # a bundle is SHA256.zip
 ])
 def test_the_schema_refuses_bad_values_and_names_them(chart, values, message):
     with pytest.raises(helm_python.HelmValuesError) as refused:

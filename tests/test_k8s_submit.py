@@ -4,6 +4,7 @@ the part that rebuilds the spec."""
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from metaopt.jobspec import load_job_spec, parse_job_spec
+from metaopt.jobspec import JobSpecError, load_job_spec
 
 DATA = Path(__file__).parent / "data"
 CLI = [sys.executable, "-m", "metaopt.cli", "submit"]
@@ -76,13 +77,19 @@ def test_gpu_workers_ask_for_whole_gpus_and_an_existing_cluster_gets_no_cluster_
     assert "rayClusterSpec" not in on_chart["spec"] and "shutdownAfterJobFinishes" not in on_chart["spec"]
 
 
-def test_the_entrypoint_rebuilds_the_spec_as_validated(tmp_path):
+def test_the_entrypoint_carries_the_spec_as_validated_and_no_shell_syntax():
+    """KubeRay pastes the entrypoint unquoted into its submitter's shell command (`... ray job
+    submit ... -- ENTRYPOINT ; fi`): a pipe or && in it would run in that shell, not in the job."""
     entrypoint = dry_run("--image", "img")["spec"]["entrypoint"]
-    rebuild, _, train = entrypoint.partition(" && ")
-    assert train == "metaopt train /tmp/metaopt-job.yaml --job-id e2e-7 --json"
-    target = tmp_path / "job.yaml"
-    subprocess.run(["sh", "-c", rebuild.replace("/tmp/metaopt-job.yaml", str(target))], check=True)
-    assert parse_job_spec(yaml.safe_load(target.read_text())) == load_job_spec(DATA / "e2e.yaml")
+    words = entrypoint.split(" ")
+    assert shlex.split(entrypoint) == words and not set(entrypoint) & set("|&;<>()$`\\\"'*?[]#~{}!")
+    assert words[:2] == ["metaopt", "train"] and words[3:] == ["--job-id", "e2e-7", "--json"]
+    assert load_job_spec(words[2]) == load_job_spec(DATA / "e2e.yaml")
+
+
+def test_an_inline_spec_that_is_not_base64_of_yaml_is_refused():
+    with pytest.raises(JobSpecError, match="the inline job spec is not base64 of YAML"):
+        load_job_spec("base64:not*base64")
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [

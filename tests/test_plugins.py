@@ -6,20 +6,24 @@ artifact and needed again to load it. `metaopt submit` to a real Ray head: tests
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import jax
 import pytest
 import yaml
 
-from metaopt import optimizers, task_zoo
+from metaopt import optimizers, plugins, task_zoo
 from metaopt.jobspec import JobSpecError, check_plugins, parse_job_spec
+from metaopt.plugins import PluginError
 from tests.jsonout import last_json
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "plugins"
@@ -202,8 +206,71 @@ def test_metaopt_train_meta_trains_plugins_and_the_artifact_needs_them_to_load(p
     assert f"of source sha256 {sha['my_opts'][:12]}…, but the installed one is" in done.stderr
 
 
-def test_submit_k8s_refuses_plugins_and_says_where_to_submit_them(project):
-    done = metaopt(project, "submit", "plugin.yaml", "--k8s", "--image", "metaopt:dev", "--dry-run")
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "cannot go with --k8s yet" in done.stderr and "--address http://HEAD:8265" in done.stderr
-    assert "apiVersion" not in done.stdout
+def test_a_bundle_is_the_same_bytes_for_the_same_sources_and_is_verified_when_fetched(project, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # fetch puts the bundle first on both
+    monkeypatch.setenv("PYTHONPATH", "")
+    uri = plugins.upload([FAMILY, OPTIMIZER], str(project / "store"))
+    assert uri == plugins.bundle_uri(str(project / "store"), plugins.pack([OPTIMIZER, FAMILY]))
+    assert uri.startswith("file://") and uri.endswith(".zip")
+    with zipfile.ZipFile(io.BytesIO(plugins.pack([FAMILY, OPTIMIZER]))) as bundle:
+        assert sorted(bundle.namelist()) == ["plugins/my_opts.py", "plugins/my_tasks.py"]
+    folder = plugins.fetch(uri)
+    assert (folder / "my_tasks.py").read_bytes() == (project / "my_tasks.py").read_bytes()
+    assert sys.path[0] == str(folder) and os.environ["PYTHONPATH"] == str(folder)
+
+    path = Path(uri.removeprefix("file://"))
+    tampered = path.with_name("f" * 64 + ".zip")
+    tampered.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(PluginError, match="does not match the sha256 in its name: it was changed or damaged"):
+        plugins.fetch(tampered.as_uri())
+    with pytest.raises(PluginError, match="is not a plugin bundle: its name must be SHA256.zip"):
+        plugins.fetch((project / "my_tasks.py").as_uri())
+    with pytest.raises(PluginError, match="cannot read the plugin bundle"):
+        plugins.fetch(path.with_name("0" * 64 + ".zip").as_uri())
+
+
+def test_a_learner_and_a_worker_elsewhere_fetch_the_job_s_plugins(project, tmp_path_factory):
+    """As in their pods (the Helm chart): the spec names plugins that only the bundle holds."""
+    done = metaopt(project, "upload-plugins", "job.yaml")
+    assert done.returncode == 2 and "no job spec at job.yaml" in done.stderr
+    spec = spec_with(storage={"root": str(project / "store")}, stop={"max_outer_steps": 2})
+    (project / "job.yaml").write_text(yaml.safe_dump(spec))
+    done = metaopt(project, "upload-plugins", "job.yaml")
+    assert done.returncode == 0, done.stderr[-2000:]
+    bundle = done.stdout.strip()
+    pod = tmp_path_factory.mktemp("pod")  # where neither module is
+    shutil.copy(project / "job.yaml", pod / "job.yaml")
+    (pod / "token").write_text("t0k3n")
+    learner = subprocess.Popen(
+        [str(Path(sys.executable).parent / "metaopt"), "serve-learner", "job.yaml", "--host", "127.0.0.1",
+         "--port", "0", "--metrics-port", "0", "--token-file", "token", "--out", "out", "--job-id", "pods",
+         "--plugins", bundle, "--json"], cwd=pod, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = learner.stderr.readline()
+        address = re.search(r"listening on (\S+),", line)
+        assert address, line + learner.stderr.read()[-2000:]
+        worker = metaopt(pod, "worker", "job.yaml", "--learner", address.group(1), "--job-id", "pods",
+                         "--token-file", "token", "--plugins", bundle, "--json")
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        out, err = learner.communicate(timeout=120)
+    finally:
+        learner.kill()
+    assert learner.returncode == 0, err[-2000:]
+    assert last_json(out)["outer_steps"] == 2
+    done = metaopt(pod, "worker", "job.yaml", "--learner", address.group(1), "--job-id", "pods",
+                   "--plugins", bundle.replace(".zip", "0.zip"))
+    assert done.returncode == 2 and "is not a plugin bundle" in done.stderr
+
+
+def test_submit_k8s_puts_the_bundle_in_the_rayjob(project):
+    spec = spec_with(storage={"root": str(project / "store")})
+    (project / "job.yaml").write_text(yaml.safe_dump(spec))
+    done = metaopt(project, "submit", "job.yaml", "--k8s", "--image", "img", "--dry-run", "--job-id", "k")
+    assert done.returncode == 0, done.stderr[-2000:]
+    runtime_env = yaml.safe_load(yaml.safe_load(done.stdout)["spec"]["runtimeEnvYAML"])
+    expected = plugins.bundle_uri(str(project / "store"), plugins.pack([FAMILY, OPTIMIZER]))
+    assert runtime_env["working_dir"] == expected
+    assert not (project / "store").exists()  # a dry run uploads nothing
+    (project / "job.yaml").write_text(yaml.safe_dump(spec_with()))
+    done = metaopt(project, "submit", "job.yaml", "--k8s", "--image", "img", "--dry-run")
+    assert done.returncode == 2 and "set storage.root" in done.stderr

@@ -219,11 +219,8 @@ def test_cluster_errors_say_what_to_do(cluster, tmp_path):
     assert done.returncode == 2 and "http://" in done.stderr
 
 
-def test_a_job_with_plugins_ships_them_to_the_cluster(cluster, tmp_path):
-    """The plugin modules are only in the user's folder: the job's driver (in the working
-    directory Ray made for it) and its worker actors import what `submit` uploaded with the job
-    (Ray py_modules), and the artifact records the plugin optimizer. A broken one is refused
-    before anything is submitted."""
+def plugin_project(tmp_path: Path) -> Path:
+    """A user's folder: examples/plugins' two modules and a short job naming them."""
     project = tmp_path / "project"
     project.mkdir()
     for name in ("my_tasks.py", "my_opts.py"):
@@ -231,6 +228,14 @@ def test_a_job_with_plugins_ships_them_to_the_cluster(cluster, tmp_path):
     spec = yaml.safe_load((PLUGINS / "plugin.yaml").read_text())
     spec.update(workers={"count": 1}, stop={"max_outer_steps": 3}, storage={"root": str(tmp_path / "store")})
     (project / "job.yaml").write_text(yaml.safe_dump(spec))
+    return project
+
+
+def test_a_job_with_plugins_ships_them_to_the_cluster(cluster, tmp_path):
+    """The plugin modules are only in the user's folder: the job's driver and its worker actors
+    import the copies `submit` uploaded in the job's working directory, and the artifact records
+    the plugin optimizer. A broken one is refused before anything is submitted."""
+    project = plugin_project(tmp_path)
     done = metaopt(cluster, "submit", "job.yaml", "--job-id", "plugins-1", cwd=project)
     assert done.returncode == 0, done.stderr
     row = wait_for(cluster, "plugins-1", {"SUCCEEDED", "FAILED", "STOPPED"})
@@ -246,3 +251,36 @@ def test_a_job_with_plugins_ships_them_to_the_cluster(cluster, tmp_path):
     assert done.returncode == 2 and "'my_opts:LearnedMomentum' is a int, not a factory" in done.stderr
     listed = json.loads(metaopt(cluster, "list-jobs", "--json").stdout)
     assert "plugins-2" not in {r["job_id"] for r in listed}
+
+
+def test_a_rayjob_with_plugins_runs_as_kuberay_submits_it(cluster, tmp_path):
+    """KubeRay runs a RayJob by a shell command `... ray job submit --runtime-env-json RUNTIME_ENV
+    -- ENTRYPOINT ; fi`: the same here, with what `submit --k8s` puts in the RayJob. Its plugins
+    are only in the bundle `upload-plugins` wrote to the job's storage, the job's remote
+    working_dir (file:// here; Ray fetches s3:// and gs:// the same way), and the bundle the dry
+    run names is that one."""
+    project = plugin_project(tmp_path)
+    done = metaopt(cluster, "upload-plugins", "job.yaml", cwd=project)
+    assert done.returncode == 0, done.stderr
+    bundle = done.stdout.strip()
+    done = metaopt(cluster, "submit", "job.yaml", "--k8s", "--image", "img", "--dry-run", "--job-id",
+                   "rayjob-1", cwd=project)
+    rayjob = yaml.safe_load(done.stdout)["spec"]
+    runtime_env = yaml.safe_load(rayjob["runtimeEnvYAML"])
+    assert runtime_env["working_dir"] == bundle
+    for module in ("my_tasks.py", "my_opts.py"):
+        (project / module).unlink()  # the cluster cannot take them from here
+    # KubeRay's submitter command (ray-operator/controllers/ray/common/job.go, GetK8sJobCommand):
+    # one shell line, the runtime env Go-quoted, the entrypoint pasted in unquoted.
+    ray, address = Path(sys.executable).parent / "ray", cluster["RAY_ADDRESS"]
+    command = (f"if {ray} job status --address {address} rayjob-1 >/dev/null 2>&1 ; then {ray} job logs "
+               f"--address {address} --follow rayjob-1 ; else {ray} job submit --address {address} "
+               f"--runtime-env-json {json.dumps(json.dumps(runtime_env))} --submission-id rayjob-1 -- "
+               f"{rayjob['entrypoint']} ; fi")
+    submitted = subprocess.run(["bash", "-c", command], env=cluster, capture_output=True, text=True,
+                               timeout=300, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    row = wait_for(cluster, "rayjob-1", {"SUCCEEDED", "FAILED", "STOPPED"})
+    logs = metaopt(cluster, "logs", "rayjob-1").stdout
+    assert row["status"] == "SUCCEEDED", logs[-3000:]
+    assert last_json(logs)["outer_steps"] == 3
