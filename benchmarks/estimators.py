@@ -44,6 +44,7 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from metaopt import optimizers, task_zoo  # noqa: E402
 from metaopt.workers.estimators import ESTIMATORS, make_estimator  # noqa: E402
+from metaopt.workers.objective import LearnedOptimizerTraining  # noqa: E402
 from tests.test_estimators import X0, A, FakeLearnedStepSize, ScalarQuadratic  # noqa: E402
 
 
@@ -54,33 +55,34 @@ def closed_form_loss(theta, horizon):
 
 
 def make_problem(name, cfg):
+    """(the meta-objective: an optimizer training the problem's task, θ₀, normalisation, σ, lr)."""
     if name == "closed_form":
-        optimizer = FakeLearnedStepSize()
         task = ScalarQuadratic(a=jnp.asarray(A, jnp.float32))
-        return optimizer, task, optimizer.init(None), "none", cfg["sigma_cf"], cfg["lr_cf"]
+        objective = LearnedOptimizerTraining(task, FakeLearnedStepSize(), cfg["horizon"])
+        return objective, FakeLearnedStepSize().init(None), "none", cfg["sigma_cf"], cfg["lr_cf"]
     optimizer = optimizers.make("small_fc")
     spec = task_zoo.TaskSpec("quadratic", {"dim": 8, "log10_condition": 1.0, "noise": 0.1, "seed": 0})
-    return (optimizer, task_zoo.task(spec), optimizer.init(jax.random.key(0)), "initial",
-            cfg["sigma_real"], cfg["lr_real"])
+    return (LearnedOptimizerTraining(task_zoo.task(spec), optimizer, cfg["horizon"]),
+            optimizer.init(jax.random.key(0)), "initial", cfg["sigma_real"], cfg["lr_real"])
 
 
-def build(kind, optimizer, cfg, sigma, norm):
+def build(kind, cfg, sigma, norm):
     H, K, B = cfg["horizon"], cfg["truncation"], cfg["budget"]
     particles = {"full_es": B // (2 * H), "pes": B // (2 * K), "truncated_es": B // (2 * K),
                  "tbptt": B // K}[kind]
     return make_estimator(
-        kind, optimizer, num_particles=particles, truncation_length=K, inner_horizon=H,
+        kind, num_particles=particles, truncation_length=K, inner_horizon=H,
         sigma=sigma, stagger=True, loss_normalization=norm,
     )
 
 
-def reference_gradient(name, optimizer, task, theta, cfg, norm):
+def reference_gradient(name, task, theta, cfg, norm):
     """(flat reference gradient, its standard error per coordinate or 0)."""
     if name == "closed_form":
         return np.asarray(ravel_pytree(jax.grad(closed_form_loss)(theta, cfg["horizon"]))[0]), 0.0
     H, n = cfg["horizon"], cfg["ref_particles"]
     exact = make_estimator(
-        "tbptt", optimizer, num_particles=n, truncation_length=H, inner_horizon=H, stagger=False,
+        "tbptt", num_particles=n, truncation_length=H, inner_horizon=H, stagger=False,
         loss_normalization=norm,
     )
     grads = []
@@ -145,9 +147,9 @@ def meta_train(kind, estimator, task, theta0, cfg, lr, evaluate):
     return curve
 
 
-def make_evaluator(optimizer, task, cfg, norm):
+def make_evaluator(task, cfg, norm):
     """Mean whole-run meta-loss at θ on fixed episodes (unperturbed runs)."""
-    runner = make_estimator("full_es", optimizer, num_particles=1, truncation_length=cfg["horizon"],
+    runner = make_estimator("full_es", num_particles=1, truncation_length=cfg["horizon"],
                             inner_horizon=cfg["horizon"], loss_normalization=norm)
     keys = jax.random.split(jax.random.key(999), cfg["eval_episodes"])
 
@@ -163,9 +165,9 @@ def run(cfg):
     results = {"config": cfg, "problems": {}}
     for name in ("closed_form", "quadratic"):
         t0 = time.time()
-        optimizer, task, theta, norm, sigma, lr = make_problem(name, cfg)
-        ref, ref_se = reference_gradient(name, optimizer, task, theta, cfg, norm)
-        evaluate = make_evaluator(optimizer, task, cfg, norm)
+        task, theta, norm, sigma, lr = make_problem(name, cfg)
+        ref, ref_se = reference_gradient(name, task, theta, cfg, norm)
+        evaluate = make_evaluator(task, cfg, norm)
         print(f"[{name}] reference and evaluator: {time.time() - t0:.1f} s", file=sys.stderr)
         problem = {
             "reference": ("exact gradient of the unsmoothed whole-run loss" if name == "closed_form"
@@ -177,7 +179,7 @@ def run(cfg):
             "estimators": {},
         }
         for kind in ESTIMATORS:
-            estimator = build(kind, optimizer, cfg, sigma, norm)
+            estimator = build(kind, cfg, sigma, norm)
             stats = bias_variance(kind, estimator, task, theta, ref, cfg)
             stats["particles"] = estimator.config.num_particles
             stats["meta_loss_curve"] = meta_train(kind, estimator, task, theta, cfg, lr, evaluate)

@@ -87,7 +87,7 @@ def parts(task, lopt, device) -> tuple[dict, dict, int]:
     """({name: blocking callable} of the parts of one inner step, {name: FLOPs per inner step},
     the elements per half the optimizer's MLP runs on), on the reference estimator's shapes and
     a state some steps into a run."""
-    est = worker_throughput.reference_estimator(lopt, PARTICLES, [device])
+    est, objective = worker_throughput.reference_estimator(task, lopt, PARTICLES, [device])
     halves = 2 * PARTICLES
     theta = lopt.init(jax.random.key(0))
 
@@ -102,32 +102,35 @@ def parts(task, lopt, device) -> tuple[dict, dict, int]:
         perturbed = [jnp.concatenate([t + e, t - e]) for t, e in zip(leaves, eps, strict=True)]
         perturbed = jax.tree.unflatten(treedef, perturbed)
         reset_keys = jax.random.split(reset_key, halves)
-        fresh = jax.vmap(est._fresh_inner, in_axes=(0, None, 0))(perturbed, task, reset_keys)
+        fresh = jax.vmap(objective.init_state)(reset_keys, perturbed)
         return perturbed, reset_keys, fresh
 
     perturbed, reset_keys, fresh = start(jax.random.key(2))
-    carry = (*fresh, jnp.zeros((halves,), jnp.int32), reset_keys, jnp.full((halves,), jnp.nan))
-    # The update runs one half at a time on CPU, vmapped elsewhere, as `_unroll_halves` does.
+    carry = (fresh, jnp.zeros((halves,), jnp.int32), reset_keys, jnp.full((halves,), jnp.nan))
+    # The update runs one half at a time on CPU, vmapped elsewhere, as LearnedOptimizerTraining's
+    # step_batch does.
     over_halves = jax.lax.map if jax.default_backend() == "cpu" else lambda f, xs: jax.vmap(f)(xs)
 
     def loss_and_grad(carry):
-        return jax.vmap(est._inner_grad, in_axes=(None, 0, 0, 0))(task, carry, reset_keys, fresh)
+        carry, reset, keys = jax.vmap(est._begin)(carry, reset_keys, fresh)
+        loss, grads = jax.vmap(objective.gradient)(carry[0], keys)
+        return carry, reset, loss, grads
 
-    def lopt_update(perturbed, params, opt_state, grads, loss):
-        return over_halves(lambda a: est._inner_update(*a), (perturbed, params, opt_state, grads, loss))
+    def lopt_update(perturbed, inner, grads, loss):
+        return over_halves(lambda a: objective.update(*a), (perturbed, inner, grads, loss))
 
     # Each call takes its state and gives it back (donated): its outputs reuse its input
     # buffers as the truncation's scan carry does, so a part alone allocates nothing the step
     # does not.
     grad_step = compiled(loss_and_grad, carry, donate=(0,))
     carry, _, loss, grads = grad_step(carry)
-    update_step = compiled(lopt_update, perturbed, *carry[:2], grads, loss, donate=(1, 2))
+    update_step = compiled(lopt_update, perturbed, carry[0], grads, loss, donate=(1,))
     for _ in range(K):  # a state some steps into its inner run: real moments, not zeros
         carry, _, loss, grads = grad_step(carry)
-        carry = (*update_step(perturbed, *carry[:2], grads, loss), *carry[2:])
+        carry = (update_step(perturbed, carry[0], grads, loss), *carry[1:])
     carry, _, loss, grads = grad_step(carry)
-    inner = jax.tree.map(jnp.copy, carry[:2])  # the update's own (params, opt_state): it donates them
-    update_args = (perturbed, *inner, grads, loss)
+    inner = jax.tree.map(jnp.copy, carry[0])  # the update's own (params, opt_state): it donates them
+    update_args = (perturbed, inner, grads, loss)
     state = {"carry": carry, "inner": inner}
 
     def grad_call():
@@ -135,7 +138,7 @@ def parts(task, lopt, device) -> tuple[dict, dict, int]:
         jax.block_until_ready(out)
 
     def update_call():
-        state["inner"] = jax.block_until_ready(update_step(perturbed, *state["inner"], grads, loss))
+        state["inner"] = jax.block_until_ready(update_step(perturbed, state["inner"], grads, loss))
 
     shapes = jax.eval_shape(task.init, jax.random.key(0))
     layout = small_fc._Layout([x.shape for x in jax.tree.leaves(shapes)])
@@ -150,7 +153,7 @@ def parts(task, lopt, device) -> tuple[dict, dict, int]:
     callables = {"loss_and_grad": grad_call, "lopt_update": update_call,
                  "mlp_within_update": _blocking(compiled(mlp, perturbed["mlp"], xs), perturbed["mlp"], xs)}
     flops = {"loss_and_grad": xla_flops(grad_step),  # vmapped: no loop to undercount
-             "lopt_update": halves * xla_flops(compiled(est._inner_update, *map(first, update_args))),
+             "lopt_update": halves * xla_flops(compiled(objective.update, *map(first, update_args))),
              "mlp_within_update": halves * mlp_closed_form_flops(lopt, elements),
              "mlp_cost_analysis": halves * xla_flops(compiled(mlp_one, first(perturbed["mlp"]), x))}
     return callables, flops, elements

@@ -41,6 +41,7 @@ import optax
 from metaopt import optimizers, task_zoo
 from metaopt.workers.cores import claim_cores
 from metaopt.workers.estimators import make_estimator
+from metaopt.workers.objective import LearnedOptimizerTraining
 
 TASK = task_zoo.TaskSpec("mlp", {"width": 32, "depth": 1, "activation": "relu", "batch_size": 128, "seed": 0})
 TRUNCATION_LENGTH = 10
@@ -81,17 +82,18 @@ def plain_training(task, tx, steps: int):
     return lambda: train(jax.random.key(0)).block_until_ready()
 
 
-def reference_estimator(lopt, particles: int, devices=None):
+def reference_estimator(task, lopt, particles: int, devices=None):
     """The PES estimator of the reference configuration, its halves split across `devices`
-    (default: all)."""
-    return make_estimator("pes", lopt, devices=devices, num_particles=particles,
-                          truncation_length=TRUNCATION_LENGTH, inner_horizon=10 * TRUNCATION_LENGTH)
+    (default: all), and the meta-objective it estimates for: `lopt` training `task`."""
+    estimator = make_estimator("pes", devices=devices, num_particles=particles,
+                               truncation_length=TRUNCATION_LENGTH, inner_horizon=10 * TRUNCATION_LENGTH)
+    return estimator, LearnedOptimizerTraining(task, lopt, estimator.config.inner_horizon)
 
 
 def pes_truncation(task, lopt, particles: int, devices=None):
     """A blocking callable running one PES truncation (one gradient estimate) on `devices`
     (default: all)."""
-    estimator = reference_estimator(lopt, particles, devices)
+    estimator, task = reference_estimator(task, lopt, particles, devices)
     theta = lopt.init(jax.random.key(0))
     state = [estimator.init(jax.random.key(1), theta, task)]
     key = [jax.random.key(2)]

@@ -30,6 +30,7 @@ PROMISED = {
     "chaos_services": ("redis_outages", "object_store_outages"),
     "chaos_workers": ("worker_incarnations", "outer_steps_per_s_calm", "outer_steps_per_s_kills",
                       "throughput_kept"),
+    "estimator_commits": ("seconds_per_truncation.this", "seconds_per_truncation.other", "this_vs_other"),
     "estimators": ("problems.closed_form.reference_norm", "problems.quadratic.reference_norm",
                    "problems.*.estimators.*.relative_std"),
     "learner_ingest": ("ingest_ratio", "raw_grpc_mb_per_s", "learner_mb_per_s", "accepted_per_s"),

@@ -17,6 +17,7 @@ import pytest
 
 from metaopt import optimizers, task_zoo
 from metaopt.workers.estimators import ESTIMATORS, make_estimator
+from metaopt.workers.objective import LearnedOptimizerTraining
 from tests.test_estimators import THETA, X0, A, FakeLearnedStepSize, ScalarQuadratic, gaussian_moment
 
 SIGMA, H = 0.05, 10
@@ -35,8 +36,10 @@ def full_run_loss(theta, horizon=H):
 def _setup(kind, **settings):
     settings = {"num_particles": 4, "truncation_length": H, "inner_horizon": H, "sigma": SIGMA,
                 "stagger": False, "loss_normalization": "none", **settings}
-    estimator = make_estimator(kind, FakeLearnedStepSize(), **settings)
-    return estimator, ScalarQuadratic(a=jnp.asarray(A, jnp.float32)), FakeLearnedStepSize().init(None)
+    estimator = make_estimator(kind, **settings)
+    task = ScalarQuadratic(a=jnp.asarray(A, jnp.float32))
+    objective = LearnedOptimizerTraining(task, FakeLearnedStepSize(), settings["inner_horizon"])
+    return estimator, objective, FakeLearnedStepSize().init(None)
 
 
 def test_full_es_matches_closed_form_smoothed_full_run_gradient():
@@ -91,10 +94,9 @@ def _quadratic_task():
 
 
 def _check_interface(kind, optimizer, task):
-    estimator = make_estimator(
-        kind, optimizer, num_particles=2, truncation_length=3, inner_horizon=6,
-    )
-    assert estimator.optimizer is optimizer and estimator.config.num_particles == 2
+    estimator = make_estimator(kind, num_particles=2, truncation_length=3, inner_horizon=6)
+    task = LearnedOptimizerTraining(task, optimizer, 6)
+    assert estimator.config.num_particles == 2
     assert hasattr(estimator.estimate, "lower") and hasattr(estimator.init, "lower")  # jitted
     theta = optimizer.init(jax.random.key(0))
     state = estimator.init(jax.random.key(1), theta, task)
@@ -121,4 +123,4 @@ def test_tbptt_differentiates_through_a_real_learned_optimizer():
 
 def test_unknown_kind_is_rejected():
     with pytest.raises(ValueError, match="unknown estimator"):
-        make_estimator("reinforce", FakeLearnedStepSize())
+        make_estimator("reinforce")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import pathlib
 
 import flax.struct
 import jax
@@ -25,8 +26,9 @@ import optax
 import pytest
 
 from metaopt import optimizers, task_zoo
-from metaopt.jobspec import EstimatorSpec
+from metaopt.jobspec import EstimatorSpec, load_job_spec
 from metaopt.workers.estimators import make_estimator
+from metaopt.workers.objective import LearnedOptimizerTraining
 
 A, X0, THETA, SIGMA, K, J = 1.0, 1.0, 0.1, 0.05, 5, 3
 RUNS, PARTICLES = 40, 2000  # 40 independent means of 2000 antithetic pairs each
@@ -46,6 +48,12 @@ class ScalarQuadratic:
 
     def batch(self, key, split):
         return ()
+
+
+def quadratic_training(horizon: int) -> LearnedOptimizerTraining:
+    """The meta-objective: FakeLearnedStepSize training ScalarQuadratic."""
+    task = ScalarQuadratic(a=jnp.asarray(A, jnp.float32))
+    return LearnedOptimizerTraining(task, FakeLearnedStepSize(), horizon)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +102,10 @@ def smoothed_truncation_loss(theta, j: int, horizon: int):
 def run_estimates(kind: str, horizon: int, truncations: int) -> np.ndarray:
     """[RUNS, truncations] estimates: each run is fresh particles unrolled truncation by truncation."""
     estimator = make_estimator(
-        kind, FakeLearnedStepSize(), num_particles=PARTICLES, truncation_length=K,
+        kind, num_particles=PARTICLES, truncation_length=K,
         inner_horizon=horizon, sigma=SIGMA, stagger=False, loss_normalization="none",
     )
-    task = ScalarQuadratic(a=jnp.asarray(A, jnp.float32))
+    task = quadratic_training(horizon)
     theta = FakeLearnedStepSize().init(None)
     out = np.zeros((RUNS, truncations))
     for run in range(RUNS):
@@ -202,9 +210,9 @@ def test_pes_gets_influence_balancing_right_where_truncated_es_gets_its_sign_wro
     horizon, k, repeats = 200, 10, 32
     full, truncated = influence_truth(horizon, k)
     assert full > 0 > truncated
-    theta, task = Influence().init(None), InfluenceState()
+    theta, task = Influence().init(None), LearnedOptimizerTraining(InfluenceState(), Influence(), horizon)
     for kind, expected in (("pes", full), ("truncated_es", truncated)):
-        estimator = make_estimator(kind, Influence(), num_particles=512, truncation_length=k, sigma=1e-3,
+        estimator = make_estimator(kind, num_particles=512, truncation_length=k, sigma=1e-3,
                                    inner_horizon=horizon, stagger=False, loss_normalization="none")
         totals = []
         for repeat in range(repeats):
@@ -221,14 +229,13 @@ def test_pes_gets_influence_balancing_right_where_truncated_es_gets_its_sign_wro
 
 def test_pes_accumulator_sums_perturbations_and_restarts_at_a_reset():
     """ξ is ε₁ + ε₂ without a reset, and exactly ε₂ when the pair resets in truncation 2."""
-    task = ScalarQuadratic(a=jnp.asarray(A, jnp.float32))
     theta = FakeLearnedStepSize().init(None)
 
     def accumulators(horizon: int, keys: list[int]) -> tuple[np.ndarray, int]:
         estimator = make_estimator(
-            "pes", FakeLearnedStepSize(), num_particles=4, truncation_length=K,
-            inner_horizon=horizon, sigma=SIGMA, stagger=False,
+            "pes", num_particles=4, truncation_length=K, inner_horizon=horizon, sigma=SIGMA, stagger=False,
         )
+        task = quadratic_training(horizon)
         state, resets = estimator.init(jax.random.key(0), theta, task), 0
         for k in keys:
             state, _, metrics = estimator.estimate(jax.random.key(k), theta, state, task)
@@ -247,12 +254,12 @@ def test_pes_accumulator_sums_perturbations_and_restarts_at_a_reset():
 
 def test_initial_loss_normalisation_rescales_each_inner_run():
     """With "initial", losses are divided by the inner run's first loss (here a·x₀²/2)."""
-    task = ScalarQuadratic(a=jnp.asarray(A, jnp.float32))
+    task = quadratic_training(K * J)
     theta = FakeLearnedStepSize().init(None)
     grads = {}
     for mode in ("none", "initial"):
         estimator = make_estimator(
-            "pes", FakeLearnedStepSize(), num_particles=16, truncation_length=K,
+            "pes", num_particles=16, truncation_length=K,
             inner_horizon=K * J, sigma=SIGMA, stagger=False, loss_normalization=mode,
         )
         state = estimator.init(jax.random.key(0), theta, task)
@@ -267,8 +274,8 @@ def test_log_normalisation_is_the_log_of_the_capped_initial_ratio():
     the cap, as with "initial", so a diverged particle is a large finite meta-loss."""
     loss = jnp.asarray([2.0, 0.5, 1e-12, 100.0, np.nan, np.inf], jnp.float32)
     initial = jnp.full((6,), 4.0, jnp.float32)
-    ratio = make_estimator("pes", FakeLearnedStepSize(), loss_normalization="initial")
-    log = make_estimator("pes", FakeLearnedStepSize(), loss_normalization="log", min_loss_ratio=1e-3)
+    ratio = make_estimator("pes", loss_normalization="initial")
+    log = make_estimator("pes", loss_normalization="log", min_loss_ratio=1e-3)
     expected_ratio = np.array([0.5, 0.125, 2.5e-13, 10.0, 10.0, 10.0])
     np.testing.assert_allclose(ratio._meta_loss(loss, initial), expected_ratio, rtol=1e-6)
     expected_log = np.log(np.maximum(expected_ratio, 1e-3))
@@ -278,10 +285,49 @@ def test_log_normalisation_is_the_log_of_the_capped_initial_ratio():
 def test_config_rejects_a_truncation_longer_than_the_horizon():
     """The estimators' settings are the job spec's EstimatorSpec: its checks, in one place."""
     with pytest.raises(ValueError, match=r"truncation_length \(50\) must not exceed inner_horizon \(20\)"):
-        make_estimator("pes", FakeLearnedStepSize(), truncation_length=50, inner_horizon=20)
+        make_estimator("pes", truncation_length=50, inner_horizon=20)
     with pytest.raises(ValueError, match="min_loss_ratio .* must be below max_loss_ratio"):
-        make_estimator("tbptt", FakeLearnedStepSize(), min_loss_ratio=20.0)
-    assert make_estimator("full_es", FakeLearnedStepSize()).config == EstimatorSpec(kind="full_es")
+        make_estimator("tbptt", min_loss_ratio=20.0)
+    assert make_estimator("full_es").config == EstimatorSpec(kind="full_es")
+
+
+# The reference recipe's optimizer and estimator (examples/nominal_mix_v7.yaml) on one task of
+# each of its families, as its mix sampled them; the estimates the estimators gave before they
+# took a meta-objective (commit ba714fd, where a task and the optimizer went in directly) are in
+# tests/data/estimates_before_objectives.npz, written with these keys.
+BEFORE = np.load(pathlib.Path(__file__).parent / "data" / "estimates_before_objectives.npz")
+REFERENCE_TASKS = {
+    "quadratic": task_zoo.TaskSpec("quadratic", {
+        "dim": 32, "log10_condition": 2.0254006385803223, "noise": 0.10299897193908691, "seed": 429855279}),
+    "mlp": task_zoo.TaskSpec("mlp", {
+        "width": 112, "depth": 1, "activation": "tanh", "batch_size": 64, "seed": 11605385,
+        "init_scale": 0.7022292017936707, "dataset": "digits", "augment": {
+            "param_scale": 2.5638256680022393, "grad_noise": 0.0, "tensor_scale": [0.5, 2.0],
+            "element_scale": [0.8, 1.25], "scale_seed": 787125437}}),
+}
+
+
+@pytest.mark.parametrize(("task", "kind", "horizon", "truncations"), [
+    ("quadratic", "pes", 1000, 3), ("quadratic", "pes", 30, 3), ("mlp", "pes", 1000, 3),
+    ("mlp", "pes", 30, 3), ("quadratic", "truncated_es", 30, 3), ("quadratic", "tbptt", 30, 3),
+    ("quadratic", "full_es", 30, 1),
+])
+def test_estimates_on_the_objective_interface_are_those_of_before_it(task, kind, horizon, truncations):
+    """Same keys, same numbers (to float32 rounding): a learned optimizer training a task is one
+    meta-objective, with nothing lost. Horizon 30 puts a reset inside the second truncation."""
+    recipe = load_job_spec(pathlib.Path(__file__).parent.parent / "examples" / "nominal_mix_v7.yaml")
+    optimizer = optimizers.make(recipe.optimizer.name, **recipe.optimizer.hparams)
+    theta = optimizer.init(jax.random.key(0))
+    objective = LearnedOptimizerTraining(task_zoo.task(REFERENCE_TASKS[task]), optimizer, horizon)
+    settings = {**recipe.estimator.model_dump(exclude={"kind"}), "inner_horizon": horizon}
+    estimator = make_estimator(kind, **settings)
+    state = estimator.init(jax.random.key(1), theta, objective)
+    for j in range(truncations):
+        state, grad, metrics = estimator.estimate(jax.random.key(10 + j), theta, state, objective)
+        before = BEFORE[f"{task}/{kind}/{horizon}/{j}"]
+        np.testing.assert_allclose(grad, before, rtol=1e-5, atol=1e-6 * np.max(np.abs(before)))
+        mean_loss = BEFORE[f"{task}/{kind}/{horizon}/{j}/mean_loss"]
+        np.testing.assert_allclose(metrics["mean_loss"], mean_loss, rtol=1e-6)
 
 
 LEARNED = [name for name in optimizers.names() if optimizers.make(name).learned]
@@ -294,8 +340,8 @@ def test_every_learned_optimizer_can_be_meta_trained_with_pes(name):
     optimizer = optimizers.make(name)
     theta = optimizer.init(jax.random.key(0))
     spec = task_zoo.TaskSpec("quadratic", {"dim": 4, "log10_condition": 1.0, "noise": 0.1, "seed": 0})
-    task = task_zoo.task(spec)
-    estimator = make_estimator("pes", optimizer, num_particles=2, truncation_length=3, inner_horizon=6)
+    task = LearnedOptimizerTraining(task_zoo.task(spec), optimizer, 6)
+    estimator = make_estimator("pes", num_particles=2, truncation_length=3, inner_horizon=6)
     state = estimator.init(jax.random.key(1), theta, task)
     for k in range(2):
         state, grad, metrics = estimator.estimate(jax.random.key(2 + k), theta, state, task)
@@ -309,23 +355,23 @@ import jax, jax.numpy as jnp, numpy as np
 from metaopt import task_zoo
 from metaopt import optimizers
 from metaopt.workers.estimators import make_estimator
+from metaopt.workers.objective import LearnedOptimizerTraining
 
 assert len(jax.devices()) == 2, jax.devices()
-task = task_zoo.task(task_zoo.TaskSpec(
-    "mlp", {"width": 8, "depth": 1, "activation": "relu", "batch_size": 16, "seed": 0}))
 lopt = optimizers.make("small_fc", hidden=8, hidden_layers=1)
+task = LearnedOptimizerTraining(task_zoo.task(task_zoo.TaskSpec(
+    "mlp", {"width": 8, "depth": 1, "activation": "relu", "batch_size": 16, "seed": 0})), lopt, 10)
 theta = lopt.init(jax.random.key(0))
 grads = {}
 for devices in (jax.devices(), jax.devices()[:1]):
-    est = make_estimator("pes", lopt, devices=devices, num_particles=2, truncation_length=5,
-                         inner_horizon=10)
+    est = make_estimator("pes", devices=devices, num_particles=2, truncation_length=5, inner_horizon=10)
     state = est.init(jax.random.key(1), theta, task)
     out = []
     for i in range(3):  # a reset happens in the third truncation
         state, grad, _ = est.estimate(jax.random.key(2 + i), theta, state, task)
         out.append(np.asarray(grad))
     grads[len(devices)] = np.stack(out)
-    params = jax.tree.leaves(state.params)[0]
+    params = jax.tree.leaves(state.inner)[0]
     assert len(params.sharding.device_set) == len(devices), params.sharding
 np.testing.assert_allclose(grads[2], grads[1], rtol=1e-4, atol=1e-6 * np.abs(grads[1]).max())
 print("ok", np.abs(grads[1]).max())

@@ -24,6 +24,7 @@ from metaopt.jobspec import JobSpec, parse_job_spec
 from metaopt.workers.client import ClientTLS, LearnerClient
 from metaopt.workers.cores import claim_cores
 from metaopt.workers.estimators import make_estimator
+from metaopt.workers.objective import LearnedOptimizerTraining
 
 log = logging.getLogger(__name__)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -48,7 +49,7 @@ class PESWorker:
         self.run_id = uuid.uuid4().hex  # new per incarnation: a restart is visible
         self.optimizer = optimizers.make(self.spec.optimizer.name, **self.spec.optimizer.hparams)
         self.template = self.optimizer.init(jax.random.key(0))
-        self.estimator = make_estimator(optimizer=self.optimizer, **self.spec.estimator.model_dump())
+        self.estimator = make_estimator(**self.spec.estimator.model_dump())
         tasks = self.spec.tasks
         self.mixture = task_zoo.Mixture(
             [task_zoo.family(t.family, **t.kwargs) for t in tasks], [t.weight for t in tasks],
@@ -61,7 +62,7 @@ class PESWorker:
                       "reconnects": 0, "compute_s": 0.0, "devices": self.estimator.num_devices,
                       "cores": self.cores.cores if self.cores else None}
         # Particle state outlives connections: a reconnect does not restart inner training.
-        self.key = self.task_spec = self.task = self.particles = None
+        self.key = self.task_spec = self.objective = self.particles = None
         self.truncations_left = 0
 
     def hello(self) -> pb.Hello:
@@ -110,13 +111,12 @@ class PESWorker:
                 version, theta = client.fetch_theta(self.template)
             self.key, task_key, init_key, step_key = jax.random.split(self.key, 4)
             if self.truncations_left == 0:
-                self.task_spec, self.task = self._sample_task(task_key)
-                self.particles = self.estimator.init(init_key, theta, self.task)
+                self.task_spec, self.objective = self._sample_task(task_key)
+                self.particles = self.estimator.init(init_key, theta, self.objective)
                 self.truncations_left = self.spec.estimator.task_lifetime
             started = time.perf_counter()
             self.particles, grad, metrics = self.estimator.estimate(
-                step_key, theta, self.particles, self.task
-            )
+                step_key, theta, self.particles, self.objective)
             flat = np.asarray(grad)  # the only host sync: after the whole truncation
             self.stats["compute_s"] += time.perf_counter() - started
             self.truncations_left -= 1
@@ -126,8 +126,11 @@ class PESWorker:
             self.stats["inner_steps"] += self.estimator.inner_steps_per_estimate
 
     def _sample_task(self, key):
+        """A task from the mix, and the objective the estimator differentiates: the job's
+        optimizer training it over runs of inner_horizon steps."""
         spec = self.mixture.sample(key)
-        return spec, task_zoo.task(spec)
+        return spec, LearnedOptimizerTraining(task_zoo.task(spec), self.optimizer,
+                                              self.spec.estimator.inner_horizon)
 
     def _message(self, flat, version, spec, mean_loss) -> pb.GradientEstimate:
         self.sequence += 1

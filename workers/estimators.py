@@ -1,6 +1,8 @@
 """Gradient estimators for meta-training: Persistent ES and truncated ES, as pure jitted functions.
 
-Both unroll inner training for one truncation of `truncation_length` steps, for
+They differentiate any meta-objective (workers/objective.py: `init_state` and `step` of an
+unrolled system with meta-parameters θ; a learned optimizer training a task is one). Both
+unroll it for one truncation of `truncation_length` steps, for
 `num_particles` antithetic pairs (θ+ε, θ−ε) batched into one program with `vmap`, each
 truncation one `lax.scan`. The two halves of a pair share their inner initialisation and
 their data (the same keys), so the difference of their losses is due to ε alone.
@@ -33,23 +35,19 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 from jax.flatten_util import ravel_pytree
 
 from metaopt.jobspec import EstimatorSpec
-from metaopt.optimizers.base import Optimizer, Theta
-from metaopt.task_zoo.base import TRAIN, Task
-
-Params = Any
+from metaopt.optimizers.base import Theta
+from metaopt.workers.objective import MetaObjective, step_batch
 
 
 @flax.struct.dataclass
 class ParticleState:
-    """Inner training state of every particle. Leading axis 2P (+ halves then − halves) for
-    `params` and `opt_state`, P for the rest."""
+    """Inner state of every particle. Leading axis 2P (+ halves then − halves) for `inner` (the
+    objective's state) and `initial_loss`, P for the rest."""
 
-    params: Params
-    opt_state: Any
+    inner: Any
     step: jax.Array  # int32 [P], inner steps since the last reset
     episode_key: jax.Array  # key [P], seeds the current inner run's init and data
     initial_loss: jax.Array  # float32 [2P], loss at the current inner run's first step; NaN: unset
@@ -78,13 +76,12 @@ def _select(condition, new, old):
 
 
 class ESEstimator:
-    """PES or truncated ES for one learned optimizer; `init` then `estimate` per truncation."""
+    """PES or truncated ES of a meta-objective; `init` then `estimate` per truncation."""
 
-    def __init__(self, optimizer: Optimizer, config: EstimatorSpec, devices=None):
-        self.optimizer = optimizer
+    def __init__(self, config: EstimatorSpec, devices=None):
         self.config = config
         self.mesh = _halves_mesh(2 * config.num_particles, devices)
-        # A task is a pytree argument, so tasks of one shape share one compiled program.
+        # An objective is a pytree argument, so objectives of one shape share one compiled program.
         self.init = jax.jit(self._init)
         self.estimate = jax.jit(self._estimate, donate_argnums=(2,))
 
@@ -95,72 +92,52 @@ class ESEstimator:
 
     @property
     def inner_steps_per_estimate(self) -> int:
-        """Inner training steps one `estimate` runs: both halves of every pair, K steps each."""
+        """Inner steps one `estimate` runs: both halves of every pair, K steps each."""
         return 2 * self.config.num_particles * self.config.truncation_length
 
-    def _inner_tx(self, theta: Theta) -> optax.GradientTransformationExtraArgs:
-        return self.optimizer.as_optax(theta, num_steps=self.config.inner_horizon)
-
-    def _fresh_inner(self, theta: Theta, task: Task, key: jax.Array):
-        params = task.init(jax.random.fold_in(key, 0))
-        return params, self._inner_tx(theta).init(params)
-
-    def _init(self, key: jax.Array, theta: Theta, task: Task) -> ParticleState:
+    def _init(self, key: jax.Array, theta: Theta, objective: MetaObjective) -> ParticleState:
         """Fresh particles at θ. Returns a `ParticleState` for `num_particles` pairs."""
         cfg = self.config
         start_key, episode_key = jax.random.split(key)
         episode_keys = jax.random.split(episode_key, cfg.num_particles)
-        params, opt_state = jax.vmap(self._fresh_inner, in_axes=(None, None, 0))(
-            theta, task, episode_keys
-        )
+        inner = jax.vmap(objective.init_state, in_axes=(0, None))(episode_keys, theta)
         if cfg.stagger:
             step = jax.random.randint(start_key, (cfg.num_particles,), 0, cfg.inner_horizon)
         else:
             step = jnp.zeros((cfg.num_particles,), jnp.int32)
         accumulator = jax.tree.map(lambda t: jnp.zeros((cfg.num_particles, *t.shape)), theta)
         return ParticleState(
-            params=_both_halves(params),
-            opt_state=_both_halves(opt_state),
+            inner=_both_halves(inner),
             step=step.astype(jnp.int32),
             episode_key=episode_keys,
             initial_loss=jnp.full((2 * cfg.num_particles,), jnp.nan, jnp.float32),
             accumulator=accumulator,
         )
 
-    def _inner_step(self, task: Task, theta_i, carry, reset_key, fresh):
-        """One inner step of one particle half; resets first (to `fresh`, the inner state
-        `_fresh_inner(theta_i, task, reset_key)`) if its horizon is reached."""
-        carry, reset, loss, grads = self._inner_grad(task, carry, reset_key, fresh)
-        params, opt_state, *rest = carry
-        params, opt_state = self._inner_update(theta_i, params, opt_state, grads, loss)
-        return self._inner_finish((params, opt_state, *rest), reset, loss)
-
-    def _inner_grad(self, task: Task, carry, reset_key, fresh):
-        """The part of `_inner_step` before the optimizer: reset, then the loss and gradient."""
-        params, opt_state, step, episode_key, initial_loss = carry
+    def _begin(self, carry, reset_key, fresh):
+        """A half's step up to the objective's: the reset rule (a fresh episode, the inner state
+        `fresh` = init_state(reset_key, θ), once its horizon is reached) and the step's key."""
+        inner, step, episode_key, initial_loss = carry
         reset = step >= self.config.inner_horizon
         # Under vmap a branch would run both sides anyway, so select instead of `lax.cond`.
-        fresh_params, fresh_opt_state = fresh
-        params = _select(reset, fresh_params, params)
-        opt_state = _select(reset, fresh_opt_state, opt_state)
+        inner = _select(reset, fresh, inner)
         step = jnp.where(reset, 0, step)
         episode_key = jnp.where(reset, reset_key, episode_key)
+        step_key = jax.random.fold_in(episode_key, step + 1)
+        return (inner, step, episode_key, initial_loss), reset, step_key
 
-        data_key = jax.random.fold_in(episode_key, step + 1)
-        batch_key, loss_key = jax.random.split(data_key)
-        loss, grads = jax.value_and_grad(task.loss)(params, loss_key, task.batch(batch_key, TRAIN))
-        return (params, opt_state, step, episode_key, initial_loss), reset, loss, grads
-
-    def _inner_update(self, theta_i, params, opt_state, grads, loss):
-        updates, opt_state = self._inner_tx(theta_i).update(grads, opt_state, params, loss=loss)
-        return optax.apply_updates(params, updates), opt_state
-
-    def _inner_finish(self, carry, reset, loss):
-        params, opt_state, step, episode_key, initial_loss = carry
+    def _finish(self, carry, reset, loss):
+        inner, step, episode_key, initial_loss = carry
         # A first step (after a reset, or the first one a staggered particle takes) sets the scale.
         initial_loss = jnp.where(reset | jnp.isnan(initial_loss), loss, initial_loss)
-        return (params, opt_state, step + 1, episode_key, initial_loss), (
-            self._meta_loss(loss, initial_loss), reset)
+        return (inner, step + 1, episode_key, initial_loss), (self._meta_loss(loss, initial_loss), reset)
+
+    def _inner_step(self, objective: MetaObjective, theta_i, carry, reset_key, fresh):
+        """One step of one particle half (unbatched): `_begin`, the objective's step, `_finish`."""
+        carry, reset, step_key = self._begin(carry, reset_key, fresh)
+        inner, *rest = carry
+        inner, loss = objective.step(theta_i, inner, step_key)
+        return self._finish((inner, *rest), reset, loss)
 
     def _meta_loss(self, loss, initial_loss):
         if self.config.loss_normalization == "none":
@@ -172,7 +149,7 @@ class ESEstimator:
             return jnp.log(jnp.maximum(ratio, self.config.min_loss_ratio))
         return ratio
 
-    def _estimate(self, key: jax.Array, theta: Theta, state: ParticleState, task: Task):
+    def _estimate(self, key: jax.Array, theta: Theta, state: ParticleState, objective: MetaObjective):
         """One truncation. Returns (new state, flat float32 estimate, metrics dict).
 
         The estimate is `ravel_pytree(θ)`-ordered (leaves of θ in tree order) and has θ's size.
@@ -189,15 +166,14 @@ class ESEstimator:
         perturbed = jax.tree.map(lambda t, e: jnp.concatenate([t + e, t - e]), theta, eps)
         reset_keys = _both_halves(jax.random.split(reset_key, P))
 
-        carry = (state.params, state.opt_state, _both_halves(state.step),
-                 _both_halves(state.episode_key), state.initial_loss)
+        carry = (state.inner, _both_halves(state.step), _both_halves(state.episode_key), state.initial_loss)
         unroll = self._unroll_halves
         if self.mesh is not None:
             halves = jax.sharding.PartitionSpec("halves")
             unroll = jax.shard_map(unroll, mesh=self.mesh, out_specs=halves,
                                    in_specs=(jax.sharding.PartitionSpec(), halves, halves, halves))
-        out = unroll(task, perturbed, reset_keys, carry)
-        (params, opt_state, step, episode_key, initial_loss), (losses, resets) = out
+        out = unroll(objective, perturbed, reset_keys, carry)
+        (inner, step, episode_key, initial_loss), (losses, resets) = out
         # losses, resets: [2P, K]. A pair resets in both halves at the same step.
         after_reset = jnp.cumsum(resets[:P], axis=1) > 0  # [P, K]
         diff = losses[:P] - losses[P:]
@@ -215,64 +191,46 @@ class ESEstimator:
         grads_and_accs = jax.tree.map(per_leaf, state.accumulator, eps)
         grad = jax.tree.map(lambda _, ga: ga[0], theta, grads_and_accs)
         accumulator = jax.tree.map(lambda _, ga: ga[1], theta, grads_and_accs)
-        new_state = ParticleState(
-            params=params, opt_state=opt_state, step=step[:P], episode_key=episode_key[:P],
-            initial_loss=initial_loss, accumulator=accumulator,
-        )
+        new_state = ParticleState(inner=inner, step=step[:P], episode_key=episode_key[:P],
+                                  initial_loss=initial_loss, accumulator=accumulator)
         # mean_loss is the meta-loss: normalised as configured, over both halves and all steps.
         metrics = {"mean_loss": jnp.mean(losses), "resets": jnp.sum(did_reset)}
         return new_state, ravel_pytree(grad)[0].astype(jnp.float32), metrics
 
-    def _unroll_halves(self, task: Task, perturbed: Theta, reset_keys: jax.Array, carry):
-        """K inner steps of every half in `carry` (params, opt_state, step, episode_key,
-        initial_loss; leading axis: halves) under its θ in `perturbed`; returns
-        (carry, (meta-losses [halves, K], resets [halves, K])). Halves are independent, so
-        this runs on each device's share of them when `mesh` shards the halves."""
-        K = self.config.truncation_length
+    def _unroll_halves(self, objective: MetaObjective, perturbed: Theta, reset_keys: jax.Array, carry):
+        """K steps of every half in `carry` (inner state, step, episode_key, initial_loss;
+        leading axis: halves) under its θ in `perturbed`, one `lax.scan`; returns (carry,
+        (meta-losses [halves, K], resets [halves, K])). Halves are independent, so this runs on
+        each device's share of them when `mesh` shards the halves."""
         # The reset key is fixed for the truncation: the fresh inner state is computed once.
-        fresh = jax.vmap(self._fresh_inner, in_axes=(0, None, 0))(perturbed, task, reset_keys)
-        if jax.default_backend() != "cpu":
+        fresh = jax.vmap(objective.init_state)(reset_keys, perturbed)
 
-            def unroll(theta_i, key_i, fresh_i, carry_i):
-                def body(carry, _):
-                    return self._inner_step(task, theta_i, carry, key_i, fresh_i)
-
-                return jax.lax.scan(body, carry_i, length=K)
-
-            return jax.vmap(unroll)(perturbed, reset_keys, fresh, carry)
-
-        # On CPU the learned optimizer runs one half at a time (`lax.map`): under vmap its
-        # per-parameter buffers are 2P times wider and fall out of cache (its update is
-        # ~80% of a step here). Everything else is vmapped over the halves.
-        # 1.25-1.45x faster for 8-32 pairs of the 64→32→10 MLP; the same numerics.
         def body(carry, _):
-            carry, reset, loss, grads = jax.vmap(self._inner_grad, in_axes=(None, 0, 0, 0))(
-                task, carry, reset_keys, fresh)
-            params, opt_state, *rest = carry
-            params, opt_state = jax.lax.map(
-                lambda a: self._inner_update(*a), (perturbed, params, opt_state, grads, loss))
-            return jax.vmap(self._inner_finish)((params, opt_state, *rest), reset, loss)
+            carry, reset, step_keys = jax.vmap(self._begin)(carry, reset_keys, fresh)
+            inner, *rest = carry
+            inner, loss = step_batch(objective, perturbed, inner, step_keys)
+            return jax.vmap(self._finish)((inner, *rest), reset, loss)
 
-        carry, (losses, resets) = jax.lax.scan(body, carry, length=K)
+        carry, (losses, resets) = jax.lax.scan(body, carry, length=self.config.truncation_length)
         return carry, (losses.T, resets.T)
 
 
 ESTIMATORS = ("pes", "truncated_es", "full_es", "tbptt")
 
 
-def make_estimator(kind: str, optimizer: Optimizer, devices=None, **settings) -> ESEstimator:
+def make_estimator(kind: str, devices=None, **settings) -> ESEstimator:
     """`kind` is one of ESTIMATORS; `settings` are the other fields of the job spec's
-    `EstimatorSpec` (its defaults and checks). All four share the interface (`init`, `estimate`,
-    `inner_steps_per_estimate`), so they can be compared. PES and truncated ES split their
-    particle halves across `devices` (default: all local devices); full ES and TBPTT run on the
-    default device."""
+    `EstimatorSpec` (its defaults and checks). All four share the interface (`init(key, θ,
+    objective)`, `estimate(key, θ, state, objective)`, `inner_steps_per_estimate`), so they can
+    be compared. PES and truncated ES split their particle halves across `devices` (default: all
+    local devices); full ES and TBPTT run on the default device."""
     if kind not in ESTIMATORS:
         raise ValueError(f"unknown estimator {kind!r}; known: {list(ESTIMATORS)}")
     config = EstimatorSpec(kind=kind, **settings)
     if kind in ("pes", "truncated_es"):
-        return ESEstimator(optimizer, config, devices)
+        return ESEstimator(config, devices)
     # Imported here: both build on ESEstimator, so they import this module.
     from metaopt.workers.full_es import FullES
     from metaopt.workers.tbptt import TruncatedBackprop
 
-    return {"full_es": FullES, "tbptt": TruncatedBackprop}[kind](optimizer, config)
+    return {"full_es": FullES, "tbptt": TruncatedBackprop}[kind](config)

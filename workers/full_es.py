@@ -20,19 +20,20 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from metaopt.jobspec import EstimatorSpec
-from metaopt.optimizers.base import Optimizer, Theta
-from metaopt.task_zoo.base import Task
+from metaopt.optimizers.base import Theta
 from metaopt.workers.estimators import ESEstimator, ParticleState
+from metaopt.workers.objective import MetaObjective
 
 
-def unroll_truncation(estimator: ESEstimator, task: Task, theta_i, carry, reset_key, length: int):
+def unroll_truncation(estimator: ESEstimator, objective: MetaObjective, theta_i, carry, reset_key,
+                      length: int):
     """`lax.scan` of `ESEstimator._inner_step` over `length` steps for one particle half:
     returns (carry, (meta-losses [length], resets [length])). A reset inside it restarts from
-    `_fresh_inner(theta_i, task, reset_key)` (computed once, as `ESEstimator` does)."""
-    fresh = estimator._fresh_inner(theta_i, task, reset_key)
+    `objective.init_state(reset_key, theta_i)` (computed once, as `ESEstimator` does)."""
+    fresh = objective.init_state(reset_key, theta_i)
 
     def body(carry, _):
-        return estimator._inner_step(task, theta_i, carry, reset_key, fresh)
+        return estimator._inner_step(objective, theta_i, carry, reset_key, fresh)
 
     return jax.lax.scan(body, carry, length=length)
 
@@ -40,8 +41,8 @@ def unroll_truncation(estimator: ESEstimator, task: Task, theta_i, carry, reset_
 class FullES(ESEstimator):
     """Antithetic ES over whole inner runs; same interface as `ESEstimator`."""
 
-    def __init__(self, optimizer: Optimizer, config: EstimatorSpec):
-        super().__init__(optimizer, config)
+    def __init__(self, config: EstimatorSpec):
+        super().__init__(config)
         # The state passes through unchanged: nothing to donate.
         self.estimate = jax.jit(self._estimate)
 
@@ -50,31 +51,30 @@ class FullES(ESEstimator):
         """Forward inner steps one `estimate` unrolls (ESEstimator's is 2·P·K)."""
         return 2 * self.config.num_particles * self.config.inner_horizon
 
-    def _init(self, key: jax.Array, theta: Theta, task: Task) -> ParticleState:
-        # A minimal state (no inner params): the interface's, carrying nothing between calls.
+    def _init(self, key: jax.Array, theta: Theta, objective: MetaObjective) -> ParticleState:
+        # A minimal state (no inner state): the interface's, carrying nothing between calls.
         P = self.config.num_particles
         return ParticleState(
-            params=(), opt_state=(), step=jnp.zeros((P,), jnp.int32),
+            inner=(), step=jnp.zeros((P,), jnp.int32),
             episode_key=jax.random.split(key, P),
             initial_loss=jnp.full((2 * P,), jnp.nan, jnp.float32),
             accumulator=jax.tree.map(lambda t: jnp.zeros((P, *t.shape)), theta),
         )
 
-    def run_losses(self, thetas: Theta, episode_keys: jax.Array, task: Task) -> jax.Array:
+    def run_losses(self, thetas: Theta, episode_keys: jax.Array, objective: MetaObjective) -> jax.Array:
         """[N, inner_horizon] meta-losses of N whole inner runs from fresh inits, run n at
         θ = thetas[n] (leading axis N) seeded by episode_keys[n]. Not jitted (jit the caller)."""
         H = self.config.inner_horizon
 
         def one_run(theta_i, key_i):
-            params, opt_state = self._fresh_inner(theta_i, task, key_i)
-            carry = (params, opt_state, jnp.int32(0), key_i, jnp.float32(jnp.nan))
+            carry = (objective.init_state(key_i, theta_i), jnp.int32(0), key_i, jnp.float32(jnp.nan))
             # step < inner_horizon throughout: no reset happens.
-            _, (losses, _) = unroll_truncation(self, task, theta_i, carry, key_i, H)
+            _, (losses, _) = unroll_truncation(self, objective, theta_i, carry, key_i, H)
             return losses
 
         return jax.vmap(one_run)(thetas, episode_keys)
 
-    def _estimate(self, key: jax.Array, theta: Theta, state: ParticleState, task: Task):
+    def _estimate(self, key: jax.Array, theta: Theta, state: ParticleState, objective: MetaObjective):
         cfg = self.config
         P, sigma = cfg.num_particles, cfg.sigma
         eps_key, episode_key = jax.random.split(key)
@@ -85,7 +85,7 @@ class FullES(ESEstimator):
         ])
         perturbed = jax.tree.map(lambda t, e: jnp.concatenate([t + e, t - e]), theta, eps)
         keys = jax.random.split(episode_key, P)
-        losses = self.run_losses(perturbed, jnp.concatenate([keys, keys]), task)  # [2P, H]
+        losses = self.run_losses(perturbed, jnp.concatenate([keys, keys]), objective)  # [2P, H]
         diff = jnp.mean(losses[:P], axis=1) - jnp.mean(losses[P:], axis=1)  # [P]
 
         def per_leaf(e):

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from metaopt.optimizers.base import Theta
-from metaopt.task_zoo.base import Task
 from metaopt.workers.estimators import ESEstimator, ParticleState
 from metaopt.workers.full_es import unroll_truncation
+from metaopt.workers.objective import MetaObjective
 
 
 class TruncatedBackprop(ESEstimator):
@@ -35,23 +35,19 @@ class TruncatedBackprop(ESEstimator):
         """Forward inner steps one `estimate` unrolls (plus their backward pass)."""
         return self.config.num_particles * self.config.truncation_length
 
-    def _init(self, key: jax.Array, theta: Theta, task: Task) -> ParticleState:
+    def _init(self, key: jax.Array, theta: Theta, objective: MetaObjective) -> ParticleState:
         P = self.config.num_particles
-        state = super()._init(key, theta, task)  # [2P] halves that are identical copies
-        first = lambda x: x[:P]  # noqa: E731
-        return state.replace(
-            params=jax.tree.map(first, state.params),
-            opt_state=jax.tree.map(first, state.opt_state),
-            initial_loss=state.initial_loss[:P],
-        )
+        state = super()._init(key, theta, objective)  # [2P] halves that are identical copies
+        return state.replace(inner=jax.tree.map(lambda x: x[:P], state.inner),
+                             initial_loss=state.initial_loss[:P])
 
-    def _estimate(self, key: jax.Array, theta: Theta, state: ParticleState, task: Task):
+    def _estimate(self, key: jax.Array, theta: Theta, state: ParticleState, objective: MetaObjective):
         cfg = self.config
         P, K = cfg.num_particles, cfg.truncation_length
         reset_keys = jax.random.split(key, P)
 
         def truncation_loss(theta_i, key_i, *carry):
-            carry, (losses, resets) = unroll_truncation(self, task, theta_i, carry, key_i, K)
+            carry, (losses, resets) = unroll_truncation(self, objective, theta_i, carry, key_i, K)
             return jnp.mean(losses), (carry, losses, resets)
 
         def particle(key_i, *carry):
@@ -60,16 +56,11 @@ class TruncatedBackprop(ESEstimator):
             return jax.grad(truncation_loss, has_aux=True)(theta, key_i, *carry)
 
         grads, (carry, losses, resets) = jax.vmap(particle)(
-            reset_keys, state.params, state.opt_state, state.step, state.episode_key,
-            state.initial_loss,
-        )
-        params, opt_state, step, episode_key, initial_loss = carry
+            reset_keys, state.inner, state.step, state.episode_key, state.initial_loss)
+        inner, step, episode_key, initial_loss = carry
         flat = jax.vmap(lambda g: ravel_pytree(g)[0])(grads).astype(jnp.float32)  # [P, |θ|]
         finite = jnp.all(jnp.isfinite(flat), axis=1, keepdims=True)
         grad = jnp.mean(jnp.where(finite, flat, 0.0), axis=0)
-        new_state = state.replace(
-            params=params, opt_state=opt_state, step=step, episode_key=episode_key,
-            initial_loss=initial_loss,
-        )
+        new_state = state.replace(inner=inner, step=step, episode_key=episode_key, initial_loss=initial_loss)
         metrics = {"mean_loss": jnp.mean(losses), "resets": jnp.sum(jnp.any(resets, axis=1))}
         return new_state, grad, metrics
