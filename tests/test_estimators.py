@@ -149,42 +149,24 @@ def test_truncated_es_is_biased_after_the_first_truncation():
 # state s (23 numbers, from all ones) moves by s ← A·s + θ·b, A = ½(I + shift) and b = +1 on
 # the first 10 entries, −1 on the other 13; the loss watches s₀ only, L = ½(s₀ − 1)². Raising θ
 # pushes s₀ up at once but, through the shift, pulls it down later: over a run the negative
-# influences win, which a truncation that treats its starting state as given never sees. Here
-# it is an inner problem of the zoo's shape: the state is the task's parameters and the system's
-# step is the "optimizer", whose θ is the influence.
+# influences win, which a truncation that treats its starting state as given never sees. No
+# optimizer and no task: a meta-objective of its own.
 IB_N, IB_POSITIVE, IB_THETA = 23, 10, 0.5
 IB_A = 0.5 * (np.eye(IB_N) + np.eye(IB_N, k=1))
 IB_B = np.array([1.0] * IB_POSITIVE + [-1.0] * (IB_N - IB_POSITIVE))
 
 
 @flax.struct.dataclass
-class InfluenceState:
-    def init(self, key):
-        return {"s": jnp.ones((IB_N,), jnp.float32)}
-
-    def loss(self, params, key, batch):
-        return 0.5 * (params["s"][0] - 1.0) ** 2
-
-    def batch(self, key, split):
-        return ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Influence:
-    """The system's step as an optimizer (this test's only): θ = {"theta": the influence}."""
-
-    name: str = "influence"
-    hparams: tuple = ()
-
-    def init(self, key):
+class InfluenceBalancing:
+    def init_theta(self, key):
         return {"theta": jnp.asarray(IB_THETA, jnp.float32)}
 
-    def as_optax(self, theta, num_steps):
-        def update(grads, state, params=None, **extra):
-            s = params["s"]
-            return {"s": jnp.asarray(IB_A, jnp.float32) @ s + theta["theta"] * IB_B - s}, state
+    def init_state(self, key, theta):
+        return jnp.ones((IB_N,), jnp.float32)
 
-        return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+    def step(self, theta, s, key):
+        loss = 0.5 * (s[0] - 1.0) ** 2
+        return jnp.asarray(IB_A, jnp.float32) @ s + theta["theta"] * jnp.asarray(IB_B, jnp.float32), loss
 
 
 def influence_truth(horizon: int, k: int) -> tuple[float, float]:
@@ -210,16 +192,17 @@ def test_pes_gets_influence_balancing_right_where_truncated_es_gets_its_sign_wro
     horizon, k, repeats = 200, 10, 32
     full, truncated = influence_truth(horizon, k)
     assert full > 0 > truncated
-    theta, task = Influence().init(None), LearnedOptimizerTraining(InfluenceState(), Influence(), horizon)
+    objective = InfluenceBalancing()
+    theta = objective.init_theta(None)
     for kind, expected in (("pes", full), ("truncated_es", truncated)):
         estimator = make_estimator(kind, num_particles=512, truncation_length=k, sigma=1e-3,
                                    inner_horizon=horizon, stagger=False, loss_normalization="none")
         totals = []
         for repeat in range(repeats):
             key = jax.random.key(repeat)
-            state, total = estimator.init(jax.random.fold_in(key, 1000), theta, task), 0.0
+            state, total = estimator.init(jax.random.fold_in(key, 1000), theta, objective), 0.0
             for j in range(horizon // k):
-                state, grad, _ = estimator.estimate(jax.random.fold_in(key, j), theta, state, task)
+                state, grad, _ = estimator.estimate(jax.random.fold_in(key, j), theta, state, objective)
                 total += float(grad[0])
             totals.append(total)
         mean, stderr = np.mean(totals), np.std(totals, ddof=1) / math.sqrt(repeats)
