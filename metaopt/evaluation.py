@@ -269,6 +269,9 @@ def resolve_ref(ref: str, registry: str | None = None) -> OptimizerRef:
                 trained = reg.load(ref, registry)
             except LookupError as e:
                 raise EvalInputError(str(e)) from e
+            if trained.kind != "optimizer":  # evaluation trains tasks with an optimizer's update
+                raise EvalInputError(f"{trained.ref} holds a {trained.kind} ({trained.optimizer_name}), "
+                                     "not an optimizer: `metaopt eval` evaluates optimizers")
             theta = jax.tree.map(jnp.asarray, trained.theta)
             return OptimizerRef(trained.ref, "registry", trained.optimizer_name, dict(trained.hparams), theta,
                         {"registry": registry})

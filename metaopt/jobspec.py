@@ -14,6 +14,7 @@ import base64
 import binascii
 import pathlib
 import re
+from functools import partial
 from typing import Any, Literal
 
 import yaml
@@ -76,6 +77,24 @@ class OptimizerSpec(_Frozen):
 
         try:
             optimizers.make(self.name, **self.hparams)
+        except (ValueError, TypeError) as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+class MetaObjectiveSpec(_Frozen):
+    """What the job meta-learns instead of an optimizer (metaopt/learnables.py): a learned
+    learning-rate schedule, a plugin's own object (import path), ..."""
+
+    name: str  # a metaopt.learnables name, or a plugin's import path (module:Attribute)
+    hparams: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _learnable_exists(self):
+        from metaopt import learnables
+
+        try:
+            learnables.make(self.name, **self.hparams)
         except (ValueError, TypeError) as err:
             raise ValueError(str(err)) from None
         return self
@@ -242,6 +261,8 @@ class JobSpec(_Frozen):
     # "weight": families sampled ∝ weight; "cost": ∝ weight / estimated FLOPs per inner step
     task_balance: Literal["weight", "cost"] = "weight"
     optimizer: OptimizerSpec = OptimizerSpec()
+    # Meta-learn this instead of the optimizer (then `optimizer` is not given).
+    meta_objective: MetaObjectiveSpec | None = None
     estimator: EstimatorSpec = EstimatorSpec()
     outer: OuterSpec = OuterSpec()
     workers: WorkersSpec = WorkersSpec()
@@ -262,11 +283,20 @@ class JobSpec(_Frozen):
             raise ValueError(f"each family may appear once in the mix, got {names}")
         return tasks
 
+    @model_validator(mode="after")
+    def _one_learnable(self):
+        if self.meta_objective is not None and self.optimizer != OptimizerSpec():
+            raise ValueError("a job meta-learns its optimizer or its meta_objective, not both: drop one")
+        if self.meta_objective is not None and self.eval is not None:
+            raise ValueError("in-run evaluation (eval) evaluates optimizers; this job meta-learns its "
+                             f"meta_objective {self.meta_objective.name!r}: drop eval")
+        return self
+
     @property
     def plugins(self) -> list[str]:
-        """The import paths of the plugins the job names (task families, its optimizer)."""
-        names = [t.family for t in self.tasks] + [self.optimizer.name]
-        return sorted({n for n in names if is_import_path(n)})
+        """The import paths of the plugins the job names (task families, what it meta-learns)."""
+        learned = self.meta_objective.name if self.meta_objective else self.optimizer.name
+        return sorted({n for n in [t.family for t in self.tasks] + [learned] if is_import_path(n)})
 
     def with_overrides(self, **changes: Any) -> JobSpec:
         """A copy with dotted-path overrides, e.g. `{"stop.max_outer_steps": 5}`, re-validated."""
@@ -291,13 +321,42 @@ def check_plugins(spec: JobSpec) -> None:
 
     checks = [(f"tasks.{i}.family", task_zoo.check_family, t.family, t.kwargs)
               for i, t in enumerate(spec.tasks)]
-    checks.append(("optimizer.name", optimizers.check, spec.optimizer.name, spec.optimizer.hparams))
+    if spec.meta_objective is None:
+        checks.append(("optimizer.name", optimizers.check, spec.optimizer.name, spec.optimizer.hparams))
+    else:
+        checks.append(("meta_objective.name", partial(_check_learnable, spec), spec.meta_objective.name,
+                       spec.meta_objective.hparams))
     for where, check, name, kwargs in checks:
         if is_import_path(name):
             try:
                 check(name, **kwargs)
             except PluginError as err:
                 raise JobSpecError(f"invalid job spec:\n  {where}: {err}") from None
+
+
+def _check_learnable(spec: JobSpec, name: str, **hparams) -> None:
+    """A plugin meta-objective on one task of the job's first family: θ, a fresh state, and one
+    step under jit with θ an argument; the loss a finite scalar."""
+    import jax
+    import jax.numpy as jnp
+
+    from metaopt import learnables, task_zoo
+    from metaopt.plugins import PluginError
+
+    learnable = learnables.make(name, **hparams)
+    key, step = jax.random.key(0), "init_theta(key)"
+    try:
+        theta = learnable.init_theta(key)
+        step = "objective(task, num_steps) on a task of the job's first family"
+        first = spec.tasks[0]
+        task = task_zoo.task(task_zoo.family(first.family, **first.kwargs).sample(key))
+        objective = learnable.objective(task, spec.estimator.inner_horizon)
+        step = "init_state(key, theta) and step(theta, state, key) under jax.jit"
+        _, loss = jax.jit(lambda th: objective.step(th, objective.init_state(key, th), key))(theta)
+    except Exception as err:  # noqa: BLE001 - the user's code: say where it broke
+        raise PluginError(f"meta-objective {name!r}: {step} failed: {type(err).__name__}: {err}") from None
+    if jnp.shape(loss) != () or not bool(jnp.isfinite(loss)):
+        raise PluginError(f"meta-objective {name!r}: step must return a finite scalar loss, got {loss!r}")
 
 
 def check_job_id(job_id: str) -> str:

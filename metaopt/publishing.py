@@ -277,14 +277,15 @@ def _job_spec(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def checkpoint_theta(checkpoint: Checkpoint, spec: dict[str, Any]):
-    """(optimizer, θ as its pytree) of a checkpoint, checked against the spec's optimizer."""
+    """(what the job meta-learned, θ as its pytree) of a checkpoint, checked against the spec's
+    optimizer or meta_objective (its `name`, `hparams` and `kind`: workers/objective.py)."""
     import jax
 
-    from metaopt import optimizers, wire
+    from metaopt import wire
+    from metaopt.workers.objective import learnable
 
-    settings = spec["optimizer"]
-    opt = optimizers.make(settings.get("name", "small_fc"), **settings.get("hparams", {}))
-    template = jax.tree.map(np.asarray, opt.init(jax.random.key(int(spec.get("seed", 0)))))
+    opt = learnable(spec)
+    template = jax.tree.map(np.asarray, opt.init_theta(jax.random.key(int(spec.get("seed", 0)))))
     digest = wire.structure_digest(wire.theta_structure(template))
     theta = np.asarray(checkpoint.arrays["theta"])
     if digest != checkpoint.meta["structure_digest"] or theta.size != wire.flatten(template).size:
@@ -328,7 +329,8 @@ def publish_checkpoint(run_or_checkpoint_uri: str, registry_uri: str, name: str 
                         checkpoint={"uri": checkpoint.uri, "step": checkpoint.step},
                         published_with=installed_code_version(),
                         **({"selection": selection} if selection is not None else {}))
-    return registry.publish(registry_uri, name, opt.name, dict(opt.hparams), theta, record, aliases)
+    return registry.publish(registry_uri, name, opt.name, dict(opt.hparams), theta, record, aliases,
+                            kind=opt.kind)
 
 
 def _report_optimizer(report: dict[str, Any]) -> str | None:

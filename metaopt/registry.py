@@ -33,6 +33,7 @@ once, and a hit (cached bytes present and verified) reads only the registry's sm
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import re
@@ -329,8 +330,11 @@ def publish(
     theta: Any,
     provenance: dict[str, Any],
     aliases: Sequence[str] = (),
+    kind: str = "optimizer",
 ) -> str:
     """Publish θ as the next version of `name`, then point `aliases` at it; return "NAME:VERSION".
+    `kind`: what θ parameterises (metaopt/learnables.py), `optimizer_name` and `hparams` what
+    rebuilds it: an optimizer's (the manifest's `optimizer`) or another learnable's (`learned`).
 
     Never overwrites: a version taken meanwhile by another publisher is skipped for the next one
     (FileExistsError after a few such races). `latest` moves to the new version by itself.
@@ -359,7 +363,8 @@ def publish(
         manifest = {
             "name": name,
             "version": version,
-            "optimizer": optimizer,
+            "kind": kind,
+            _record_key(kind): optimizer,
             "theta_structure": tree_structure(theta),
             "provenance": provenance,
             "created_at": _dt.datetime.now(_dt.UTC).isoformat(),
@@ -491,11 +496,13 @@ def _refuse_foreign_directory(dest: str) -> None:
 
 @dataclass(frozen=True, eq=False)
 class TrainedOptimizer:
-    """A published optimizer loaded into memory; `as_optax` turns it into an optax optimizer."""
+    """A published optimizer loaded into memory; `as_optax` turns it into an optax optimizer.
+    An artifact of another kind (a learned schedule, ...) offers its learnable's uses instead:
+    `as_schedule(num_steps)`, ..., with θ filled in (metaopt/learnables.py)."""
 
     name: str
     version: int
-    optimizer_name: str
+    optimizer_name: str  # what rebuilds it: an optimizer's name, or another learnable's
     hparams: dict[str, Any]
     theta: Any  # nested dicts of numpy arrays
     manifest: dict[str, Any] = field(repr=False)
@@ -504,26 +511,65 @@ class TrainedOptimizer:
     def ref(self) -> str:
         return f"{self.name}:{self.version}"
 
+    @property
+    def kind(self) -> str:
+        """What θ parameterises: "optimizer" (artifacts that say nothing are), "schedule", ..."""
+        return self.manifest.get("kind", OPTIMIZER)
+
     def as_optax(self, num_steps: int, **options: Any):
         """optax.GradientTransformationExtraArgs applying θ for an inner run of `num_steps`.
 
         `options` go to the optimizer's own `as_optax`, for those that take more (for example
         `learning_rate=` of nominal_mlp: a rate or an optax schedule); others refuse them."""
-        # Lazy imports: the registry must be usable (list, pull) without importing JAX models.
+        if self.kind != OPTIMIZER:  # a learnable whose use is an optimizer (Adam under a schedule)
+            return self._use("as_optax", num_steps, **options)
+        from metaopt.optimizers import make  # lazy: the registry lists and pulls without JAX models
+
+        self._check_plugin()
+        return make(self.optimizer_name, **self.hparams).as_optax(self._theta(), num_steps, **options)
+
+    def __getattr__(self, attribute: str):
+        if attribute.startswith("as_"):  # as_schedule, as_loss, ...: the learnable's uses
+            return functools.partial(self._use, attribute)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attribute!r}")
+
+    def _use(self, method: str, *args: Any, **kwargs: Any):
+        if self.kind == OPTIMIZER:
+            raise AttributeError(f"{self.ref} holds an optimizer ({self.optimizer_name}): use "
+                                 f".as_optax(num_steps) (or metaopt.torch); it has no .{method}")
+        from metaopt import learnables
+
+        self._check_plugin()
+        learnable = learnables.make(self.optimizer_name, **self.hparams)
+        if not hasattr(learnable, method):
+            uses = sorted(m for m in dir(learnable) if m.startswith("as_"))
+            raise AttributeError(f"{self.ref} holds a {self.kind} ({self.optimizer_name}), which offers "
+                                 f"{uses}, not .{method}")
+        return getattr(learnable, method)(self._theta(), *args, **kwargs)
+
+    def _check_plugin(self) -> None:
+        record = self.manifest[_record_key(self.kind)]
+        if "plugin" in record:
+            plugins.check_recorded(record["plugin"], self.ref)
+
+    def _theta(self):
         import jax
         import jax.numpy as jnp
 
-        from metaopt.optimizers import make
-
-        if "plugin" in self.manifest["optimizer"]:
-            plugins.check_recorded(self.manifest["optimizer"]["plugin"], self.ref)
-        opt = make(self.optimizer_name, **self.hparams)
-        return opt.as_optax(jax.tree.map(jnp.asarray, self.theta), num_steps, **options)
+        return jax.tree.map(jnp.asarray, self.theta)
 
 
 def _corrupt(uri: str, fname: str, why: str, fix: str = "") -> CorruptArtifactError:
     fix = fix or "re-pull it, or re-publish it if the registry copy itself is bad"
     return CorruptArtifactError(f"{uri}/{fname} {why}; the artifact is damaged: {fix}")
+
+
+OPTIMIZER = "optimizer"  # the kind of an artifact whose manifest names none: all before kinds
+
+
+def _record_key(kind: str) -> str:
+    """Where a manifest keeps what rebuilds its object: `optimizer` for an optimizer, as ever."""
+    return "optimizer" if kind == OPTIMIZER else "learned"
 
 
 def _check_artifact(files: dict[str, bytes], uri: str, name: str | None, version: int | None,
@@ -535,7 +581,7 @@ def _check_artifact(files: dict[str, bytes], uri: str, name: str | None, version
             raise _corrupt(uri, fname, "is missing", fix)
     try:
         manifest = json.loads(files[MANIFEST_FILE])
-        optimizer = manifest["optimizer"]
+        optimizer = manifest[_record_key(manifest.get("kind", OPTIMIZER))]
         if not isinstance(optimizer["name"], str) or not isinstance(optimizer["hparams"], dict):
             raise TypeError(f"optimizer is {optimizer!r}, not {{name: str, hparams: dict}}")
         structure = {s["path"]: (list(s["shape"]), str(s["dtype"])) for s in manifest["theta_structure"]}
@@ -575,7 +621,7 @@ def _check_artifact(files: dict[str, bytes], uri: str, name: str | None, version
 
 
 def _trained(manifest: dict[str, Any], flat: dict[str, Any]) -> TrainedOptimizer:
-    opt = manifest["optimizer"]
+    opt = manifest[_record_key(manifest.get("kind", OPTIMIZER))]
     return TrainedOptimizer(manifest["name"], manifest["version"], opt["name"], opt["hparams"],
                             unflatten_tree(flat), manifest)
 

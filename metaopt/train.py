@@ -128,13 +128,13 @@ class _LearnerRun:
     def __init__(self, spec: JobSpec, out: str, job_id: str):
         import jax
 
-        from metaopt import optimizers
         from metaopt.inrun_eval import InRunEvaluator
         from metaopt.jobrecorder import JobRecorder
         from metaopt.jobstore import open_job_store
         from metaopt.learner.checkpointing import Checkpointer
         from metaopt.learner.core import Learner, LearnerConfig
         from metaopt.publishing import installed_code_version
+        from metaopt.workers.objective import learnable
 
         # The outer step waits for its result at once, so asynchronous CPU dispatch gains the
         # learner nothing; and jax on CPU has been seen to hang with it and several threads
@@ -150,8 +150,8 @@ class _LearnerRun:
         (self.run_dir / "job.json").write_text(json.dumps(self.spec_json, indent=2))
         root = (spec.storage.root or str(self.out_dir)).rstrip("/")
         self.checkpoint_uri, self.registry_uri = f"{root}/runs/{job_id}/checkpoints", f"{root}/registry"
-        self.optimizer = optimizers.make(spec.optimizer.name, **spec.optimizer.hparams)
-        theta0 = self.optimizer.init(jax.random.key(spec.seed))
+        self.learnable = learnable(self.spec_json)  # the optimizer, or the spec's meta_objective
+        theta0 = self.learnable.init_theta(jax.random.key(spec.seed))
         self.learner = Learner(LearnerConfig(
             job_id=job_id, max_outer_steps=spec.stop.max_outer_steps, outer=spec.outer, seed=spec.seed,
             task_families=tuple(t.family for t in spec.tasks),
@@ -251,10 +251,10 @@ class _LearnerRun:
         # than the learner's history window, so from metrics.jsonl.
         published = [row for row in iter_metrics(self.metrics_path) if row["step"] == step][-1:]
         artifact = storage.retrying(lambda: registry.publish(
-            self.registry_uri, spec.artifact_name or spec.name, self.optimizer.name,
-            dict(self.optimizer.hparams), theta, provenance=provenance(
+            self.registry_uri, spec.artifact_name or spec.name, self.learnable.name,
+            dict(self.learnable.hparams), theta, provenance=provenance(
                 spec, self.job_id, published, step, report, meta_loss_first=learner.totals.meta_loss_first,
-                **extra),
+                **extra), kind=self.learnable.kind,
         ), f"publishing to {self.registry_uri}")
         self.artifact = artifact
         self.artifact_digest = storage.retrying(lambda: registry.digest(

@@ -18,13 +18,13 @@ import grpc
 import jax
 import numpy as np
 
-from metaopt import optimizers, task_zoo, wire
+from metaopt import task_zoo, wire
 from metaopt._proto import learner_pb2 as pb
 from metaopt.jobspec import JobSpec, parse_job_spec
 from metaopt.workers.client import ClientTLS, LearnerClient
 from metaopt.workers.cores import claim_cores
 from metaopt.workers.estimators import make_estimator
-from metaopt.workers.objective import LearnedOptimizerTraining
+from metaopt.workers.objective import learnable
 
 log = logging.getLogger(__name__)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -47,8 +47,8 @@ class PESWorker:
         self.address, self.worker_id, self.job_id = learner_address, worker_id, job_id
         self.token, self.tls, self.encoding = token, tls, encoding
         self.run_id = uuid.uuid4().hex  # new per incarnation: a restart is visible
-        self.optimizer = optimizers.make(self.spec.optimizer.name, **self.spec.optimizer.hparams)
-        self.template = self.optimizer.init(jax.random.key(0))
+        self.learnable = learnable(self.spec.model_dump(mode="json"))  # its optimizer, or a meta_objective
+        self.template = self.learnable.init_theta(jax.random.key(0))
         self.estimator = make_estimator(**self.spec.estimator.model_dump())
         tasks = self.spec.tasks
         self.mixture = task_zoo.Mixture(
@@ -126,11 +126,10 @@ class PESWorker:
             self.stats["inner_steps"] += self.estimator.inner_steps_per_estimate
 
     def _sample_task(self, key):
-        """A task from the mix, and the objective the estimator differentiates: the job's
-        optimizer training it over runs of inner_horizon steps."""
+        """A task from the mix, and the objective the estimator differentiates on it (the job's
+        optimizer training it, say) over runs of inner_horizon steps."""
         spec = self.mixture.sample(key)
-        return spec, LearnedOptimizerTraining(task_zoo.task(spec), self.optimizer,
-                                              self.spec.estimator.inner_horizon)
+        return spec, self.learnable.objective(task_zoo.task(spec), self.spec.estimator.inner_horizon)
 
     def _message(self, flat, version, spec, mean_loss) -> pb.GradientEstimate:
         self.sequence += 1

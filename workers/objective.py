@@ -18,10 +18,15 @@ An objective is a pytree: its arrays (a task's data) are leaves and its settings
 objectives of one shape share one compiled estimator. An objective may also define
 `step_batch(θs, states, keys)`, the step of many halves at once (default: `jax.vmap(step)`),
 where batching them differently is faster; `LearnedOptimizerTraining` does on CPU.
+
+A job meta-learns a `Learnable` (`learnable(spec)`): θ's starting point and, for each task a
+worker samples, the objective θ is trained on. That is its optimizer (`LearnedOptimizer`: the
+optimizer training the task) unless the spec names a `meta_objective` (metaopt/learnables.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import flax.struct
@@ -40,6 +45,49 @@ class MetaObjective(Protocol):
     def init_state(self, key: jax.Array, theta: Theta) -> State: ...
 
     def step(self, theta: Theta, state: State, key: jax.Array) -> tuple[State, jax.Array]: ...
+
+
+class Learnable(Protocol):
+    name: str  # what rebuilds it: make(name, **hparams) of its registry
+    hparams: dict[str, Any]
+    kind: str  # "optimizer", "schedule", ...: what an artifact of it holds
+
+    def init_theta(self, key: jax.Array) -> Theta: ...
+
+    def objective(self, task: Task, num_steps: int) -> MetaObjective: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedOptimizer:
+    """A learned optimizer as a job's learnable: trained by training tasks."""
+
+    optimizer: Optimizer
+    kind = "optimizer"
+
+    @property
+    def name(self) -> str:
+        return self.optimizer.name
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return dict(self.optimizer.hparams)
+
+    def init_theta(self, key: jax.Array) -> Theta:
+        return self.optimizer.init(key)
+
+    def objective(self, task: Task, num_steps: int) -> LearnedOptimizerTraining:
+        return LearnedOptimizerTraining(task, self.optimizer, num_steps)
+
+
+def learnable(spec: dict[str, Any]) -> Learnable:
+    """What the job spec (a JobSpec's JSON dict) meta-learns: its meta_objective if it names one,
+    else its optimizer."""
+    from metaopt import learnables, optimizers
+
+    if spec.get("meta_objective"):
+        return learnables.make(spec["meta_objective"]["name"], **spec["meta_objective"].get("hparams", {}))
+    settings = spec.get("optimizer") or {}
+    return LearnedOptimizer(optimizers.make(settings.get("name", "small_fc"), **settings.get("hparams", {})))
 
 
 def step_batch(objective: MetaObjective, thetas: Theta, states: State, keys: jax.Array):

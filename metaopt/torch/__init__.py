@@ -41,6 +41,9 @@ ARCHITECTURES: dict[str, type[LearnedOptimizer]] = {
 
 def from_trained(trained: TrainedOptimizer, params, num_steps: int, **options: Any) -> LearnedOptimizer:
     """A torch optimizer over `params` applying a loaded artifact's θ for `num_steps` steps."""
+    if trained.kind != "optimizer":
+        raise NotImplementedError(f"{trained.ref} holds a {trained.kind} ({trained.optimizer_name}), not an "
+                                  "optimizer: metaopt.torch runs learned optimizers only")
     cls = ARCHITECTURES.get(trained.optimizer_name)
     if cls is None:
         raise NotImplementedError(
