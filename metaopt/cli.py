@@ -413,6 +413,24 @@ def list_optimizers(
     _print_rows(rows, as_json)
 
 
+@list_app.command("objectives")
+def list_objectives(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
+) -> None:
+    """What a job can meta-learn besides an optimizer (its meta_objective): `metaopt list objectives`."""
+    import jax
+
+    from metaopt import learnables
+
+    rows = []
+    for name in learnables.names():
+        learnable = learnables.make(name)
+        size = sum(x.size for x in jax.tree.leaves(learnable.init_theta(jax.random.key(0))))
+        rows.append({"name": name, "description": f"{learnable.description} ({learnable.kind})",
+                     "kind": learnable.kind, "meta_parameters": int(size)})
+    _print_rows(rows, as_json)
+
+
 def main() -> None:
     app()
 

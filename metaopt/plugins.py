@@ -146,7 +146,8 @@ def pack(paths) -> bytes:
     """The plugins' sources (module files, or whole packages but their __pycache__) as one zip."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as bundle:
-        for root in sorted({source(p) for p in paths}):
+        # In the order of their names in the zip, wherever they are: the same sources, the same bytes.
+        for root in sorted({source(p) for p in paths}, key=lambda root: root.name):
             files = ([f for f in sorted(root.rglob("*")) if f.is_file() and "__pycache__" not in f.parts]
                      if root.is_dir() else [root])
             for file in files:

@@ -548,7 +548,7 @@ class TrainedOptimizer:
         return getattr(learnable, method)(self._theta(), *args, **kwargs)
 
     def _check_plugin(self) -> None:
-        record = self.manifest[_record_key(self.kind)]
+        record = self.manifest.get(_record_key(self.kind), {})
         if "plugin" in record:
             plugins.check_recorded(record["plugin"], self.ref)
 

@@ -39,6 +39,7 @@ PROMISED = {
     "pes_profile": ("peak_flops_per_s", "inner_step_ms", "parts.loss_and_grad.fraction_of_peak",
                     "parts.lopt_update.fraction_of_peak", "mlp_within_update.fraction_of_peak",
                     "step_over_floor"),
+    "schedule_search": ("meta_training.inner_steps", "search.*.trials", "learned_vs.*.tasks"),
     "torch_numerics": ("rows.*.worst", "rows.*.errors.*"),
     "torch_step": ("rows.*.seconds.adam", "rows.*.vs_adam.small_fc", "rows.*.vs_adam.nominal_mlp",
                    "rows.0.vs_adam.small_fc_compiled", "rows.0.vs_adam.nominal_mlp_compiled",  # 0: torch

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from metaopt import optimizers, task_zoo
+from metaopt import learnables, optimizers, task_zoo
 
 
 def metaopt(*args: str) -> subprocess.CompletedProcess:
@@ -32,6 +32,15 @@ def test_list_optimizers_says_which_are_learned_and_how_big():
     assert rows["adam"]["kind"] == "hand-designed" and rows["adam"]["meta_parameters"] == 0
     assert rows["small_fc"]["kind"] == "learned" and rows["small_fc"]["meta_parameters"] == 1922
     assert "small_fc" in metaopt("list", "optimizers").stdout
+
+
+def test_list_objectives_names_what_a_job_can_meta_learn_besides_an_optimizer():
+    done = metaopt("list", "objectives", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {r["name"]: r for r in json.loads(done.stdout)}
+    assert sorted(rows) == learnables.names()
+    assert rows["adam_schedule"]["kind"] == "schedule" and rows["adam_schedule"]["meta_parameters"] == 8
+    assert "adam_schedule" in metaopt("list", "objectives").stdout
 
 
 def test_an_unknown_listing_is_a_usage_error():

@@ -1,0 +1,173 @@
+"""A meta-learned Adam schedule against random search for the best constant and cosine ones.
+
+Meta-trains examples/adam_schedule.yaml (Adam's log learning rate at 8 knots, PES over whole
+1,000-step runs of MLPs on 8x8 digits) with `metaopt train` for `--minutes`, and counts the inner
+training steps its accepted estimates took. Random search then gets the same number of inner
+steps for each of two families of schedules: a constant rate (log-uniform in 1e-5..1e-1) and a
+cosine decay with linear warm-up (peak log-uniform in 1e-5..1e-1, warm-up uniform in 0..20% of
+the run); each trial trains 4 tasks of the job's own family for a whole run, and the best is the
+trial with the lowest mean log final training loss. Last, on tasks none of them trained on — 8
+more of the family (other seeds) and 4 of a shifted one (width 128, depth 3) — Adam runs under
+each schedule for a run, and the figure is the final test loss (held-out data; a diverged run
+counts as infinitely bad). Ratios learned / baseline below 1 are wins for the learned schedule.
+
+    python benchmarks/schedule_search.py [--minutes M] [--quick] [--json] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metaopt import registry, task_zoo
+from metaopt.jobspec import load_job_spec
+from metaopt.run_report import read_metrics
+from metaopt.train import train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SEARCH_TASKS = 4  # tasks of the job's family each search trial trains
+SHIFTED = {"widths": [128], "depths": [3], "activations": ["relu", "tanh"], "batch_sizes": [64]}
+
+
+def meta_train(minutes: float, quick: bool, out: str) -> tuple[dict, object]:
+    """(facts of the run, the published schedule), the run as `metaopt train` does it."""
+    spec = load_job_spec(ROOT / "examples" / "adam_schedule.yaml")
+    changes = {"stop.max_minutes": minutes, "stop.max_outer_steps": 8 if quick else 1_000_000}
+    if quick:
+        changes |= {"estimator.inner_horizon": 100, "estimator.truncation_length": 20}
+    spec = spec.with_overrides(**changes)
+    result = train(spec, out=out, job_id="schedule", progress=False)
+    inner_steps = sum(r["inner_steps"] for r in read_metrics(pathlib.Path(result.run_dir) / "metrics.jsonl"))
+    trained = registry.load(result.artifact, result.registry)
+    return {"outer_steps": result.outer_steps, "inner_steps": inner_steps, "minutes": result.wall_s / 60,
+            "horizon": spec.estimator.inner_horizon, "meta_loss_first": result.meta_loss_first,
+            "meta_loss_last": result.meta_loss_last,
+            "learned_lr": np.exp(np.asarray(trained.theta["log_lr"])).tolist()}, (spec, trained)
+
+
+def run(task, schedule, key, steps: int):
+    """(training losses [steps], final test loss) of Adam under `schedule` training `task`."""
+    tx = optax.adam(schedule)
+    params = task.init(jax.random.fold_in(key, 0))
+
+    def body(carry, t):
+        params, state = carry
+        batch_key, loss_key = jax.random.split(jax.random.fold_in(key, t + 1))
+        loss, grads = jax.value_and_grad(task.loss)(params, loss_key, task.batch(batch_key, "train"))
+        updates, state = tx.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), loss
+
+    (params, _), losses = jax.lax.scan(body, (params, tx.init(params)), jnp.arange(steps))
+    return losses, task.loss(params, key, task.batch(key, "test"))
+
+
+def constant(hp, steps):
+    return lambda count: hp["lr"]
+
+
+def cosine(hp, steps):
+    def schedule(count):
+        warm = jnp.maximum(hp["warmup"] * steps, 1.0)
+        return hp["lr"] * jnp.minimum(1.0, (count + 1) / warm) * 0.5 * (1 + jnp.cos(jnp.pi * count / steps))
+
+    return schedule
+
+
+def sample(kind: str, key, n: int) -> dict:
+    lr_key, warm_key = jax.random.split(key)
+    hp = {"lr": jnp.exp(jax.random.uniform(lr_key, (n,), minval=math.log(1e-5), maxval=math.log(1e-1)))}
+    if kind == "cosine":
+        hp["warmup"] = jax.random.uniform(warm_key, (n,), minval=0.0, maxval=0.2)
+    return hp
+
+
+def search(kind: str, tasks: list, budget: int, steps: int, key) -> dict:
+    """Random search with `budget` inner steps: trials of every search task for a whole run."""
+    trials = max(1, budget // (len(tasks) * steps))
+    hps = sample(kind, key, trials)
+    make = {"constant": constant, "cosine": cosine}[kind]
+
+    @jax.jit
+    def score(task, hps, key):  # log of the mean of the last 20 training losses, per trial
+        losses = jax.vmap(lambda hp: run(task, make(hp, steps), key, steps)[0])(hps)
+        return jnp.log(jnp.mean(losses[:, -20:], axis=1))
+
+    scores = np.mean([np.asarray(score(t, hps, jax.random.key(i))) for i, t in enumerate(tasks)], axis=0)
+    scores = np.where(np.isfinite(scores), scores, np.inf)
+    best = int(np.argmin(scores))
+    return {"trials": trials, "inner_steps": trials * len(tasks) * steps,
+            "best": {k: float(v[best]) for k, v in hps.items()}, "best_score": float(scores[best])}
+
+
+def evaluate(schedules: dict, tasks: list[tuple[str, object]], steps: int) -> list[dict]:
+    rows = []
+    for name, task in tasks:
+        row = {"task": name}
+        for label, schedule in schedules.items():
+            _, test = jax.jit(lambda t, s=schedule: run(t, s, jax.random.key(7), steps))(task)
+            row[label] = float(test) if np.isfinite(float(test)) else math.inf
+        rows.append(row)
+    return rows
+
+
+def measure(minutes: float, quick: bool) -> dict:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        facts, (spec, trained) = meta_train(minutes, quick, out)
+    steps = facts["horizon"]
+    family = task_zoo.family(spec.tasks[0].family, **spec.tasks[0].kwargs)
+    search_tasks = [task_zoo.task(family.sample(jax.random.key(i))) for i in range(SEARCH_TASKS)]
+    found = {kind: search(kind, search_tasks, facts["inner_steps"], steps, jax.random.key(k))
+             for k, kind in enumerate(("constant", "cosine"))}
+    held_out = [(f"family-{i}", family.sample(jax.random.key(1000 + i))) for i in range(2 if quick else 8)]
+    shifted = task_zoo.family("mlp", **SHIFTED)
+    held_out += [(f"shifted-{i}", shifted.sample(jax.random.key(2000 + i))) for i in range(1 if quick else 4)]
+    schedules = {"learned": trained.as_schedule(num_steps=steps),
+                 "constant": constant(found["constant"]["best"], steps),
+                 "cosine": cosine(found["cosine"]["best"], steps),
+                 "start": lambda count: jnp.float32(spec.meta_objective.hparams["init_lr"])}
+    rows = evaluate(schedules, [(n, task_zoo.task(s)) for n, s in held_out], steps)
+    summary = {}
+    for baseline in ("constant", "cosine", "start"):
+        ratios = [r["learned"] / r[baseline] for r in rows]
+        summary[baseline] = {"median_ratio": statistics.median(ratios),
+                             "wins": sum(r < 1 for r in ratios), "tasks": len(ratios)}
+    return {"meta_training": facts, "search": found, "held_out": rows, "learned_vs": summary,
+            "seconds": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=15.0, help="meta-training time (default 15)")
+    parser.add_argument("--quick", action="store_true", help="8 outer steps on 100-step runs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--out", type=pathlib.Path, help="write schedule_search.json here")
+    args = parser.parse_args()
+    result = measure(args.minutes, args.quick)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "schedule_search.json").write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result))
+        return
+    facts = result["meta_training"]
+    print(f"meta-training: {facts['outer_steps']} outer steps, {facts['inner_steps']:,} inner steps "
+          f"in {facts['minutes']:.1f} min; learned rates {np.round(facts['learned_lr'], 5).tolist()}")
+    for kind, found in result["search"].items():
+        print(f"random search, {kind}: {found['trials']} trials, best {found['best']}")
+    for baseline, s in result["learned_vs"].items():
+        print(f"learned vs {baseline}: median ratio {s['median_ratio']:.3f}, wins {s['wins']}/{s['tasks']}")
+
+
+if __name__ == "__main__":
+    main()
