@@ -52,11 +52,32 @@ def make(name: str, **hparams: Any):
         raise ValueError(f"unknown hyperparameter(s) {unknown} for meta-objective {name!r}; "
                          f"accepted: {accepted}")
     learnable = factory(**hparams)
+    if plugins.is_import_path(name):  # what an artifact records of it rebuilds it
+        learnable = plugins.Named(name, learnable, hparams)
     missing = [a for a in ("kind", "init_theta", "objective") if not hasattr(learnable, a)]
     if missing:
         raise plugins.PluginError(f"meta-objective {name!r} has no {missing}: a learnable needs kind, "
                                   "init_theta(key) and objective(task, num_steps)")
     return learnable
+
+
+def check(learnable, task, num_steps: int) -> None:
+    """Run a learnable as meta-training will, on `task`: θ, its objective, a fresh state and one
+    step under jit with θ an argument; a PluginError names the step that fails, or a loss that is
+    not a finite scalar."""
+    key, step = jax.random.key(0), "init_theta(key)"
+    try:
+        theta = learnable.init_theta(key)
+        step = "objective(task, num_steps) on a task of the job's first family"
+        objective = learnable.objective(task, num_steps)
+        step = "init_state(key, theta) and step(theta, state, key) under jax.jit"
+        _, loss = jax.jit(lambda th: objective.step(th, objective.init_state(key, th), key))(theta)
+    except Exception as err:  # noqa: BLE001 - the user's code: say where it broke
+        raise plugins.PluginError(f"meta-objective {learnable.name!r}: {step} failed: "
+                                  f"{type(err).__name__}: {err}") from None
+    if jnp.shape(loss) != () or not bool(jnp.isfinite(loss)):
+        raise plugins.PluginError(f"meta-objective {learnable.name!r}: step must return a finite scalar "
+                                  f"loss, got {loss!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Plugins: a task family or an optimizer named by import path, `module:Attribute`.
+"""Plugins: a task family, an optimizer or a meta-objective named by import path, `module:Attribute`.
 
 A job spec may name the user's own code where it names a built-in:
 
@@ -83,6 +83,24 @@ def load(path: str, what: str = "plugin"):
                               f"{attribute!r}; it has {public}")
         obj = getattr(obj, part)
     return obj
+
+
+class Named:
+    """A plugin's object (`inner`) under its import path, so that whatever records its `name` and
+    `hparams` (an artifact's manifest) rebuilds it; everything else is the inner object's."""
+
+    def __init__(self, path: str, inner, hparams: dict):
+        self.name, self.inner = path, inner
+        self.hparams = dict(getattr(inner, "hparams", hparams))  # what make(path, **…) rebuilds
+        self.description = getattr(inner, "description", f"plugin {path}")
+
+    def __getattr__(self, attribute: str):  # init, as_optax, kind, objective, ...
+        if attribute == "inner":  # not set yet (copy, pickle): no recursion through inner
+            raise AttributeError(attribute)
+        return getattr(self.inner, attribute)
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(dir(self.inner)))
 
 
 def source(path: str) -> pathlib.Path:
@@ -188,7 +206,7 @@ def fetch(uri: str) -> pathlib.Path:
     digest = pathlib.PurePosixPath(uri).stem
     if not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise PluginError(f"{uri} is not a plugin bundle: its name must be SHA256.zip, as "
-                          "`metaopt submit --k8s` or `metaopt plugins upload` wrote it")
+                          "`metaopt submit --k8s` or `metaopt upload-plugins` wrote it")
     try:
         fs, path = fresh_fs(uri)
         data = fs.cat_file(path)

@@ -193,12 +193,15 @@ def test_a_plugin_meta_objective_by_import_path(tmp_path, monkeypatch):
                                            r"objective\(task, num_steps\) .* RuntimeError: no objective"):
         check_plugins(broken)
 
-    learnable = learnables.make("my_objectives:TwoPhase")
-    ref = registry.publish(str(tmp_path / "reg"), "two", "my_objectives:TwoPhase", learnable.hparams,
+    learnable = learnables.make("my_objectives:TwoPhase")  # as the learner publishes it
+    assert learnable.name == "my_objectives:TwoPhase" and learnable.kind == "schedule"
+    ref = registry.publish(str(tmp_path / "reg"), "two", learnable.name, learnable.hparams,
                            learnable.init_theta(None), {}, kind=learnable.kind)
     trained = registry.load(ref, str(tmp_path / "reg"))
     assert trained.manifest["learned"]["plugin"]["import_path"] == "my_objectives:TwoPhase"
     assert float(trained.as_schedule(num_steps=10)(5)) == pytest.approx(1e-3)
+    with pytest.raises(AttributeError, match=r"offers \['as_optax', 'as_schedule'\], not .as_loss"):
+        trained.as_loss()
 
 
 def test_the_example_job_spec_meta_learns_a_schedule():

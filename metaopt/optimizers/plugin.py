@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,19 +17,7 @@ import jax.numpy as jnp
 from metaopt import plugins
 from metaopt.plugins import PluginError
 
-
-class PluginOptimizer:
-    """The plugin optimizer `inner` under its import path; everything else is the inner's."""
-
-    def __init__(self, path: str, inner: Any, hparams: dict[str, Any]):
-        self.name, self.inner = path, inner
-        self.hparams = dict(getattr(inner, "hparams", hparams))  # what make(path, **…) rebuilds
-        self.description = getattr(inner, "description", f"plugin {path}")
-
-    def __getattr__(self, attribute: str):  # init, as_optax, learned, search_space, ...
-        if attribute == "inner":  # not set yet (copy, pickle): no recursion through inner
-            raise AttributeError(attribute)
-        return getattr(self.inner, attribute)
+PluginOptimizer = plugins.Named  # a plugin optimizer under its import path
 
 
 @functools.cache
