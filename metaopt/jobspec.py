@@ -290,7 +290,24 @@ class JobSpec(_Frozen):
         if self.meta_objective is not None and self.eval is not None:
             raise ValueError("in-run evaluation (eval) evaluates optimizers; this job meta-learns its "
                              f"meta_objective {self.meta_objective.name!r}: drop eval")
+        if self.meta_objective is not None:
+            self._tasks_give_what_it_requires()
         return self
+
+    def _tasks_give_what_it_requires(self) -> None:
+        """A learnable's declared needs of a task (learnables: `requires`), on one task of each family."""
+        import jax
+
+        from metaopt import learnables, task_zoo
+
+        learnable = learnables.make(self.meta_objective.name, **self.meta_objective.hparams)
+        for t in self.tasks if getattr(learnable, "requires", ()) else ():
+            task = task_zoo.task(task_zoo.family(t.family, **t.kwargs).sample(jax.random.key(0)))
+            missing = [need for need in learnable.requires if not hasattr(task, need)]
+            if missing:
+                raise ValueError(f"meta_objective {self.meta_objective.name!r} needs tasks that give "
+                                 f"{missing}, which family {t.family!r} does not: train it on others "
+                                 "(mlp, cnn, logistic)")
 
     @property
     def plugins(self) -> list[str]:

@@ -21,7 +21,7 @@ import yaml
 import metaopt.torch
 from metaopt import evaluation, learnables, registry, task_zoo
 from metaopt.jobspec import JobSpecError, OptimizerSpec, check_plugins, load_job_spec, parse_job_spec
-from metaopt.learnables import AdamSchedule
+from metaopt.learnables import AdamSchedule, LearnedLoss
 from metaopt.workers.estimators import make_estimator
 from tests.jsonout import last_json
 
@@ -90,7 +90,7 @@ def test_pes_estimates_the_schedule_s_gradient():
      "meta-learns its optimizer or its meta_objective, not both"),
     ({"meta_objective": {"name": "adam_schedule"}, "eval": {"suite": "smoke"}}, "in-run evaluation"),
     ({"meta_objective": {"name": "no_such_thing"}},
-     r"unknown meta-objective 'no_such_thing'; built-in: \['adam_schedule'\]"),
+     r"unknown meta-objective 'no_such_thing'; built-in: \['adam_schedule', 'learned_loss'\]"),
     ({"meta_objective": {"name": "adam_schedule", "hparams": {"knotz": 3}}},
      r"unknown hyperparameter\(s\) \['knotz'\]"),
 ])
@@ -163,7 +163,7 @@ def test_an_optimizer_artifact_refuses_the_uses_of_other_kinds(tmp_path):
 PLUGIN = '''
 import dataclasses
 import jax.numpy as jnp
-from metaopt.learnables import AdamSchedule
+from metaopt.learnables import AdamSchedule, LearnedLoss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +204,84 @@ def test_a_plugin_meta_objective_by_import_path(tmp_path, monkeypatch):
         trained.as_loss()
 
 
-def test_the_example_job_spec_meta_learns_a_schedule():
-    spec = load_job_spec(pathlib.Path(__file__).resolve().parent.parent / "examples" / "adam_schedule.yaml")
-    assert spec.meta_objective.name == "adam_schedule" and spec.optimizer == OptimizerSpec()
+@pytest.mark.parametrize("name", ["adam_schedule", "learned_loss"])
+def test_the_example_job_specs_meta_learn_what_they_say(name):
+    spec = load_job_spec(pathlib.Path(__file__).resolve().parent.parent / "examples" / f"{name}.yaml")
+    assert spec.meta_objective.name == name and spec.optimizer == OptimizerSpec()
+
+
+def _numpy_loss(theta, logits, labels):
+    """L_θ in float64 NumPy: cross-entropy plus Σ_c w1·tanh(W0ᵀ(p_c, y_c) + b0) + b1."""
+    logits = np.asarray(logits, np.float64)
+    log_p = logits - logits.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    onehot = np.eye(logits.shape[1])[labels]
+    pairs = np.stack([np.exp(log_p), onehot], -1)
+    t = {k: np.asarray(v, np.float64) for k, v in theta.items()}
+    correction = np.tanh(pairs @ t["w0"] + t["b0"]) @ t["w1"] + t["b1"]
+    return np.mean(-(log_p * onehot).sum(1) + correction.sum(1))
+
+
+def test_the_learned_loss_is_cross_entropy_until_trained_and_its_correction_as_written():
+    learned = LearnedLoss(hidden=4)
+    logits = jax.random.normal(jax.random.key(0), (16, 10)) * 3
+    labels = jax.random.randint(jax.random.key(1), (16,), 0, 10)
+    untrained = learned.init_theta(jax.random.key(2))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    assert float(learned.as_loss(untrained)(logits, labels)) == pytest.approx(float(ce), rel=1e-6)
+    theta = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(3), x.shape), untrained)
+    np.testing.assert_allclose(float(learned.as_loss(theta)(logits, labels)),
+                               _numpy_loss(theta, logits, np.asarray(labels)), rtol=1e-5)
+
+
+def test_a_learned_loss_needs_tasks_that_give_logits_and_says_so():
+    spec = {"name": "x", "tasks": [{"family": "quadratic"}], "meta_objective": {"name": "learned_loss"}}
+    with pytest.raises(JobSpecError, match=r"meta_objective 'learned_loss' needs tasks that give "
+                                           r"\['logits'\], which family 'quadratic' does not"):
+        parse_job_spec(spec)
+
+
+def test_a_meta_trained_loss_trains_models_that_generalise_better_and_its_artifact_is_a_loss(tmp_path):
+    """`metaopt train` (learner, Ray workers) meta-trains the loss for 40 outer steps, its
+    meta-loss the held-out cross-entropy along 100-step runs; then on 3 MLPs of the family it
+    never trained on, Adam on the learned loss ends with a lower held-out cross-entropy (on the
+    whole test split) than Adam on cross-entropy, each of the 3."""
+    spec = {"name": "loss", "seed": 0, "tasks": [MLP], "meta_objective": {"name": "learned_loss"},
+            "estimator": {"num_particles": 4, "truncation_length": 20, "inner_horizon": 100,
+                          "sigma": 0.05, "loss_normalization": "none"},
+            "outer": {"learning_rate": 0.03, "meta_batch_size": 4}, "workers": {"count": 2},
+            "stop": {"max_outer_steps": 40}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "metaopt.cli", "train", "job.yaml", "--out", "out", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = last_json(done.stdout)
+    trained = metaopt.load(summary["artifact"], registry=summary["registry"])
+    assert trained.kind == "loss"
+    cross_entropy = LearnedLoss().as_loss(LearnedLoss().init_theta(jax.random.key(0)))
+    family = task_zoo.family("mlp", **MLP["kwargs"])
+    for seed in range(100, 103):
+        task = task_zoo.task(family.sample(jax.random.key(seed)))
+        held_out = {"learned": _held_out_ce(task, trained.as_loss()),
+                    "cross-entropy": _held_out_ce(task, cross_entropy)}
+        assert held_out["learned"] < held_out["cross-entropy"], (seed, held_out)
+    with pytest.raises(AttributeError, match=r"loss:1 holds a loss \(learned_loss\), which offers "):
+        trained.as_optax(num_steps=100)
+
+
+def _held_out_ce(task, loss, steps: int = 100) -> float:
+    params, tx = task.init(jax.random.key(0)), optax.adam(1e-3)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, key):
+        batch = task.batch(key, "train")
+        grads = jax.grad(lambda p: loss(task.logits(p, batch["x"]), batch["y"]))(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for t in range(steps):
+        params, state = step(params, state, jax.random.key(t))
+    full = task.full("test")
+    logits = task.logits(params, full["x"])
+    return float(optax.softmax_cross_entropy_with_integer_labels(logits, full["y"]).mean())
