@@ -39,20 +39,20 @@ SEARCH_TASKS = 4  # tasks of the job's family each search trial trains
 SHIFTED = {"widths": [128], "depths": [3], "activations": ["relu", "tanh"], "batch_sizes": [64]}
 
 
-def meta_train(minutes: float, quick: bool, out: str) -> tuple[dict, object]:
-    """(facts of the run, the published schedule), the run as `metaopt train` does it."""
-    spec = load_job_spec(ROOT / "examples" / "adam_schedule.yaml")
+def meta_train(example: str, minutes: float, quick: bool, out: str) -> tuple[dict, object, object]:
+    """(facts of the run, its spec, the published artifact) of examples/EXAMPLE.yaml meta-trained
+    for `minutes` as `metaopt train` does it (quick: 8 outer steps on 100-step runs)."""
+    spec = load_job_spec(ROOT / "examples" / f"{example}.yaml")
     changes = {"stop.max_minutes": minutes, "stop.max_outer_steps": 8 if quick else 1_000_000}
     if quick:
         changes |= {"estimator.inner_horizon": 100, "estimator.truncation_length": 20}
     spec = spec.with_overrides(**changes)
-    result = train(spec, out=out, job_id="schedule", progress=False)
+    result = train(spec, out=out, job_id=example.replace("_", "-"), progress=False)
     inner_steps = sum(r["inner_steps"] for r in read_metrics(pathlib.Path(result.run_dir) / "metrics.jsonl"))
-    trained = registry.load(result.artifact, result.registry)
-    return {"outer_steps": result.outer_steps, "inner_steps": inner_steps, "minutes": result.wall_s / 60,
-            "horizon": spec.estimator.inner_horizon, "meta_loss_first": result.meta_loss_first,
-            "meta_loss_last": result.meta_loss_last,
-            "learned_lr": np.exp(np.asarray(trained.theta["log_lr"])).tolist()}, (spec, trained)
+    facts = {"outer_steps": result.outer_steps, "inner_steps": inner_steps, "minutes": result.wall_s / 60,
+             "horizon": spec.estimator.inner_horizon, "meta_loss_first": result.meta_loss_first,
+             "meta_loss_last": result.meta_loss_last}
+    return facts, spec, registry.load(result.artifact, result.registry)
 
 
 def run(task, schedule, key, steps: int):
@@ -123,7 +123,8 @@ def evaluate(schedules: dict, tasks: list[tuple[str, object]], steps: int) -> li
 def measure(minutes: float, quick: bool) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        facts, (spec, trained) = meta_train(minutes, quick, out)
+        facts, spec, trained = meta_train("adam_schedule", minutes, quick, out)
+    facts["learned_lr"] = np.exp(np.asarray(trained.theta["log_lr"])).tolist()
     steps = facts["horizon"]
     family = task_zoo.family(spec.tasks[0].family, **spec.tasks[0].kwargs)
     search_tasks = [task_zoo.task(family.sample(jax.random.key(i))) for i in range(SEARCH_TASKS)]

@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Submit a job to a Ray cluster (or, with --k8s, as a KubeRay RayJob); prints its id at once."""
         jobs = _jobs("submit")
-        from metaopt.jobspec import JobSpecError, check_job_id, check_plugins, load_job_spec
+        from metaopt.jobspec import JobSpecError, check_job_id, check_runnable, load_job_spec
         from metaopt.train import new_job_id
 
         try:
@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
             if max_outer_steps is not None:
                 spec = spec.with_overrides(**{"stop.max_outer_steps": max_outer_steps})
             job_id = check_job_id(job_id) if job_id is not None else new_job_id(spec)
-            check_plugins(spec)
+            check_runnable(spec)
         except JobSpecError as err:
             _fail(str(err), code=2)
         if k8s:
@@ -107,11 +107,11 @@ def register(app: typer.Typer) -> None:
         """Upload a job's plugins to its storage.root as one bundle and print its URI: the Helm chart's
         job.plugins, and `--plugins` of serve-learner and workers."""
         _jobs("upload-plugins")
-        from metaopt.jobspec import JobSpecError, check_plugins, load_job_spec
+        from metaopt.jobspec import JobSpecError, check_runnable, load_job_spec
 
         try:
             spec = load_job_spec(config)
-            check_plugins(spec)
+            check_runnable(spec)
         except JobSpecError as err:
             _fail(str(err), code=2)
         if not spec.plugins or not spec.storage.root:

@@ -290,24 +290,7 @@ class JobSpec(_Frozen):
         if self.meta_objective is not None and self.eval is not None:
             raise ValueError("in-run evaluation (eval) evaluates optimizers; this job meta-learns its "
                              f"meta_objective {self.meta_objective.name!r}: drop eval")
-        if self.meta_objective is not None:
-            self._tasks_give_what_it_requires()
         return self
-
-    def _tasks_give_what_it_requires(self) -> None:
-        """A learnable's declared needs of a task (learnables: `requires`), on one task of each family."""
-        import jax
-
-        from metaopt import learnables, task_zoo
-
-        learnable = learnables.make(self.meta_objective.name, **self.meta_objective.hparams)
-        for t in self.tasks if getattr(learnable, "requires", ()) else ():
-            task = task_zoo.task(task_zoo.family(t.family, **t.kwargs).sample(jax.random.key(0)))
-            missing = [need for need in learnable.requires if not hasattr(task, need)]
-            if missing:
-                raise ValueError(f"meta_objective {self.meta_objective.name!r} needs tasks that give "
-                                 f"{missing}, which family {t.family!r} does not: train it on others "
-                                 "(mlp, cnn, logistic)")
 
     @property
     def plugins(self) -> list[str]:
@@ -329,10 +312,11 @@ class JobSpec(_Frozen):
         return parse_job_spec(data)
 
 
-def check_plugins(spec: JobSpec) -> None:
-    """Run each plugin the job names on a tiny sample, as workers will (JobSpecError naming the
-    field and what is wrong). Parsing a spec only imports and builds them: this runs JAX, which
-    `metaopt train` starts after Ray's processes (they fork), and before anything of the job."""
+def check_runnable(spec: JobSpec) -> None:
+    """Run what the job names on tiny samples, as workers will: each plugin, and what its
+    meta_objective requires of tasks on one task of each family (JobSpecError naming the field and
+    what is wrong). Reading a spec only imports and builds them: this runs JAX, which `metaopt
+    train` starts after Ray's processes (they fork), and before anything of the job."""
     from metaopt import optimizers, task_zoo
     from metaopt.plugins import PluginError
 
@@ -349,6 +333,25 @@ def check_plugins(spec: JobSpec) -> None:
                 check(name, **kwargs)
             except PluginError as err:
                 raise JobSpecError(f"invalid job spec:\n  {where}: {err}") from None
+    if spec.meta_objective is not None:
+        _check_requires(spec)
+
+
+def _check_requires(spec: JobSpec) -> None:
+    """A learnable's declared needs of a task (learnables: `requires`), on one task of each family."""
+    import jax
+
+    from metaopt import learnables, task_zoo
+
+    name = spec.meta_objective.name
+    learnable = learnables.make(name, **spec.meta_objective.hparams)
+    for i, t in enumerate(spec.tasks if getattr(learnable, "requires", ()) else ()):
+        task = task_zoo.task(task_zoo.family(t.family, **t.kwargs).sample(jax.random.key(0)))
+        missing = [need for need in learnable.requires if not hasattr(task, need)]
+        if missing:
+            raise JobSpecError(f"invalid job spec:\n  tasks.{i}.family: meta_objective {name!r} needs tasks "
+                               f"that give {missing}, which family {t.family!r} does not: train it on others "
+                               "(mlp, cnn, logistic)")
 
 
 def _check_learnable(spec: JobSpec, name: str, **hparams) -> None:

@@ -21,7 +21,7 @@ import threading
 import time
 
 from metaopt import plugins
-from metaopt.jobspec import JobSpec, check_plugins
+from metaopt.jobspec import JobSpec, check_runnable
 
 log = logging.getLogger(__name__)
 STALL_S = 60.0  # a full meta-batch waiting this long for its outer update is a fault
@@ -62,7 +62,7 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
         # the run as Ctrl-C does, through the cleanup below that writes the final checkpoint.
         signal.signal(signal.SIGTERM, _interrupt)
         _dump_stacks_on_sigusr1()
-    check_plugins(spec)  # after Ray (it runs JAX), before anything of the job
+    check_runnable(spec)  # after Ray (it runs JAX), before anything of the job
     job_id = job_id or new_job_id(spec)
     run = _LearnerRun(spec, out, job_id)
     with run.recorded():
@@ -272,7 +272,7 @@ def serve_learner(spec: JobSpec, out: str, job_id: str, host: str, port: int,
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
         _dump_stacks_on_sigusr1()
-    check_plugins(spec)
+    check_runnable(spec)
     run = _LearnerRun(spec, out, job_id)
     with run.recorded():
         return _serve(run, host, port, token, tls, metrics_port, on_listening, progress, health_port)

@@ -35,6 +35,8 @@ PROMISED = {
                    "problems.*.estimators.*.relative_std"),
     "learner_ingest": ("ingest_ratio", "raw_grpc_mb_per_s", "learner_mb_per_s", "accepted_per_s"),
     "lopt_step": ("sizes.*.adam_ms", "sizes.*.small_fc_ms", "sizes.*.ratio"),
+    "loss_vs_ce": ("meta_training.inner_steps", "learned_vs_cross_entropy.median_ratio",
+                   "held_out.*.learned.cross_entropy", "held_out.*.cross_entropy.cross_entropy"),
     "meta_training": ("runs.*.estimates_per_s", "runs.*.inner_steps_per_s", "runs.*.outer_steps_per_s"),
     "pes_profile": ("peak_flops_per_s", "inner_step_ms", "parts.loss_and_grad.fraction_of_peak",
                     "parts.lopt_update.fraction_of_peak", "mlp_within_update.fraction_of_peak",

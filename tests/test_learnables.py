@@ -20,7 +20,7 @@ import yaml
 
 import metaopt.torch
 from metaopt import evaluation, learnables, registry, task_zoo
-from metaopt.jobspec import JobSpecError, OptimizerSpec, check_plugins, load_job_spec, parse_job_spec
+from metaopt.jobspec import JobSpecError, OptimizerSpec, check_runnable, load_job_spec, parse_job_spec
 from metaopt.learnables import AdamSchedule, LearnedLoss
 from metaopt.workers.estimators import make_estimator
 from tests.jsonout import last_json
@@ -186,12 +186,12 @@ def test_a_plugin_meta_objective_by_import_path(tmp_path, monkeypatch):
     spec = parse_job_spec({"name": "x", "tasks": [MLP],
                            "meta_objective": {"name": "my_objectives:TwoPhase"}})
     assert spec.plugins == ["my_objectives:TwoPhase"]
-    check_plugins(spec)
+    check_runnable(spec)
     broken = parse_job_spec({"name": "x", "tasks": [MLP],
                              "meta_objective": {"name": "broken_objectives:Broken"}})
     with pytest.raises(JobSpecError, match=r"meta_objective.name: meta-objective 'broken_objectives:Broken': "
                                            r"objective\(task, num_steps\) .* RuntimeError: no objective"):
-        check_plugins(broken)
+        check_runnable(broken)
 
     learnable = learnables.make("my_objectives:TwoPhase")  # as the learner publishes it
     assert learnable.name == "my_objectives:TwoPhase" and learnable.kind == "schedule"
@@ -235,10 +235,11 @@ def test_the_learned_loss_is_cross_entropy_until_trained_and_its_correction_as_w
 
 
 def test_a_learned_loss_needs_tasks_that_give_logits_and_says_so():
-    spec = {"name": "x", "tasks": [{"family": "quadratic"}], "meta_objective": {"name": "learned_loss"}}
-    with pytest.raises(JobSpecError, match=r"meta_objective 'learned_loss' needs tasks that give "
-                                           r"\['logits'\], which family 'quadratic' does not"):
-        parse_job_spec(spec)
+    spec = parse_job_spec({"name": "x", "tasks": [MLP, {"family": "quadratic"}],
+                           "meta_objective": {"name": "learned_loss"}})
+    with pytest.raises(JobSpecError, match=r"tasks.1.family: meta_objective 'learned_loss' needs tasks that "
+                                           r"give \['logits'\], which family 'quadratic' does not"):
+        check_runnable(spec)
 
 
 def test_a_meta_trained_loss_trains_models_that_generalise_better_and_its_artifact_is_a_loss(tmp_path):

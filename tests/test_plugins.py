@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from metaopt import optimizers, plugins, task_zoo
-from metaopt.jobspec import JobSpecError, check_plugins, parse_job_spec
+from metaopt.jobspec import JobSpecError, check_runnable, parse_job_spec
 from metaopt.plugins import PluginError
 from tests.jsonout import last_json
 
@@ -156,7 +156,7 @@ def test_a_plugin_with_the_wrong_interface_is_refused_before_anything_starts(pro
         spec_with(optimizer={"name": f"{module}:{attribute}"}))
     parsed = parse_job_spec(spec)  # parsing imports and builds it; running it is the check's
     with pytest.raises(JobSpecError, match=rf"{where}: .*{message}"):
-        check_plugins(parsed)
+        check_runnable(parsed)
 
 
 def metaopt(project: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:

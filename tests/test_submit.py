@@ -253,6 +253,9 @@ def test_a_job_with_plugins_ships_them_to_the_cluster(cluster, tmp_path):
     assert "plugins-2" not in {r["job_id"] for r in listed}
 
 
+# Slow: test_k8s_submit checks the entrypoint has no shell syntax KubeRay's submitter would take,
+# and test_plugins that the bundle a dry run names is the one upload-plugins writes and fetches.
+@pytest.mark.slow
 def test_a_rayjob_with_plugins_runs_as_kuberay_submits_it(cluster, tmp_path):
     """KubeRay runs a RayJob by a shell command `... ray job submit --runtime-env-json RUNTIME_ENV
     -- ENTRYPOINT ; fi`: the same here, with what `submit --k8s` puts in the RayJob. Its plugins

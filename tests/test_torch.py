@@ -257,6 +257,8 @@ def test_sparse_gradients_are_refused_and_the_parameters_left_as_they_were():
 
 
 COMPILABLE = [7, 1, "adafac_mlp"]  # nominal_mlp (the champion), small_fc, adafac_mlp
+# Compiling takes seconds a case: the champion in `make test`, the others in the slow suite.
+COMPILED_CASES = [7, *(pytest.param(v, marks=pytest.mark.slow) for v in COMPILABLE[1:])]
 
 
 def test_the_compilable_architectures_are_these():
@@ -264,7 +266,7 @@ def test_the_compilable_architectures_are_these():
         numerics.case(version).optimizer_name for version in COMPILABLE)
 
 
-@pytest.mark.parametrize("version", COMPILABLE)
+@pytest.mark.parametrize("version", COMPILED_CASES)
 def test_a_compiled_step_is_the_eager_one(version):
     """torch.compile of each tensor's step (once per rank): the same trajectory, to float32
     rounding (inductor fuses and reorders), on a 0-D, 1-D, 2-D and 4-D tensor."""
@@ -296,7 +298,7 @@ def test_a_tensor_compiles_while_its_mlp_activations_fit():
     assert one_layer_of_16._kernel(too_big) is one_layer_of_16._compiled
 
 
-@pytest.mark.parametrize("version", COMPILABLE)
+@pytest.mark.parametrize("version", COMPILED_CASES)
 def test_the_compiled_step_compiles_once_per_rank_not_per_shape_step_or_lr(version):
     from torch._dynamo.utils import counters
 

@@ -11,7 +11,7 @@ A learnable is what θ parameterises, of some `kind` ("schedule", ...). It has
 A job names one in `meta_objective: {name, hparams}` (a built-in name, or a plugin's import path
 `module:Attribute`); `metaopt.load(ref)` rebuilds it from an artifact whose manifest says its
 kind, and offers its `as_<kind>` methods. A learnable may declare what it needs of a task in
-`requires` (e.g. "logits": `task.logits(params, x)`), checked when a job spec is read.
+`requires` (e.g. "logits": `task.logits(params, x)`), checked before a job starts.
 Built in: `adam_schedule` (schedule.py) and `learned_loss` (loss.py).
 """
 
@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from metaopt import plugins
+from metaopt.learnables.loss import LearnedLoss
+from metaopt.learnables.schedule import AdamSchedule
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 
@@ -80,9 +82,6 @@ def check(learnable, task, num_steps: int) -> None:
         raise plugins.PluginError(f"meta-objective {learnable.name!r}: step must return a finite scalar "
                                   f"loss, got {loss!r}")
 
-
-from metaopt.learnables.loss import LearnedLoss  # noqa: E402 (they use make's module)
-from metaopt.learnables.schedule import AdamSchedule  # noqa: E402
 
 register(AdamSchedule.name, AdamSchedule)
 register(LearnedLoss.name, LearnedLoss)
