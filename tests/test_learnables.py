@@ -109,12 +109,7 @@ def test_a_meta_trained_schedule_beats_its_start_and_its_artifact_is_a_schedule(
                           "loss_normalization": "log"},
             "outer": {"learning_rate": 0.05, "meta_batch_size": 4}, "workers": {"count": 2},
             "stop": {"max_outer_steps": 25}}
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-    command = [sys.executable, "-m", "metaopt.cli", "train", "job.yaml", "--out", "out", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = last_json(done.stdout)
-    trained = metaopt.load(summary["artifact"], registry=summary["registry"])
+    trained, summary = meta_train(tmp_path, spec)
     assert trained.kind == "schedule" and trained.optimizer_name == "adam_schedule"
     manifest = json.loads((tmp_path / "out/registry/sched/1/manifest.json").read_text())
     assert manifest["kind"] == "schedule" and manifest["learned"]["hparams"]["knots"] == 4
@@ -134,6 +129,16 @@ def test_a_meta_trained_schedule_beats_its_start_and_its_artifact_is_a_schedule(
         metaopt.torch.from_trained(trained, [torch.zeros(3, requires_grad=True)], num_steps=10)
     with pytest.raises(evaluation.EvalInputError, match="`metaopt eval` evaluates optimizers"):
         evaluation.resolve_ref(summary["artifact"], summary["registry"])
+
+
+def meta_train(folder, spec: dict):
+    """`metaopt train` of `spec` in `folder`, as a user runs it: (its artifact loaded, its summary)."""
+    (folder / "job.yaml").write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "metaopt.cli", "train", "job.yaml", "--out", "out", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = last_json(done.stdout)
+    return metaopt.load(summary["artifact"], registry=summary["registry"]), summary
 
 
 def _final_loss(task, tx, steps: int = 100) -> float:
@@ -252,12 +257,7 @@ def test_a_meta_trained_loss_trains_models_that_generalise_better_and_its_artifa
                           "sigma": 0.05, "loss_normalization": "none"},
             "outer": {"learning_rate": 0.03, "meta_batch_size": 4}, "workers": {"count": 2},
             "stop": {"max_outer_steps": 40}}
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-    command = [sys.executable, "-m", "metaopt.cli", "train", "job.yaml", "--out", "out", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = last_json(done.stdout)
-    trained = metaopt.load(summary["artifact"], registry=summary["registry"])
+    trained, _ = meta_train(tmp_path, spec)
     assert trained.kind == "loss"
     cross_entropy = LearnedLoss().as_loss(LearnedLoss().init_theta(jax.random.key(0)))
     family = task_zoo.family("mlp", **MLP["kwargs"])
