@@ -85,6 +85,15 @@ def load(path: str, what: str = "plugin"):
     return obj
 
 
+def load_factory(path: str, what: str):
+    """`load(path)`, which must be callable: a class or function taking the object's settings."""
+    factory = load(path, what)
+    if not callable(factory):
+        raise PluginError(f"{what} {path!r} is a {type(factory).__name__}, not a factory: name a class "
+                          "or function that takes its settings (hyperparameters)")
+    return factory
+
+
 class Named:
     """A plugin's object (`inner`) under its import path, so that whatever records its `name` and
     `hparams` (an artifact's manifest) rebuilds it; everything else is the inner object's."""

@@ -57,10 +57,7 @@ def family(name: str, **kwargs) -> TaskFamily:
 @functools.cache
 def _plugin(path: str) -> Callable[..., TaskFamily]:
     """The plugin's factory, its families shown as PluginFamily (specs named by `path`)."""
-    factory = plugins.load(path, "task family")
-    if not callable(factory):
-        raise plugins.PluginError(f"task family {path!r} is a {type(factory).__name__}, not a "
-                                  "factory: name a class or function that takes the family's settings")
+    factory = plugins.load_factory(path, "task family")
 
     def plugin_family(**kwargs) -> PluginFamily:
         return PluginFamily(path, factory(**kwargs))

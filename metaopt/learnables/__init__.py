@@ -42,7 +42,7 @@ def names() -> list[str]:
 def make(name: str, **hparams: Any):
     """The learnable `name` (built-in, or a plugin's import path) with these hyperparameters."""
     if plugins.is_import_path(name):
-        factory = plugins.load(name, "meta-objective")
+        factory = plugins.load_factory(name, "meta-objective")
     elif name in _REGISTRY:
         factory = _REGISTRY[name]
     else:

@@ -22,11 +22,7 @@ PluginOptimizer = plugins.Named  # a plugin optimizer under its import path
 
 @functools.cache
 def plugin_factory(path: str):
-    factory = plugins.load(path, "optimizer")
-    if not callable(factory):
-        raise PluginError(f"optimizer {path!r} is a {type(factory).__name__}, not a factory: name "
-                          "a class or function that takes the optimizer's hyperparameters")
-    return factory
+    return plugins.load_factory(path, "optimizer")
 
 
 def check(opt: PluginOptimizer) -> None:
