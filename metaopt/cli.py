@@ -24,6 +24,16 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _use_of(spec) -> tuple[str, str]:
+    """(kind, the call that uses it) of what the job trains: `metaopt.load(ref).<call>`."""
+    if spec.meta_objective is None:
+        return "optimizer", "as_optax(num_steps=1000)"
+    from metaopt import learnables
+
+    learned = learnables.make(spec.meta_objective.name, **spec.meta_objective.hparams)
+    return learned.kind, getattr(learned, "usage", f"as_{learned.kind}(...)")
+
+
 def _needs(extra: str, verb: str) -> None:
     """Exit 1 naming the pip extra to install where `metaopt VERB` cannot run in this environment."""
     try:
@@ -88,13 +98,14 @@ def train(
     if as_json:
         typer.echo(json.dumps(result.summary()))
     else:
+        kind, usage = _use_of(spec)
         typer.echo(
             f"job {result.job_id}: {result.outer_steps} outer steps, meta-loss "
             f"{result.meta_loss_first:.4g} -> {result.meta_loss_last:.4g}\n"
             f"run directory: {result.run_dir} (metrics.jsonl, meta_loss.png)\n"
-            f"trained optimizer: {result.artifact} ({result.artifact_digest}) in {result.registry}\n"
-            f"use it: metaopt.load({result.artifact!r}, registry={result.registry!r})"
-            ".as_optax(num_steps=1000), or pinned to this content: "
+            f"trained {kind}: {result.artifact} ({result.artifact_digest}) in {result.registry}\n"
+            f"use it: metaopt.load({result.artifact!r}, registry={result.registry!r}).{usage}, "
+            "or pinned to this content: "
             f"{result.artifact.partition(':')[0]}@{result.artifact_digest}"
         )
 

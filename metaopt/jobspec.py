@@ -338,7 +338,8 @@ def check_runnable(spec: JobSpec) -> None:
 
 
 def _check_requires(spec: JobSpec) -> None:
-    """A learnable's declared needs of a task (learnables: `requires`), on one task of each family."""
+    """A learnable's declared needs of a task (learnables: `requires`), then its objective built,
+    on one task of each family (a learnable refuses a task it cannot train on with ValueError)."""
     import jax
 
     from metaopt import learnables, task_zoo
@@ -352,6 +353,10 @@ def _check_requires(spec: JobSpec) -> None:
             raise JobSpecError(f"invalid job spec:\n  tasks.{i}.family: meta_objective {name!r} needs tasks "
                                f"that give {missing}, which family {t.family!r} does not: train it on others "
                                "(mlp, cnn, logistic)")
+        try:
+            learnable.objective(task, spec.estimator.inner_horizon)
+        except ValueError as err:
+            raise JobSpecError(f"invalid job spec:\n  tasks.{i}.family: {err}") from None
 
 
 def _check_learnable(spec: JobSpec, name: str, **hparams) -> None:

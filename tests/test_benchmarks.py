@@ -33,6 +33,8 @@ PROMISED = {
     "estimator_commits": ("seconds_per_truncation.this", "seconds_per_truncation.other", "this_vs_other"),
     "estimators": ("problems.closed_form.reference_norm", "problems.quadratic.reference_norm",
                    "problems.*.estimators.*.relative_std"),
+    "in_context_learning": ("runs.*.meta_training.outer_steps", "runs.*.meta_test.64",
+                            "runs.*.training_tasks.64", "logistic_regression.*.accuracy"),
     "learner_ingest": ("ingest_ratio", "raw_grpc_mb_per_s", "learner_mb_per_s", "accepted_per_s"),
     "lopt_step": ("sizes.*.adam_ms", "sizes.*.small_fc_ms", "sizes.*.ratio"),
     "loss_vs_ce": ("meta_training.inner_steps", "learned_vs_cross_entropy.median_ratio",

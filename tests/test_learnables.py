@@ -67,6 +67,36 @@ def test_its_objective_trains_as_optax_adam_under_the_same_schedule():
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
 
 
+def test_with_weight_decay_it_is_adamw_under_both_schedules_and_can_take_a_held_out_loss():
+    """weight_decay > 0: θ gains log_wd knots and the steps are optax's own AdamW with both
+    schedules injected (optax.inject_hyperparams, another code path), update for update; with
+    held_out the loss of a step is the task's on a test batch after it."""
+    schedule = AdamSchedule(knots=3, init_lr=3e-3, weight_decay=0.1, held_out=True)
+    theta = {"log_lr": jnp.log(jnp.asarray([3e-3, 1e-2, 1e-3])),
+             "log_wd": jnp.log(jnp.asarray([0.5, 0.05, 2.0]))}
+    assert set(schedule.init_theta(None)) == {"log_lr", "log_wd"}
+    np.testing.assert_allclose(np.exp(schedule.init_theta(None)["log_wd"]), 0.1, rtol=1e-6)
+    task = task_zoo.task(task_zoo.family("mlp", **MLP["kwargs"]).sample(jax.random.key(0)))
+    objective = schedule.objective(task, num_steps=12)
+    episode = jax.random.key(5)
+    state = objective.init_state(episode, theta)
+    tx = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule.as_schedule(theta, 12),
+                                               weight_decay=schedule.as_weight_decay_schedule(theta, 12))
+    params = task.init(jax.random.fold_in(episode, 0))
+    opt_state = tx.init(params)
+    for t in range(12):
+        state, loss = objective.step(theta, state, jax.random.fold_in(episode, t + 1))
+        batch_key, loss_key = jax.random.split(jax.random.fold_in(episode, t + 1))
+        grads = jax.grad(task.loss)(params, loss_key, task.batch(batch_key, "train"))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state[0], params)
+        held_out = task.loss(params, loss_key, task.batch(batch_key, "test"))
+        np.testing.assert_allclose(float(loss), float(held_out), rtol=1e-5)
+    with pytest.raises(ValueError, match="learned no weight decay"):
+        AdamSchedule().as_weight_decay_schedule(AdamSchedule().init_theta(None), 10)
+
+
 def test_pes_estimates_the_schedule_s_gradient():
     """PES on the schedule objective: a finite estimate of θ's size, and rates too small (1e-5,
     on an MLP Adam trains at 1e-3) are pushed up: the estimate is negative at every knot but the
@@ -90,9 +120,16 @@ def test_pes_estimates_the_schedule_s_gradient():
      "meta-learns its optimizer or its meta_objective, not both"),
     ({"meta_objective": {"name": "adam_schedule"}, "eval": {"suite": "smoke"}}, "in-run evaluation"),
     ({"meta_objective": {"name": "no_such_thing"}},
-     r"unknown meta-objective 'no_such_thing'; built-in: \['adam_schedule', 'learned_loss'\]"),
+     r"unknown meta-objective 'no_such_thing'; built-in: \['adam_schedule', 'in_context_learner', "
+     r"'learned_loss'\]"),
     ({"meta_objective": {"name": "adam_schedule", "hparams": {"knotz": 3}}},
      r"unknown hyperparameter\(s\) \['knotz'\]"),
+    ({"meta_objective": {"name": "in_context_learner", "hparams": {"d_model": 30}}},
+     r"d_model \(30\) must be a multiple of heads \(4\)"),
+    ({"meta_objective": {"name": "in_context_learner", "hparams": {"num_tasks": 2**30}}},
+     r"ids from 1073741824 on are meta-test tasks"),
+    ({"meta_objective": {"name": "in_context_learner", "hparams": {"context": 0}}},
+     r"sizes must be positive integers"),
 ])
 def test_a_wrong_meta_objective_is_refused_with_what_to_do(changes, message):
     with pytest.raises(JobSpecError, match=message):
@@ -123,7 +160,8 @@ def test_a_meta_trained_schedule_beats_its_start_and_its_artifact_is_a_schedule(
         assert final["trained"] < final["start"], (seed, final, np.exp(trained.theta["log_lr"]))
 
     with pytest.raises(AttributeError, match=r"sched:1 holds a schedule \(adam_schedule\), which offers "
-                                             r"\['as_optax', 'as_schedule'\], not .as_loss"):
+                                             r"\['as_optax', 'as_schedule', 'as_weight_decay_schedule'\], "
+                                             r"not .as_loss"):
         trained.as_loss()
     with pytest.raises(NotImplementedError, match="holds a schedule .* runs learned optimizers only"):
         metaopt.torch.from_trained(trained, [torch.zeros(3, requires_grad=True)], num_steps=10)
@@ -205,13 +243,16 @@ def test_a_plugin_meta_objective_by_import_path(tmp_path, monkeypatch):
     trained = registry.load(ref, str(tmp_path / "reg"))
     assert trained.manifest["learned"]["plugin"]["import_path"] == "my_objectives:TwoPhase"
     assert float(trained.as_schedule(num_steps=10)(5)) == pytest.approx(1e-3)
-    with pytest.raises(AttributeError, match=r"offers \['as_optax', 'as_schedule'\], not .as_loss"):
+    with pytest.raises(AttributeError, match=r"offers \['as_optax', 'as_schedule', "
+                                                 r"'as_weight_decay_schedule'\], not .as_loss"):
         trained.as_loss()
 
 
-@pytest.mark.parametrize("name", ["adam_schedule", "learned_loss"])
-def test_the_example_job_specs_meta_learn_what_they_say(name):
-    spec = load_job_spec(pathlib.Path(__file__).resolve().parent.parent / "examples" / f"{name}.yaml")
+@pytest.mark.parametrize(("example", "name"), [
+    ("adam_schedule", "adam_schedule"), ("adamw_schedule", "adam_schedule"), ("learned_loss", "learned_loss"),
+    ("in_context_learner", "in_context_learner")])
+def test_the_example_job_specs_meta_learn_what_they_say(example, name):
+    spec = load_job_spec(pathlib.Path(__file__).resolve().parent.parent / "examples" / f"{example}.yaml")
     assert spec.meta_objective.name == name and spec.optimizer == OptimizerSpec()
 
 

@@ -12,7 +12,8 @@ A job names one in `meta_objective: {name, hparams}` (a built-in name, or a plug
 `module:Attribute`); `metaopt.load(ref)` rebuilds it from an artifact whose manifest says its
 kind, and offers its `as_<kind>` methods. A learnable may declare what it needs of a task in
 `requires` (e.g. "logits": `task.logits(params, x)`), checked before a job starts.
-Built in: `adam_schedule` (schedule.py) and `learned_loss` (loss.py).
+Built in: `adam_schedule` (schedule.py), `learned_loss` (loss.py) and `in_context_learner`
+(in_context.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from metaopt import plugins
+from metaopt.learnables.in_context import InContextLearner
 from metaopt.learnables.loss import LearnedLoss
 from metaopt.learnables.schedule import AdamSchedule
 
@@ -85,3 +87,4 @@ def check(learnable, task, num_steps: int) -> None:
 
 register(AdamSchedule.name, AdamSchedule)
 register(LearnedLoss.name, LearnedLoss)
+register(InContextLearner.name, InContextLearner)

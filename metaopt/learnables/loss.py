@@ -31,6 +31,7 @@ class LearnedLoss:
 
     name = "learned_loss"
     kind = "loss"
+    usage = "as_loss()"
     description = "a classification loss: cross-entropy plus a learned per-class correction"
     requires = (REQUIRES,)
 
