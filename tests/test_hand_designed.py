@@ -70,7 +70,7 @@ def test_matches_optax(name, hparams, ref):
         p = optax.apply_updates(p, u)
 
 
-@pytest.mark.parametrize("name", ["sgd", "momentum", "adamw", "lamb", "lars"])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adamw", "lamb", "lars", "mfac"])
 def test_hand_designed_contract_and_search_space(name):
     opt = optimizers.make(name)
     assert opt.learned is False and opt.init(jax.random.key(0)) == {}

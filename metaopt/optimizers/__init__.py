@@ -11,6 +11,7 @@ from metaopt.optimizers.hand_designed import SGD, Adam, AdamW, Lamb, Lars, Momen
 from metaopt.optimizers.lgl2o import LGL2O, LGL2OState, lgl2o
 from metaopt.optimizers.lookahead import Lookahead, LookaheadState
 from metaopt.optimizers.lstm_l2l import LSTML2L, LSTML2LState
+from metaopt.optimizers.mfac import MFAC, scale_by_mfac
 from metaopt.optimizers.nn_adam import NNAdam, NNAdamState
 from metaopt.optimizers.nominal_mlp import NominalMLP, NominalMLPState
 from metaopt.optimizers.registry import check, make, names, register
@@ -24,6 +25,7 @@ register("momentum", Momentum)
 register("adamw", AdamW)
 register("lamb", Lamb)
 register("lars", Lars)
+register("mfac", MFAC)
 register("lookahead", Lookahead)
 register("adafac_mlp", AdafacMLP)
 register("lgl2o", lgl2o)
@@ -41,6 +43,7 @@ __all__ = [
     "Lamb",
     "Lars",
     "Lookahead",
+    "MFAC",
     "LookaheadState",
     "Momentum",
     "SGD",
@@ -60,4 +63,5 @@ __all__ = [
     "make",
     "names",
     "register",
+    "scale_by_mfac",
 ]
