@@ -70,3 +70,16 @@ def test_it_beats_sgd_each_at_its_tuned_rate_on_ill_conditioned_least_squares():
     sgd = _excess_losses("sgd", np.logspace(-3, 1, 17))
     mfac = _excess_losses("mfac", np.logspace(-2, 2, 17), window=64, damping=10.0)
     assert np.isfinite(sgd.min()) and mfac.min() < 0.75 * sgd.min(), (mfac.min(), sgd.min())
+
+
+def test_it_is_a_fallback_of_the_loss_guard_as_any_gradient_only_optimizer_is():
+    """M-FAC needs gradients alone, so lgl2o takes it as its fallback (the issue's condition)."""
+    opt = optimizers.make("lgl2o", fallback={"name": "mfac", "hparams": {"window": 8, "damping": 1e-2}})
+    tx = opt.as_optax(opt.init(jax.random.key(0)), 10)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12)}
+    state, before = tx.init(params), float(jnp.sum(params["w"] ** 2))
+    for _ in range(3):
+        grads = jax.tree.map(lambda w: 2 * w, params)
+        updates, state = tx.update(grads, state, params, loss=jnp.sum(params["w"] ** 2))
+        params = optax.apply_updates(params, updates)
+    assert np.all(np.isfinite(params["w"])) and float(jnp.sum(params["w"] ** 2)) < before
