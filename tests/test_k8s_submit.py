@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from metaopt.jobspec import JobSpecError, load_job_spec
+from tests.k8s_validation import validate_objects
 
 DATA = Path(__file__).parent / "data"
 CLI = [sys.executable, "-m", "metaopt.cli", "submit"]
@@ -23,7 +24,9 @@ def dry_run(*args: str) -> dict:
     done = subprocess.run([*CLI, str(DATA / "e2e.yaml"), "--k8s", "--dry-run", "--job-id", "e2e-7", *args],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return yaml.safe_load(done.stdout)
+    rayjob = yaml.safe_load(done.stdout)
+    validate_objects([rayjob])  # strictly, against KubeRay's CRD and the pod templates' schema
+    return rayjob
 
 
 def pod_templates(rayjob: dict) -> list[dict]:
@@ -34,8 +37,7 @@ def pod_templates(rayjob: dict) -> list[dict]:
 
 
 def validate_pod_template(template: dict) -> None:
-    """Kubernetes' schema for a pod template, strict (unknown fields refused). KubeRay's CRD
-    schemas are not available offline, so the RayJob's own fields are checked by the tests."""
+    """Kubernetes' schema for a pod template, strict (unknown fields refused)."""
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
                                   "template": template}, kubernetes_validate.latest_version(), strict=True)
 
