@@ -5,7 +5,7 @@ README says where each comes from): KubeRay v1.7.0-rc.0 (RayCluster, RayJob) and
 Operator 0.93.0 (ServiceMonitor, PodMonitor). `schema_problems(obj)` checks an object as the API
 server does with strict field validation: unknown fields are errors (except under
 `x-kubernetes-preserve-unknown-fields`), types, `x-kubernetes-int-or-string`, enums, patterns,
-lengths, bounds, item counts and required fields. What it cannot check it lists: the CEL rules
+lengths, bounds (int32 formats too), item counts and required fields. What it cannot check it lists: the CEL rules
 (`x-kubernetes-validations`) are left to the API server, and `cel_rules(kind)` names each one, so
 that a test can say which rules the objects were not checked against.
 
@@ -115,6 +115,8 @@ def _value_problems(value, schema: dict, where: str) -> list[str]:
         if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", float("inf")):
             problems.append(f"{where}: {value!r} has a length outside the schema's bounds")
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if schema.get("format") == "int32" and not -2**31 <= value < 2**31:
+            problems.append(f"{where}: {value!r} does not fit an int32")
         if value < schema.get("minimum", float("-inf")) or value > schema.get("maximum", float("inf")):
             bounds = [schema.get("minimum"), schema.get("maximum")]
             problems.append(f"{where}: {value!r} is outside {bounds}")
