@@ -5,9 +5,10 @@ README says where each comes from): KubeRay v1.7.0-rc.0 (RayCluster, RayJob) and
 Operator 0.93.0 (ServiceMonitor, PodMonitor). `schema_problems(obj)` checks an object as the API
 server does with strict field validation: unknown fields are errors (except under
 `x-kubernetes-preserve-unknown-fields`), types, `x-kubernetes-int-or-string`, enums, patterns,
-lengths, bounds (int32 formats too), item counts and required fields. What it cannot check it lists: the CEL rules
-(`x-kubernetes-validations`) are left to the API server, and `cel_rules(kind)` names each one, so
-that a test can say which rules the objects were not checked against.
+lengths, bounds (int32 formats too), item counts and required fields. What it cannot check it
+lists: the CEL rules (`x-kubernetes-validations`) are left to the API server, and
+`cel_rules(kind, api_version)` names each one, so that a test can say which rules the objects
+were not checked against.
 
 Where the CRDs are absent (a user's clone without `../shared`), `crd(kind)` skips the calling test
 with a message saying so, and fails it when CI=true: a wrong path must not turn CI green.
