@@ -124,6 +124,8 @@ def test_pes_estimates_the_schedule_s_gradient():
      r"'learned_loss'\]"),
     ({"meta_objective": {"name": "adam_schedule", "hparams": {"knotz": 3}}},
      r"unknown hyperparameter\(s\) \['knotz'\]"),
+    ({"meta_objective": {"name": "adam_schedule", "hparams": {"weight_decay": -0.1}}},
+     r"weight_decay >= 0, got knots=8, init_lr=0.001, weight_decay=-0.1"),
     ({"meta_objective": {"name": "in_context_learner", "hparams": {"d_model": 30}}},
      r"d_model \(30\) must be a multiple of heads \(4\)"),
     ({"meta_objective": {"name": "in_context_learner", "hparams": {"num_tasks": 2**30}}},

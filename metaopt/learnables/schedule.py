@@ -35,6 +35,12 @@ class AdamSchedule:
     usage = "as_schedule(num_steps=1000)"  # of an artifact: what `metaopt train` prints
     description = "Adam with a learned learning-rate (and weight-decay) schedule (log values at knots)"
 
+    def __post_init__(self):
+        valid = isinstance(self.knots, int) and self.knots >= 2 and self.init_lr > 0
+        if not (valid and self.weight_decay >= 0):
+            raise ValueError(f"adam_schedule needs knots >= 2, init_lr > 0 and weight_decay >= 0, got "
+                             f"knots={self.knots}, init_lr={self.init_lr}, weight_decay={self.weight_decay}")
+
     @property
     def hparams(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
