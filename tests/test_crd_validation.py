@@ -34,10 +34,16 @@ def rendered():
         yield render(chart, LARGE)
 
 
-def test_the_chart_and_a_dry_run_submit_are_valid_against_the_crds(rendered):
+@pytest.fixture(scope="module")
+def submitted():
+    """What `metaopt submit --k8s --dry-run` prints (a RayJob)."""
+    return dry_run("--image", "img")
+
+
+def test_the_chart_and_a_dry_run_submit_are_valid_against_the_crds(rendered, submitted):
     objects = [obj for obj in rendered.values() if obj.get("kind") in crd_schemas.KINDS]
     assert sorted({obj["kind"] for obj in objects}) == sorted(crd_schemas.KINDS)
-    objects.append(dry_run("--image", "img"))
+    objects.append(submitted)
     for obj in objects:
         assert crd_schemas.schema_problems(obj) == [], obj["kind"]
 
@@ -58,9 +64,9 @@ def test_a_planted_unknown_field_and_a_planted_wrong_type_are_refused(rendered, 
     assert any(p.startswith(f"{where}: ") for p in problems), problems
 
 
-def test_the_cel_rules_left_to_the_api_server_sit_on_fields_no_object_of_ours_sets(rendered):
+def test_the_cel_rules_left_to_the_api_server_sit_on_fields_no_object_of_ours_sets(rendered, submitted):
     objects = [obj for obj in rendered.values() if obj.get("kind") in crd_schemas.KINDS]
-    objects.append(dry_run("--image", "img"))
+    objects.append(submitted)
     for kind, count in UNCHECKED_CEL.items():
         rules = crd_schemas.cel_rules(kind, next(o["apiVersion"] for o in objects if o["kind"] == kind))
         assert len(rules) == count, rules

@@ -16,7 +16,10 @@ NAMES = optimizers.names()
 # with the rate held through a long warm-up and adapting at the schedule's pace too; the peak rate
 # estimated as Prodigy's), for the checks
 # every optimizer must pass.
-CONFIGS = [(name, {}) for name in NAMES] + [
+# M-FAC's default window (1,024 gradients) solves a 1,024² system every step: seconds a test here.
+# Its checks run at a window of 32, the same code path.
+DEFAULTS = {"mfac": {"window": 32}}
+CONFIGS = [(name, DEFAULTS.get(name, {})) for name in NAMES] + [
     ("nominal_mlp", {"rate_adaptation": 0.1}),
     ("nominal_mlp", {"elementwise_correction": True, "rate_adaptation": 0.1, "warmup": 0.2,
                      "rate_after_warmup": True, "rate_on_schedule": True}),
@@ -135,7 +138,7 @@ VMAP_RTOL = {"mfac": 1e-3}
 @pytest.mark.parametrize("name", NAMES)
 def test_vmap_over_theta_and_grads(name):
     """Batched θ and gradients (particles), as in vmapped inner training inside lax.scan."""
-    opt = optimizers.make(name)
+    opt = optimizers.make(name, **DEFAULTS.get(name, {}))
     thetas = jax.vmap(opt.init)(jax.random.split(jax.random.key(0), 3))
     scales = jnp.asarray([0.5, 1.0, 2.0])
     params = _params()
@@ -158,7 +161,7 @@ def test_vmap_over_theta_and_grads(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_vmap_over_a_batch_of_parameter_sets(name):
     """One θ, several models trained side by side (init, then two updates, all vmapped)."""
-    opt = optimizers.make(name)
+    opt = optimizers.make(name, **DEFAULTS.get(name, {}))
     tx = opt.as_optax(opt.init(jax.random.key(0)), 10)
     batch = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), _params())
 
@@ -194,8 +197,8 @@ def _quadratic_losses(tx, steps):
 
 # M-FAC's damping λ is absolute, and the paper's 1e-5 suits deep nets' gradients: on this small
 # quadratic F⁻¹ grows towards 1/λ as the gradients shrink, and the step blows up. Here it runs with
-# a λ that fits (its own tests: tests/test_mfac.py).
-QUADRATIC_HPARAMS = {"mfac": {"damping": 1e-2}}
+# a λ and a rate that fit (its own tests: tests/test_mfac.py).
+QUADRATIC_HPARAMS = {"mfac": {"window": 32, "damping": 10.0, "learning_rate": 0.1}}
 
 
 @pytest.mark.parametrize("name", NAMES)
