@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.schedule_search import meta_train  # noqa: E402
 from metaopt import task_zoo  # noqa: E402
+from metaopt.jobspec import load_job_spec  # noqa: E402
 from metaopt.learnables.in_context import TEST_IDS, InContextLearner, standardised  # noqa: E402
 
 SWEEP = (1, 16, 256, 4096, 0)  # numbers of training tasks; 0: unbounded
@@ -79,41 +80,41 @@ def logistic_accuracy(x, y, k: int, c: float) -> float:
     return float(np.mean(hits))
 
 
-def logistic_baseline(learner: InContextLearner, train: dict, test: dict, quick: bool) -> dict:
-    """Per k >= 1: C picked on training-range tasks of the train split, accuracy on meta-test tasks."""
-    n = 8 if quick else SEQUENCES
+def logistic_baseline(learner: InContextLearner, train: dict, meta_test: tuple, n: int) -> dict:
+    """Per k >= 1: C picked on training-range tasks of the train split, accuracy on the meta-test
+    sequences the learners are scored on."""
     pick_x, pick_y = sequences(learner, train, np.arange(n // 4) * 7919, seed=1)
-    test_x, test_y = sequences(learner, test, TEST_IDS + np.arange(n), seed=2)
     out = {}
     for k in SIZES[1:]:
         c = max(C_GRID, key=lambda c: logistic_accuracy(pick_x, pick_y, k, c))
-        out[k] = {"C": c, "accuracy": logistic_accuracy(test_x, test_y, k, c)}
+        out[k] = {"C": c, "accuracy": logistic_accuracy(*meta_test, k, c)}
     return out
 
 
 def measure(steps: int, quick: bool) -> dict:
     started = time.perf_counter()
-    sweep = (1, 0) if quick else SWEEP
-    runs = []
-    for num_tasks in sweep:
+    trained = {}  # every run first: Ray forks its processes, which is unsafe once JAX runs here
+    for num_tasks in (1, 0) if quick else SWEEP:
         with tempfile.TemporaryDirectory() as out:
-            facts, spec, trained = meta_train("in_context_learner", 24 * 60, quick, out,
-                                              {"meta_objective.hparams.num_tasks": num_tasks,
-                                               "stop.max_outer_steps": 8 if quick else steps})
-        learner = InContextLearner(**spec.meta_objective.hparams)
-        family = task_zoo.family(spec.tasks[0].family, **spec.tasks[0].kwargs)
-        task = task_zoo.task(family.sample(jax.random.key(0)))
-        test = standardised(task.full("test"))  # the learner never saw these images
-        n = 8 if quick else SEQUENCES
+            trained[num_tasks] = meta_train("in_context_learner", 24 * 60, quick, out,
+                                            {"meta_objective.hparams.num_tasks": num_tasks,
+                                             "stop.max_outer_steps": 8 if quick else steps})
+    n = 8 if quick else SEQUENCES
+    spec = load_job_spec(ROOT / "examples" / "in_context_learner.yaml")
+    learner = InContextLearner(**spec.meta_objective.hparams)  # its tasks' shape, as every run has it
+    family = task_zoo.family(spec.tasks[0].family, **spec.tasks[0].kwargs)
+    task = task_zoo.task(family.sample(jax.random.key(0)))
+    train, test = standardised(task.full("train")), standardised(task.full("test"))  # no run saw test
+    meta_test = sequences(learner, test, TEST_IDS + np.arange(n), 2)
+    runs = []
+    for num_tasks, (facts, _, artifact) in trained.items():
         seen = np.arange(n) % num_tasks if num_tasks else np.arange(n) * 7919
-        predict = trained.as_classifier()
-        unseen = TEST_IDS + np.arange(n)
+        predict = artifact.as_classifier()
         runs.append({"num_tasks": num_tasks or "unbounded", "meta_training": facts,
-                     "meta_test": learner_accuracy(predict, *sequences(learner, test, unseen, 2)),
+                     "meta_test": learner_accuracy(predict, *meta_test),
                      "training_tasks": learner_accuracy(predict, *sequences(learner, test, seen, 3))})
-    train_data = standardised(task.full("train"))
-    return {"runs": runs, "logistic_regression": logistic_baseline(learner, train_data, test, quick),
-            "sequences": 8 if quick else SEQUENCES, "queries": QUERIES, "chance": 1 / learner.classes,
+    return {"runs": runs, "logistic_regression": logistic_baseline(learner, train, meta_test, n),
+            "sequences": n, "queries": QUERIES, "chance": 1 / learner.classes,
             "seconds": time.perf_counter() - started}
 
 

@@ -150,11 +150,12 @@ class InContextLearner:
         if not all(hasattr(task, r) for r in REQUIRES):
             raise ValueError(f"in_context_learner needs tasks that give their data (task.full(split), "
                              f"task.num_classes); {type(task).__name__} does not")
-        features = task.full("train")["x"].shape[-1]
+        data = task.full("train")
+        features = data["x"].shape[-1]
         if features != self.features or task.num_classes > self.classes:
             raise ValueError(f"in_context_learner has features={self.features}, classes={self.classes}, "
                              f"but the task has {features} features and {task.num_classes} classes")
-        return InContextTraining(standardised(task.full("train")), self)
+        return InContextTraining(standardised(data), self)
 
 
 def standardised(data: dict) -> dict:
