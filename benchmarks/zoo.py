@@ -1,8 +1,11 @@
 """Every optimizer against Adam, and every task family's inner-step time, in one run.
 
 Optimizers: jitted update time and optimizer-state bytes per parameter at 10k, 100k and 1M
-float32 parameters, as ratios to `optax.adam` timed alternately in the same run (so a
-transient load hits both). Task families: seconds per jitted inner training step (Adam) at the
+float32 parameters (four square-ish tensors), as ratios to `optax.adam` timed alternately in the
+same run (so a transient load hits both). The curvature optimizers get random layer statistics of
+128 examples and are timed over their inversion interval (`optimizer_rows`); collecting the
+statistics costs the training step a little more (the layer inputs are kept, and a conv's patches
+formed), which is not in these numbers. Task families: seconds per jitted inner training step (Adam) at the
 median sampled size (the sampled spec whose estimated FLOPs are the median of 32 draws).
 
     python benchmarks/zoo.py [--quick] [--json] [--out DIR]
@@ -26,6 +29,8 @@ from metaopt import optimizers, task_zoo
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from lopt_step import make_params  # noqa: E402  (a sibling script, not a package)
 
+STATS_BATCH = 128  # examples behind the layer statistics the curvature optimizers read
+
 
 def median_seconds(fn, args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
@@ -37,22 +42,40 @@ def median_seconds(fn, args, repeats: int) -> float:
     return statistics.median(times)
 
 
+def layer_stats(params: dict, batch: int) -> dict:
+    """Random statistics of a batch for each tensor of `make_params` (a bias-free dense layer)."""
+    keys = jax.random.split(jax.random.key(3), 2 * len(params))
+    return {name: {"a": jax.random.normal(keys[2 * i], (batch, 1, w.shape[0])),
+                   "g": jax.random.normal(keys[2 * i + 1], (batch, 1, w.shape[1]))}
+            for i, (name, w) in enumerate(params.items())}
+
+
 def optimizer_rows(sizes: list[int], repeats: int) -> list[dict]:
+    """K-FAC, FOOF and MBF read each layer's statistics (here of a batch of STATS_BATCH) and invert
+    every `inverse_every` steps: they are timed on a step without an inversion and on one with it,
+    and `ms_per_update` is their average over one interval."""
     rows = []
     for n in sizes:
         params = make_params(n)
         n_real = sum(x.size for x in jax.tree.leaves(params))
         grads = jax.tree.map(lambda x: 0.01 * x, params)
-        calls, state_bytes = {}, {}
+        extra = {"loss": 1.0}
+        calls, state_bytes, every = {}, {}, {}
         txs = {"optax.adam": optax.with_extra_args_support(optax.adam(1e-3))}
         for name in optimizers.names():
             opt = optimizers.make(name)
             txs[name] = opt.as_optax(opt.init(jax.random.key(0)), 1000)
+            if getattr(opt, "needs_layer_stats", False):
+                every[name] = opt.inverse_every
+        stats = layer_stats(params, STATS_BATCH)
         for name, tx in txs.items():
             state = tx.init(params)
             state_bytes[name] = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes")) / n_real
-            update = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, loss=1.0))
-            calls[name] = (update, (grads, state, params))
+            kwargs = {**extra, "layer_stats": stats} if name in every else extra
+            update = jax.jit(lambda g, s, p, tx=tx, kwargs=kwargs: tx.update(g, s, p, **kwargs))
+            calls[name] = (update, (grads, state, params))  # step 0: K-FAC & co. invert
+            if name in every:
+                calls[name + ":plain"] = (update, (grads, update(grads, state, params)[1], params))
         times = {name: [] for name in calls}
         for _ in range(repeats):  # alternate, so transient load affects all alike
             for name, (fn, args) in calls.items():
@@ -60,8 +83,13 @@ def optimizer_rows(sizes: list[int], repeats: int) -> list[dict]:
         adam = statistics.median(times["optax.adam"])
         for name in optimizers.names():
             seconds = statistics.median(times[name])
-            rows.append({"optimizer": name, "parameters": int(n_real), "ms_per_update": 1e3 * seconds,
-                         "ratio_to_adam": seconds / adam, "state_bytes_per_parameter": state_bytes[name],
+            row = {"optimizer": name, "parameters": int(n_real)}
+            if name in every:
+                plain = statistics.median(times[name + ":plain"])
+                row["ms_per_inversion_step"], row["ms_per_plain_step"] = 1e3 * seconds, 1e3 * plain
+                seconds = (seconds + (every[name] - 1) * plain) / every[name]
+            rows.append({**row, "ms_per_update": 1e3 * seconds, "ratio_to_adam": seconds / adam,
+                         "state_bytes_per_parameter": state_bytes[name],
                          "adam_state_bytes_per_parameter": state_bytes["optax.adam"]})
     return rows
 

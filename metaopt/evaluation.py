@@ -64,6 +64,7 @@ import optax
 import yaml
 
 from metaopt import task_zoo
+from metaopt.task_zoo.layer_stats import loss_grad_and_extras
 
 SUITES_DIR = pathlib.Path(__file__).resolve().parent / "suites"
 TEST_BATCHES = 2  # held-out loss = mean over this many test batches
@@ -317,7 +318,8 @@ def _program(optimizer_name: str, static: tuple, steps: int, test_every: int):
         return jnp.mean(jnp.stack(vals)).astype(jnp.float32)
 
     def one(task, theta, floats, key):
-        tx = optimizers.make(optimizer_name, **dict(static), **floats).as_optax(theta, steps)
+        opt = optimizers.make(optimizer_name, **dict(static), **floats)
+        tx = opt.as_optax(theta, steps)
         k_init, k_steps, k_final = jax.random.split(key, 3)
         params = task.init(k_init)
 
@@ -325,10 +327,10 @@ def _program(optimizer_name: str, static: tuple, steps: int, test_every: int):
             p, s = carry
             i, k = xs
             k_batch, k_loss, k_test = jax.random.split(k, 3)
-            value, g = jax.value_and_grad(task.loss)(p, k_loss, task.batch(k_batch, task_zoo.TRAIN))
+            value, g, extra = loss_grad_and_extras(task, opt, p, k_loss, task.batch(k_batch, task_zoo.TRAIN))
             t = jax.lax.cond(i % test_every == 0, lambda: test_loss(task, p, k_test),
                              lambda: jnp.full((), jnp.nan, jnp.float32))
-            u, s = tx.update(g, s, p, loss=value)
+            u, s = tx.update(g, s, p, loss=value, **extra)
             return (optax.apply_updates(p, u), s), (value.astype(jnp.float32), t)
 
         keys = jax.random.split(k_steps, steps)

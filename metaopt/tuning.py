@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from metaopt import optimizers, task_zoo
+from metaopt.task_zoo.layer_stats import loss_grad_and_extras
 
 
 @dataclasses.dataclass
@@ -97,10 +98,10 @@ def _losses(task, seed_key, name, fixed, floats, theta, num_steps, split):
     def body(carry, k):
         p, s = carry
         k_batch, k_loss, k_test = jax.random.split(k, 3)
-        value, g = jax.value_and_grad(task.loss)(p, k_loss, task.batch(k_batch, task_zoo.TRAIN))
+        value, g, extra = loss_grad_and_extras(task, opt, p, k_loss, task.batch(k_batch, task_zoo.TRAIN))
         if split == task_zoo.TEST:
             value = task.loss(p, k_loss, task.batch(k_test, task_zoo.TEST))
-        u, s = tx.update(g, s, p, loss=value)
+        u, s = tx.update(g, s, p, loss=value, **extra)
         return (optax.apply_updates(p, u), s), value
 
     keys = jax.random.split(k_steps, num_steps)

@@ -19,6 +19,7 @@ from metaopt.task_zoo.augment import Augmentation
 from metaopt.task_zoo.autoencoder import AutoencoderFamily
 from metaopt.task_zoo.base import SPLITS, TEST, TRAIN, Task, TaskCost, TaskFamily, TaskSpec, batches
 from metaopt.task_zoo.cnn import CNNFamily
+from metaopt.task_zoo.epinet import EpinetFamily
 from metaopt.task_zoo.least_squares import LeastSquaresFamily
 from metaopt.task_zoo.logistic import LogisticFamily
 from metaopt.task_zoo.lstm_lm import LSTMLMFamily
@@ -36,6 +37,7 @@ register(LogisticFamily.name, LogisticFamily)
 register(LeastSquaresFamily.name, LeastSquaresFamily)
 register(TransformerLMFamily.name, TransformerLMFamily)
 register(LSTMLMFamily.name, LSTMLMFamily)
+register(EpinetFamily.name, EpinetFamily)
 
 __all__ = [
     "Augmentation",
@@ -48,6 +50,7 @@ __all__ = [
     "LSTMLMFamily",
     "MLPFamily",
     "CNNFamily",
+    "EpinetFamily",
     "AutoencoderFamily",
     "LogisticFamily",
     "LeastSquaresFamily",

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt.task_zoo.base import SPLITS, TRAIN, TaskCost
+from metaopt.task_zoo.layer_stats import Taps, tap
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -29,10 +30,13 @@ def dense_init(key: jax.Array, sizes: Sequence[int], scale: jax.Array) -> dict:
     return params
 
 
-def dense_apply(params: dict, x: jax.Array, n: int, activation: str, prefix: int = 0) -> jax.Array:
-    """(B, in) -> (B, out) through layers prefix .. prefix+n-1; no activation after the last."""
+def dense_apply(params: dict, x: jax.Array, n: int, activation: str, prefix: int = 0,
+                taps: Taps | None = None) -> jax.Array:
+    """(B, in) -> (B, out) through layers prefix .. prefix+n-1; no activation after the last.
+    `taps`: see `task_zoo.layer_stats`."""
     for i in range(prefix, prefix + n):
-        x = x @ params[f"layer_{i}"]["w"] + params[f"layer_{i}"]["b"]
+        name = f"layer_{i}"
+        x = tap(taps, name, x, x @ params[name]["w"] + params[name]["b"])
         if i < prefix + n - 1:
             x = ACTIVATIONS[activation](x)
     return x

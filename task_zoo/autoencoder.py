@@ -18,6 +18,7 @@ from metaopt.task_zoo._layers import ACTIVATIONS, dense_apply, dense_cost, dense
 from metaopt.task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
 from metaopt.task_zoo.base import SPLITS, TRAIN, TaskCost, TaskSpec
 from metaopt.task_zoo.images import DIGITS, check_datasets, check_image_spec, image_info, load_images
+from metaopt.task_zoo.layer_stats import Taps
 
 NAME = "autoencoder"
 
@@ -47,21 +48,26 @@ class AutoencoderTask:
         sizes = _sizes(self.train_x.shape[1], self.width, self.depth, self.bottleneck)
         return dense_init(key, sizes, self.init_scale)
 
-    def encode(self, params: dict, x: jax.Array) -> jax.Array:
+    def encode(self, params: dict, x: jax.Array, taps: Taps | None = None) -> jax.Array:
         """(B, D) -> (B, bottleneck) linear code."""
-        return dense_apply(params, x, self.depth + 1, self.activation)
+        return dense_apply(params, x, self.depth + 1, self.activation, taps=taps)
 
-    def reconstruct(self, params: dict, x: jax.Array) -> jax.Array:
+    def reconstruct(self, params: dict, x: jax.Array, taps: Taps | None = None) -> jax.Array:
         """(B, D) -> (B, D) in (0, 1). The code is fed to the decoder through the activation, so
         the decoder is as non-linear as the encoder."""
-        code = ACTIVATIONS[self.activation](self.encode(params, x))
-        out = dense_apply(params, code, self.depth + 1, self.activation, prefix=self.depth + 1)
+        code = ACTIVATIONS[self.activation](self.encode(params, x, taps))
+        out = dense_apply(params, code, self.depth + 1, self.activation, prefix=self.depth + 1, taps=taps)
         return jax.nn.sigmoid(out)
 
     def loss(self, params: dict, key: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
         """Scalar float32 mean squared reconstruction error. `key` is unused."""
+        return self.tapped_loss(params, key, batch, None)
+
+    def tapped_loss(self, params: dict, key: jax.Array, batch: dict[str, jax.Array],
+                    taps: Taps | None) -> jax.Array:
+        """`loss` with every layer tapped (see `task_zoo.layer_stats`)."""
         del key
-        return jnp.mean((self.reconstruct(params, batch["x"]) - batch["x"]) ** 2)
+        return jnp.mean((self.reconstruct(params, batch["x"], taps) - batch["x"]) ** 2)
 
     def batch(self, key: jax.Array, split: str) -> dict[str, jax.Array]:
         """{"x": (batch_size, D) float32}, drawn with replacement."""

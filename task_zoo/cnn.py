@@ -20,6 +20,7 @@ from metaopt.task_zoo._layers import ACTIVATIONS, draw, split_data
 from metaopt.task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
 from metaopt.task_zoo.base import TaskCost, TaskSpec
 from metaopt.task_zoo.images import DIGITS, check_datasets, check_image_spec, image_info, load_images
+from metaopt.task_zoo.layer_stats import Taps, conv_patches, tap
 
 NAME = "cnn"
 KERNEL = 3
@@ -81,31 +82,40 @@ class CNNTask:
         params["head"] = {"w": self.init_scale * head, "b": jnp.zeros(self.num_classes, jnp.float32)}
         return params
 
-    def logits(self, params: dict, x: jax.Array) -> jax.Array:
-        """(B, H*W*C) flattened images -> (B, num_classes) logits."""
+    def logits(self, params: dict, x: jax.Array, taps: Taps | None = None) -> jax.Array:
+        """(B, H*W*C) flattened images -> (B, num_classes) logits. `taps`: see
+        `task_zoo.layer_stats` (a conv layer's inputs are its patches)."""
         x = x.reshape(x.shape[0], *self.image_shape)  # NHWC
         stride = 2 if self.downsample == "stride" else 1
         for i in range(self.depth):
-            x = jax.lax.conv_general_dilated(
+            name = f"conv_{i}"
+            out = jax.lax.conv_general_dilated(
                 x,
-                params[f"conv_{i}"]["w"],
+                params[name]["w"],
                 (stride, stride),
                 "SAME",
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
-            x = ACTIVATIONS[self.activation](x + params[f"conv_{i}"]["b"])
+            ) + params[name]["b"]
+            if taps is not None:  # the conv itself, not patches @ w, so loss == tapped_loss exactly
+                out = taps(name, conv_patches(x, KERNEL, stride), out)
+            x = ACTIVATIONS[self.activation](out)
             if self.downsample in ("max", "avg"):
                 init, op = (-jnp.inf, jax.lax.max) if self.downsample == "max" else (0.0, jax.lax.add)
                 x = jax.lax.reduce_window(x, init, op, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
                 if self.downsample == "avg":
                     x = x / 4.0  # 'SAME' edge windows average in zero padding; harmless here
         x = x.reshape(x.shape[0], -1)
-        return x @ params["head"]["w"] + params["head"]["b"]
+        return tap(taps, "head", x, x @ params["head"]["w"] + params["head"]["b"])
 
     def loss(self, params: dict, key: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
         """Scalar float32 mean softmax cross-entropy. `key` is unused (no dropout)."""
+        return self.tapped_loss(params, key, batch, None)
+
+    def tapped_loss(self, params: dict, key: jax.Array, batch: dict[str, jax.Array],
+                    taps: Taps | None) -> jax.Array:
+        """`loss` with every layer tapped (see `task_zoo.layer_stats`)."""
         del key
-        logits = self.logits(params, batch["x"])
+        logits = self.logits(params, batch["x"], taps)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
     def accuracy(self, params: dict, batch: dict[str, jax.Array]) -> jax.Array:

@@ -31,6 +31,7 @@ from flax import struct
 from metaopt.task_zoo._layers import draw, split_data
 from metaopt.task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
 from metaopt.task_zoo.base import TaskCost, TaskSpec
+from metaopt.task_zoo.layer_stats import Taps, tap
 
 NAME = "least_squares"
 REQUIRED = {"n_features": int, "n_samples": int, "log10_condition": float, "noise": float,
@@ -79,8 +80,13 @@ class LeastSquaresTask:
 
     def loss(self, params: dict, key: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
         """Scalar float32 mean squared error of x @ w against y. `key` is unused."""
+        return self.tapped_loss(params, key, batch, None)
+
+    def tapped_loss(self, params: dict, key: jax.Array, batch: dict[str, jax.Array],
+                    taps: Taps | None) -> jax.Array:
+        """`loss` with its one bias-free layer "w" tapped (see `task_zoo.layer_stats`)."""
         del key
-        return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+        return jnp.mean((tap(taps, "w", batch["x"], batch["x"] @ params["w"]) - batch["y"]) ** 2)
 
     def full(self, split: str) -> dict[str, jax.Array]:
         """The whole of `split` as one batch: {"x": (N, n_features), "y": (N,)}."""

@@ -30,6 +30,7 @@ from flax import struct
 from metaopt.task_zoo._layers import dense_cost, dense_init, draw, split_data
 from metaopt.task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
 from metaopt.task_zoo.base import TaskCost, TaskSpec
+from metaopt.task_zoo.layer_stats import Taps, tap
 
 NAME = "logistic"
 SYNTHETIC = "synthetic"
@@ -89,14 +90,19 @@ class LogisticTask:
         """{"layer_0": {"w": (d, outputs), "b": (outputs,)}} float32."""
         return dense_init(key, (self.train_x.shape[1], self.outputs), self.init_scale)
 
-    def logits(self, params: dict, x: jax.Array) -> jax.Array:
+    def logits(self, params: dict, x: jax.Array, taps: Taps | None = None) -> jax.Array:
         """(B, d) -> (B, outputs)."""
-        return x @ params["layer_0"]["w"] + params["layer_0"]["b"]
+        return tap(taps, "layer_0", x, x @ params["layer_0"]["w"] + params["layer_0"]["b"])
 
     def loss(self, params: dict, key: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
         """Scalar float32: mean cross-entropy + 0.5 * l2 * ||w||^2. `key` is unused."""
+        return self.tapped_loss(params, key, batch, None)
+
+    def tapped_loss(self, params: dict, key: jax.Array, batch: dict[str, jax.Array],
+                    taps: Taps | None) -> jax.Array:
+        """`loss` with its layer tapped (see `task_zoo.layer_stats`)."""
         del key
-        logits = self.logits(params, batch["x"])
+        logits = self.logits(params, batch["x"], taps)
         if self.outputs == 1:
             xent = optax.sigmoid_binary_cross_entropy(logits[:, 0], batch["y"].astype(jnp.float32))
         else:

@@ -19,6 +19,7 @@ from metaopt.task_zoo._layers import ACTIVATIONS, dense_apply, dense_cost, dense
 from metaopt.task_zoo._spec import choices, log_uniform, pick, positive_range, seed, spec_error, spec_kwargs
 from metaopt.task_zoo.base import TaskCost, TaskSpec
 from metaopt.task_zoo.images import DIGITS, check_datasets, check_image_spec, image_info, load_images
+from metaopt.task_zoo.layer_stats import Taps
 
 NAME = "mlp"
 
@@ -45,14 +46,19 @@ class MLPTask:
         """{"layer_i": {"w": (fan_in, fan_out), "b": (fan_out,)}} float32, i = 0..len(hidden)."""
         return dense_init(key, (self.train_x.shape[1], *self.hidden, self.num_classes), self.init_scale)
 
-    def logits(self, params: dict, x: jax.Array) -> jax.Array:
+    def logits(self, params: dict, x: jax.Array, taps: Taps | None = None) -> jax.Array:
         """(B, D) inputs -> (B, num_classes) logits."""
-        return dense_apply(params, x, len(self.hidden) + 1, self.activation)
+        return dense_apply(params, x, len(self.hidden) + 1, self.activation, taps=taps)
 
     def loss(self, params: dict, key: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
         """Scalar float32 mean softmax cross-entropy. `key` is unused (no dropout)."""
+        return self.tapped_loss(params, key, batch, None)
+
+    def tapped_loss(self, params: dict, key: jax.Array, batch: dict[str, jax.Array],
+                    taps: Taps | None) -> jax.Array:
+        """`loss` with every layer tapped (see `task_zoo.layer_stats`)."""
         del key
-        logits = self.logits(params, batch["x"])
+        logits = self.logits(params, batch["x"], taps)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
     def accuracy(self, params: dict, batch: dict[str, jax.Array]) -> jax.Array:

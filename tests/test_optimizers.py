@@ -11,6 +11,9 @@ import pytest
 from metaopt import optimizers
 
 NAMES = optimizers.names()
+# K-FAC, FOOF and MBF precondition with each layer's statistics, which gradients of these pytrees
+# cannot give: tests/test_curvature.py runs the same checks on them with statistics.
+GRADIENT_ONLY = [n for n in NAMES if not getattr(optimizers.make(n), "needs_layer_stats", False)]
 # Every registered optimizer at its defaults, plus the non-default options a published optimizer
 # uses (reference:4's per-tensor hypergradient rate; reference:5's and 6's element-wise gain, here
 # with the rate held through a long warm-up and adapting at the schedule's pace too; the peak rate
@@ -19,7 +22,7 @@ NAMES = optimizers.names()
 # M-FAC's default window (1,024 gradients) solves a 1,024² system every step: seconds a test here.
 # Its checks run at a window of 32, the same code path.
 DEFAULTS = {"mfac": {"window": 32}}
-CONFIGS = [(name, DEFAULTS.get(name, {})) for name in NAMES] + [
+CONFIGS = [(name, DEFAULTS.get(name, {})) for name in GRADIENT_ONLY] + [
     ("nominal_mlp", {"rate_adaptation": 0.1}),
     ("nominal_mlp", {"elementwise_correction": True, "rate_adaptation": 0.1, "warmup": 0.2,
                      "rate_after_warmup": True, "rate_on_schedule": True}),
@@ -135,7 +138,7 @@ def test_finite_for_extreme_grads(name, hparams, scale):
 VMAP_RTOL = {"mfac": 1e-3}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", GRADIENT_ONLY)
 def test_vmap_over_theta_and_grads(name):
     """Batched θ and gradients (particles), as in vmapped inner training inside lax.scan."""
     opt = optimizers.make(name, **DEFAULTS.get(name, {}))
@@ -158,7 +161,7 @@ def test_vmap_over_theta_and_grads(name):
         np.testing.assert_allclose(b[1], s, rtol=VMAP_RTOL.get(name, 1e-5), atol=1e-8)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", GRADIENT_ONLY)
 def test_vmap_over_a_batch_of_parameter_sets(name):
     """One θ, several models trained side by side (init, then two updates, all vmapped)."""
     opt = optimizers.make(name, **DEFAULTS.get(name, {}))
@@ -201,7 +204,7 @@ def _quadratic_losses(tx, steps):
 QUADRATIC_HPARAMS = {"mfac": {"window": 32, "damping": 10.0, "learning_rate": 0.1}}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", GRADIENT_ONLY)
 def test_initial_theta_decreases_quadratic(name):
     _, _, tx, _, _ = _setup(name, num_steps=100, hparams=QUADRATIC_HPARAMS.get(name))
     losses = _quadratic_losses(tx, 100)

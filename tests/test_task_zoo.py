@@ -34,7 +34,7 @@ def _same_shape_pair(fam):
     raise AssertionError(f"no two same-shape tasks in 200 samples of {fam.name}")
 
 
-BUILTINS = ["autoencoder", "cnn", "least_squares", "logistic", "lstm_lm", "mlp", "quadratic",
+BUILTINS = ["autoencoder", "cnn", "epinet", "least_squares", "logistic", "lstm_lm", "mlp", "quadratic",
             "transformer_lm"]
 
 

@@ -7,6 +7,7 @@ opt = optimizers.make("small_fc", hidden=32)
 
 from metaopt.optimizers.adafac_mlp import AdafacMLP, AdafacMLPState
 from metaopt.optimizers.base import Optimizer
+from metaopt.optimizers.curvature import FOOF, KFAC, MBF, scale_by_foof, scale_by_kfac, scale_by_mbf
 from metaopt.optimizers.hand_designed import SGD, Adam, AdamW, Lamb, Lars, Momentum
 from metaopt.optimizers.lgl2o import LGL2O, LGL2OState, lgl2o
 from metaopt.optimizers.lookahead import Lookahead, LookaheadState
@@ -26,6 +27,9 @@ register("adamw", AdamW)
 register("lamb", Lamb)
 register("lars", Lars)
 register("mfac", MFAC)
+register("kfac", KFAC)
+register("foof", FOOF)
+register("mbf", MBF)
 register("lookahead", Lookahead)
 register("adafac_mlp", AdafacMLP)
 register("lgl2o", lgl2o)
@@ -38,6 +42,9 @@ __all__ = [
     "AdafacMLP",
     "AdafacMLPState",
     "AdamW",
+    "FOOF",
+    "KFAC",
+    "MBF",
     "LGL2O",
     "LGL2OState",
     "Lamb",
@@ -63,5 +70,8 @@ __all__ = [
     "make",
     "names",
     "register",
+    "scale_by_foof",
+    "scale_by_kfac",
+    "scale_by_mbf",
     "scale_by_mfac",
 ]

@@ -32,6 +32,14 @@ import jax
 import optax
 
 
+def heavy_ball(momentum: Any) -> list[optax.GradientTransformation]:
+    """[v = momentum·v + (1 - momentum)·update], or [] at momentum 0 (the curvature optimizers'
+    convention, M-FAC's reference code's). `momentum` may be traced, hence the type check."""
+    if isinstance(momentum, int | float) and momentum == 0:
+        return []
+    return [optax.ema(momentum, debias=False)]
+
+
 class _HandDesigned:
     """Shared plumbing: no meta-parameters, hparams = the dataclass fields."""
 

@@ -78,6 +78,12 @@ class LGL2O:
     def hparams(self) -> dict[str, Any]:
         return {"learned": spec_of(self.learned_optimizer), "fallback": spec_of(self.fallback)}
 
+    @property
+    def needs_layer_stats(self) -> bool:
+        """A curvature fallback (kfac, foof, mbf) reads `layer_stats=`: loops that pass them to
+        lgl2o reach it through `update`'s extra arguments; loops that do not get its error."""
+        return getattr(self.fallback, "needs_layer_stats", False)
+
     def init(self, key: jax.Array) -> Any:
         return self.learned_optimizer.init(key)
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from metaopt.optimizers.hand_designed import _HandDesigned
+from metaopt.optimizers.hand_designed import _HandDesigned, heavy_ball
 
 
 class MFACState(NamedTuple):
@@ -74,7 +74,7 @@ class MFAC(_HandDesigned):
     one does the same for less."""
 
     learning_rate: float = 1e-3
-    momentum: float = 0.0  # the reference code's: v = momentum·v + (1 - momentum)·F⁻¹g
+    momentum: float = 0.0  # heavy_ball's: v = momentum·v + (1 - momentum)·F⁻¹g
     window: int = 1024
     damping: float = 1e-5
 
@@ -87,7 +87,5 @@ class MFAC(_HandDesigned):
                                                 "damping": ("log_uniform", 1e-5, 10.0)}
 
     def _optax(self):
-        averaged = [] if isinstance(self.momentum, int | float) and self.momentum == 0 else [
-            optax.ema(self.momentum, debias=False)]
-        return optax.chain(scale_by_mfac(self.window, self.damping), *averaged,
+        return optax.chain(scale_by_mfac(self.window, self.damping), *heavy_ball(self.momentum),
                            optax.scale_by_learning_rate(self.learning_rate))
