@@ -31,11 +31,12 @@ TOP_LEVEL = ["task_zoo", "learner", "workers"]  # the design's folders: only as 
 def _install(where, wheel, extras: str = "") -> None:
     """A clean venv at `where`, with metaopt from `wheel` and its `extras` ("[eval]", ...). This
     interpreter's pip installs into it (`pip --python`): a venv's own pip would take seconds more
-    to bootstrap, and pip is not what is tested."""
+    to bootstrap, and pip is not what is tested. --no-compile: byte-compiling every installed file
+    (all of torch's) costs more than the few modules a test imports compile on first use."""
     venv.create(where, with_pip=False, clear=True)
     requirement = f"metaopt{extras} @ {wheel.as_uri()}"
     done = subprocess.run([sys.executable, "-m", "pip", "--python", where / "bin" / "python", "install",
-                           "--quiet", "-c", ROOT / "requirements.lock", requirement],
+                           "--quiet", "--no-compile", "-c", ROOT / "requirements.lock", requirement],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 

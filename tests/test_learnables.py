@@ -138,10 +138,14 @@ def test_a_wrong_meta_objective_is_refused_with_what_to_do(changes, message):
         parse_job_spec({"name": "x", "tasks": [MLP], **changes})
 
 
+@pytest.mark.slow
 def test_a_meta_trained_schedule_beats_its_start_and_its_artifact_is_a_schedule(tmp_path):
     """`metaopt train` (learner, Ray workers) on a schedule that starts 30x too small for the
     MLPs of the mix; then, on 3 MLPs of the family it never trained on (other seeds), Adam under
-    the published schedule ends lower than under the starting one, each of the 3."""
+    the published schedule ends lower than under the starting one, each of the 3. Slow (~25 s,
+    mostly Ray's start): in `make test`, the learned loss's run below takes a learnable through
+    the service, PES's schedule gradient is checked above, and a published schedule's uses and
+    refusals below."""
     spec = {"name": "sched", "seed": 0, "tasks": [MLP],
             "meta_objective": {"name": "adam_schedule", "hparams": {"knots": 4, "init_lr": 3e-5}},
             "estimator": {"num_particles": 4, "truncation_length": 20, "inner_horizon": 100,
@@ -195,6 +199,23 @@ def _final_loss(task, tx, steps: int = 100) -> float:
     for t in range(steps):
         params, state = step(params, state, jax.random.key(t))
     return float(task.loss(params, jax.random.key(0), task.batch(jax.random.key(0), "test")))
+
+
+def test_a_published_schedule_is_a_schedule_and_refuses_the_uses_of_other_kinds(tmp_path):
+    start = AdamSchedule(knots=4, init_lr=3e-5)
+    ref = registry.publish(str(tmp_path), "sched", "adam_schedule", {"knots": 4, "init_lr": 3e-5},
+                           start.init_theta(None), {"note": "test"}, kind="schedule")
+    trained = registry.load(ref, str(tmp_path))
+    assert trained.kind == "schedule" and trained.optimizer_name == "adam_schedule"
+    np.testing.assert_allclose(trained.as_schedule(num_steps=100)(50), 3e-5, rtol=1e-5)
+    with pytest.raises(AttributeError, match=r"sched:1 holds a schedule \(adam_schedule\), which offers "
+                                             r"\['as_optax', 'as_schedule', 'as_weight_decay_schedule'\], "
+                                             r"not .as_loss"):
+        trained.as_loss()
+    with pytest.raises(NotImplementedError, match="holds a schedule .* runs learned optimizers only"):
+        metaopt.torch.from_trained(trained, [torch.zeros(3, requires_grad=True)], num_steps=10)
+    with pytest.raises(evaluation.EvalInputError, match="`metaopt eval` evaluates optimizers"):
+        evaluation.resolve_ref(ref, str(tmp_path))
 
 
 def test_an_optimizer_artifact_refuses_the_uses_of_other_kinds(tmp_path):
