@@ -10,8 +10,8 @@ DEBIAN_PACKAGES := prometheus redis-server
 
 .PHONY: demo test test-slow lint proto bench bench-peers lock system-deps venv clean
 
-# --no-compile: byte-compiling every file of every package takes half the install; what is
-# imported compiles on first use instead (measured: 86 s -> 39 s for requirements.lock)
+# --no-compile: byte-compiling every file of every package takes half the install (measured:
+# 86 s -> 39 s for requirements.lock); what is imported compiles on first use and is cached then
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -31,14 +31,16 @@ system-deps:
 demo: venv
 	$(BIN)/metaopt train examples/quickstart.yaml
 
+# Bytecode is cached during the tests even where PYTHONDONTWRITEBYTECODE is set (as on our CI):
+# otherwise every Ray worker and CLI subprocess compiles metaopt and its imports from source anew.
 test: venv system-deps
 	$(BIN)/ruff check .
-	$(BIN)/pytest -m "not slow"
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -m "not slow"
 
 # Tests marked slow, left out of `make test`: every benchmark in its --quick form and the long
 # fault and service scenarios (kills by the clock, outages, interrupted and resumed runs).
 test-slow: venv system-deps
-	$(BIN)/pytest -m slow
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -m slow
 
 lint: venv
 	$(BIN)/ruff check .

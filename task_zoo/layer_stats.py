@@ -26,8 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-KERNEL_ORDER = "(kh, kw, c_in)"  # the order of a patch's features: that of an HWIO kernel's rows
-
 
 class Taps:
     """Records each layer's inputs; adds `offsets[name]` (zeros) to its outputs when given."""
@@ -52,7 +50,8 @@ def tap(taps: Taps | None, name: str, inputs: jax.Array, outputs: jax.Array) -> 
 
 def conv_patches(x: jax.Array, kernel: int, stride: int) -> jax.Array:
     """(B, H, W, C) -> (B, H', W', kernel·kernel·C): each output position's 'SAME'-padded input
-    window, features in `KERNEL_ORDER`, so conv(x, w) = patches @ w.reshape(-1, C_out)."""
+    window, features in (kh, kw, c_in) order (an HWIO kernel's rows), so conv(x, w) = patches @
+    w.reshape(-1, C_out)."""
     h, w = x.shape[1:3]
     out_h, out_w = -(-h // stride), -(-w // stride)
     pad_h = max((out_h - 1) * stride + kernel - h, 0)
@@ -73,8 +72,8 @@ def loss_grad_and_layer_stats(task: Any, params: Any, key: jax.Array, batch: Any
     if not has_layer_stats(task):
         raise ValueError(
             f"{type(task).__name__} cannot provide per-layer statistics (it has no tapped_loss), "
-            "which K-FAC, FOOF and MBF need; the zoo's mlp, cnn, autoencoder, logistic and "
-            "least_squares families have them")
+            "which K-FAC, FOOF and MBF need; the zoo's mlp, cnn, autoencoder, logistic, "
+            "least_squares and epinet families have them")
     probe = Taps()
     jax.eval_shape(lambda: task.tapped_loss(params, key, batch, probe))
     zeros = {name: jnp.zeros(s.shape, s.dtype) for name, s in probe.shapes.items()}

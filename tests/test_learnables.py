@@ -164,15 +164,7 @@ def test_a_meta_trained_schedule_beats_its_start_and_its_artifact_is_a_schedule(
         final = {"trained": _final_loss(task, trained.as_optax(num_steps=100)),
                  "start": _final_loss(task, start.as_optax(start.init_theta(None), 100))}
         assert final["trained"] < final["start"], (seed, final, np.exp(trained.theta["log_lr"]))
-
-    with pytest.raises(AttributeError, match=r"sched:1 holds a schedule \(adam_schedule\), which offers "
-                                             r"\['as_optax', 'as_schedule', 'as_weight_decay_schedule'\], "
-                                             r"not .as_loss"):
-        trained.as_loss()
-    with pytest.raises(NotImplementedError, match="holds a schedule .* runs learned optimizers only"):
-        metaopt.torch.from_trained(trained, [torch.zeros(3, requires_grad=True)], num_steps=10)
-    with pytest.raises(evaluation.EvalInputError, match="`metaopt eval` evaluates optimizers"):
-        evaluation.resolve_ref(summary["artifact"], summary["registry"])
+    assert summary["artifact"].startswith("sched:")
 
 
 def meta_train(folder, spec: dict):
