@@ -48,9 +48,13 @@ class CurvatureState(NamedTuple):
     count: jax.Array  # () int32 steps taken
 
 
+def _weight(layer: Any) -> jax.Array:
+    """A layer's weight: its "w", or the layer itself when it is a bias-free weight array."""
+    return layer["w"] if isinstance(layer, dict) else layer
+
+
 def _is_conv(layer: Any) -> bool:
-    w = layer["w"] if isinstance(layer, dict) else layer
-    return w.ndim == 4
+    return _weight(layer).ndim == 4
 
 
 def _matrix(layer: Any) -> jax.Array:
@@ -154,7 +158,7 @@ def _mbf_blocks(m: jax.Array, layer: Any, block_size: int) -> jax.Array:
     """W̄-shaped (..., rows, fan_out) -> (..., blocks, size): each column's rows in chunks, after
     putting a conv's rows in (c_in, kh, kw) order so that one chunk is one channel's kernel."""
     if _is_conv(layer):
-        kh, kw, c_in, _ = (layer["w"] if isinstance(layer, dict) else layer).shape
+        kh, kw, c_in, _ = _weight(layer).shape
         kernel = m[..., :kh * kw * c_in, :].reshape(*m.shape[:-2], kh * kw, c_in, m.shape[-1])
         kernel = jnp.swapaxes(kernel, -3, -2).reshape(*m.shape[:-2], -1, m.shape[-1])
         m = jnp.concatenate([kernel, m[..., kh * kw * c_in:, :]], axis=-2)
@@ -170,7 +174,7 @@ def _mbf_unblocks(blocks: jax.Array, layer: Any) -> jax.Array:
     rows, fan_out = jax.eval_shape(_matrix, layer).shape
     m = jnp.swapaxes(blocks.reshape(fan_out, -1), 0, 1)[:rows]
     if _is_conv(layer):
-        kh, kw, c_in, _ = (layer["w"] if isinstance(layer, dict) else layer).shape
+        kh, kw, c_in, _ = _weight(layer).shape
         kernel = m[:kh * kw * c_in].reshape(c_in, kh * kw, fan_out).swapaxes(0, 1).reshape(-1, fan_out)
         m = jnp.concatenate([kernel, m[kh * kw * c_in:]], axis=0)
     return m
