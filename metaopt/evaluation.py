@@ -60,11 +60,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import yaml
 
-from metaopt import task_zoo
-from metaopt.task_zoo.layer_stats import loss_grad_and_extras
+from metaopt import inner, task_zoo
 
 SUITES_DIR = pathlib.Path(__file__).resolve().parent / "suites"
 TEST_BATCHES = 2  # held-out loss = mean over this many test batches
@@ -298,11 +296,20 @@ def resolve_ref(ref: str, registry: str | None = None) -> OptimizerRef:
 # --------------------------------------------------------------------------- training
 
 
-def _split_hparams(hparams: dict[str, Any]) -> tuple[tuple, dict[str, float]]:
-    """(static hparams as a hashable tuple, float hparams to pass traced)."""
-    floats = {k: float(v) for k, v in hparams.items() if isinstance(v, float)}
-    static = tuple(sorted((k, v) for k, v in hparams.items() if k not in floats))
+def _split_hparams(hparams: dict[str, Any], traced: bool = True) -> tuple[tuple, dict[str, float]]:
+    """(static hparams as a hashable tuple, float hparams to pass traced; none if not `traced`). A
+    nested value (Lookahead's inner optimizer) is kept as JSON, which `_program` reads back."""
+    floats = {k: float(v) for k, v in hparams.items() if traced and isinstance(v, float)}
+    static = tuple(sorted((k, _frozen(v)) for k, v in hparams.items() if k not in floats))
     return static, floats
+
+
+def _frozen(value: Any) -> Any:
+    return _JSONValue(json.dumps(value, sort_keys=True)) if isinstance(value, dict | list) else value
+
+
+class _JSONValue(str):
+    """A nested hyperparameter, hashable as its JSON text."""
 
 
 @functools.cache
@@ -318,24 +325,24 @@ def _program(optimizer_name: str, static: tuple, steps: int, test_every: int):
         return jnp.mean(jnp.stack(vals)).astype(jnp.float32)
 
     def one(task, theta, floats, key):
-        opt = optimizers.make(optimizer_name, **dict(static), **floats)
+        fixed = {k: json.loads(v) if isinstance(v, _JSONValue) else v for k, v in static}
+        opt = optimizers.make(optimizer_name, **fixed, **floats)
         tx = opt.as_optax(theta, steps)
         k_init, k_steps, k_final = jax.random.split(key, 3)
-        params = task.init(k_init)
 
         def body(carry, xs):
-            p, s = carry
             i, k = xs
             k_batch, k_loss, k_test = jax.random.split(k, 3)
-            value, g, extra = loss_grad_and_extras(task, opt, p, k_loss, task.batch(k_batch, task_zoo.TRAIN))
-            t = jax.lax.cond(i % test_every == 0, lambda: test_loss(task, p, k_test),
+            now = inner.current(task, carry)
+            t = jax.lax.cond(i % test_every == 0, lambda: test_loss(now, carry[0], k_test),
                              lambda: jnp.full((), jnp.nan, jnp.float32))
-            u, s = tx.update(g, s, p, loss=value, **extra)
-            return (optax.apply_updates(p, u), s), (value.astype(jnp.float32), t)
+            carry, value = inner.step(task, opt, tx, carry, (k_batch, k_loss), i, steps)
+            return carry, (value.astype(jnp.float32), t)
 
         keys = jax.random.split(k_steps, steps)
-        (p, _), (train, test) = jax.lax.scan(body, (params, tx.init(params)), (jnp.arange(steps), keys))
-        return train, test, test_loss(task, p, k_final)
+        carry = inner.init(task, tx, task.init(k_init))
+        carry, (train, test) = jax.lax.scan(body, carry, (jnp.arange(steps), keys))
+        return train, test, test_loss(inner.current(task, carry), carry[0], k_final)
 
     return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))
 
@@ -347,7 +354,7 @@ def _train(task, optimizer_name: str, hparams: dict[str, Any], theta: Any, steps
     try:
         out = _program(optimizer_name, static, steps, test_every)(task, theta, floats, seed_keys)
     except jax.errors.ConcretizationTypeError:  # the optimizer needs concrete float hparams
-        out = _program(optimizer_name, tuple(sorted(hparams.items())), steps, test_every)(
+        out = _program(optimizer_name, _split_hparams(hparams, traced=False)[0], steps, test_every)(
             task, theta, {}, seed_keys)
     return tuple(np.asarray(x, np.float64) for x in out)
 
@@ -459,7 +466,14 @@ def evaluate(
         tune_key = jax.random.fold_in(jax.random.key(suite.tuning_seed), index)
         base_out = {}
         task_started, tuning_s = time.time(), 0.0
+        refusal = inner.check(task, optimizers.make(ref.optimizer_name, **ref.hparams), ref.theta, st.steps)
+        if refusal:
+            raise EvalInputError(f"{ref.ref} cannot train task {st.name!r} of {suite.name}: {refusal}")
         for b_index, b in enumerate(baselines):
+            refusal = inner.check(task, optimizers.make(b), {}, st.steps)
+            if refusal:  # a baseline that cannot train the task (K-FAC on a transformer) sits it out
+                base_out[b] = {"refused": refusal}
+                continue
             cache_key = {"baseline": b, "spec": st.spec.to_json(), "steps": st.steps, "trials": trials,
                          "tuning_seed": suite.tuning_seed, "index": index, "baseline_index": b_index}
             tuning_started = time.time()
@@ -477,11 +491,14 @@ def evaluate(
             }
         curves = _train(task, ref.optimizer_name, ref.hparams, ref.theta, st.steps, seed_keys, test_every)
         ref_out = _summarise(*curves, window)
-        best = min(baselines, key=lambda b: base_out[b]["final_train_loss"])
+        ran = [b for b in baselines if "refused" not in base_out[b]]
+        if not ran:
+            raise EvalInputError(f"no baseline of {baselines} can train task {st.name!r} of {suite.name}")
+        best = min(ran, key=lambda b: base_out[b]["final_train_loss"])
         target = base_out[best]["final_train_loss"]
         base_steps = steps_to_reach(base_out[best]["curve"], target, window)
         ref_steps = steps_to_reach(ref_out["curve"], target, window)
-        for b in baselines:
+        for b in ran:
             base_out[b]["steps_to_reach"] = steps_to_reach(base_out[b]["curve"], target, window)
         ref_out["steps_to_reach"] = ref_steps
         ref_out["speedup"] = base_steps / ref_steps if ref_steps and base_steps else None
@@ -555,7 +572,8 @@ def _aggregate(tasks: list[dict], baselines: list[str]) -> dict[str, Any]:
     n = len(tasks)
     reached = [t["ref"]["speedup"] for t in tasks if t["ref"]["speedup"] is not None]
     wins = sum(t["win"] for t in tasks)
-    runs = {"ref": [t["ref"] for t in tasks], **{b: [t["baselines"][b] for t in tasks] for b in baselines}}
+    ran = {b: [t["baselines"][b] for t in tasks if "refused" not in t["baselines"][b]] for b in baselines}
+    runs = {"ref": [t["ref"] for t in tasks], **ran}
     return {
         "num_tasks": n,
         "wins": wins,
@@ -567,7 +585,8 @@ def _aggregate(tasks: list[dict], baselines: list[str]) -> dict[str, Any]:
         "reached_tasks": len(reached),
         "reached_fraction": len(reached) / n,
         "geomean_speedup": _geomean(reached),
-        "mean_auc": {k: float(np.mean([_charged_auc(r) for r in rs])) for k, rs in runs.items()},
+        "mean_auc": {k: float(np.mean([_charged_auc(r) for r in rs])) if rs else None
+                     for k, rs in runs.items()},
         "diverged_runs": {k: sum(r["diverged_seeds"] for r in rs) for k, rs in runs.items()},
     }
 
@@ -603,7 +622,8 @@ def write_report(result: dict[str, Any], out_dir: str | pathlib.Path) -> dict[st
     for t in result["tasks"]:
         fig, ax = plt.subplots(figsize=(7, 4))
         runs = [(f"{result['ref']} (REF)", t["ref"])]
-        runs += [(f"{b} (tuned)", t["baselines"][b]) for b in result["baselines"]]
+        runs += [(f"{b} (tuned)", t["baselines"][b]) for b in result["baselines"]
+                 if "refused" not in t["baselines"][b]]
         positive = True
         for i, (label, run) in enumerate(runs):
             color = f"C{i}"

@@ -335,6 +335,26 @@ def check_runnable(spec: JobSpec) -> None:
                 raise JobSpecError(f"invalid job spec:\n  {where}: {err}") from None
     if spec.meta_objective is not None:
         _check_requires(spec)
+    else:
+        _check_rewired_tasks(spec)
+
+
+def _check_rewired_tasks(spec: JobSpec) -> None:
+    """The optimizer must be able to reset the optimizer state of the weights RigL regrows on a
+    sparse family's tasks (metaopt/optimizers/slots.py); checked on one task of each."""
+    import jax
+
+    from metaopt import inner, optimizers, task_zoo
+
+    for i, t in enumerate(spec.tasks):
+        family = task_zoo.family(t.family, **t.kwargs)
+        if not isinstance(family, task_zoo.SparseMLPFamily | task_zoo.SparseCNNFamily):
+            continue
+        opt = optimizers.make(spec.optimizer.name, **spec.optimizer.hparams)
+        task = task_zoo.task(family.sample(jax.random.key(0)))
+        refusal = inner.check(task, opt, opt.init(jax.random.key(0)), spec.estimator.inner_horizon)
+        if refusal:
+            raise JobSpecError(f"invalid job spec:\n  tasks.{i}.family: {refusal}")
 
 
 def _check_requires(spec: JobSpec) -> None:

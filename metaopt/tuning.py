@@ -38,10 +38,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from metaopt import optimizers, task_zoo
-from metaopt.task_zoo.layer_stats import loss_grad_and_extras
+from metaopt import inner, optimizers, task_zoo
 
 
 @dataclasses.dataclass
@@ -93,19 +91,19 @@ def _losses(task, seed_key, name, fixed, floats, theta, num_steps, split):
     opt = optimizers.make(name, **fixed, **floats)
     tx = opt.as_optax(theta, num_steps)
     k_init, k_steps = jax.random.split(seed_key)
-    params = task.init(k_init)
 
-    def body(carry, k):
-        p, s = carry
+    def body(carry, xs):
+        i, k = xs
         k_batch, k_loss, k_test = jax.random.split(k, 3)
-        value, g, extra = loss_grad_and_extras(task, opt, p, k_loss, task.batch(k_batch, task_zoo.TRAIN))
-        if split == task_zoo.TEST:
-            value = task.loss(p, k_loss, task.batch(k_test, task_zoo.TEST))
-        u, s = tx.update(g, s, p, loss=value, **extra)
-        return (optax.apply_updates(p, u), s), value
+        held_out = None
+        if split == task_zoo.TEST:  # the parameters' held-out loss, before this step's update
+            now = inner.current(task, carry)
+            held_out = now.loss(carry[0], k_loss, now.batch(k_test, task_zoo.TEST))
+        carry, value = inner.step(task, opt, tx, carry, (k_batch, k_loss), i, num_steps)
+        return carry, value if held_out is None else held_out
 
     keys = jax.random.split(k_steps, num_steps)
-    return jax.lax.scan(body, (params, tx.init(params)), keys)[1]
+    return jax.lax.scan(body, inner.init(task, tx, task.init(k_init)), (jnp.arange(num_steps), keys))[1]
 
 
 def random_search(
@@ -141,6 +139,9 @@ def random_search(
     fixed = dict(hparams or {})
     if theta is None:
         theta = optimizers.make(optimizer_name, **fixed).init(seed_key)
+    refusal = inner.check(task, optimizers.make(optimizer_name, **fixed), theta, num_steps)
+    if refusal:
+        raise ValueError(refusal)
     window = max(1, num_steps // 10) if average_last is None else min(max(1, average_last), num_steps)
 
     samples = [_sample(jax.random.fold_in(key, i), space) for i in range(trials)]

@@ -27,6 +27,7 @@ from metaopt.task_zoo.mixture import Mixture
 from metaopt.task_zoo.mlp import MLPFamily
 from metaopt.task_zoo.quadratic import QuadraticFamily
 from metaopt.task_zoo.registry import check_family, cost, families, family, register, task
+from metaopt.task_zoo.sparse import SparseCNNFamily, SparseMLPFamily
 from metaopt.task_zoo.transformer_lm import TransformerLMFamily
 
 register(QuadraticFamily.name, QuadraticFamily)
@@ -38,6 +39,8 @@ register(LeastSquaresFamily.name, LeastSquaresFamily)
 register(TransformerLMFamily.name, TransformerLMFamily)
 register(LSTMLMFamily.name, LSTMLMFamily)
 register(EpinetFamily.name, EpinetFamily)
+register(SparseMLPFamily.name, SparseMLPFamily)
+register(SparseCNNFamily.name, SparseCNNFamily)
 
 __all__ = [
     "Augmentation",
@@ -56,6 +59,8 @@ __all__ = [
     "LeastSquaresFamily",
     "TransformerLMFamily",
     "QuadraticFamily",
+    "SparseCNNFamily",
+    "SparseMLPFamily",
     "Task",
     "TaskCost",
     "TaskFamily",

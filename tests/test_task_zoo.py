@@ -35,7 +35,7 @@ def _same_shape_pair(fam):
 
 
 BUILTINS = ["autoencoder", "cnn", "epinet", "least_squares", "logistic", "lstm_lm", "mlp", "quadratic",
-            "transformer_lm"]
+            "sparse_cnn", "sparse_mlp", "transformer_lm"]
 
 
 def test_registry_lists_builtins():

@@ -31,10 +31,13 @@ from typing import Any, Protocol
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import optax
 
 from metaopt.optimizers.base import Optimizer, Theta
+from metaopt.optimizers.slots import reset_slots
 from metaopt.task_zoo.base import TRAIN, Task
+from metaopt.task_zoo.sparse import rewires
 
 State = Any
 
@@ -99,7 +102,9 @@ def step_batch(objective: MetaObjective, thetas: Theta, states: State, keys: jax
 @flax.struct.dataclass
 class LearnedOptimizerTraining:
     """A learned optimizer training a task: θ is the optimizer's, the state the task's parameters
-    and the optimizer's state, the loss the task's training loss on a fresh minibatch."""
+    and the optimizer's state, the loss the task's training loss on a fresh minibatch. A sparse
+    task that RigL rewires (task_zoo/sparse.py) adds its topology and the step count to the
+    state, and is rewired after each update as the evaluation loop does (metaopt/inner.py)."""
 
     task: Task
     optimizer: Optimizer = flax.struct.field(pytree_node=False)
@@ -113,21 +118,35 @@ class LearnedOptimizerTraining:
 
     def init_state(self, key: jax.Array, theta: Theta) -> State:
         params = self.task.init(jax.random.fold_in(key, 0))
-        return params, self._tx(theta).init(params)
+        state = params, self._tx(theta).init(params)
+        return (*state, self.task.topology, jnp.zeros((), jnp.int32)) if rewires(self.task) else state
+
+    def _task(self, state: State) -> Task:
+        """The task at the state's topology (itself unless rewired)."""
+        return self.task.replace(topology=state[2]) if rewires(self.task) else self.task
 
     def gradient(self, state: State, key: jax.Array):
         """The step's part before the optimizer: the loss and gradient on a fresh minibatch."""
         batch_key, loss_key = jax.random.split(key)
-        return jax.value_and_grad(self.task.loss)(state[0], loss_key, self.task.batch(batch_key, TRAIN))
+        task = self._task(state)
+        return jax.value_and_grad(task.loss)(state[0], loss_key, task.batch(batch_key, TRAIN))
 
-    def update(self, theta: Theta, state: State, grads, loss) -> State:
-        params, opt_state = state
-        updates, opt_state = self._tx(theta).update(grads, opt_state, params, loss=loss)
-        return optax.apply_updates(params, updates), opt_state
+    def update(self, theta: Theta, state: State, grads, loss, key: jax.Array | None = None) -> State:
+        """The optimizer's update; then, for a rewired task, RigL (seeded by `key`)."""
+        tx = self._tx(theta)
+        params, opt_state = state[:2]
+        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
+        params = optax.apply_updates(params, updates)
+        if not rewires(self.task):
+            return params, opt_state
+        count = state[3] + 1
+        topology, params, regrown = self._task(state).rewire(params, count, self.num_steps,
+                                                             jax.random.fold_in(key, 2))
+        return params, reset_slots(self.optimizer, tx, opt_state, regrown), topology, count
 
     def step(self, theta: Theta, state: State, key: jax.Array):
         loss, grads = self.gradient(state, key)
-        return self.update(theta, state, grads, loss), loss
+        return self.update(theta, state, grads, loss, key), loss
 
     def step_batch(self, thetas: Theta, states: State, keys: jax.Array):
         if jax.default_backend() != "cpu":
@@ -137,5 +156,5 @@ class LearnedOptimizerTraining:
         # a step here). The loss and gradient are vmapped over the halves. 1.25-1.45x faster for
         # 8-32 pairs of the 64→32→10 MLP; the same numerics.
         loss, grads = jax.vmap(self.gradient)(states, keys)
-        states = jax.lax.map(lambda a: self.update(*a), (thetas, states, grads, loss))
+        states = jax.lax.map(lambda a: self.update(*a), (thetas, states, grads, loss, keys))
         return states, loss

@@ -17,6 +17,7 @@ from metaopt.optimizers.nn_adam import NNAdam, NNAdamState
 from metaopt.optimizers.nominal_mlp import NominalMLP, NominalMLPState
 from metaopt.optimizers.registry import check, make, names, register
 from metaopt.optimizers.rnn_mlp import RNNMLP, RNNMLPState
+from metaopt.optimizers.slots import SlotResetError, reset_slots
 from metaopt.optimizers.small_fc import SmallFC, SmallFCState
 
 register("adam", Adam)
@@ -54,6 +55,7 @@ __all__ = [
     "LookaheadState",
     "Momentum",
     "SGD",
+    "SlotResetError",
     "Adam",
     "Optimizer",
     "SmallFC",
@@ -70,6 +72,7 @@ __all__ = [
     "make",
     "names",
     "register",
+    "reset_slots",
     "scale_by_foof",
     "scale_by_kfac",
     "scale_by_mbf",

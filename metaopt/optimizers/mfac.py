@@ -23,7 +23,7 @@ and exact (up to a float32 jitter on λ, below), and its cost is measured (`benc
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from metaopt.optimizers.hand_designed import _HandDesigned, heavy_ball
+from metaopt.optimizers.slots import zero_where
 
 
 class MFACState(NamedTuple):
@@ -85,6 +86,20 @@ class MFAC(_HandDesigned):
     # problem near its optimum) F⁻¹ approaches 1/λ and the step blows up. So both are searched.
     search_space: ClassVar[dict[str, tuple]] = {"learning_rate": ("log_uniform", 1e-5, 1.0),
                                                 "damping": ("log_uniform", 1e-5, 10.0)}
+
+    def reset_slots(self, tx: Any, state: Any, regrown: Any) -> Any:
+        """The window forgets the regrown coordinates (their entry of every stored gradient is
+        zeroed and the Gram matrix recomputed); the momentum's entries for them are zeroed."""
+        forgotten = ravel_pytree(regrown)[0]
+
+        def forget(s):
+            if not isinstance(s, MFACState):
+                return s
+            grads = zero_where(s.grads, forgotten)
+            return s._replace(grads=grads, gram=grads @ grads.T)
+
+        state = jax.tree.map(forget, state, is_leaf=lambda s: isinstance(s, MFACState))
+        return optax.tree_map_params(tx, zero_where, state, regrown)
 
     def _optax(self):
         return optax.chain(scale_by_mfac(self.window, self.damping), *heavy_ball(self.momentum),

@@ -101,6 +101,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metaopt.optimizers.slots import zero_where
+
 MOM_DECAYS = (0.5, 0.9, 0.99)  # 0.9 is Adam's β1: the nominal direction's momentum
 ADAM_MOMENTUM = 1  # index of β1 = 0.9 in MOM_DECAYS
 RMS_DECAY = 0.999
@@ -236,6 +238,20 @@ class NominalMLP:
                     "w1": jnp.zeros((self.hidden, 1), jnp.float32), "b1": jnp.zeros((1,), jnp.float32)},
             "tensor": {"w": jnp.zeros((NUM_TENSOR_FEATURES,), jnp.float32), "b": jnp.zeros((), jnp.float32)},
         }
+
+    def reset_slots(self, tx: Any, state: NominalMLPState, regrown: Any) -> NominalMLPState:
+        """The regrown slots' momenta and second moments (and, with `rate_estimate`, starting
+        points and gradient sums) set to 0; the per-tensor rates stay (`optimizers.slots`)."""
+        del tx
+        masks = jax.tree.leaves(regrown)
+
+        def zero(leaves: tuple) -> tuple:
+            return tuple(zero_where(x, m) for x, m in zip(leaves, masks, strict=True))
+
+        estimate = state.estimate
+        if estimate:
+            estimate = estimate._replace(x0=zero(estimate.x0), grad_sum=zero(estimate.grad_sum))
+        return state._replace(momenta=zero(state.momenta), rms=zero(state.rms), estimate=estimate)
 
     def as_optax(self, theta: Any, num_steps: int, learning_rate: float | optax.Schedule | None = None
                  ) -> optax.GradientTransformationExtraArgs:
