@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from metaopt import optimizers
+from metaopt import optimizers, task_zoo
+from metaopt.tuning import random_search
 
 
 def _params():
@@ -113,6 +114,19 @@ def test_lookahead_and_lgl2o_pass_theta_through():
         assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), opt.init(key), ref))
         assert optimizers.make(opt.name, **opt.hparams) == opt
     assert optimizers.make("lookahead").learned is False  # default inner: adam
+
+
+def test_lookahead_learning_rate_replaces_the_inner_optimizers_for_tuning():
+    opt = optimizers.make("lookahead", learning_rate=0.03,
+                          inner={"name": "momentum", "hparams": {"momentum": 0.5}})
+    assert opt.inner == optimizers.make("momentum", learning_rate=0.03, momentum=0.5)
+    assert optimizers.make("lookahead", **opt.hparams) == opt
+    assert "learning_rate" not in optimizers.make("lookahead").hparams  # unset: hparams as before
+    with pytest.raises(ValueError, match="small_fc has none"):
+        optimizers.make("lookahead", inner="small_fc", learning_rate=0.1)
+    task = task_zoo.family("quadratic", dims=(4,)).sample(jax.random.key(1))
+    result = random_search(jax.random.key(0), "lookahead", task, 20, 2)
+    assert all(set(r["hparams"]) >= {"learning_rate", "slow_step_size"} for r in result.trials)
 
 
 def _sgd(lr):

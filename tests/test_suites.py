@@ -18,7 +18,7 @@ MIX_MLP_DEPTHS, MIX_MLP_WIDTHS, MIX_ACTIVATIONS = range(1, 4), range(16, 129), {
 MIX_HELD_OUT = {(4, 64, "tanh"), (3, 128, "gelu")}  # (depth, width, activation)
 MIX_QUADRATIC_DIMS = range(8, 33)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EVALUATION_SUITES = ("in_distribution", "out_of_distribution", "long_horizon", "shifted")
+EVALUATION_SUITES = ("in_distribution", "out_of_distribution", "long_horizon", "shifted", "hand_designed")
 
 
 def in_meta_training_mix(spec: task_zoo.TaskSpec) -> bool:
@@ -84,7 +84,7 @@ def _sgd_step(task, params, key):
     return loss, finite, test, jax.tree.map(lambda p, g: p - 1e-2 * g, params, grads)
 
 
-@pytest.mark.parametrize("suite", ["long_horizon", "shifted"])
+@pytest.mark.parametrize("suite", ["long_horizon", "shifted", "hand_designed"])
 def test_every_task_builds_and_trains_a_few_steps(suite):
     # one compile of one step per task (a scan of steps, or steps unrolled, compiles slower)
     for t in evaluation.load_suite(suite).tasks:
@@ -132,3 +132,17 @@ def test_the_design_validation_suite_lies_outside_the_mix_and_every_evaluation_s
     assert not {problem(s) for s in held_out} & {problem(t.spec) for t in val.tasks}
     data = {s.kwargs.get("corpus", s.kwargs.get("dataset")) for s in held_out} - {None, "digits"}
     assert data and not data & {t.spec.kwargs.get("corpus", t.spec.kwargs.get("dataset")) for t in val.tasks}
+
+
+def test_hand_designed_runs_every_tunable_hand_designed_optimizer_on_the_new_families():
+    """A hand-designed optimizer added to the zoo with a search space must join the suite."""
+    from metaopt import optimizers
+
+    suite = evaluation.load_suite("hand_designed")
+    hand = [n for n in optimizers.names()
+            if not optimizers.make(n).learned and getattr(optimizers.make(n), "search_space", None)]
+    assert sorted(suite.baselines) == sorted(hand) and len(hand) >= 11
+    families = {t.spec.name for t in suite.tasks}
+    assert {"sparse_mlp", "sparse_cnn", "epinet", "cnn", "transformer_lm"} <= families
+    assert not [t.name for t in suite.tasks if in_meta_training_mix(t.spec)]
+    assert suite.tuning_seed not in suite.seeds and len(suite.seeds) >= 3

@@ -23,7 +23,7 @@ meta-trainable); `learned` = inner's. State floats per parameter: the inner opti
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,14 +74,24 @@ class Lookahead:
     # which the conformance suite's "descent on > 90% of steps" check requires.
     sync_period: int = 10
     slow_step_size: float = 0.5
+    learning_rate: float | None = None  # when set, replaces the inner optimizer's (what tuning searches)
 
     name = "lookahead"
     description = "Lookahead slow/fast weights around any optimizer (Zhang et al. 2019)"
+    # The inner optimizer's rate, and α over the paper's range (it tries 0.5 and 0.8); k stays 10.
+    search_space: ClassVar[dict[str, tuple]] = {"learning_rate": ("log_uniform", 1e-4, 1.0),
+                                                "slow_step_size": ("uniform", 0.3, 0.9)}
 
     def __post_init__(self):
         # Build the inner optimizer once so that equality/hash compare optimizers, not specs
         # ({"name": "adam"} and {"name": "adam", "hparams": {defaults}} are the same thing).
-        object.__setattr__(self, "inner", resolve_spec(self.inner, "adam"))
+        inner = resolve_spec(self.inner, "adam")
+        if self.learning_rate is not None:
+            if "learning_rate" not in inner.hparams:
+                raise ValueError(f"lookahead's learning_rate replaces its inner optimizer's, but "
+                                 f"{inner.name} has none; leave learning_rate unset")
+            inner = make(inner.name, **{**inner.hparams, "learning_rate": self.learning_rate})
+        object.__setattr__(self, "inner", inner)
         if not isinstance(self.sync_period, int) or self.sync_period < 1:
             raise ValueError(f"lookahead needs an int sync_period >= 1, got {self.sync_period!r}")
         # α may be a traced value (tuning); only a concrete one can be checked.
@@ -94,11 +104,9 @@ class Lookahead:
 
     @property
     def hparams(self) -> dict[str, Any]:
-        return {
-            "inner": spec_of(self.inner),
-            "sync_period": self.sync_period,
-            "slow_step_size": self.slow_step_size,
-        }
+        out = {"inner": spec_of(self.inner), "sync_period": self.sync_period,
+               "slow_step_size": self.slow_step_size}
+        return out if self.learning_rate is None else {**out, "learning_rate": self.learning_rate}
 
     def init(self, key: jax.Array) -> Any:
         return self.inner.init(key)
