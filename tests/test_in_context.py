@@ -98,19 +98,37 @@ def test_metaopt_train_says_how_to_use_what_it_trained():
     assert _use_of(parse_job_spec({"name": "x", "tasks": [MLP]})) == ("optimizer", "as_optax(num_steps=1000)")
 
 
+def _one_task_spec(outer_steps: int) -> dict:
+    return {"name": "icl", "seed": 0, "tasks": [MLP],
+            "meta_objective": {"name": "in_context_learner", "hparams": {**SMALL, "num_tasks": 1}},
+            "estimator": {"kind": "tbptt", "num_particles": 1, "truncation_length": 1, "inner_horizon": 100,
+                          "loss_normalization": "none"},
+            "outer": {"learning_rate": 0.003, "meta_batch_size": 2}, "workers": {"count": 2},
+            "stop": {"max_outer_steps": outer_steps}}
+
+
+def test_metaopt_train_meta_trains_it_by_backprop_and_publishes_a_classifier(tmp_path):
+    """The fast half of the slow run below: `metaopt train` (learner, Ray workers computing the
+    meta-gradient by TBPTT) for 5 outer steps publishes a classifier that labels queries from
+    context, and refuses to be an optimizer."""
+    trained, summary = meta_train(tmp_path, _one_task_spec(5))
+    assert trained.kind == "classifier" and trained.optimizer_name == "in_context_learner"
+    assert summary["outer_steps"] == 5
+    assert np.isfinite([summary["meta_loss_first"], summary["meta_loss_last"]]).all()
+    x, y = InContextLearner(**SMALL).sequence(_digits("test"), 0, jax.random.key(0), 32)
+    assert trained.as_classifier()(x[:16], y[:16], x[16:]).shape == (16, 10)
+    with pytest.raises(AttributeError, match=r"icl:1 holds a classifier \(in_context_learner\)"):
+        trained.as_optax(num_steps=100)
+
+
+@pytest.mark.slow
 def test_a_learner_meta_trained_on_one_task_memorises_it_and_its_artifact_is_a_classifier(tmp_path):
     """`metaopt train` (learner, Ray workers computing the meta-gradient by backprop) on a single
     generated task: its meta-loss falls from chance (ln 10) and the published classifier, with
     16 examples in context, labels that task's *test* images well (128 sequences × 16 queries,
     at least 50% against 10% chance) and tasks it never saw at chance (below 25%): with one
     training task it memorises, as GPICL finds."""
-    spec = {"name": "icl", "seed": 0, "tasks": [MLP],
-            "meta_objective": {"name": "in_context_learner", "hparams": {**SMALL, "num_tasks": 1}},
-            "estimator": {"kind": "tbptt", "num_particles": 1, "truncation_length": 1, "inner_horizon": 100,
-                          "loss_normalization": "none"},
-            "outer": {"learning_rate": 0.003, "meta_batch_size": 2}, "workers": {"count": 2},
-            "stop": {"max_outer_steps": 100}}
-    trained, summary = meta_train(tmp_path, spec)
+    trained, summary = meta_train(tmp_path, _one_task_spec(100))
     assert trained.kind == "classifier" and trained.optimizer_name == "in_context_learner"
     assert summary["meta_loss_first"] > 2.0 and summary["meta_loss_last"] < 1.0, summary
     learner, data, predict = InContextLearner(**SMALL), _digits("test"), trained.as_classifier()

@@ -303,6 +303,22 @@ def test_a_learned_loss_needs_tasks_that_give_logits_and_says_so():
         check_runnable(spec)
 
 
+def test_a_published_loss_is_a_loss_and_refuses_the_uses_of_other_kinds(tmp_path):
+    """The fast half of the slow service run below: the artifact of kind "loss" round-trips and
+    computes what its θ says; the uses of other kinds are refused by name."""
+    start = LearnedLoss()
+    theta = jax.tree.map(lambda x: x + 0.01, start.init_theta(jax.random.key(0)))
+    ref = registry.publish(str(tmp_path), "loss", "learned_loss", {}, theta, {"note": "test"}, kind="loss")
+    trained = registry.load(ref, str(tmp_path))
+    assert trained.kind == "loss" and trained.optimizer_name == "learned_loss"
+    logits, labels = jax.random.normal(jax.random.key(1), (5, 10)), jnp.arange(5)
+    want = start.as_loss(theta)(logits, labels)
+    np.testing.assert_allclose(trained.as_loss()(logits, labels), want, rtol=1e-6)
+    with pytest.raises(AttributeError, match=r"loss:1 holds a loss \(learned_loss\), which offers "):
+        trained.as_optax(num_steps=100)
+
+
+@pytest.mark.slow
 def test_a_meta_trained_loss_trains_models_that_generalise_better_and_its_artifact_is_a_loss(tmp_path):
     """`metaopt train` (learner, Ray workers) meta-trains the loss for 40 outer steps, its
     meta-loss the held-out cross-entropy along 100-step runs; then on 3 MLPs of the family it
