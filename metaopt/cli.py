@@ -376,6 +376,41 @@ def eval_(
                            "baselines": result["baselines"], **result["aggregate"], "out": str(out_dir)}))
 
 
+@app.command("inspect")
+def inspect_(
+    ref: Annotated[
+        str, typer.Argument(help="A registry ref NAME[:VERSION] (with --registry) or an optimizer name.")
+    ],
+    out: Annotated[
+        pathlib.Path | None, typer.Option("--out", help="Report directory (default: runs/inspect/REF).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON line.")] = False,
+    registry_uri: Annotated[
+        str | None, typer.Option("--registry", help="Registry root for a registry ref: a path or fsspec URI.")
+    ] = None,
+) -> None:
+    """Probe what an optimizer does (update shape, momentum, scale, schedule, features); a report."""
+    _needs("eval", "inspect")
+    from metaopt import evaluation, inspector, optimizers
+
+    try:
+        resolved = evaluation.resolve_ref(ref, registry_uri)
+    except evaluation.EvalInputError as err:
+        _fail(str(err))
+    optimizer = optimizers.make(resolved.optimizer_name, **resolved.hparams)
+    result = inspector.inspect(optimizer, resolved.theta, label=resolved.ref)
+    out_dir = out or pathlib.Path("runs") / "inspect" / ref.replace(":", "_").replace("/", "_")
+    try:
+        written = inspector.write_report(result, out_dir)
+    except OSError as err:
+        _fail(f"cannot write the report to {out_dir}: {err}", code=1)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo("\n".join(inspector.summary(result)))
+    typer.echo(f"report: {written['md']} (plots: {written['png']}, data: {written['json']})")
+
+
 cli_jobs.register(app)  # submit, status, logs, cancel, list-jobs
 
 list_app = typer.Typer(help="List what the registries hold.", no_args_is_help=True)

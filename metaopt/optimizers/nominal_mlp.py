@@ -111,6 +111,10 @@ NUM_ELEMENT_FEATURES = 1 + len(MOM_DECAYS) + 1
 NUM_TENSOR_FEATURES = 3
 NUM_STEP_FEATURES = 3
 NUM_FEATURES = NUM_ELEMENT_FEATURES + NUM_TENSOR_FEATURES + NUM_STEP_FEATURES
+# The MLP's inputs by kind, for ablation (`as_optax(..., ablate=...)`, `metaopt inspect`): the
+# gradient ratio, the momentum ratios and the scaled parameter per element; the per-tensor features
+# (of the tensor law too); the step features.
+FEATURE_GROUPS = ("gradient", "momenta", "parameter", "tensor", "progress")
 MULTIPLIER_RANGE = 4.0  # a_T within [e^-4, e^4]
 ESTIMATE_START = 1e-6  # d_0 of `rate_estimate`: an under-estimate of any rate (Prodigy's default)
 CHUNK = 16384  # elements per lax.map iteration of the MLP: (16, CHUNK) f32 activations = 1 MiB
@@ -214,6 +218,7 @@ class NominalMLP:
     eps: float = 1e-8
 
     name = "nominal_mlp"
+    feature_groups = FEATURE_GROUPS  # what `as_optax(..., ablate=...)` takes
     description = ("Adam on the user's schedule + a bounded learned per-parameter correction "
                    "(nominal term, Celo2, muLO)")
     learned = True
@@ -253,10 +258,19 @@ class NominalMLP:
             estimate = estimate._replace(x0=zero(estimate.x0), grad_sum=zero(estimate.grad_sum))
         return state._replace(momenta=zero(state.momenta), rms=zero(state.rms), estimate=estimate)
 
-    def as_optax(self, theta: Any, num_steps: int, learning_rate: float | optax.Schedule | None = None
-                 ) -> optax.GradientTransformationExtraArgs:
+    def as_optax(self, theta: Any, num_steps: int, learning_rate: float | optax.Schedule | None = None,
+                 ablate: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
         """`learning_rate`: None for `self.learning_rate` with cosine decay over `num_steps`, a float
-        for that rate on the same schedule, or the user's own optax schedule (step -> rate)."""
+        for that rate on the same schedule, or the user's own optax schedule (step -> rate).
+        `ablate`: groups of FEATURE_GROUPS the learned parts see as 0, to measure what each
+        contributes (`metaopt inspect`); the nominal direction is untouched."""
+        unknown = sorted(set(ablate) - set(FEATURE_GROUPS))
+        if unknown:
+            raise ValueError(f"nominal_mlp cannot ablate {unknown}: its feature groups are {FEATURE_GROUPS}")
+
+        def seen(group: str, x: jax.Array) -> jax.Array:
+            return jnp.zeros_like(x) if group in ablate else x
+
         a_number = isinstance(learning_rate, int | float)
         if a_number and not (math.isfinite(learning_rate) and learning_rate > 0):
             raise ValueError(f"nominal_mlp needs a positive, finite learning_rate, got {learning_rate!r}; "
@@ -304,8 +318,8 @@ class NominalMLP:
                 # small fade from them (on raw gradients the screen lost 4 more of 12 problems).
                 scale = state.estimate.d
                 lr = lr * scale
-            step_feats = jnp.stack([state.count.astype(jnp.float32) / num_steps, jnp.log10(t) / 4.0,
-                                    lr_fraction]).astype(jnp.float32)
+            step_feats = seen("progress", jnp.stack([state.count.astype(jnp.float32) / num_steps,
+                                                     jnp.log10(t) / 4.0, lr_fraction]).astype(jnp.float32))
             pace = lr_fraction if self.rate_on_schedule else None
             # Bias corrections of every EMA (as optax: 1 - β^t).
             mom_fix = 1.0 - decays ** t
@@ -326,11 +340,11 @@ class NominalMLP:
                 ratios = m / mom_fix.reshape(bshape) / denom  # (K, *shape)
                 direction = ratios[ADAM_MOMENTUM]
                 p_rms = _rms(p32)
-                f_t = tensor_features(p32, p_rms)
+                f_t = seen("tensor", tensor_features(p32, p_rms))
                 x = jnp.concatenate([
-                    jnp.clip(g32 / denom, -RATIO_CLIP, RATIO_CLIP).reshape(1, -1),
-                    jnp.clip(ratios, -RATIO_CLIP, RATIO_CLIP).reshape(len(MOM_DECAYS), -1),
-                    (p32 / jnp.maximum(p_rms, 1e-30)).reshape(1, -1),
+                    seen("gradient", jnp.clip(g32 / denom, -RATIO_CLIP, RATIO_CLIP).reshape(1, -1)),
+                    seen("momenta", jnp.clip(ratios, -RATIO_CLIP, RATIO_CLIP).reshape(len(MOM_DECAYS), -1)),
+                    seen("parameter", (p32 / jnp.maximum(p_rms, 1e-30)).reshape(1, -1)),
                 ])  # (F_element, n): feature-major, so the MLP is W^T @ X
                 bias = mlp["b0"] + jnp.concatenate([f_t, step_feats]) @ mlp["w0"][NUM_ELEMENT_FEATURES:]
                 out = _mlp_apply(mlp, x, bias).reshape(g32.shape)
