@@ -518,6 +518,9 @@ def evaluate(
             "elapsed_s": {"tuning": round(tuning_s, 2),
                           "training": round(time.time() - task_started - tuning_s, 2)},
         })
+        # No program of this task serves the next one (other shapes). Kept, each would hold ~160 memory
+        # maps: a long suite ran out of vm.max_map_count (65,530) and LLVM aborted the process.
+        _program.cache_clear()
     bar.close()
     result = {
         "ref": ref.ref,

@@ -146,6 +146,8 @@ def _check_result(result, suite, ref):
 def test_smoke_with_a_hand_designed_ref(momentum_result, smoke, tmp_path):
     _check_result(momentum_result, smoke, "momentum")
     assert momentum_result["ref_kind"] == "hand-designed"
+    # Each task's compiled programs are let go: kept, a long suite exhausted the process's memory maps.
+    assert evaluation._program.cache_info().currsize == 0
     written = evaluation.write_report(momentum_result, tmp_path / "report")
     assert json.loads(pathlib.Path(written["json"]).read_text())["aggregate"] == momentum_result["aggregate"]
     pngs = [pathlib.Path(p) for k, p in written.items() if k != "json"]
