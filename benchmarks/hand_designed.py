@@ -180,13 +180,13 @@ def plot(result: dict, path: pathlib.Path) -> None:
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_title("rank by final training loss (1 = best; grey: cannot train the task)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
-    for n in names:
+    for i, n in enumerate(names):
         s = result["summary"][n]
         if s["mean_rank"] is None:
             continue
         ax2.scatter(s["median_step_time_ratio"], s["mean_rank"])
         ax2.annotate(f"{n} ({s['tasks']})", (s["median_step_time_ratio"], s["mean_rank"]), fontsize=7,
-                     xytext=(3, 3), textcoords="offset points")
+                     xytext=(3, 3 - 10 * (i % 2)), textcoords="offset points")  # alternate: ties stay legible
     ax2.set(xscale="log", xlabel="median step time / Adam's", ylabel="mean rank over the tasks it trains",
             title="quality against cost (in brackets: tasks trained)")
     ax2.invert_yaxis()

@@ -163,11 +163,40 @@ def plot(result: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def _mean_std(row: dict) -> str:
+    return f"{row['accuracy']:.3f} ± {row['accuracy_std']:.3f}"
+
+
+def markdown(result: dict) -> str:
+    """The two tables of docs/baselines.md: accuracy per family and sparsity, storage ratios."""
+    lines = [f"Held-out accuracy, mean ± std over seeds {result['seeds']} ({result['steps']} steps of Adam, "
+             f"its rate tuned per row on seed {result['tuning_seed']}):", "",
+             "| family | sparsity | weights | RigL | static topology |", "| --- | --- | --- | --- | --- |"]
+    rows = result["accuracy"]
+    for r in rows:
+        if r["sparsity"] == 0:
+            lines.append(f"| {r['family']} | dense | {r['weights']:,} | {_mean_std(r)} | |")
+        elif r["rigl"]:
+            static = next(s for s in rows if s["family"] == r["family"] and s["sparsity"] == r["sparsity"]
+                          and not s["rigl"])
+            lines.append(f"| {r['family']} | {r['sparsity']:.0%} | {r['weights']:,} | {_mean_std(r)} | "
+                         f"{_mean_std(static)} |")
+    lines += ["", "Truly sparse (BCOO) storage as a ratio to masked, one training step of a 2-layer MLP of "
+              f"width {result['storage'][0]['width']}, batch 128:", "",
+              "| sparsity | weights | step time BCOO / masked | memory BCOO / masked "
+              "| memory masked, BCOO (MB) |", "| --- | --- | --- | --- | --- |"]
+    for r in result["storage"]:
+        masked, bcoo = r["bytes"]["masked"] / 1e6, r["bytes"]["bcoo"] / 1e6
+        lines.append(f"| {r['sparsity']:.0%} | {r['weights']:,} | {r['step_time_ratio']:.2f}× | "
+                     f"{r['memory_ratio']:.2f}× | {masked:.1f}, {bcoo:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the MLP, few steps and trials; a minute")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    parser.add_argument("--out", type=pathlib.Path, help="write sparse.json and sparse.png here")
+    parser.add_argument("--out", type=pathlib.Path, help="write sparse.{json,md,png} here")
     args = parser.parse_args()
     if args.quick:
         steps, trials, seeds, families = 100, 2, [0], ["sparse_mlp"]
@@ -182,6 +211,7 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sparse.json").write_text(json.dumps(result, indent=2))
+        (args.out / "sparse.md").write_text(markdown(result))
         plot(result, args.out / "sparse.png")
     if args.json:
         print(json.dumps(result))

@@ -1,5 +1,5 @@
-"""The long_horizon and shifted evaluation suites: what they hold, that every task builds and
-trains, and that the shifted tasks lie outside the meta-training mix."""
+"""The long_horizon, shifted and hand_designed evaluation suites: what they hold, that every task
+builds and trains, and that their tasks lie outside the meta-training mix."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from metaopt import evaluation, task_zoo
+from metaopt import evaluation, optimizers, task_zoo
 
 # The meta-training mix the evaluation suites are kept apart from: MLP classifiers on 8x8
 # digits of these depths, widths and activations (less two shapes that out_of_distribution
@@ -136,8 +136,6 @@ def test_the_design_validation_suite_lies_outside_the_mix_and_every_evaluation_s
 
 def test_hand_designed_runs_every_tunable_hand_designed_optimizer_on_the_new_families():
     """A hand-designed optimizer added to the zoo with a search space must join the suite."""
-    from metaopt import optimizers
-
     suite = evaluation.load_suite("hand_designed")
     hand = [n for n in optimizers.names()
             if not optimizers.make(n).learned and getattr(optimizers.make(n), "search_space", None)]
