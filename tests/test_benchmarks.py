@@ -33,6 +33,7 @@ PROMISED = {
     "estimator_commits": ("seconds_per_truncation.this", "seconds_per_truncation.other", "this_vs_other"),
     "estimators": ("problems.closed_form.reference_norm", "problems.quadratic.reference_norm",
                    "problems.*.estimators.*.relative_std"),
+    "hand_designed": ("summary.*.tasks", "tasks.*.optimizers.*.step_time_ratio", "eval_elapsed_s"),
     "in_context_learning": ("runs.*.meta_training.outer_steps", "runs.*.meta_test.64",
                             "runs.*.training_tasks.64", "logistic_regression.*.accuracy"),
     "learner_ingest": ("ingest_ratio", "raw_grpc_mb_per_s", "learner_mb_per_s", "accepted_per_s"),
@@ -44,6 +45,7 @@ PROMISED = {
                     "parts.lopt_update.fraction_of_peak", "mlp_within_update.fraction_of_peak",
                     "step_over_floor"),
     "schedule_search": ("meta_training.inner_steps", "search.*.trials", "learned_vs.*.tasks"),
+    "sparse": ("accuracy.*.accuracy", "storage.*.step_time_ratio", "storage.*.memory_ratio"),
     "torch_numerics": ("rows.*.worst", "rows.*.errors.*"),
     "torch_step": ("rows.*.seconds.adam", "rows.*.vs_adam.small_fc", "rows.*.vs_adam.nominal_mlp",
                    "rows.0.vs_adam.small_fc_compiled", "rows.0.vs_adam.nominal_mlp_compiled",  # 0: torch

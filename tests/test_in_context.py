@@ -107,10 +107,12 @@ def _one_task_spec(outer_steps: int) -> dict:
             "stop": {"max_outer_steps": outer_steps}}
 
 
+@pytest.mark.slow
 def test_metaopt_train_meta_trains_it_by_backprop_and_publishes_a_classifier(tmp_path):
-    """The fast half of the slow run below: `metaopt train` (learner, Ray workers computing the
+    """The short half of the run below: `metaopt train` (learner, Ray workers computing the
     meta-gradient by TBPTT) for 5 outer steps publishes a classifier that labels queries from
-    context, and refuses to be an optimizer."""
+    context, and refuses to be an optimizer. (Slow for make test's time: `metaopt train` with Ray
+    workers is tested fast on optimizers, and what it does with this objective is above.)"""
     trained, summary = meta_train(tmp_path, _one_task_spec(5))
     assert trained.kind == "classifier" and trained.optimizer_name == "in_context_learner"
     assert summary["outer_steps"] == 5

@@ -84,7 +84,8 @@ def _sgd_step(task, params, key):
     return loss, finite, test, jax.tree.map(lambda p, g: p - 1e-2 * g, params, grads)
 
 
-@pytest.mark.parametrize("suite", ["long_horizon", "shifted", "hand_designed"])
+@pytest.mark.parametrize("suite", ["long_horizon", "shifted",
+                                   pytest.param("hand_designed", marks=pytest.mark.slow)])  # 20 s; built fast
 def test_every_task_builds_and_trains_a_few_steps(suite):
     # one compile of one step per task (a scan of steps, or steps unrolled, compiles slower)
     for t in evaluation.load_suite(suite).tasks:
@@ -140,6 +141,7 @@ def test_hand_designed_runs_every_tunable_hand_designed_optimizer_on_the_new_fam
     hand = [n for n in optimizers.names()
             if not optimizers.make(n).learned and getattr(optimizers.make(n), "search_space", None)]
     assert sorted(suite.baselines) == sorted(hand) and len(hand) >= 11
+    assert all(task_zoo.task(t.spec) for t in suite.tasks)  # every task builds (trained in the slow test)
     families = {t.spec.name for t in suite.tasks}
     assert {"sparse_mlp", "sparse_cnn", "epinet", "cnn", "transformer_lm"} <= families
     assert not [t.name for t in suite.tasks if in_meta_training_mix(t.spec)]
