@@ -203,6 +203,12 @@ def rewires(task) -> bool:
     return isinstance(task, SparseTask) and task.rewire_every > 0
 
 
+def _budget(layers: list[tuple[str, int, int]], sparsity: float) -> list[int]:
+    """Weights per (name, fan_in, fan_out) layer at `sparsity`, spread by ERK; at least one each."""
+    densities = erk_densities([(i, o) for _, i, o in layers], 1 - sparsity)
+    return [max(1, round(d * i * o)) for d, (_, i, o) in zip(densities, layers, strict=True)]
+
+
 class _SparseFamily:
     """What the two families share: sparsity, storage and the RigL schedule."""
 
@@ -257,8 +263,7 @@ class _SparseFamily:
         """Active weights plus biases; FLOPs = 3 x 2 x batch x (active weights x positions + biases)."""
         layers, positions = self._layers(spec)
         kw = self._kwargs(spec, self.required)
-        densities = erk_densities([(i, o) for _, i, o in layers], 1 - kw["sparsity"])
-        weights = [max(1, round(d * i * o)) for d, (_, i, o) in zip(densities, layers, strict=True)]
+        weights = _budget(layers, kw["sparsity"])
         params = sum(weights) + sum(o for _, _, o in layers)
         flops = sum((w + o) * p for w, (_, _, o), p in zip(weights, layers, positions, strict=True))
         return TaskCost(parameters=params, flops_per_step=3.0 * 2.0 * kw["batch_size"] * flops)
@@ -267,11 +272,9 @@ class _SparseFamily:
         kw = self._kwargs(spec, self.required)
         layers, _ = self._layers(spec)
         data = load_images(kw["dataset"])
-        densities = erk_densities([(i, o) for _, i, o in layers], 1 - kw["sparsity"])
         rng = np.random.default_rng(kw["seed"])
         topology = {}
-        for d, (name, fan_in, fan_out) in zip(densities, layers, strict=True):
-            nnz = max(1, round(d * fan_in * fan_out))
+        for nnz, (name, fan_in, fan_out) in zip(_budget(layers, kw["sparsity"]), layers, strict=True):
             positions = np.sort(rng.choice(fan_in * fan_out, nnz, replace=False))
             topology[name] = jnp.asarray(positions, jnp.int32)
         return SparseTask(
