@@ -9,6 +9,7 @@ figures), so that one scenario's Ray, servers or crash cannot touch the next:
     chaos_fuzz.py      hostile gRPC messages against the real learner server
     chaos_inputs.py    invalid job specs through `metaopt train`/`submit`; tampered artifacts
     chaos_load.py      256 worker streams held: learner memory bounded, no accepted estimate lost
+    chaos_nodes.py     a multi-node Ray cluster loses a whole worker node mid-run; one joins later
 
 The report keeps every scenario's figures under `scenarios` and puts the headline figures at
 the top: `worker_kills`, `run_finished` (every run of every scenario finished), `learner_kills`,
@@ -20,7 +21,7 @@ did not report: each one breaks its promises) and `ok`: every promise held.
 
     python benchmarks/chaos.py [--quick] [--json] [--only NAME ...] [--out DIR]
 
-`--quick` runs a short version of each (under ten minutes on 2 cores); without it the long ones
+`--quick` runs a short version of each (about ten minutes on 2 cores); without it the long ones
 run (kills for several minutes, 256 streams for five minutes). `--out DIR` writes DIR/chaos.json.
 """
 
@@ -37,7 +38,7 @@ import time
 from tqdm import tqdm
 
 HERE = pathlib.Path(__file__).resolve().parent
-SCENARIOS = ("workers", "learner", "services", "fuzz", "inputs", "load")
+SCENARIOS = ("workers", "learner", "services", "fuzz", "inputs", "load", "nodes")
 
 
 def run_scenario(name: str, quick: bool, timeout_s: float = 1800) -> dict:
@@ -76,6 +77,7 @@ FIGURES = {
     "inputs": ("spec_started", "artifact_accepted", "spec_unclear", "secrets_echoed", "cache_poisoned",
                "artifact_unclear", "intact_failed"),
     "load": ("accepted_lost", "within_bound"),
+    "nodes": ("node_kills", "run_finished", "accepted_equals_applied", "phases_done", "record_state"),
 }
 
 
@@ -100,9 +102,10 @@ def headline(scenarios: dict[str, dict]) -> dict:
         s = scenarios[name]
         return "error" not in s and all(key in s for key in FIGURES[name]) and bool(promise(s))
 
-    finished = [ran[n].get("run_finished") for n in ("workers", "learner", "services") if n in ran]
+    finished = [ran[n].get("run_finished") for n in ("workers", "learner", "services", "nodes") if n in ran]
     report = {
         "worker_kills": total(("workers", "worker_kills")),
+        "node_kills": total(("nodes", "node_kills")),
         "run_finished": (None if None in finished else all(finished)) if finished else None,
         "learner_kills": total(("learner", "learner_kills")),
         "resumes": total(("learner", "resumes")),
@@ -126,13 +129,15 @@ def headline(scenarios: dict[str, dict]) -> dict:
               and s["theta_unchanged_by_invalid"] is True),
         holds("inputs", lambda s: all(s[key] == 0 for key in FIGURES["inputs"])),
         holds("load", lambda s: s["accepted_lost"] == 0 and s["within_bound"] is True),
+        holds("nodes", lambda s: s["run_finished"] is True and s["accepted_equals_applied"] is True
+              and s["phases_done"] is True and s["record_state"] == "SUCCEEDED"),
     ]
     return {**report, "missing_figures": missing, "ok": all(promises)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short versions (under ten minutes)")
+    parser.add_argument("--quick", action="store_true", help="short versions (about ten minutes)")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.add_argument("--only", nargs="+", choices=SCENARIOS, help="run only these scenarios")
     parser.add_argument("--out", type=pathlib.Path, help="write chaos.json here")

@@ -72,6 +72,19 @@ def working_workers() -> set[int]:
     return found
 
 
+def learner_counts(metrics_url: str) -> dict[str, float]:
+    """The learner's incarnation and θ-version counters on its /metrics ({} while its server is
+    not up yet, or no more)."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            text = response.read().decode()
+    except (OSError, http.client.HTTPException):
+        return {}
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name in ("metaopt_worker_incarnations_total", "metaopt_theta_version")}
+
+
 class Killer(threading.Thread):
     """SIGKILLs a random working worker about every `every_s` seconds, but only one that has
     been in its loop for `min_age_s`: killing every incarnation before its first estimate
@@ -114,21 +127,10 @@ class KillerAfterDelivery(threading.Thread):
         self.steps_at_kills: list[int] = []
         self.stopped = threading.Event()
 
-    def learner_counts(self) -> dict[str, float]:
-        """The learner's counters this killer follows ({} while its server is not up yet)."""
-        try:
-            with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
-                text = response.read().decode()
-        except (OSError, http.client.HTTPException):  # not serving yet, or no more
-            return {}
-        return {sample.name: sample.value for family in text_string_to_metric_families(text)
-                for sample in family.samples
-                if sample.name in ("metaopt_worker_incarnations_total", "metaopt_theta_version")}
-
     def run(self) -> None:
         started = time.monotonic()
         while len(self.kills) < self.target and not self.stopped.wait(self.poll_s):
-            counts = self.learner_counts()
+            counts = learner_counts(self.metrics_url)
             if counts.get("metaopt_worker_incarnations_total", 0) < self.workers + len(self.kills):
                 continue  # an incarnation (a first start, or the last restart) has not delivered yet
             working = working_workers()

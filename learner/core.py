@@ -372,6 +372,11 @@ class Learner:
         with self._lock:
             self._incarnations.closed((worker_id, run_id), self.version)
 
+    def connected_workers(self) -> set[str]:
+        """Worker ids with a stream open now."""
+        with self._lock:
+            return {worker for (worker, _), record in self._incarnations.records.items() if record.streams}
+
     @property
     def replay_records(self) -> int:
         """Worker incarnations whose replay record is held now."""

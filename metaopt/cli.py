@@ -301,7 +301,7 @@ def workers(
         stats = run_workers(spec, learner, job_id, token, tls, count)
     except WorkerFailed as err:
         _fail(str(err), code=1)
-    accepted = sum(s["accepted"] for s in stats)
+    accepted = sum(s.get("accepted", 0) for s in stats)  # a worker never placed has none
     typer.echo(json.dumps({"accepted": accepted, "workers": stats}) if as_json else
                f"{len(stats)} workers: {accepted} estimates accepted")
 

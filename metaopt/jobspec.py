@@ -162,6 +162,8 @@ class OuterSpec(_Frozen):
 
 
 class WorkersSpec(_Frozen):
+    # Up to this many workers, spread over the cluster's nodes. Where fewer fit, the job runs
+    # with those and Ray places the rest as nodes join (workers.actor.actor_options).
     count: int = Field(2, ge=1)
     # Ray CPUs per worker. A CPU-only worker with n >= 2 whole CPUs sees them as n jax devices
     # and splits its particles across them (workers.actor.worker_env).

@@ -91,13 +91,14 @@ def _train(run: _LearnerRun, host: str, progress: bool, metrics_port: int) -> Ru
         try:
             run.follow(runs, progress)
         finally:
+            connected = learner.connected_workers()  # those told to stop, who will return
             learner.stop()  # θ is final from here on
             wall_s = time.perf_counter() - started
             try:
                 run.checkpointer.stop()  # the final checkpoint first, before anything that may be slow
             finally:
-                worker_stats = _collect(runs)
-                for actor in actors:
+                worker_stats = _collect(runs, waiting_for=connected)
+                for actor in actors.values():
                     ray.kill(actor)
                 server.stop(grace=2).wait()
         run.evaluate_final()  # with the workers gone, and /metrics still serving its gauges
@@ -292,7 +293,7 @@ def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening,
         try:
             if on_listening is not None:
                 on_listening(f"{host}:{bound}", f"http://{host}:{metrics_bound}/metrics")
-            run.follow([], progress)
+            run.follow({}, progress)
             finished_at = time.monotonic()
         finally:
             learner.stop()
@@ -329,12 +330,15 @@ def run_workers(spec: JobSpec, learner_address: str, job_id: str, token: str | N
     _start_ray(spec)
     actors, runs = start_workers(spec, learner_address, job_id, count=count, token=token, tls=tls)
     try:
-        while ray.wait(runs, num_returns=len(runs), timeout=2.0)[1]:
+        # Until the first worker returns: the learner told it the job is over. The others
+        # then return within a connection, except any Ray never placed (no node had room):
+        # those are not waited for beyond `_collect`'s timeout.
+        while not ray.wait(list(runs.values()), num_returns=1, timeout=2.0)[0]:
             _raise_if_a_worker_failed(runs, job_id)
         _raise_if_a_worker_failed(runs, job_id)
-        return [ray.get(run) for run in runs]
+        return _collect(runs)
     finally:
-        for actor in actors:
+        for actor in actors.values():
             ray.kill(actor)
 
 
@@ -389,12 +393,12 @@ def _dump_stacks_on_sigusr1() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
-def _raise_if_a_worker_failed(runs, job_id: str) -> None:
+def _raise_if_a_worker_failed(runs: dict, job_id: str) -> None:
     if not runs:  # a learner of its own: its workers are not ours to watch
         return
     import ray
 
-    finished, _ = ray.wait(runs, num_returns=len(runs), timeout=0)
+    finished, _ = ray.wait(list(runs.values()), num_returns=len(runs), timeout=0)
     for ref in finished:
         try:
             ray.get(ref)
@@ -472,16 +476,22 @@ def _follow(learner, runs, metrics_path: pathlib.Path, progress: bool, start: in
     bar.close()
 
 
-def _collect(runs, timeout_s: float = 60.0) -> list:
-    """Wait for the workers to return after the learner's Stop; a stuck one is reported."""
+def _collect(runs: dict, waiting_for: set[str] | None = None, timeout_s: float = 60.0) -> list:
+    """Each worker's stats once it has returned after the learner's Stop; a stuck one is
+    reported. With `waiting_for` (the workers connected at the Stop), the others are not waited
+    for: Ray may never place them (no node has room), and one that is starting has nothing to lose."""
     import ray
 
-    ready, pending = ray.wait(runs, num_returns=len(runs), timeout=timeout_s)
+    waited = {ref: worker_id for worker_id, ref in runs.items()
+              if waiting_for is None or worker_id in waiting_for}
+    ready, pending = ray.wait(list(waited), num_returns=len(waited), timeout=timeout_s)
     stats = []
     for ref in ready:
         try:
             stats.append(ray.get(ref))
         except ray.exceptions.RayError as err:
-            stats.append({"error": str(err).splitlines()[0]})
-    stats += [{"error": f"did not stop within {timeout_s}s"} for _ in pending]
-    return stats
+            stats.append({"worker_id": waited[ref], "error": str(err).splitlines()[0]})
+    stats += [{"worker_id": waited[ref], "error": f"did not return within {timeout_s:.0f}s of the job's end "
+               "(stuck, or never placed: no node had room for it)"} for ref in pending]
+    return stats + [{"worker_id": worker_id, "not_connected_at_the_end": True}
+                    for worker_id in runs if worker_id not in waited.values()]

@@ -27,6 +27,8 @@ PROMISED = {
     "chaos_inputs": ("spec_cases", "artifact_cases"),
     "chaos_learner": ("learner_kills", "resumes"),
     "chaos_load": ("streams", "accepted", "accepted_per_s", "outer_steps"),
+    "chaos_nodes": ("node_kills", "workers_lost", "restarted_on_survivors", "placed_on_new_node",
+                    "worker_incarnations", "accepted", "kill_to_first_restart_s", "join_to_its_worker_s"),
     "chaos_services": ("redis_outages", "object_store_outages"),
     "chaos_workers": ("worker_incarnations", "outer_steps_per_s_calm", "outer_steps_per_s_kills",
                       "throughput_kept"),

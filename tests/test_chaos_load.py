@@ -1,4 +1,4 @@
-"""Load, short: 256 worker streams held on the real learner for 15 s (`benchmarks/chaos_load.py`
+"""Load, short: 256 worker streams held on the real learner for 8 s (`benchmarks/chaos_load.py`
 holds them for minutes). Every stream stays open and keeps sending, every accepted estimate is
 applied in exactly one outer step, and the learner's memory stays within the stated bound."""
 
@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.chaos_load import RSS_BOUND_MB, hold_streams
 
-STREAMS, SECONDS, WARM_S = 256, 15.0, 5.0
+STREAMS, SECONDS, WARM_S = 256, 8.0, 3.0
 
 
 @pytest.fixture(scope="module")

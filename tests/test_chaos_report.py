@@ -20,6 +20,8 @@ KEPT = {
     "inputs": {"spec_started": 0, "artifact_accepted": 0, "spec_unclear": 0, "secrets_echoed": 0,
                "cache_poisoned": 0, "artifact_unclear": 0, "intact_failed": 0},
     "load": {"accepted_lost": 0, "within_bound": True},
+    "nodes": {"node_kills": 1, "run_finished": True, "accepted_equals_applied": True, "phases_done": True,
+              "record_state": "SUCCEEDED"},
 }
 
 
@@ -52,7 +54,9 @@ def test_a_missing_figure_breaks_the_promise_and_is_named(scenario, figure):
     ("fuzz", "invalid_accepted", 1), ("fuzz", "server_crashes", 1),
     ("fuzz", "theta_unchanged_by_invalid", False),
     ("inputs", "spec_started", 1), ("inputs", "secrets_echoed", 1), ("load", "accepted_lost", 1),
-    ("load", "within_bound", False),
+    ("load", "within_bound", False), ("nodes", "run_finished", False),
+    ("nodes", "accepted_equals_applied", False), ("nodes", "phases_done", False),
+    ("nodes", "record_state", "FAILED"),
 ])
 def test_a_broken_figure_breaks_the_promise(scenario, figure, broken):
     scenarios = copy.deepcopy(KEPT)

@@ -239,3 +239,18 @@ def test_a_resumed_run_keeps_its_metrics_lines_up_to_the_checkpoint_then_adds_ne
         assert [r["step"] for r in read_metrics(metrics)] == list(range(first, last + 3))
         gap = f"lacks outer steps 1 to {last - WINDOW}"
         assert (gap in caplog.text) == (not has_file)
+
+
+def test_the_connected_workers_are_those_with_a_stream_open_now():
+    """What the end of a run waits for (metaopt.train._collect): a worker with two incarnations'
+    streams, one closed, is connected; once both close, it is not."""
+    lrn = bounded_learner()
+    lrn.stream_opened("w", "first")
+    lrn.stream_opened("w", "second")
+    lrn.stream_opened("v", "only")
+    assert lrn.connected_workers() == {"w", "v"}
+    lrn.stream_closed("w", "first")
+    lrn.stream_closed("v", "only")
+    assert lrn.connected_workers() == {"w"}
+    lrn.stream_closed("w", "second")
+    assert lrn.connected_workers() == set()

@@ -146,30 +146,50 @@ def test_a_submitted_job_completes_and_a_cancelled_one_stops_with_a_checkpoint(c
     listed = json.loads(metaopt(env, "list-jobs", "--json").stdout)
     assert {"short-1", "long-1"} <= {r["job_id"] for r in listed}
 
-    checkpoints = str(tmp_path / "store" / "runs" / "long-1" / "checkpoints")
+    cancel_after_a_checkpoint(env, "long-1", tmp_path / "store")
+
+
+def cancel_after_a_checkpoint(env: dict, job_id: str, store: Path) -> int:
+    """Cancel the running job once it has a checkpoint, following its logs meanwhile: it stops
+    STOPPED, with a final checkpoint that its record names. Returns the checkpoint's step."""
+    checkpoints = str(store / "runs" / job_id / "checkpoints")
     deadline = time.monotonic() + 240
     while storage.latest_checkpoint(checkpoints) is None:
-        assert time.monotonic() < deadline, metaopt(env, "logs", "long-1").stdout[-3000:]
+        assert time.monotonic() < deadline, metaopt(env, "logs", job_id).stdout[-3000:]
         time.sleep(1)
-    follow = subprocess.Popen([sys.executable, "-m", "metaopt.cli", "logs", "long-1", "--follow"],
+    follow = subprocess.Popen([sys.executable, "-m", "metaopt.cli", "logs", job_id, "--follow"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    done = metaopt(env, "cancel", "long-1")
+    done = metaopt(env, "cancel", job_id)
     assert done.returncode == 0 and "stopping" in done.stdout, done.stderr
-    row = wait_for(env, "long-1", {"SUCCEEDED", "FAILED", "STOPPED"}, 120)
+    row = wait_for(env, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}, 120)
     assert row["status"] == "STOPPED"
     step, _, meta = storage.latest_checkpoint(checkpoints)
-    assert step >= 1 and meta["job_id"] == "long-1"
+    assert step >= 1 and meta["job_id"] == job_id
     assert row["record"]["state"] == "STOPPED" and row["record"]["theta_version"] == step, row
     followed, _ = follow.communicate(timeout=60)  # --follow ends with the job
-    assert follow.returncode == 0 and "Running entrypoint for job long-1" in followed
+    assert follow.returncode == 0 and f"Running entrypoint for job {job_id}" in followed
+    return step
+
+
+# Slow: the default run cancels a job and finds its checkpoint (above); resuming the newest
+# checkpoint under the same job id is test_chaos_learner's, fast.
+@pytest.mark.slow
+def test_a_cancelled_job_submitted_again_resumes_as_a_new_attempt(cluster, tmp_path):
+    env = cluster
+    store = {"root": str(tmp_path / "store"), "job_store": env["METAOPT_JOB_STORE"]}
+    long = write_spec(tmp_path / "long.yaml", stop={"max_outer_steps": 100000}, storage=store,
+                      checkpoint_interval_s=1)
+    done = metaopt(env, "submit", str(long), "--job-id", "long-2")
+    assert done.returncode == 0, done.stderr
+    step = cancel_after_a_checkpoint(env, "long-2", tmp_path / "store")
 
     # The same job id again: a new attempt, which resumes from the last checkpoint.
-    done = metaopt(env, "submit", str(long), "--job-id", "long-1", "--max-outer-steps", str(step + 2))
-    assert done.returncode == 0 and "long-1-attempt-2" in done.stderr, done.stderr
-    row = wait_for(env, "long-1", {"SUCCEEDED", "FAILED", "STOPPED"})
-    assert row["submission_id"] == "long-1-attempt-2" and row["status"] == "SUCCEEDED", row
+    done = metaopt(env, "submit", str(long), "--job-id", "long-2", "--max-outer-steps", str(step + 2))
+    assert done.returncode == 0 and "long-2-attempt-2" in done.stderr, done.stderr
+    row = wait_for(env, "long-2", {"SUCCEEDED", "FAILED", "STOPPED"})
+    assert row["submission_id"] == "long-2-attempt-2" and row["status"] == "SUCCEEDED", row
     assert row["record"]["theta_version"] == step + 2 and row["record"]["state"] == "SUCCEEDED"
-    summary = last_json(metaopt(env, "logs", "long-1").stdout)
+    summary = last_json(metaopt(env, "logs", "long-2").stdout)
     assert summary["outer_steps"] == step + 2
 
 

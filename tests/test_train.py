@@ -139,3 +139,41 @@ def test_a_worker_with_two_cpus_splits_its_particles_across_two_devices(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     workers = json.loads((tmp_path / "runs" / "two-cpus" / "workers.json").read_text())
     assert [w["devices"] for w in workers] == [2], workers
+
+
+# The end of a run on a cluster with less room than workers.count asked for: Ray keeps the
+# workers that did not fit pending, and `_collect` must not wait for them.
+COLLECT_WITH_AN_UNPLACED_WORKER = """
+import json, time
+import ray
+from metaopt.train import _collect
+
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+
+@ray.remote(num_cpus=1)
+class Worker:
+    def run(self):
+        return {"worker_id": "worker-0", "accepted": 3}
+
+placed, unplaced = Worker.remote(), Worker.options(resources={"a node that never joins": 1}).remote()
+runs = {"worker-0": placed.run.remote(), "worker-1": unplaced.run.remote()}
+started = time.monotonic()
+heard = _collect(runs, waiting_for={"worker-0"}, timeout_s=120)
+heard_s = time.monotonic() - started
+print(json.dumps({"heard": heard, "heard_s": heard_s, "all": _collect(runs, timeout_s=1)}))
+"""
+
+
+def test_the_end_of_a_run_waits_only_for_the_workers_connected_at_its_stop():
+    """A worker Ray never placed (no node had room) is reported, not waited for: the run ends at
+    once, where waiting for every worker would take `_collect`'s whole timeout."""
+    done = subprocess.run([sys.executable, "-c", COLLECT_WITH_AN_UNPLACED_WORKER], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = last_json(done.stdout)
+    assert report["heard"] == [{"worker_id": "worker-0", "accepted": 3},
+                               {"worker_id": "worker-1", "not_connected_at_the_end": True}]
+    assert report["heard_s"] < 30  # not the 120 s timeout
+    waited_for_all = report["all"]
+    assert waited_for_all[0] == {"worker_id": "worker-0", "accepted": 3}
+    assert waited_for_all[1]["worker_id"] == "worker-1" and "never placed" in waited_for_all[1]["error"]

@@ -99,6 +99,7 @@ def test_every_estimator_kind_meta_trains_through_the_real_learner(kind):
     # thread may still be applying it.
     assert learner.wait_idle()
     assert learner.version == 3 and stats["accepted"] >= 2
+    assert stats["node"] is None  # not a Ray actor here
     per_estimate = worker.estimator.inner_steps_per_estimate
     assert all(step.inner_steps == per_estimate for step in learner.history)
 
@@ -111,3 +112,16 @@ def test_workers_share_a_compilation_cache_only_when_the_spec_names_one(tmp_path
     env = worker_env(spec)
     assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path)
     assert float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]) > 0  # the unrolls, not every op
+
+
+def test_workers_are_spread_over_nodes_and_come_back_wherever_there_is_room():
+    """The promises of Ray's actor options, restated without a cluster (a real three-node one
+    loses a node in tests/test_chaos_nodes.py, slow): spread, not packed, so one node's loss
+    costs its share; restarted without limit, loop included."""
+    from metaopt.workers.actor import actor_options
+
+    options = actor_options(SPEC.with_overrides(**{"workers.cpus": 2}))
+    assert options["scheduling_strategy"] == "SPREAD"
+    assert options["max_restarts"] == options["max_task_retries"] == -1
+    assert (options["num_cpus"], options["num_gpus"]) == (2, 0)
+    assert repr(PESWorker(SPEC, "127.0.0.1:1", "worker-3", "job-r")) == "PESWorker(worker-3)"  # Ray shows it

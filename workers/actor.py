@@ -65,6 +65,10 @@ class PESWorker:
         self.key = self.task_spec = self.objective = self.particles = None
         self.truncations_left = 0
 
+    def __repr__(self) -> str:
+        # Ray shows an actor by its repr (the dashboard, `ray list actors`: `repr_name`).
+        return f"PESWorker({self.worker_id})"
+
     def hello(self) -> pb.Hello:
         digest = wire.structure_digest(wire.theta_structure(self.template))
         return pb.Hello(job_id=self.job_id, worker_id=self.worker_id, run_id=self.run_id,
@@ -99,7 +103,7 @@ class PESWorker:
                 self.stats["accepted"] += client.accepted
                 self.stats["rejected"] += client.rejected
             if client.stopped.is_set():
-                return {**self.stats, "worker_id": self.worker_id, "run_id": self.run_id}
+                return {**self.stats, "worker_id": self.worker_id, "run_id": self.run_id, "node": _ray_node()}
             self.stats["reconnects"] += 1
 
     def _work(self, client: LearnerClient) -> None:
@@ -145,6 +149,13 @@ class PESWorker:
         )
 
 
+def _ray_node() -> str | None:
+    """The Ray node this worker runs on (None outside Ray, as `metaopt worker`)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def worker_env(spec: JobSpec) -> dict[str, str]:
     """Environment of a worker process. A CPU worker with n ≥ 2 whole CPUs sees them as n jax
     devices, so its estimator runs its particle halves side by side, one share per core:
@@ -161,19 +172,29 @@ def worker_env(spec: JobSpec) -> dict[str, str]:
     return env
 
 
+def actor_options(spec: JobSpec) -> dict:
+    """How Ray places and keeps the job's worker actors.
+
+    SPREAD: Ray packs actors onto as few nodes as fit by default, so one lost node would take
+    most of a job's workers with it; spread, a node's loss costs its share. `max_restarts=-1`
+    and `max_task_retries=-1`: a worker that dies, alone or with its node, comes back as a new
+    incarnation wherever there is room, and its loop starts again there. Where no node has
+    room, Ray keeps the worker pending until one does (a node joins, or an autoscaler adds
+    one): the job runs with the workers that fit, up to `workers.count`."""
+    return dict(num_cpus=spec.workers.cpus, num_gpus=spec.workers.gpus, max_restarts=-1,
+                max_task_retries=-1, scheduling_strategy="SPREAD",
+                runtime_env={"env_vars": worker_env(spec)})
+
+
 def start_workers(spec: JobSpec, learner_address: str, job_id: str, count: int | None = None,
                   token: str | None = None, tls: ClientTLS | None = None):
-    """Create `count` PESWorker Ray actors (restarted by Ray if they die) and start their
-    loops; returns (actors, run futures). Ray must already be initialised."""
+    """Create `count` PESWorker Ray actors (`actor_options`) and start their loops; returns
+    (actors, run futures), each a dict by worker id. Ray must already be initialised."""
     import ray
 
-    remote = ray.remote(PESWorker).options(
-        num_cpus=spec.workers.cpus, num_gpus=spec.workers.gpus,
-        max_restarts=-1, max_task_retries=-1, runtime_env={"env_vars": worker_env(spec)},
-    )
+    remote = ray.remote(PESWorker).options(**actor_options(spec))
     spec_data = spec.model_dump(mode="json")
-    actors = [
-        remote.remote(spec_data, learner_address, f"worker-{i}", job_id, token, tls, own_process=True)
-        for i in range(count or spec.workers.count)
-    ]
-    return actors, [actor.run.remote() for actor in actors]
+    ids = [f"worker-{i}" for i in range(count or spec.workers.count)]
+    actors = {worker_id: remote.remote(spec_data, learner_address, worker_id, job_id, token, tls,
+                                       own_process=True) for worker_id in ids}
+    return actors, {worker_id: actor.run.remote() for worker_id, actor in actors.items()}
