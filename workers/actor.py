@@ -103,7 +103,7 @@ class PESWorker:
                 self.stats["accepted"] += client.accepted
                 self.stats["rejected"] += client.rejected
             if client.stopped.is_set():
-                return {**self.stats, "worker_id": self.worker_id, "run_id": self.run_id, "node": _ray_node()}
+                return {**self.stats, "worker_id": self.worker_id, "run_id": self.run_id}
             self.stats["reconnects"] += 1
 
     def _work(self, client: LearnerClient) -> None:
@@ -147,13 +147,6 @@ class PESWorker:
             mean_loss=mean_loss, encoding=self.encoding,
             values=values, length=length, crc32=crc,
         )
-
-
-def _ray_node() -> str | None:
-    """The Ray node this worker runs on (None outside Ray, as `metaopt worker`)."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def worker_env(spec: JobSpec) -> dict[str, str]:
