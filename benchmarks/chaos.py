@@ -10,6 +10,7 @@ figures), so that one scenario's Ray, servers or crash cannot touch the next:
     chaos_inputs.py    invalid job specs through `metaopt train`/`submit`; tampered artifacts
     chaos_load.py      256 worker streams held: learner memory bounded, no accepted estimate lost
     chaos_nodes.py     a multi-node Ray cluster loses a whole worker node mid-run; one joins later
+    chaos_head.py      the Ray head (GCS, raylet and the job's driver) is lost mid-run and restarts
 
 The report keeps every scenario's figures under `scenarios` and puts the headline figures at
 the top: `worker_kills`, `run_finished` (every run of every scenario finished), `learner_kills`,
@@ -38,7 +39,7 @@ import time
 from tqdm import tqdm
 
 HERE = pathlib.Path(__file__).resolve().parent
-SCENARIOS = ("workers", "learner", "services", "fuzz", "inputs", "load", "nodes")
+SCENARIOS = ("workers", "learner", "services", "fuzz", "inputs", "load", "nodes", "head")
 
 
 def run_scenario(name: str, quick: bool, timeout_s: float = 1800) -> dict:
@@ -78,6 +79,8 @@ FIGURES = {
                "artifact_unclear", "intact_failed"),
     "load": ("accepted_lost", "within_bound"),
     "nodes": ("node_kills", "run_finished", "accepted_equals_applied", "phases_done", "record_state"),
+    "head": ("run_finished", "accepted_equals_applied", "phases_done", "record_state",
+             "accepted_during_outage", "workers_restarted", "workers_left"),
 }
 
 
@@ -102,7 +105,8 @@ def headline(scenarios: dict[str, dict]) -> dict:
         s = scenarios[name]
         return "error" not in s and all(key in s for key in FIGURES[name]) and bool(promise(s))
 
-    finished = [ran[n].get("run_finished") for n in ("workers", "learner", "services", "nodes") if n in ran]
+    finished = [ran[n].get("run_finished") for n in ("workers", "learner", "services", "nodes", "head")
+                if n in ran]
     report = {
         "worker_kills": total(("workers", "worker_kills")),
         "node_kills": total(("nodes", "node_kills")),
@@ -131,6 +135,11 @@ def headline(scenarios: dict[str, dict]) -> dict:
         holds("load", lambda s: s["accepted_lost"] == 0 and s["within_bound"] is True),
         holds("nodes", lambda s: s["run_finished"] is True and s["accepted_equals_applied"] is True
               and s["phases_done"] is True and s["record_state"] == "SUCCEEDED"),
+        # GCS fault tolerance: the workers deliver through the head's outage, none restarts, and
+        # they remove themselves at the end.
+        holds("head", lambda s: s["run_finished"] is True and s["accepted_equals_applied"] is True
+              and s["phases_done"] is True and s["record_state"] == "SUCCEEDED"
+              and s["accepted_during_outage"] > 0 and s["workers_restarted"] == 0 and s["workers_left"] == 0),
     ]
     return {**report, "missing_figures": missing, "ok": all(promises)}
 

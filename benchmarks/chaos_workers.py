@@ -34,6 +34,7 @@ each kill) and `outer_steps`.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import http.client
 import json
@@ -73,16 +74,20 @@ def working_workers() -> set[int]:
 
 
 def learner_counts(metrics_url: str) -> dict[str, float]:
-    """The learner's incarnation and θ-version counters on its /metrics ({} while its server is
-    not up yet, or no more)."""
+    """The learner's incarnation, θ-version and accepted-estimate counters on its /metrics ({}
+    while its server is not up yet, or no more); accepted summed over task families."""
     try:
         with urllib.request.urlopen(metrics_url, timeout=10) as response:
             text = response.read().decode()
     except (OSError, http.client.HTTPException):
         return {}
-    return {sample.name: sample.value for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name in ("metaopt_worker_incarnations_total", "metaopt_theta_version")}
+    counts: dict[str, float] = collections.Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("metaopt_worker_incarnations_total", "metaopt_theta_version",
+                               "metaopt_gradient_estimates_accepted_total"):
+                counts[sample.name] += sample.value
+    return dict(counts)
 
 
 class Killer(threading.Thread):

@@ -296,6 +296,11 @@ def _serve(run: _LearnerRun, host, port, token, tls, metrics_port, on_listening,
             run.follow({}, progress)
             finished_at = time.monotonic()
         finally:
+            if finished_at is None:
+                # Interrupted (SIGTERM: a pod's restart, a node drain), not finished: the streams
+                # are cut before the learner stops, so that its workers hear no Stop and wait for
+                # the next learner of the job, which resumes the final checkpoint.
+                server.stop(grace=0).wait()
             learner.stop()
             try:
                 run.checkpointer.stop()
@@ -322,13 +327,20 @@ def run_workers(spec: JobSpec, learner_address: str, job_id: str, token: str | N
                 count: int | None = None) -> list[dict]:
     """Start the job's workers as Ray actors on the Ray cluster this process is a job of (a
     KubeRay RayJob's entrypoint; else a local Ray) against a learner served elsewhere, and
-    wait until the learner stops them. Returns each worker's stats."""
+    wait until the learner stops them. Returns each worker's stats.
+
+    The workers are detached (`start_workers`): this driver runs on the Ray head, and with GCS
+    fault tolerance the head can restart while its worker nodes and their actors carry on; the
+    learner, elsewhere, keeps θ. Actors this driver owned would die with it even then, and the
+    job would lose every worker's inner training to a head restart. Run again, this attaches
+    to the workers still alive and starts only the missing ones."""
     import ray
 
     from metaopt.workers.actor import start_workers
 
     _start_ray(spec)
-    actors, runs = start_workers(spec, learner_address, job_id, count=count, token=token, tls=tls)
+    actors, runs = start_workers(spec, learner_address, job_id, count=count, token=token, tls=tls,
+                                 detached=True)
     try:
         # Until the first worker returns: the learner told it the job is over. The others
         # then return within a connection, except any Ray never placed (no node had room):

@@ -25,6 +25,8 @@ PROMISED = {
     "chaos": ("fuzz_messages", "learner_kills", "resumes"),
     "chaos_fuzz": ("fuzz_messages",),
     "chaos_inputs": ("spec_cases", "artifact_cases"),
+    "chaos_head": ("workers_before", "accepted_during_outage", "second_driver_attached", "accepted",
+                   "outer_steps", "head_restart_s"),
     "chaos_learner": ("learner_kills", "resumes"),
     "chaos_load": ("streams", "accepted", "accepted_per_s", "outer_steps"),
     "chaos_nodes": ("node_kills", "workers_lost", "restarted_on_survivors", "placed_on_new_node",

@@ -22,6 +22,9 @@ KEPT = {
     "load": {"accepted_lost": 0, "within_bound": True},
     "nodes": {"node_kills": 1, "run_finished": True, "accepted_equals_applied": True, "phases_done": True,
               "record_state": "SUCCEEDED"},
+    "head": {"run_finished": True, "accepted_equals_applied": True, "phases_done": True,
+             "record_state": "SUCCEEDED", "accepted_during_outage": 812, "workers_restarted": 0,
+             "workers_left": 0},
 }
 
 
@@ -56,7 +59,10 @@ def test_a_missing_figure_breaks_the_promise_and_is_named(scenario, figure):
     ("inputs", "spec_started", 1), ("inputs", "secrets_echoed", 1), ("load", "accepted_lost", 1),
     ("load", "within_bound", False), ("nodes", "run_finished", False),
     ("nodes", "accepted_equals_applied", False), ("nodes", "phases_done", False),
-    ("nodes", "record_state", "FAILED"),
+    ("nodes", "record_state", "FAILED"), ("head", "run_finished", False),
+    ("head", "accepted_equals_applied", False), ("head", "phases_done", False),
+    ("head", "record_state", "FAILED"), ("head", "accepted_during_outage", 0),
+    ("head", "workers_restarted", 3), ("head", "workers_left", 1),
 ])
 def test_a_broken_figure_breaks_the_promise(scenario, figure, broken):
     scenarios = copy.deepcopy(KEPT)

@@ -41,7 +41,9 @@ LARGE = {
     "rayCluster": {"workers": {
         "replicas": 256, "minReplicas": 256, "maxReplicas": 256,
         "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-    }, "autoscalerOptions": {"upscalingMode": "Aggressive", "idleTimeoutSeconds": 300}},
+    }, "autoscalerOptions": {"upscalingMode": "Aggressive", "idleTimeoutSeconds": 300},
+        "gcsFaultTolerance": {"enabled": True, "redisAddress": "ray-gcs.data.svc.cluster.local:6379",
+                              "redisUsername": "ray", "existingSecret": "ray-gcs-redis"}},
     "rayJob": {"extraArgs": ["--count", "240"]},
     "redis": {"bundled": {"enabled": False}, "external": {
         "url": "rediss://metaopt@redis.data.svc.cluster.local:6380/3",
@@ -197,6 +199,19 @@ def test_the_raycluster_has_a_cpu_head_and_one_gpu_per_worker_pod(chart):
         assert mounts["/var/run/metaopt/tls"] == "tls"
 
 
+def test_gcs_fault_tolerance_keeps_the_head_s_state_in_the_bundled_redis_or_the_one_named(chart):
+    assert "gcsFaultToleranceOptions" not in render(chart)["RayCluster/demo-raycluster"]["spec"]
+    bundled = render(chart, {"rayCluster": {"gcsFaultTolerance": {"enabled": True}}})
+    validate_objects(k8s_objects(bundled))
+    assert bundled["RayCluster/demo-raycluster"]["spec"]["gcsFaultToleranceOptions"] == {
+        "redisAddress": "demo-redis:6379", "redisUsername": {"value": "metaopt"},
+        "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "demo-redis", "key": "password"}}}}
+    named = render(chart, LARGE)["RayCluster/demo-raycluster"]["spec"]["gcsFaultToleranceOptions"]
+    assert named == {
+        "redisAddress": "ray-gcs.data.svc.cluster.local:6379", "redisUsername": {"value": "ray"},
+        "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "ray-gcs-redis", "key": "password"}}}}
+
+
 def test_the_ray_version_is_the_one_in_the_images(chart):
     lock = (ROOT / "requirements.lock").read_text().splitlines()
     locked = next(line.split("==")[1].strip() for line in lock if line.startswith("ray=="))
@@ -346,6 +361,8 @@ def test_generated_secrets_are_random_per_install(chart):
     ({"metrics": {"serviceMonitor": {"interval": "30 seconds"}}}, "/metrics/serviceMonitor/interval"),
     ({"job": {"id": "Big_Job"}}, "/job/id"),
     ({"job": {"plugins": "s3://bucket/my_tasks.py"}}, "/job/plugins"),  # a bundle is SHA256.zip
+    ({"rayCluster": {"gcsFaultTolerance": {"redisAddress": "redis://r:6379"}}},
+     "/rayCluster/gcsFaultTolerance/redisAddress"),
 ])
 def test_the_schema_refuses_bad_values_and_names_them(chart, values, message):
     with pytest.raises(helm_python.HelmValuesError) as refused:
@@ -362,6 +379,10 @@ def test_the_schema_refuses_bad_values_and_names_them(chart, values, message):
     ({"learner": {"tls": {"enabled": True, "existingSecret": "t"}}}, "learner.tls.workersSecret"),
     ({"rayCluster": {"workers": {"replicas": 5, "minReplicas": 0, "maxReplicas": 4}}},
      "minReplicas <= replicas <= maxReplicas, got 0, 5, 4"),
+    ({"redis": {"bundled": {"enabled": False},
+                "external": {"url": "redis://metaopt@r:6379/0", "existingSecret": "s"}},
+      "rayCluster": {"gcsFaultTolerance": {"enabled": True}}},
+     "needs rayCluster.gcsFaultTolerance.redisAddress"),
 ])
 def test_values_that_conflict_are_refused_with_the_remedy(chart, values, message):
     with pytest.raises(helm_python.HelmRenderError) as refused:
@@ -388,15 +409,19 @@ def test_only_the_job_s_ray_pods_reach_the_learner_and_only_prometheus_its_metri
     assert not any(selects(prometheus["podSelector"], labels) for labels in pods.values())
 
 
-def test_only_the_learner_and_the_cli_reach_redis(chart):
-    objects = render(chart)
+@pytest.mark.parametrize("values, clients", [
+    ({}, ["cli", "learner"]),
+    ({"rayCluster": {"gcsFaultTolerance": {"enabled": True}}}, ["cli", "learner", "ray_head"]),  # its GCS
+], ids=["default", "gcs-fault-tolerance"])
+def test_only_the_learner_the_cli_and_a_fault_tolerant_ray_head_reach_redis(chart, values, clients):
+    objects = render(chart, values)
     policy, pods = objects["NetworkPolicy/demo-redis"]["spec"], pod_labels(objects)
     assert [role for role, labels in pods.items() if selects(policy["podSelector"], labels)] == ["redis"]
     (rule,) = policy["ingress"]
     assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
     allowed = sorted({role for peer in rule["from"] for role, labels in pods.items()
                       if selects(peer["podSelector"], labels)})
-    assert allowed == ["cli", "learner"]
+    assert allowed == clients
 
 
 # --- Prometheus and Grafana ------------------------------------------------------------------

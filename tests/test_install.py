@@ -115,6 +115,7 @@ def test_metaopt_without_extras_uses_a_trained_optimizer_and_has_no_service(whee
     assert "metaopt.task_zoo needs metaopt[eval]" in zoo.stderr, zoo.stderr
 
 
+@pytest.mark.slow  # default run: the install without extras, and test_import_direction's layering
 def test_metaopt_with_eval_has_the_task_zoo_and_still_no_service(wheel, tmp_path):
     where = tmp_path / "venv"
     _install(where, wheel, "[eval]")
@@ -148,6 +149,7 @@ print(json.dumps({{"first": losses[0], "last": losses[-1]}}))
 """
 
 
+@pytest.mark.slow  # default run: tests/test_torch.py, the install without extras, the import layering
 def test_metaopt_with_torch_trains_a_torch_model_and_has_no_service(wheel, tmp_path):
     where = tmp_path / "venv"
     _install(where, wheel, "[torch]")  # torch==2.13.0 from requirements.lock

@@ -229,6 +229,7 @@ def test_a_bundle_is_the_same_bytes_for_the_same_sources_and_is_verified_when_fe
         plugins.fetch(path.with_name("0" * 64 + ".zip").as_uri())
 
 
+@pytest.mark.slow  # default run: test_submit ships a bundle to Ray; metaopt train meta-trains plugins
 def test_a_learner_and_a_worker_elsewhere_fetch_the_job_s_plugins(project, tmp_path_factory):
     """As in their pods (the Helm chart): the spec names plugins that only the bundle holds."""
     done = metaopt(project, "upload-plugins", "job.yaml")

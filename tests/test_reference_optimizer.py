@@ -142,6 +142,7 @@ def test_champion_trains_an_mlp_as_an_optax_optimizer():
     assert np.mean(losses[-30:]) < np.mean(losses[:5]) / 20
 
 
+@pytest.mark.slow  # default run: the champion loads here; test_evaluation evaluates a registry ref
 def test_metaopt_eval_runs_the_champion_on_the_smoke_suite(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "metaopt.cli", "eval", "reference@champion", "--registry", REGISTRY,

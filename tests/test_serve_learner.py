@@ -3,32 +3,50 @@ separately join it by address with the job's token (real processes, real gRPC)."
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import yaml
 
+from benchmarks.chaos_head import RAY_ENV, RayNode, worker_processes
+from benchmarks.chaos_workers import learner_counts
 from tests.jsonout import last_json
+from tests.ports import free_port
 
 DATA = pathlib.Path(__file__).parent / "data"
 CLI = [sys.executable, "-m", "metaopt.cli"]
+LISTENING = re.compile(r"listening on (\S+), metrics at (\S+)")
 
 
-def serve(tmp_path, token, job_id: str) -> tuple[subprocess.Popen, str]:
-    """A `metaopt serve-learner` process for 3 outer steps, and the address it listens on."""
+def wait_for(condition, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout_s:.0f}s for {what}"
+        time.sleep(0.2)
+
+
+def serve(tmp_path, token, job_id: str, steps: int = 3, port: int = 0) -> tuple[subprocess.Popen, str]:
+    """A `metaopt serve-learner` process for `steps` outer steps, and the address it listens on
+    (its metrics URL is `learner.metrics_url`)."""
     learner = subprocess.Popen(
-        [*CLI, "serve-learner", str(DATA / "e2e.yaml"), "--host", "127.0.0.1", "--port", "0",
+        [*CLI, "serve-learner", str(DATA / "e2e.yaml"), "--host", "127.0.0.1", "--port", str(port),
          "--metrics-port", "0", "--token-file", str(token), "--out", str(tmp_path), "--job-id", job_id,
-         "--max-outer-steps", "3", "--json"],
+         "--max-outer-steps", str(steps), "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = learner.stderr.readline()
-    address = re.search(r"listening on (\S+),", line)
-    if address is None:
+    lines = []  # a resumed job's learner says where it resumed first
+    while (line := learner.stderr.readline()) and not (found := LISTENING.search(line)):
+        lines.append(line)
+    if not line:
         learner.kill()
-        raise AssertionError(line + learner.stderr.read()[-2000:])
-    return learner, address.group(1)
+        raise AssertionError("".join(lines)[-2000:])
+    learner.metrics_url = found.group(2)
+    return learner, found.group(1)
 
 
 @pytest.mark.slow  # default run: test_chaos_learner's workers join serve-learner
@@ -77,6 +95,67 @@ def test_ray_workers_join_a_learner_of_its_own(tmp_path):
     assert len(report["workers"]) == 2 and report["accepted"] == sum(s["accepted"] for s in report["workers"])
     assert report["accepted"] >= 6
     assert last_json(out)["outer_steps"] == 3
+
+
+def test_workers_outlive_a_killed_driver_and_a_driver_run_again_attaches_to_them(tmp_path):
+    """`metaopt workers` (the chart's RayJob driver) runs on the Ray head and dies with it; its
+    workers are detached, so that with GCS fault tolerance they outlive a head restart
+    (benchmarks/chaos_head.py, slow). Restated on one Ray that stays up: a driver killed with
+    SIGKILL leaves its worker delivering, and a worker killed then comes back and delivers with
+    no driver to call it; run again, the driver attaches to that worker instead of starting
+    another and returns its stats when the learner stops it; the worker then removes itself.
+    The learner is restarted with a near stopping rule once the second driver has attached, so
+    that the job cannot end before it (a learner restart is what workers ride through anyway)."""
+    token = tmp_path / "token"
+    token.write_text("the-job-token\n")
+    gcs, port = free_port(), free_port()
+    head = RayNode(["--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=false"], {},
+                   tmp_path / "ray-head.log")
+    learner, address = serve(tmp_path, token, "orphans", steps=10**6, port=port)
+    spec = yaml.safe_load((DATA / "e2e.yaml").read_text())  # a restarted worker compiles from the cache
+    spec["workers"]["compile_cache_dir"] = str(tmp_path / "jax-cache")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    driver = [*CLI, "workers", str(tmp_path / "job.yaml"), "--learner", address, "--job-id", "orphans",
+              "--token-file", str(token), "--count", "1", "--json"]
+    env = {**os.environ, **RAY_ENV, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
+    def accepted() -> float:
+        return learner_counts(learner.metrics_url).get("metaopt_gradient_estimates_accepted_total", 0)
+
+    def incarnations() -> float:
+        return learner_counts(learner.metrics_url).get("metaopt_worker_incarnations_total", 0)
+
+    try:
+        first = subprocess.Popen(driver, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: accepted() >= 2, "the first driver's worker to deliver")
+        first.kill()
+        first.wait()
+        at_kill = accepted()
+        wait_for(lambda: accepted() >= at_kill + 4, "the worker to deliver without a driver")
+        for pid in worker_processes():  # Ray restarts it, and it works on with no driver to call it
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: incarnations() == 2, "the restarted worker to deliver")
+        at_restart = accepted()
+        second_log = tmp_path / "second-driver.log"
+        with second_log.open("w") as sink:
+            second = subprocess.Popen(driver, env=env, stdout=subprocess.PIPE, stderr=sink, text=True)
+        wait_for(lambda: "1 of its workers are still running" in second_log.read_text(), "the attach")
+        before_second = accepted()
+        version = learner_counts(learner.metrics_url)["metaopt_theta_version"]
+        learner.terminate()  # a checkpoint, then out; the next one resumes it and stops soon after
+        err = learner.communicate(timeout=60)[1]
+        assert learner.returncode == 130, err[-2000:]
+        learner, _ = serve(tmp_path, token, "orphans", steps=int(version) + 500, port=port)
+        report = last_json(second.communicate(timeout=300)[0])
+        assert second.returncode == 0, second_log.read_text()[-2000:]
+        err = learner.communicate(timeout=60)[1]
+        assert learner.returncode == 0, err[-2000:]
+        wait_for(lambda: not worker_processes(), "the worker to remove itself")
+    finally:
+        learner.kill()
+        head.kill()  # not `ray stop`'s graceful drain, which waits up to 30 s
+    (stats,) = report["workers"]
+    assert stats["accepted"] >= before_second - at_restart  # the restarted incarnation, to the end
+    assert stats["reconnects"] >= 1  # the first learner's SIGTERM was not the job's end: no Stop
 
 
 def test_workers_refuse_half_a_tls_setting(tmp_path):

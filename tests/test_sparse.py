@@ -218,6 +218,7 @@ def test_the_loop_rewires_between_steps_and_resets_the_regrown_state():
     assert now.topology is rewired[2]
 
 
+@pytest.mark.slow  # default run: the training loop's rewiring, and the refusal with the way out, above
 def test_evaluation_rewires_and_a_baseline_that_cannot_run_sits_the_task_out(tmp_path):
     keys = jax.random.wrap_key_data(jnp.stack([jax.random.key_data(jax.random.key(0))]))
     static = evaluation._train(_task(rewire_every=0), "adam", {"learning_rate": 0.01}, {}, 60, keys, 30)

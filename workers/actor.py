@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 
@@ -29,17 +30,19 @@ from metaopt.workers.objective import learnable
 log = logging.getLogger(__name__)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 MAX_BACKOFF_S = 5.0  # the longest a worker waits between attempts to reach the learner
+LEAVE_AFTER_S = 3.0  # a detached worker removes itself this long after its loop ended
 
 
 class PESWorker:
     """`token`: the job's bearer token, if the learner wants one; `tls`: how to reach a TLS
     learner; `encoding`: of the estimates on the wire (bfloat16 halves their size);
     `own_process`: this worker is its process's only work (a Ray actor, `metaopt worker`), so
-    a CPU worker may pin the process to its cores (the spec's `workers.pin_cores`)."""
+    a CPU worker may pin the process to its cores (the spec's `workers.pin_cores`); `detached`:
+    a Ray actor that needs no driver once made (`start_workers`), whose loop starts with it."""
 
     def __init__(self, spec: dict | JobSpec, learner_address: str, worker_id: str, job_id: str,
                  token: str | None = None, tls: ClientTLS | None = None,
-                 encoding: int = pb.ENCODING_FLOAT32_LE, own_process: bool = False):
+                 encoding: int = pb.ENCODING_FLOAT32_LE, own_process: bool = False, detached: bool = False):
         self.spec = spec if isinstance(spec, JobSpec) else parse_job_spec(spec)
         # Before anything starts jax: its CPU thread pools are sized by the pinning.
         pin = own_process and self.spec.workers.pin_cores and self.spec.workers.gpus == 0
@@ -64,6 +67,11 @@ class PESWorker:
         # Particle state outlives connections: a reconnect does not restart inner training.
         self.key = self.task_spec = self.objective = self.particles = None
         self.truncations_left = 0
+        self.outcome: dict | BaseException | None = None  # a detached worker's stats, or error
+        self.loop = None
+        if detached:
+            self.loop = threading.Thread(target=self._run_then_leave, daemon=True, name="pes-loop")
+            self.loop.start()
 
     def __repr__(self) -> str:
         # Ray shows an actor by its repr (the dashboard, `ray list actors`: `repr_name`).
@@ -135,6 +143,28 @@ class PESWorker:
         spec = self.mixture.sample(key)
         return spec, self.learnable.objective(task_zoo.task(spec), self.spec.estimator.inner_horizon)
 
+    def wait(self) -> dict:
+        """A detached worker's stats once its loop has ended (its error, if it failed). A driver
+        that attached to a running worker waits on this; any number of calls may."""
+        self.loop.join()
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+    def _run_then_leave(self) -> None:
+        """A detached worker's loop: it starts in the constructor, so that a worker Ray restarts
+        (its node was lost) works on without a driver to call it. Once the loop has ended, the
+        worker removes itself, LEAVE_AFTER_S later (time for the stats to reach a waiting
+        driver), so that its CPUs or GPU are freed with or without one."""
+        import ray
+
+        try:
+            self.outcome = self.run()
+        except Exception as err:  # for `wait` to raise in the driver, if there is one
+            self.outcome = err
+        me = ray.get_runtime_context().current_actor
+        threading.Timer(LEAVE_AFTER_S, ray.kill, args=(me,), kwargs={"no_restart": True}).start()
+
     def _message(self, flat, version, spec, mean_loss) -> pb.GradientEstimate:
         self.sequence += 1
         values, length, crc = wire.encode(flat, self.encoding)
@@ -180,14 +210,33 @@ def actor_options(spec: JobSpec) -> dict:
 
 
 def start_workers(spec: JobSpec, learner_address: str, job_id: str, count: int | None = None,
-                  token: str | None = None, tls: ClientTLS | None = None):
+                  token: str | None = None, tls: ClientTLS | None = None, detached: bool = False):
     """Create `count` PESWorker Ray actors (`actor_options`) and start their loops; returns
-    (actors, run futures), each a dict by worker id. Ray must already be initialised."""
+    (actors, run futures), each a dict by worker id. Ray must already be initialised.
+
+    `detached`: the workers outlive this driver (Ray's detached actors, named by worker id in
+    the namespace `metaopt-JOB`). A driver that dies with the Ray head (a KubeRay head pod
+    restarted) does not take them down with it, and a driver started again attaches to the
+    workers still alive rather than starting more. Their loops start with them, so that one Ray
+    restarts works on without a driver, and they remove themselves once the job is over; a
+    driver waits on `PESWorker.wait`. Otherwise they are this driver's, and end with it."""
     import ray
 
-    remote = ray.remote(PESWorker).options(**actor_options(spec))
+    namespace = f"metaopt-{job_id}"
+    if detached:
+        running = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace]
+        if running:
+            log.warning("job %s: %d of its workers are still running, from a driver that ended "
+                        "without them (the Ray head restarted?): attaching to them", job_id, len(running))
+
+    remote, options = ray.remote(PESWorker), actor_options(spec)
     spec_data = spec.model_dump(mode="json")
-    ids = [f"worker-{i}" for i in range(count or spec.workers.count)]
-    actors = {worker_id: remote.remote(spec_data, learner_address, worker_id, job_id, token, tls,
-                                       own_process=True) for worker_id in ids}
-    return actors, {worker_id: actor.run.remote() for worker_id, actor in actors.items()}
+    actors, runs = {}, {}
+    for worker_id in (f"worker-{i}" for i in range(count or spec.workers.count)):
+        if detached:
+            options.update(name=worker_id, namespace=namespace, lifetime="detached", get_if_exists=True)
+        actor = remote.options(**options).remote(
+            spec_data, learner_address, worker_id, job_id, token, tls, own_process=True, detached=detached)
+        actors[worker_id] = actor
+        runs[worker_id] = (actor.wait if detached else actor.run).remote()
+    return actors, runs

@@ -213,6 +213,11 @@ and the endpoint and region, which are not secret.
 {{- fail "learner.tls.enabled=true needs learner.tls.workersSecret: a Secret with ca.crt, the CA of the learner's certificate, for the workers" }}
 {{- end }}
 {{- end }}
+{{- with .Values.rayCluster.gcsFaultTolerance }}
+{{- if and .enabled (not .redisAddress) (not $.Values.redis.bundled.enabled) }}
+{{- fail "rayCluster.gcsFaultTolerance.enabled=true without the bundled Redis needs rayCluster.gcsFaultTolerance.redisAddress (HOST:PORT of a Redis for the GCS's state, with redisUsername and existingSecret for its login)" }}
+{{- end }}
+{{- end }}
 {{- with .Values.rayCluster.workers }}
 {{- if or (gt (int .minReplicas) (int .replicas)) (gt (int .replicas) (int .maxReplicas)) }}
 {{- fail (printf "rayCluster.workers: need minReplicas <= replicas <= maxReplicas, got %d, %d, %d" (int .minReplicas) (int .replicas) (int .maxReplicas)) }}
