@@ -22,11 +22,12 @@ learner, which kept θ, goes on.
 
 Figures: `gcs_fault_tolerance`, `workers_before` (incarnations when the head was killed),
 `workers_restarted` (incarnations at the end beyond those: 0 with fault tolerance),
-`accepted_during_outage` (estimates the learner accepted while there was no head), `incarnations_
-after_outage` (at the second driver's start: no worker restarted), `second_driver_attached`
-(workers it found running, from its log), `incarnations_at_end`, `head_restart_s` (from the
-second start to the head's GCS answering), `restart_to_estimate_s` (without fault tolerance: from
-the second driver's start to the learner's first estimate of a new incarnation),
+`accepted_during_outage` (estimates the learner accepted while there was no head),
+`incarnations_after_outage` (at the second driver's start), `second_driver_attached` (workers
+it found running, from its log), `incarnations_at_end`, `head_restart_s` (from the second
+head's start until its `ray start` reported it started), `start_attempts` (per node start, in
+order: how many tries it took), `restart_to_estimate_s` (without fault tolerance: from the
+second driver's start to the learner's first estimate of a new incarnation),
 `workers_alive_min_during_outage` and `workers_alive_timeline` (the job record's, as `metaopt
 status` shows it), `driver_exit` (the second driver's exit status), `workers_returned` (stats it
 printed), `workers_left` (PESWorker processes still running 15 s after the end: none, as the
