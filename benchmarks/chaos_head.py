@@ -60,7 +60,7 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `tests` is not installed: the fixtures below come from the checkout
 
-from benchmarks.chaos_nodes import OBJECT_STORE_BYTES, PHASE_TIMEOUT_S, segments  # noqa: E402
+from benchmarks.chaos_nodes import PHASE_TIMEOUT_S, ray_start, segments  # noqa: E402
 from benchmarks.chaos_workers import learner_counts  # noqa: E402
 from metaopt.jobstore import PASSWORD_ENV, open_job_store  # noqa: E402
 from metaopt.run_report import read_metrics  # noqa: E402
@@ -69,7 +69,6 @@ from tests.redis_fixture import RedisServer  # noqa: E402
 
 SPEC = ROOT / "tests" / "data" / "e2e.yaml"
 JOB = "chaos-head"
-RAY = pathlib.Path(sys.executable).parent / "ray"
 KUBERAY_WORKER_RECONNECT_S = "600"  # RAY_gcs_rpc_server_reconnect_timeout_s on KubeRay's worker pods with FT
 # Ray's token authentication is off in these clusters: `ray start --head` turns it on when
 # ~/.ray/auth_token exists (a local `ray.init()` writes one), and a driver that joins by address
@@ -102,17 +101,8 @@ class RayNode:
                                    f"ends:\n{log.read_text(errors='replace')[-1500:]}")
 
     def _start(self) -> subprocess.Popen:
-        ports = [f"--{name}={free_port()}" for name in (
-            "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-            *(["ray-client-server-port"] if "--head" in self.args else []))]
-        with self.log.open("ab") as sink:
-            return subprocess.Popen(
-                [str(RAY), "start", *self.args, "--block", *ports, "--node-ip-address=127.0.0.1",
-                 f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"],
-                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-                # How long `ray start` waits for its raylet to register before it gives up.
-                env={**os.environ, **RAY_ENV, "RAY_raylet_start_wait_time_s": "60", **self.env})
+        with self.log.open("ab") as sink:  # the child keeps its own descriptor
+            return ray_start([*self.args, "--node-ip-address=127.0.0.1"], sink, {**RAY_ENV, **self.env})
 
     def _started(self, offset: int) -> bool:
         deadline = time.monotonic() + PHASE_TIMEOUT_S
@@ -127,12 +117,6 @@ class RayNode:
         return False
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """`sig` to the node's process group and to every process under `ray start`: some of
-        Ray's own (the GCS server among them) start sessions of their own."""
-        with contextlib.suppress(psutil.Error):
-            for process in psutil.Process(self.process.pid).children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    process.send_signal(sig)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, sig)
         try:

@@ -93,6 +93,23 @@ def kill_node(cluster, node) -> int:
     return len(victims)
 
 
+def ray_start(args: list[str], log, env: dict | None = None) -> subprocess.Popen:
+    """`ray start ARGS --block` in a process group of its own (`os.killpg` takes the whole node
+    down), output to the open file `log`. Every port is a free one, so that nodes on one
+    machine do not collide."""
+    ports = [f"--{name}={free_port()}" for name in (
+        "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        *(["ray-client-server-port"] if "--head" in args else []))]
+    return subprocess.Popen(
+        [str(pathlib.Path(sys.executable).parent / "ray"), "start", *args, "--block", *ports,
+         # The other nodes' object store size (cluster_utils'), not 30% of the machine's memory.
+         f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # How long `ray start` waits for its raylet to register before it gives up.
+        env={**os.environ, "RAY_raylet_start_wait_time_s": "60", **(env or {})})
+
+
 class JoiningNode:
     """A worker node started later by `ray start --address … --block`, as a new machine (or a
     KubeRay worker pod) joins; its own process group, so that `stop()` takes all of it down.
@@ -145,17 +162,7 @@ class JoiningNode:
         return False
 
     def _start(self, address: str, cpus: int) -> subprocess.Popen:
-        ports = [f"--{name}={free_port()}" for name in (
-            "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")]
-        ray_cli = pathlib.Path(sys.executable).parent / "ray"
-        return subprocess.Popen(
-            [str(ray_cli), "start", "--address", address, "--num-cpus", str(cpus), "--block", *ports,
-             # The other nodes' object store size (cluster_utils'), not 30% of the machine's memory.
-             f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            # How long `ray start` waits for its raylet to register (a crash is seen sooner, above).
-            env={**os.environ, "RAY_raylet_start_wait_time_s": "60"})
+        return ray_start(["--address", address, "--num-cpus", str(cpus)], self.log)
 
     def stop(self, close: bool = True) -> None:
         with contextlib.suppress(ProcessLookupError):
