@@ -153,7 +153,7 @@ def scale_exponent(optimizer, theta, key: jax.Array) -> dict:
 
 def ablation(optimizer, theta, key: jax.Array) -> dict | None:
     """{group: ‖u_ablated - u‖ / ‖u‖ at the running states}, or None without feature groups."""
-    groups = getattr(type(optimizer), "feature_groups", None)
+    groups = getattr(optimizer, "feature_groups", None)
     if not groups:
         return None
     tx = _tx(optimizer, theta, HORIZON)

@@ -17,7 +17,7 @@ GRADIENT_ONLY = [n for n in NAMES if not getattr(optimizers.make(n), "needs_laye
 # Every registered optimizer at its defaults, plus the non-default options a published optimizer
 # uses (reference:4's per-tensor hypergradient rate; reference:5's and 6's element-wise gain, here
 # with the rate held through a long warm-up and adapting at the schedule's pace too; the peak rate
-# estimated as Prodigy's), for the checks
+# estimated as Prodigy's; features of a DMD of recent steps), for the checks
 # every optimizer must pass.
 # M-FAC's default window (1,024 gradients) solves a 1,024² system every step: seconds a test here.
 # Its checks run at a window of 32, the same code path.
@@ -27,7 +27,8 @@ CONFIGS = [(name, DEFAULTS.get(name, {})) for name in GRADIENT_ONLY] + [
     ("nominal_mlp", {"elementwise_correction": True, "rate_adaptation": 0.1, "warmup": 0.2,
                      "rate_after_warmup": True, "rate_on_schedule": True}),
     ("nominal_mlp", {"elementwise_correction": True, "warmup": 0.2, "learning_rate": 1.0,
-                     "rate_estimate": 0.5})]
+                     "rate_estimate": 0.5}),
+    ("nominal_mlp", {"rate_adaptation": 0.1, "dmd_history": 4})]
 CONFIG_IDS = [name + "".join(f"-{k}={v}" for k, v in hp.items()) for name, hp in CONFIGS]
 
 

@@ -178,6 +178,12 @@ def test_a_tampered_artifact_is_refused_and_a_pinned_digest_is_checked(tmp_path)
         mt.load(f"reference@{wrong}", params, num_steps=10, registry=REGISTRY)
 
 
+def _with_dmd() -> registry.TrainedOptimizer:
+    opt = optimizers.make("nominal_mlp", dmd_history=4)
+    theta = jax.tree.map(np.asarray, opt.init(jax.random.key(0)))
+    return registry.TrainedOptimizer("nominal_mlp", 0, "nominal_mlp", opt.hparams, theta, {})
+
+
 @pytest.mark.parametrize(("call", "why"), [
     (lambda p: mt.from_trained(numerics.untrained("lookahead"), p, num_steps=10), "'lookahead' optimizer"),
     (lambda p: mt.load("reference@champion", p, num_steps=0, registry=REGISTRY), "num_steps must be"),
@@ -187,6 +193,7 @@ def test_a_tampered_artifact_is_refused_and_a_pinned_digest_is_checked(tmp_path)
     (lambda p: mt.load("nobody", p, num_steps=10, registry=REGISTRY), "nobody"),
     (lambda p: mt.from_trained(numerics.untrained("rnn_mlp"), p, num_steps=10, compile=True),
      "rnn_mlp cannot compile"),
+    (lambda p: mt.from_trained(_with_dmd(), p, num_steps=10), "dmd_history .* not in metaopt.torch"),
 ])
 def test_bad_input_is_refused_with_a_reason(call, why):
     with pytest.raises((ValueError, LookupError, NotImplementedError), match=why):

@@ -75,19 +75,28 @@ Where each piece comes from, and why it is here:
   squares, since it starts with tiny steps and settles near tuned constant Adam's rate; but it loses
   the deep MLPs at every coefficient, 9 of 12 at best (c = 0.5) against the anchor's 9 at a lower
   geometric mean. Not used by the reference (docs/reference_optimizer.md, "After version 8").
+- `dmd_history` k (Šimánek, Vašata & Kordík 2022, "Learning to optimize with dynamic mode
+  decomposition"): the MLP also sees a dynamic mode decomposition of each tensor's last k steps
+  (before the schedule, so a warm-up or a decay is not read as a mode): per element the step DMD
+  predicts next, per tensor the spectral radius and the oscillation of the dominant mode
+  (`optimizers.dmd`). Whether a step's direction is settling, growing or flipping is what the
+  per-element momenta see only one element at a time. Off by default; not in metaopt.torch.
 - The schedule is the user's (Celo2): the optimizer cannot know a good horizon-dependent decay
   better than the person who sets `num_steps`; the learned parts see the run's fraction and the
   absolute step (μLO: features of the absolute step generalise to longer runs).
 
 Per-element MLP features x (F = 11): g/(sqrt(v̂)+eps) and m̂_k/(sqrt(v̂)+eps) for β in
 MOM_DECAYS (scale-free ratios, clipped to ±RATIO_CLIP), p / rms_T(p); then per tensor f_T (3) and
-per step (3): t/num_steps, log10(1 + t)/4, lr(t)/learning_rate. One hidden layer (relu).
+per step (3): t/num_steps, log10(1 + t)/4, lr(t)/learning_rate. One hidden layer (relu). With
+`dmd_history`, F = 14: the DMD prediction per element (after p / rms_T(p)) and the two DMD tensor
+features (after the step features).
 Meta-parameters θ = {"mlp": {"w0": (11, hidden), "b0", "w1": (hidden, 1), "b1"}, "tensor": {"w": (3,),
 "b": ()}}: 11·16+16 + 16+1 + 3+1 = 213 float32 with hidden 16. θ₀ zeroes the output layer and the
 tensor law, so the untrained optimizer equals AdamW with the schedule (a NumPy test checks it).
 
 Optimizer state per parameter: 3 momenta + 1 second moment = 4 float32 (and one float32 per
-tensor for α_T); with `rate_estimate` 2 more (x_0 and Prodigy's gradient sum) and 2 scalars.
+tensor for α_T); with `rate_estimate` 2 more (x_0 and Prodigy's gradient sum) and 2 scalars; with
+`dmd_history` k, k more (the steps).
 """
 
 from __future__ import annotations
@@ -101,6 +110,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metaopt.optimizers import dmd
 from metaopt.optimizers.slots import zero_where
 
 MOM_DECAYS = (0.5, 0.9, 0.99)  # 0.9 is Adam's β1: the nominal direction's momentum
@@ -135,13 +145,15 @@ class NominalMLPState(NamedTuple):
     """count: () int32 steps taken; momenta: per-leaf (len(MOM_DECAYS), *leaf.shape) float32
     EMAs of g; rms: per-leaf EMA of g² (leaf shapes); log_rate: per-leaf () float32 log of the
     tensor's adapted rate multiplier α_T (empty when `rate_adaptation` is 0); estimate: the
-    DistanceEstimate with `rate_estimate` (else empty)."""
+    DistanceEstimate with `rate_estimate` (else empty); history: per-leaf (dmd_history, *leaf.shape)
+    float32, the tensor's last steps before the schedule, oldest first (empty without DMD)."""
 
     count: jax.Array
     momenta: tuple
     rms: tuple
     log_rate: tuple = ()
     estimate: tuple = ()
+    history: tuple = ()
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -160,13 +172,13 @@ def tensor_features(p: jax.Array, rms: jax.Array | None = None) -> jax.Array:
 
 
 def _mlp_apply(mlp: dict, x: jax.Array, bias: jax.Array) -> jax.Array:
-    """(F_element, n) features → (n,) outputs. Feature-major, so each layer is one W^T @ X; a
-    large tensor goes through in chunks of CHUNK elements (`lax.map`), so the (hidden, n)
-    activations of a million-parameter tensor are never materialised (fresh multi-MB buffers
-    cost page faults on every call, as small_fc found)."""
+    """(F_element, n) features (w0's first F_element rows weigh them) → (n,) outputs.
+    Feature-major, so each layer is one W^T @ X; a large tensor goes through in chunks of CHUNK
+    elements (`lax.map`), so the (hidden, n) activations of a million-parameter tensor are never
+    materialised (fresh multi-MB buffers cost page faults on every call, as small_fc found)."""
 
     def apply(chunk):
-        h = jax.nn.relu(mlp["w0"][:NUM_ELEMENT_FEATURES].T @ chunk + bias[:, None])
+        h = jax.nn.relu(mlp["w0"][:x.shape[0]].T @ chunk + bias[:, None])
         return (mlp["w1"].T @ h + mlp["b1"][:, None])[0]
 
     n = x.shape[1]
@@ -214,11 +226,13 @@ class NominalMLP:
     # Prodigy's coefficient on its estimate of the peak rate; 0: off, the peak is learning_rate
     # (v2-v8 load unchanged). On, learning_rate multiplies the estimate (Prodigy's convention: 1).
     rate_estimate: float = 0.0
+    # k ≥ 3: the MLP also sees features of a dynamic mode decomposition of each tensor's last k
+    # steps (`optimizers.dmd`); 0: off (v1-v8 load unchanged).
+    dmd_history: int = 0
     weight_decay: float = 0.0
     eps: float = 1e-8
 
     name = "nominal_mlp"
-    feature_groups = FEATURE_GROUPS  # what `as_optax(..., ablate=...)` takes
     description = ("Adam on the user's schedule + a bounded learned per-parameter correction "
                    "(nominal term, Celo2, muLO)")
     learned = True
@@ -227,26 +241,42 @@ class NominalMLP:
         if (self.hidden < 1 or not 0 <= self.warmup < 1 or self.correction_bound < 0
                 or self.rate_adaptation < 0 or self.rate_range < 0 or abs(self.rate_init) > self.rate_range
                 or not -1 < self.rate_threshold < 1
-                or not (math.isfinite(self.rate_estimate) and self.rate_estimate >= 0)):
+                or not (math.isfinite(self.rate_estimate) and self.rate_estimate >= 0)
+                or not (self.dmd_history == 0 or self.dmd_history >= dmd.RANK + 1)):
             raise ValueError(f"nominal_mlp needs hidden >= 1, 0 <= warmup < 1, correction_bound, "
                              f"rate_adaptation, rate_range and rate_estimate >= 0, |rate_init| <= "
-                             f"rate_range and -1 < rate_threshold < 1 (a cosine's range), got {self}")
+                             f"rate_range, -1 < rate_threshold < 1 (a cosine's range) and dmd_history "
+                             f"0 (off) or >= {dmd.RANK + 1}, got {self}")
 
     @property
     def hparams(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def feature_groups(self) -> tuple[str, ...]:
+        """What `as_optax(..., ablate=...)` takes."""
+        return FEATURE_GROUPS + (("dmd",) if self.dmd_history else ())
+
+    @property
+    def num_features(self) -> tuple[int, int]:
+        """(per element, in all) inputs of the MLP: w0's rows are the element features, then the
+        per-tensor, per-step and (with DMD) DMD per-tensor features."""
+        extra = (dmd.NUM_ELEMENT_FEATURES, dmd.NUM_TENSOR_FEATURES) if self.dmd_history else (0, 0)
+        return NUM_ELEMENT_FEATURES + extra[0], NUM_FEATURES + sum(extra)
+
     def init(self, key: jax.Array) -> dict:
-        w0 = jax.random.truncated_normal(key, -2.0, 2.0, (NUM_FEATURES, self.hidden), jnp.float32)
+        num_features = self.num_features[1]
+        w0 = jax.random.truncated_normal(key, -2.0, 2.0, (num_features, self.hidden), jnp.float32)
         return {
-            "mlp": {"w0": w0 / np.sqrt(NUM_FEATURES), "b0": jnp.zeros((self.hidden,), jnp.float32),
+            "mlp": {"w0": w0 / np.sqrt(num_features), "b0": jnp.zeros((self.hidden,), jnp.float32),
                     "w1": jnp.zeros((self.hidden, 1), jnp.float32), "b1": jnp.zeros((1,), jnp.float32)},
             "tensor": {"w": jnp.zeros((NUM_TENSOR_FEATURES,), jnp.float32), "b": jnp.zeros((), jnp.float32)},
         }
 
     def reset_slots(self, tx: Any, state: NominalMLPState, regrown: Any) -> NominalMLPState:
         """The regrown slots' momenta and second moments (and, with `rate_estimate`, starting
-        points and gradient sums) set to 0; the per-tensor rates stay (`optimizers.slots`)."""
+        points and gradient sums; with DMD, their step histories) set to 0; the per-tensor rates
+        stay (`optimizers.slots`)."""
         del tx
         masks = jax.tree.leaves(regrown)
 
@@ -256,7 +286,8 @@ class NominalMLP:
         estimate = state.estimate
         if estimate:
             estimate = estimate._replace(x0=zero(estimate.x0), grad_sum=zero(estimate.grad_sum))
-        return state._replace(momenta=zero(state.momenta), rms=zero(state.rms), estimate=estimate)
+        return state._replace(momenta=zero(state.momenta), rms=zero(state.rms), estimate=estimate,
+                              history=zero(state.history) if state.history else ())
 
     def as_optax(self, theta: Any, num_steps: int, learning_rate: float | optax.Schedule | None = None,
                  ablate: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
@@ -264,9 +295,14 @@ class NominalMLP:
         for that rate on the same schedule, or the user's own optax schedule (step -> rate).
         `ablate`: groups of FEATURE_GROUPS the learned parts see as 0, to measure what each
         contributes (`metaopt inspect`); the nominal direction is untouched."""
-        unknown = sorted(set(ablate) - set(FEATURE_GROUPS))
+        unknown = sorted(set(ablate) - set(self.feature_groups))
         if unknown:
-            raise ValueError(f"nominal_mlp cannot ablate {unknown}: its feature groups are {FEATURE_GROUPS}")
+            raise ValueError(f"nominal_mlp cannot ablate {unknown}: its feature groups are "
+                             f"{self.feature_groups}")
+        if theta["mlp"]["w0"].shape[0] != self.num_features[1]:
+            raise ValueError(f"this θ's MLP takes {theta['mlp']['w0'].shape[0]} features, nominal_mlp with "
+                             f"dmd_history={self.dmd_history} takes {self.num_features[1]}: build θ with the "
+                             "same hyperparameters (opt.init) as the optimizer it is used with")
 
         def seen(group: str, x: jax.Array) -> jax.Array:
             return jnp.zeros_like(x) if group in ablate else x
@@ -296,7 +332,9 @@ class NominalMLP:
             if self.rate_estimate > 0:
                 estimate = DistanceEstimate(jnp.float32(ESTIMATE_START), jnp.float32(0.0),
                                             tuple(jnp.asarray(p, jnp.float32) for p in leaves), rms)
-            return NominalMLPState(jnp.zeros((), jnp.int32), momenta, rms, log_rate, estimate)
+            history = tuple(jnp.zeros((self.dmd_history, *jnp.shape(p)), jnp.float32)
+                            for p in leaves) if self.dmd_history else ()
+            return NominalMLPState(jnp.zeros((), jnp.int32), momenta, rms, log_rate, estimate, history)
 
         def update_fn(updates, state, params=None, **extra_args):
             del extra_args  # e.g. loss=; not used
@@ -324,9 +362,11 @@ class NominalMLP:
             # Bias corrections of every EMA (as optax: 1 - β^t).
             mom_fix = 1.0 - decays ** t
             rms_fix = 1.0 - RMS_DECAY ** t
-            new_updates, new_m, new_v, new_rate = [], [], [], []
+            new_updates, new_m, new_v, new_rate, new_history = [], [], [], [], []
             log_rates = state.log_rate if adapt else (None,) * len(grads)
-            for g, p, m, v, log_rate in zip(grads, leaves, state.momenta, state.rms, log_rates, strict=True):
+            histories = state.history or (None,) * len(grads)
+            for g, p, m, v, log_rate, history in zip(grads, leaves, state.momenta, state.rms, log_rates,
+                                                     histories, strict=True):
                 g32, p32 = g.astype(jnp.float32) * scale, p.astype(jnp.float32)
                 bshape = (-1,) + (1,) * g32.ndim
                 rate = 1.0
@@ -341,12 +381,18 @@ class NominalMLP:
                 direction = ratios[ADAM_MOMENTUM]
                 p_rms = _rms(p32)
                 f_t = seen("tensor", tensor_features(p32, p_rms))
-                x = jnp.concatenate([
+                x = [
                     seen("gradient", jnp.clip(g32 / denom, -RATIO_CLIP, RATIO_CLIP).reshape(1, -1)),
                     seen("momenta", jnp.clip(ratios, -RATIO_CLIP, RATIO_CLIP).reshape(len(MOM_DECAYS), -1)),
                     seen("parameter", (p32 / jnp.maximum(p_rms, 1e-30)).reshape(1, -1)),
-                ])  # (F_element, n): feature-major, so the MLP is W^T @ X
-                bias = mlp["b0"] + jnp.concatenate([f_t, step_feats]) @ mlp["w0"][NUM_ELEMENT_FEATURES:]
+                ]  # (F_element, n) once joined: feature-major, so the MLP is W^T @ X
+                shared = [f_t, step_feats]
+                if history is not None:
+                    dmd_element, dmd_tensor = dmd.features(history)
+                    x.append(seen("dmd", dmd_element))
+                    shared.append(seen("dmd", dmd_tensor))
+                x = jnp.concatenate(x)
+                bias = mlp["b0"] + jnp.concatenate(shared) @ mlp["w0"][x.shape[0]:]
                 out = _mlp_apply(mlp, x, bias).reshape(g32.shape)
                 if self.elementwise_correction:
                     correction = self.correction_bound * direction * jnp.tanh(out)
@@ -355,11 +401,17 @@ class NominalMLP:
                     correction = clip_rms(out, bound)
                 z = law["b"] + law["w"] @ f_t
                 multiplier = jnp.exp(MULTIPLIER_RANGE * jnp.tanh(z / MULTIPLIER_RANGE))
-                u = -lr * (rate * multiplier * (direction + correction) + self.weight_decay * p32)
+                step = rate * multiplier * (direction + correction)
+                if history is not None:
+                    # The step before the schedule: a warm-up or a decay would read as a mode of
+                    # its own, growing or fading, in every tensor alike.
+                    new_history.append(dmd.push(history, step))
+                u = -lr * (step + self.weight_decay * p32)
                 new_updates.append(u.astype(g.dtype))
                 new_m.append(m)
                 new_v.append(v)
-            new_state = NominalMLPState(count, tuple(new_m), tuple(new_v), tuple(new_rate), estimate)
+            new_state = NominalMLPState(count, tuple(new_m), tuple(new_v), tuple(new_rate), estimate,
+                                        tuple(new_history))
             return jax.tree.unflatten(treedef, new_updates), new_state
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)

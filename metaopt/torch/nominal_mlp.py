@@ -32,6 +32,11 @@ class NominalMLP(LearnedOptimizer):
         if self.config.rate_estimate > 0:
             raise NotImplementedError("nominal_mlp's rate_estimate (Prodigy's d_t) is not in metaopt.torch "
                                       "yet; no published version uses it")
+        if self.config.dmd_history:
+            raise NotImplementedError(
+                "nominal_mlp's dmd_history (features from a dynamic mode decomposition of recent steps) is "
+                "not in metaopt.torch; no published version uses it. Use this artifact with optax "
+                "(metaopt.load(...).as_optax), or train one with dmd_history: 0 for PyTorch")
         base = self.config.learning_rate if learning_rate is None else learning_rate
         if not (isinstance(base, int | float) and math.isfinite(base) and base > 0):
             raise ValueError(f"nominal_mlp needs a positive, finite learning_rate, got {learning_rate!r}")
