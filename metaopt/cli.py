@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from metaopt import cli_jobs, cli_registry
+from metaopt import cli_datasets, cli_jobs, cli_registry
 from metaopt.extras import MissingExtraError, require
 
 app = typer.Typer(
@@ -412,6 +412,7 @@ def inspect_(
 
 
 cli_jobs.register(app)  # submit, status, logs, cancel, list-jobs
+cli_datasets.register(app)  # dataset export, list, inspect
 
 list_app = typer.Typer(help="List what the registries hold.", no_args_is_help=True)
 app.add_typer(list_app, name="list")

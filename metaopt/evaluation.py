@@ -312,17 +312,19 @@ class _JSONValue(str):
     """A nested hyperparameter, hashable as its JSON text."""
 
 
+def held_out_loss(task, params, key: jax.Array) -> jax.Array:
+    """The task's loss at `params` on held-out data: the mean over TEST_BATCHES test batches."""
+    keys = jax.random.split(key, TEST_BATCHES)
+    values = [task.loss(params, k, task.batch(jax.random.fold_in(k, 1), task_zoo.TEST)) for k in keys]
+    return jnp.mean(jnp.stack(values)).astype(jnp.float32)
+
+
 @functools.cache
 def _program(optimizer_name: str, static: tuple, steps: int, test_every: int):
     """Jitted (task, theta, floats, seed_keys) -> (train (S, steps), test (S, steps), final_test (S,)).
 
     Cached: tasks of the same shape, and tuned hyperparameters, reuse one compiled program."""
     from metaopt import optimizers
-
-    def test_loss(task, p, k):
-        ks = jax.random.split(k, TEST_BATCHES)
-        vals = [task.loss(p, kk, task.batch(jax.random.fold_in(kk, 1), task_zoo.TEST)) for kk in ks]
-        return jnp.mean(jnp.stack(vals)).astype(jnp.float32)
 
     def one(task, theta, floats, key):
         fixed = {k: json.loads(v) if isinstance(v, _JSONValue) else v for k, v in static}
@@ -334,7 +336,7 @@ def _program(optimizer_name: str, static: tuple, steps: int, test_every: int):
             i, k = xs
             k_batch, k_loss, k_test = jax.random.split(k, 3)
             now = inner.current(task, carry)
-            t = jax.lax.cond(i % test_every == 0, lambda: test_loss(now, carry[0], k_test),
+            t = jax.lax.cond(i % test_every == 0, lambda: held_out_loss(now, carry[0], k_test),
                              lambda: jnp.full((), jnp.nan, jnp.float32))
             carry, value = inner.step(task, opt, tx, carry, (k_batch, k_loss), i, steps)
             return carry, (value.astype(jnp.float32), t)
@@ -342,7 +344,7 @@ def _program(optimizer_name: str, static: tuple, steps: int, test_every: int):
         keys = jax.random.split(k_steps, steps)
         carry = inner.init(task, tx, task.init(k_init))
         carry, (train, test) = jax.lax.scan(body, carry, (jnp.arange(steps), keys))
-        return train, test, test_loss(inner.current(task, carry), carry[0], k_final)
+        return train, test, held_out_loss(inner.current(task, carry), carry[0], k_final)
 
     return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))
 

@@ -256,6 +256,18 @@ class EvalSpec(_Frozen):
         return self
 
 
+class RecordSpec(_Frozen):
+    """A dataset of training runs (metaopt/datasets.py, docs/datasets.md): each worker records
+    the parameters of `runs` of its inner runs (the + halves of its first antithetic pairs), with
+    their training and held-out losses, every `every_truncations` truncations, at the boundary
+    (never inside an unroll), in shards of `per_shard` records under the job's storage root.
+    Absent: nothing is recorded."""
+
+    every_truncations: int = Field(10, ge=1)
+    runs: int = Field(1, ge=1)  # at most estimator.num_particles
+    per_shard: int = Field(64, ge=1)
+
+
 class JobSpec(_Frozen):
     name: str = Field(pattern=NAME_PATTERN)
     seed: int = 0
@@ -276,6 +288,7 @@ class JobSpec(_Frozen):
     storage: StorageSpec = StorageSpec()
     artifact_name: str | None = Field(None, pattern=NAME_PATTERN)  # default: the job name
     eval: EvalSpec | None = None  # in-run evaluation; off when absent
+    record: RecordSpec | None = None  # a dataset of the workers' inner runs; off when absent
 
     @field_validator("tasks")
     @classmethod
@@ -292,6 +305,12 @@ class JobSpec(_Frozen):
         if self.meta_objective is not None and self.eval is not None:
             raise ValueError("in-run evaluation (eval) evaluates optimizers; this job meta-learns its "
                              f"meta_objective {self.meta_objective.name!r}: drop eval")
+        if self.meta_objective is not None and self.record is not None:
+            raise ValueError("record keeps inner runs of a learned optimizer; this job meta-learns its "
+                             f"meta_objective {self.meta_objective.name!r}: drop record")
+        if self.record is not None and self.record.runs > self.estimator.num_particles:
+            raise ValueError(f"record.runs ({self.record.runs}) exceeds estimator.num_particles "
+                             f"({self.estimator.num_particles}): a worker has that many inner runs")
         return self
 
     @property

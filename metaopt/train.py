@@ -75,7 +75,7 @@ def _train(run: _LearnerRun, host: str, progress: bool, metrics_port: int) -> Ru
     from metaopt.learner.server import make_server
     from metaopt.workers.actor import start_workers
 
-    spec, job_id, learner = run.spec, run.job_id, run.learner
+    job_id, learner = run.job_id, run.learner
     # A fresh token per run: only this run's workers can submit to its learner.
     token = secrets.token_urlsafe(32)
     listen = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"  # on a cluster, workers are elsewhere
@@ -86,7 +86,7 @@ def _train(run: _LearnerRun, host: str, progress: bool, metrics_port: int) -> Ru
 
     run.checkpointer.start()
     started = time.perf_counter()
-    actors, runs = start_workers(spec, f"{host}:{port}", job_id, token=token)
+    actors, runs = start_workers(run.worker_spec, f"{host}:{port}", job_id, token=token)
     try:
         try:
             run.follow(runs, progress)
@@ -151,6 +151,8 @@ class _LearnerRun:
         (self.run_dir / "job.json").write_text(json.dumps(self.spec_json, indent=2))
         root = (spec.storage.root or str(self.out_dir)).rstrip("/")
         self.checkpoint_uri, self.registry_uri = f"{root}/runs/{job_id}/checkpoints", f"{root}/registry"
+        # Workers that record write their shards under the same root (ROOT/runs/JOB_ID/dataset).
+        self.worker_spec = spec.with_overrides(**{"storage.root": root}) if spec.record else spec
         self.learnable = learnable(self.spec_json)  # the optimizer, or the spec's meta_objective
         theta0 = self.learnable.init_theta(jax.random.key(spec.seed))
         self.learner = Learner(LearnerConfig(

@@ -26,6 +26,7 @@ from metaopt.workers.client import ClientTLS, LearnerClient
 from metaopt.workers.cores import claim_cores
 from metaopt.workers.estimators import make_estimator
 from metaopt.workers.objective import learnable
+from metaopt.workers.recording import RunRecorder
 
 log = logging.getLogger(__name__)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -68,6 +69,7 @@ class PESWorker:
         self.key = self.task_spec = self.objective = self.particles = None
         self.truncations_left = 0
         self.outcome: dict | BaseException | None = None  # a detached worker's stats, or error
+        self.recorder = RunRecorder(self.spec, job_id, worker_id, self.run_id) if self.spec.record else None
         self.loop = None
         if detached:
             self.loop = threading.Thread(target=self._run_then_leave, daemon=True, name="pes-loop")
@@ -111,6 +113,8 @@ class PESWorker:
                 self.stats["accepted"] += client.accepted
                 self.stats["rejected"] += client.rejected
             if client.stopped.is_set():
+                if self.recorder is not None:
+                    self.recorder.close()
                 return {**self.stats, "worker_id": self.worker_id, "run_id": self.run_id}
             self.stats["reconnects"] += 1
 
@@ -132,6 +136,8 @@ class PESWorker:
             flat = np.asarray(grad)  # the only host sync: after the whole truncation
             self.stats["compute_s"] += time.perf_counter() - started
             self.truncations_left -= 1
+            if self.recorder is not None:
+                self.recorder.after_truncation(self.task_spec, self.objective, self.particles, version)
             if not client.send(self._message(flat, version, self.task_spec, float(metrics["mean_loss"]))):
                 return
             self.stats["estimates_sent"] += 1

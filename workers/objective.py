@@ -121,14 +121,14 @@ class LearnedOptimizerTraining:
         state = params, self._tx(theta).init(params)
         return (*state, self.task.topology, jnp.zeros((), jnp.int32)) if rewires(self.task) else state
 
-    def _task(self, state: State) -> Task:
+    def task_at(self, state: State) -> Task:
         """The task at the state's topology (itself unless rewired)."""
         return self.task.replace(topology=state[2]) if rewires(self.task) else self.task
 
     def gradient(self, state: State, key: jax.Array):
         """The step's part before the optimizer: the loss and gradient on a fresh minibatch."""
         batch_key, loss_key = jax.random.split(key)
-        task = self._task(state)
+        task = self.task_at(state)
         return jax.value_and_grad(task.loss)(state[0], loss_key, task.batch(batch_key, TRAIN))
 
     def update(self, theta: Theta, state: State, grads, loss, key: jax.Array | None = None) -> State:
@@ -140,7 +140,7 @@ class LearnedOptimizerTraining:
         if not rewires(self.task):
             return params, opt_state
         count = state[3] + 1
-        topology, params, regrown = self._task(state).rewire(params, count, self.num_steps,
+        topology, params, regrown = self.task_at(state).rewire(params, count, self.num_steps,
                                                              jax.random.fold_in(key, 2))
         return params, reset_slots(self.optimizer, tx, opt_state, regrown), topology, count
 

@@ -1,0 +1,184 @@
+"""Datasets of training runs (metaopt/datasets.py, workers/recording.py): a PES worker against a
+real gRPC learner records its inner runs at truncation boundaries; the shards and their export
+read back bit for bit; a record's losses are the task's at its parameters; a corrupt shard and a
+shard of another schema are refused with their names; the CLI exports, lists and inspects."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import jax
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from metaopt import datasets, optimizers, storage, task_zoo
+from metaopt.cli import app
+from metaopt.evaluation import held_out_loss
+from metaopt.jobspec import JobSpecError, OuterSpec, parse_job_spec
+from metaopt.learner.core import Learner, LearnerConfig
+from metaopt.learner.server import make_server
+from metaopt.task_zoo.base import TRAIN
+from metaopt.workers.actor import PESWorker
+from metaopt.workers.recording import LOSS_KEY
+from tests.ports import free_port
+
+JOB = "job-rec"
+STEPS = 12  # outer steps of one estimate each: 12 truncations, 6 of them recorded, 2 runs each
+SPEC = {
+    "name": "rec",
+    "tasks": [{"family": "mlp",
+               "kwargs": {"widths": [8], "depths": [1], "activations": ["tanh"], "batch_sizes": [16]}}],
+    "optimizer": {"name": "nominal_mlp", "hparams": {"hidden": 4}},
+    "estimator": {"num_particles": 2, "truncation_length": 5, "inner_horizon": 20},
+    "outer": {"meta_batch_size": 1}, "stop": {"max_outer_steps": STEPS},
+    "record": {"every_truncations": 2, "runs": 2, "per_shard": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> str:
+    """A storage root where one worker recorded a 12-truncation job; returns the root."""
+    root = str(tmp_path_factory.mktemp("root"))
+    spec = parse_job_spec({**SPEC, "storage": {"root": root}})
+    theta0 = optimizers.make("nominal_mlp", hidden=4).init(jax.random.key(0))
+    learner = Learner(LearnerConfig(JOB, max_outer_steps=STEPS, outer=OuterSpec(meta_batch_size=1)), theta0)
+    port = free_port()
+    server, _ = make_server(learner, "127.0.0.1", port)
+    worker = PESWorker(spec, f"127.0.0.1:{port}", "worker-0", JOB)
+    try:
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        thread.join(timeout=180)
+        assert not thread.is_alive(), "the worker did not finish its job"
+    finally:
+        server.stop(grace=None)
+    return root
+
+
+def _same(a: datasets.Record, b: datasets.Record) -> bool:
+    return a.meta == b.meta and a.params.keys() == b.params.keys() and all(
+        a.params[k].dtype == b.params[k].dtype and a.params[k].tobytes() == b.params[k].tobytes()
+        for k in a.params)
+
+
+def test_a_worker_records_its_runs_at_truncation_boundaries(recorded):
+    """12 records (6 boundaries × 2 runs) in shards of at most 5; steps 10 and 20 of 20-step runs
+    (every 2 truncations of 5 steps; a run restarts after step 20); each record's training and
+    held-out losses are the task's at its parameters, on the batches its run's key gives."""
+    uri = datasets.recording_uri(recorded, JOB)
+    names = datasets.shard_names(uri)
+    records = list(datasets.records(uri))
+    assert len(records) == 12 and len(names) == 3  # 5 + 5 + the 2 flushed at the job's end
+    assert sorted({r.meta["step"] for r in records}) == [10, 20]
+    assert len({r.meta["run"] for r in records}) >= 4  # two runs per pair of particles, two pairs
+    for record in records[:3]:
+        meta = record.meta
+        assert (meta["optimizer"]["name"], meta["horizon"], meta["worker"]) == ("nominal_mlp", 20, "worker-0")
+        task = task_zoo.task(task_zoo.TaskSpec(meta["task"]["name"], meta["task"]["kwargs"]))
+        key_data = np.frombuffer(bytes.fromhex(meta["run"].rsplit("-", 1)[1]), np.uint32)
+        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), LOSS_KEY)
+        batch_key, loss_key, held_key = jax.random.split(key, 3)
+        params = record.tree
+        loss = task.loss(params, loss_key, task.batch(batch_key, TRAIN))
+        assert float(loss) == pytest.approx(meta["loss"], rel=1e-5)
+        assert float(held_out_loss(task, params, held_key)) == pytest.approx(meta["held_out_loss"], rel=1e-5)
+        assert {k: v.shape for k, v in record.params.items()} == {
+            k: v.shape for k, v in storage.flatten_tree(task.init(jax.random.key(0))).items()}
+
+
+def test_the_export_reads_back_bit_for_bit_and_the_cli_lists_and_inspects_it(recorded, tmp_path):
+    runner = CliRunner()
+    done = runner.invoke(app, ["dataset", "export", JOB, "--root", recorded, "--json"])
+    assert done.exit_code == 0, done.output
+    index = json.loads(done.output)
+    dest = datasets.export_uri(recorded, JOB)
+    assert index["uri"] == dest and index["records"] == 12
+    assert [s["records"] for s in index["shards"]] == [5, 5, 2]
+    source = datasets.recording_uri(recorded, JOB)
+    for name in datasets.shard_names(source):
+        a, _ = storage.read_committed(f"{source}/shards/{name}")
+        b, _ = storage.read_committed(f"{dest}/shards/{name}")
+        assert a == b
+    assert all(_same(a, b) for a, b in zip(datasets.records(source), datasets.records(dest), strict=True))
+    assert datasets.load_index(dest)["records"] == 12
+
+    listed = json.loads(runner.invoke(app, ["dataset", "list", "--root", recorded, "--json"]).output)
+    rows = {(r["kind"], r["name"], r["shards"]) for r in listed}
+    assert rows == {("exported", JOB, 3), ("recording", JOB, 3)}
+    info = runner.invoke(app, ["dataset", "inspect", dest, "--json"])
+    assert info.exit_code == 0, info.output
+    summary = json.loads(info.output)
+    assert summary["records"] == 12 and summary["steps"] == [10, 20] and summary["tasks"] == {"mlp": 12}
+
+    again = runner.invoke(app, ["dataset", "export", JOB, "--root", recorded])
+    assert again.exit_code == 2 and "already holds a dataset" in again.output
+    nothing = runner.invoke(app, ["dataset", "export", "job-none", "--root", recorded])
+    assert nothing.exit_code == 2 and "holds no shards" in nothing.output
+
+
+def _records() -> list[datasets.Record]:
+    meta = {"run": "w-1-ab", "step": 10, "horizon": 20, "loss": 0.5, "held_out_loss": 0.75,
+            "task": {"name": "mlp", "kwargs": {"width": 8}}, "optimizer": {"name": "adam", "hparams": {}},
+            "theta_version": 3, "worker": "w"}
+    weird = np.array([np.nan, -0.0, np.inf, 1e-45], np.float32)  # NaN, signed zero, subnormal: bits kept
+    first = {"layer_0/w": np.arange(6, dtype=np.float32).reshape(2, 3), "scale": weird}
+    second = {"b": np.array(3.5, np.float32), "n": np.array([1, 2], np.int32)}
+    return [datasets.Record(meta, first), datasets.Record({**meta, "step": 20}, second)]
+
+
+def test_a_shard_round_trips_bit_for_bit():
+    back = datasets.decode_shard(datasets.encode_shard(_records()), "memory")
+    assert len(back) == 2 and all(_same(a, b) for a, b in zip(_records(), back, strict=True))
+    assert back[1].params["b"].shape == ()
+
+
+def test_a_corrupt_shard_is_refused_with_its_name(tmp_path):
+    uri = str(tmp_path / "rec")
+    writer = datasets.ShardWriter(uri, "w-1", per_shard=1)
+    for record in _records():
+        writer.add(record)
+    shard = tmp_path / "rec" / "shards" / "w-1-00001" / datasets.SHARD_FILE
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(storage.CorruptArtifactError, match="w-1-00001/records.safetensors"):
+        list(datasets.records(uri))
+    with pytest.raises(storage.CorruptArtifactError, match="w-1-00001"):
+        datasets.export(uri, str(tmp_path / "out"))
+    done = CliRunner().invoke(app, ["dataset", "inspect", uri])
+    assert done.exit_code == 1 and "w-1-00001/records.safetensors" in done.output
+
+
+@pytest.mark.parametrize(("break_it", "why"), [
+    (lambda m: {**m, "schema": "other/9"}, "schema 'other/9'"),
+    (lambda m: {**m, "records": json.dumps([{"run": "x"}])}, r"record 0 lacks \['held_out_loss'"),
+    (lambda m: {**m, "records": m["records"].replace('"step": 10', '"step": true')}, "'step' is True"),
+    (lambda m: {**m, "records": m["records"].replace('"scale"', '"absent"')}, "does not hold"),
+])
+def test_a_shard_of_another_schema_is_refused_with_its_name(tmp_path, break_it, why):
+    import safetensors.numpy
+
+    good = datasets.encode_shard(_records()[:1])
+    metadata = json.loads(good[8:8 + int.from_bytes(good[:8], "little")])["__metadata__"]
+    tensors = {f"r00000/{k}": v for k, v in _records()[0].params.items()}
+    bad = safetensors.numpy.save(tensors, metadata=break_it(metadata))
+    uri = str(tmp_path / "rec" / "shards" / "w-9-00000")
+    storage.write_committed(uri, {datasets.SHARD_FILE: bad}, {})
+    with pytest.raises(datasets.DatasetError, match=why):
+        datasets.read_shard(uri)
+    done = CliRunner().invoke(app, ["dataset", "inspect", str(tmp_path / "rec")])
+    assert done.exit_code == 2 and "w-9-00000" in done.output
+
+
+def test_the_job_spec_refuses_a_record_it_cannot_keep():
+    with pytest.raises(JobSpecError, match=r"record.runs \(3\) exceeds estimator.num_particles \(2\)"):
+        parse_job_spec({**SPEC, "record": {"runs": 3}})
+    with pytest.raises(JobSpecError, match="record keeps inner runs of a learned optimizer"):
+        parse_job_spec({**{k: v for k, v in SPEC.items() if k != "optimizer"},
+                        "meta_objective": {"name": "adam_schedule"}})
+    with pytest.raises(JobSpecError, match="every_truncations"):
+        parse_job_spec({**SPEC, "record": {"every_truncations": 0}})
+    with pytest.raises(ValueError, match="record` needs storage.root"):
+        PESWorker(parse_job_spec(SPEC), "127.0.0.1:1", "worker-0", JOB)

@@ -1,0 +1,79 @@
+"""A worker's recording of its inner runs, for a dataset of training runs (the job spec's
+`record`; metaopt/datasets.py holds the format, docs/datasets.md the schema).
+
+Every `every_truncations` truncations, after the estimate has come back to the host (the
+worker's one sync per truncation), the recorder takes the parameters of the + halves of the first
+`runs` antithetic pairs, computes each one's training loss (one fixed training batch per inner
+run, so that a run's records are comparable) and held-out loss, and buffers them as records;
+shards of `per_shard` records go to ROOT/runs/JOB/dataset/shards. Nothing is added inside an
+unroll. A worker that is killed loses the records it had not yet written (fewer than a shard).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaopt import datasets, storage
+from metaopt.evaluation import held_out_loss
+from metaopt.jobspec import JobSpec
+from metaopt.task_zoo.base import TRAIN
+
+LOSS_KEY = 0x5EC0  # folded into an inner run's episode key: the key of its recorded losses
+
+
+def _losses(objective, states, episode_keys):
+    """(training loss, held-out loss) of each state's parameters, on batches drawn from its
+    run's episode key (the same batches at every record of one run)."""
+
+    def one(state, key):
+        task = objective.task_at(state)
+        key = jax.random.fold_in(key, LOSS_KEY)
+        batch_key, loss_key, held_key = jax.random.split(key, 3)
+        loss = task.loss(state[0], loss_key, task.batch(batch_key, TRAIN)).astype(jnp.float32)
+        return loss, held_out_loss(task, state[0], held_key)
+
+    return jax.vmap(one)(states, episode_keys)
+
+
+class RunRecorder:
+    """Records a worker's inner runs as its job spec's `record` says (see the module docstring)."""
+
+    def __init__(self, spec: JobSpec, job_id: str, worker_id: str, run_id: str):
+        if spec.storage.root is None:
+            raise ValueError("the job spec's `record` needs storage.root, where the workers write their "
+                             "shards: a path or an fsspec URI every worker can reach (`metaopt train` "
+                             "sets it to --out when it is not given)")
+        self.config, self.worker_id = spec.record, worker_id
+        self.prefix = f"{worker_id}-{run_id[:8]}"
+        self.writer = datasets.ShardWriter(datasets.recording_uri(spec.storage.root, job_id), self.prefix,
+                                           spec.record.per_shard)
+        self.optimizer = {"name": spec.optimizer.name, "hparams": dict(spec.optimizer.hparams)}
+        self.horizon = spec.estimator.inner_horizon
+        self.truncations = 0
+        self._losses = jax.jit(_losses)  # one program per task shape (the objective is its argument)
+
+    def after_truncation(self, task_spec, objective, particles, theta_version: int) -> None:
+        """Called once per truncation, after its estimate is on the host."""
+        self.truncations += 1
+        if self.truncations % self.config.every_truncations:
+            return
+        n = self.config.runs
+        states = jax.tree.map(lambda x: x[:n], particles.inner)  # the + halves of the first n pairs
+        keys = particles.episode_key[:n]
+        loss, held_out = jax.device_get(self._losses(objective, states, keys))
+        params, steps = jax.device_get((states[0], particles.step[:n]))
+        key_data = np.asarray(jax.random.key_data(keys))
+        task = {"name": task_spec.name, "kwargs": dict(task_spec.kwargs)}
+        for i in range(n):
+            meta = {"run": f"{self.prefix}-{key_data[i].tobytes().hex()}", "step": int(steps[i]),
+                    "horizon": self.horizon, "loss": float(loss[i]), "held_out_loss": float(held_out[i]),
+                    "task": task, "optimizer": self.optimizer, "theta_version": int(theta_version),
+                    "worker": self.worker_id}
+            flat = storage.flatten_tree(jax.tree.map(lambda x, i=i: np.asarray(x[i]), params))
+            self.writer.add(datasets.Record(meta, flat))
+
+    def close(self) -> None:
+        """Write the records still buffered (a last, smaller shard)."""
+        self.writer.flush()
