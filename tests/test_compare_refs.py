@@ -1,0 +1,53 @@
+"""benchmarks/compare_refs.py: optimizers side by side on a suite with one cache of tuned
+baselines (the smoke suite: two tasks, one seed); a learner checkpoint directory is a REF too, and
+a bad REF is refused before anything runs."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from metaopt import optimizers, storage, wire
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+from compare_refs import main, resolve, table  # noqa: E402
+
+
+def test_refs_side_by_side_on_one_cache_of_baselines(tmp_path, capsys):
+    summary = main(["sgd", "adam", "--suites", "smoke", "--label", "sgd=plain SGD",
+                    "--out", str(tmp_path), "--json"])
+    rows = summary["results"]
+    assert [(r["label"], r["suite"]) for r in rows] == [("plain SGD", "smoke"), ("adam", "smoke")]
+    assert all(set(r["final_loss_ratio"]) == {"quadratic_8", "mlp_digits_16"} for r in rows)
+    assert json.loads((tmp_path / "comparison.json").read_text()) == summary
+    assert len(list((tmp_path / "baselines").iterdir())) == 2  # tuned once per task, shared by both REFs
+    printed = capsys.readouterr().out
+    assert "| plain SGD | " in printed
+    assert "| optimizer | wins | geomean | quadratic_8 | mlp_digits_16 |" in printed
+
+
+def test_a_checkpoint_directory_is_a_ref_and_a_bad_ref_is_refused_before_any_run(tmp_path):
+    opt = optimizers.make("nominal_mlp")
+    theta = opt.init(jax.random.key(0))
+    spec = {"name": "cmp", "tasks": [{"family": "quadratic", "kwargs": {"dims": [4]}}],
+            "optimizer": {"name": "nominal_mlp", "hparams": {}}}
+    digest = wire.structure_digest(wire.theta_structure(theta))
+    meta = {"job_id": "cmp-1", "version": 7, "structure_digest": digest, "history": [], "spec": spec}
+    uri = storage.save_checkpoint(str(tmp_path / "run" / "checkpoints"), 7,
+                                  {"theta": np.asarray(wire.flatten(theta))}, meta)
+    ref = resolve(uri, None)
+    assert ref.ref == "cmp-1@step-7" and ref.optimizer_name == "nominal_mlp"
+    with pytest.raises(Exception, match="neither a registered optimizer"):
+        main(["adam", "no/such:ref", "--suites", "smoke", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x" / "baselines").exists()
+
+
+def test_the_table_marks_wins():
+    rows = [{"label": "a", "wins": 1, "num_tasks": 2, "geomean_final_loss_ratio": 0.5,
+             "final_loss_ratio": {"t1": 0.25, "t2": 1.0}}]
+    assert table(rows).splitlines()[-1] == "| a | 1/2 | 0.5× | **0.25×** | 1× |"
