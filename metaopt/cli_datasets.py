@@ -10,9 +10,11 @@ input (no such recording, a shard of another schema, an existing destination).
 from __future__ import annotations
 
 import json
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
+
+from metaopt import cli_registry
 
 RootOption = Annotated[str, typer.Option("--root", help="The job's storage root: a path or fsspec URI.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
@@ -25,27 +27,17 @@ def register(app: typer.Typer) -> None:
     app.add_typer(dataset_app, name="dataset")
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 def _run(action):
-    """action(), with a dataset's errors turned into exit codes and messages."""
-    from metaopt.storage import CorruptArtifactError
+    """action(), with a dataset's errors turned into exit codes and messages as the registry's
+    are; a destination that exists, or a recording that does not, is bad input (exit 2)."""
 
-    try:
-        return action()
-    except CorruptArtifactError as err:  # a ValueError too: first
-        _fail(str(err), code=1)
-    except FileExistsError as err:
-        _fail(str(err))
-    except FileNotFoundError as err:
-        _fail(str(err))
-    except ValueError as err:  # DatasetError
-        _fail(str(err))
-    except OSError as err:
-        _fail(str(err), code=1)
+    def bad_paths_are_bad_input():
+        try:
+            return action()
+        except (FileExistsError, FileNotFoundError) as err:
+            raise ValueError(str(err)) from None
+
+    return cli_registry._run(bad_paths_are_bad_input)
 
 
 @dataset_app.command("export")

@@ -13,9 +13,11 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LIBRARY = ["metaopt/__init__.py", "metaopt/registry.py", "metaopt/storage.py", "metaopt/evaluation.py",
            "metaopt/tuning.py", "metaopt/inner.py", "metaopt/inspector.py", "metaopt/plugins.py",
-           "metaopt/learnables", "metaopt/optimizers", "metaopt/torch", "task_zoo"]  # task_zoo/ is metaopt's
+           "metaopt/datasets.py", "metaopt/learnables", "metaopt/optimizers", "metaopt/torch",
+           "task_zoo"]  # task_zoo/ is metaopt's
 SERVICE = {"metaopt.learner", "metaopt.workers", "metaopt.train", "metaopt.cli", "metaopt.cli_jobs",
-           "metaopt.cli_registry", "metaopt.jobspec", "metaopt.jobstore", "metaopt.jobrecorder",
+           "metaopt.cli_registry", "metaopt.cli_datasets", "metaopt.jobspec", "metaopt.jobstore",
+           "metaopt.jobrecorder",
            "metaopt.submit", "metaopt.k8s", "metaopt.wire", "metaopt.inrun_eval", "metaopt.run_report",
            "metaopt.publishing", "metaopt._proto", "ray", "grpc", "redis", "kubernetes", "prometheus_client"}
 
