@@ -137,7 +137,7 @@ class PESWorker:
             self.stats["compute_s"] += time.perf_counter() - started
             self.truncations_left -= 1
             if self.recorder is not None:
-                self.recorder.after_truncation(self.task_spec, self.objective, self.particles, version)
+                self.recorder.after_truncation(self.task_spec, self.objective, self.particles, theta, version)
             if not client.send(self._message(flat, version, self.task_spec, float(metrics["mean_loss"]))):
                 return
             self.stats["estimates_sent"] += 1
