@@ -4,7 +4,10 @@ exported dataset of real Adam runs, and a sampler that recovers a known update."
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -22,9 +25,12 @@ def test_the_noise_schedule_matches_its_closed_form():
     assert np.all(np.diff(alpha_bar) < 0) and alpha_bar[0] > 0.9998 and alpha_bar[-1] < 1e-4
 
 
+TASK = {"name": "mlp", "kwargs": {"width": 4, "depth": 1, "activation": "tanh", "batch_size": 16, "seed": 1}}
+
+
 def _record(run: str, step: int, loss: float, params: dict) -> datasets.Record:
     meta = {"run": run, "step": step, "horizon": 30, "loss": loss, "held_out_loss": loss,
-            "task": {"name": "t", "kwargs": {}}, "optimizer": {"name": "adam", "hparams": {}},
+            "task": TASK, "optimizer": {"name": "adam", "hparams": {}},
             "theta_version": 0, "worker": "w"}
     return datasets.Record(meta, {k: np.asarray(v, np.float32) for k, v in params.items()})
 
@@ -45,8 +51,7 @@ def test_pairs_are_every_later_record_of_a_run_and_one_architecture_only():
 def _adam_runs(tmp_path, runs: int = 6, steps: int = 30, every: int = 5) -> str:
     """A tiny exported dataset: Adam training a 1-layer MLP from `runs` initialisations,
     recorded every `every` steps."""
-    task = task_zoo.task(task_zoo.TaskSpec("mlp", {"width": 4, "depth": 1, "activation": "tanh",
-                                                   "batch_size": 16, "seed": 1}))
+    task = task_zoo.task(task_zoo.TaskSpec(TASK["name"], TASK["kwargs"]))
     writer = datasets.ShardWriter(str(tmp_path / "rec"), "w-0", per_shard=16)
     tx = optax.adam(0.03)
     batch = task.batch(jax.random.key(7), TRAIN)
@@ -97,3 +102,17 @@ def test_the_sampler_recovers_a_known_distribution_of_updates_given_the_start():
     assert np.all(np.isfinite(deltas))
     np.testing.assert_allclose(deltas.mean(0), [0.5, -2.5], atol=0.15)
     assert np.all((deltas.std(0) > 0.15) & (deltas.std(0) < 0.6))
+
+
+def test_the_benchmark_prompts_unseen_initialisations_and_finds_where_adam_matches(tmp_path):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+    from update_model import ADAM_STEPS, main  # the benchmark script, not metaopt.update_model
+
+    summary = main([_adam_runs(tmp_path, runs=4), "--steps", "50", "--hidden", "16", "--inits", "2",
+                    "--samples", "2", "--out", str(tmp_path / "out")])
+    assert summary["records"] == 4 * 7 and summary["parameters"] == 64 * 4 + 4 + 4 * 10 + 10
+    assert len(summary["adam"]) == len(ADAM_STEPS) and len(summary["inits"]) == 2
+    assert summary["adam"][-1] < summary["start"]  # Adam at its tuned rate trains the task
+    matched = summary["adam_steps_to_match"]
+    assert matched is None or summary["adam"][ADAM_STEPS.index(matched)] <= summary["model"]
+    assert json.loads((tmp_path / "out" / "update_model.json").read_text())["model"] == summary["model"]
