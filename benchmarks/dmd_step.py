@@ -5,6 +5,10 @@ last k steps, `metaopt.optimizers.dmd`) and without, against one jitted `optax.a
 For 10k, 100k and 1M float32 parameters (four 2-D tensors, as benchmarks/lopt_step.py), reports
 the median ms per step of each, timed alternately so background load hits all alike, the ratio of
 each to Adam, the DMD optimizer's over the one without, and optimizer-state bytes per parameter.
+Then what meta-training pays: one PES truncation (the recipe's estimator: its particles, its
+truncation length) on each MLP shape of the recipe's mix (widths 16, 48, 112; depths 1-3) and
+its quadratics, with and without `dmd_history`, timed alternately; per shape the ratio, and the
+ratio of the summed times (the mix samples its shapes alike).
 
     python benchmarks/dmd_step.py [--history 3 5 8] [--quick] [--json] [--out DIR]
 """
@@ -23,8 +27,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run a
 import jax  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.lopt_step import _median_time, make_params, reference_hparams  # noqa: E402
-from metaopt import optimizers  # noqa: E402
+from benchmarks.lopt_step import REFERENCE_RECIPE, _median_time, make_params, reference_hparams  # noqa: E402
+from metaopt import optimizers, task_zoo  # noqa: E402
+from metaopt.jobspec import load_job_spec  # noqa: E402
+from metaopt.workers.estimators import make_estimator  # noqa: E402
+from metaopt.workers.objective import LearnedOptimizer  # noqa: E402
 
 
 def bench_size(n: int, histories: list[int], repeats: int, hparams: dict) -> dict:
@@ -50,6 +57,46 @@ def bench_size(n: int, histories: list[int], repeats: int, hparams: dict) -> dic
             "dmd_over_without": {f"dmd_{k}": ms[f"dmd_{k}"] / ms["nominal_mlp"] for k in histories}}
 
 
+def recipe_shapes(quick: bool) -> list[task_zoo.TaskSpec]:
+    """One task of each MLP shape and quadratic dimension the newest recipe's mix draws."""
+    mix = {t.family: t.kwargs for t in load_job_spec(REFERENCE_RECIPE).tasks}
+    mlp, quad = mix["mlp"], mix["quadratic"]
+    shapes = [task_zoo.TaskSpec("mlp", {"width": w, "depth": d, "activation": "relu",
+                                        "batch_size": mlp["batch_sizes"][0], "seed": 1})
+              for w in mlp["widths"] for d in mlp["depths"]]
+    shapes += [task_zoo.TaskSpec("quadratic", {"dim": n, "log10_condition": 2.0, "noise": 0.1, "seed": 1})
+               for n in quad["dims"]]
+    return shapes[:: 4] if quick else shapes
+
+
+def bench_truncations(history: int, repeats: int, hparams: dict, quick: bool) -> list[dict]:
+    """ms per PES truncation of the recipe's estimator on each shape, without and with DMD."""
+    estimator_spec = load_job_spec(REFERENCE_RECIPE).estimator.model_dump()
+    rows = []
+    for spec in recipe_shapes(quick):
+        task = task_zoo.task(spec)
+        calls = {}
+        for name, k in (("without", 0), ("dmd", history)):
+            opt = optimizers.make("nominal_mlp", **{**hparams, "dmd_history": k})
+            objective = LearnedOptimizer(opt).objective(task, estimator_spec["inner_horizon"])
+            estimator = make_estimator(**estimator_spec)
+            theta = opt.init(jax.random.key(0))
+            state = estimator.init(jax.random.key(1), theta, objective)
+
+            def one(state=state, estimator=estimator, theta=theta, objective=objective):
+                return estimator.estimate(jax.random.key(2), theta, jax.tree.map(lambda x: x.copy(), state),
+                                          objective)[1]
+
+            calls[name] = one
+        times = {name: [] for name in calls}
+        for _ in range(repeats):
+            for name, f in calls.items():
+                times[name].append(_median_time(f, (), 3))
+        ms = {name: 1e3 * statistics.median(v) for name, v in times.items()}
+        rows.append({"task": spec.to_json(), "ms": ms, "ratio": ms["dmd"] / ms["without"]})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--history", type=int, nargs="+", default=[3, 5, 8], help="the k values to time")
@@ -68,7 +115,15 @@ def main() -> None:
         print(f"{r['n_params']:>10,} {ms['adam']:>8.3f} {ms['nominal_mlp']:>10.3f} "
               + " ".join(f"{ms[f'dmd_{k}']:>8.3f}" for k in args.history) + "  "
               + " ".join(f"{r['dmd_over_without'][f'dmd_{k}']:>11.2f}" for k in args.history))
+    k = max(args.history) if 5 not in args.history else 5
+    truncations = bench_truncations(k, 2 if args.quick else 7, hparams, args.quick)
+    print(f"\nPES truncation of the recipe ({k} steps of history): ms without, with DMD, ratio")
+    for r in truncations:
+        print(f"{r['task']:<100} {r['ms']['without']:>8.2f} {r['ms']['dmd']:>8.2f} {r['ratio']:>6.2f}")
+    total = sum(r["ms"]["dmd"] for r in truncations) / sum(r["ms"]["without"] for r in truncations)
+    print(f"the mix's shapes together: {total:.2f}x")
     result = {"sizes": rows, "histories": args.history, "nominal_mlp_hparams": hparams,
+              "truncation_history": k, "truncations": truncations, "truncation_ratio_of_sums": total,
               "backend": jax.default_backend(), "cpu_count": os.cpu_count()}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
