@@ -4,14 +4,15 @@ CPU and trained on a dataset of training runs (metaopt.datasets).
 
 G.pt is a diffusion transformer trained on 23M checkpoints: prompted with a network's
 parameters, its loss and a target loss, it samples the parameters of a network that reaches the
-target, in one step. Here the same conditional model is small: DDPM (Ho et al. 2020; cosine
-noise schedule, Nichol & Dhariwal 2021; T = 100 steps, ancestral sampling) over the update
+target, in one step. Here the same conditional model is small: DDPM (Ho et al. 2020; a linear
+noise schedule over T = 100 steps; ancestral sampling, its clean estimate clipped) over the update
 Δ = θ_b - θ_a between two records a, b of one inner run (b later), its denoiser an MLP on
-[noisy Δ, θ_a, log loss_a, log loss_b, an embedding of the diffusion step], trained to predict
-the noise. Every coordinate of θ and Δ is standardised by the dataset's statistics, so the model
-sees unit-scale inputs whatever the network (the diffusion starts from unit noise, so Δ is
-centred too: the model generates the deviation from the dataset's mean update). One model serves
-one architecture: every record must hold parameters of the same paths and shapes.
+[noisy Δ, θ_a, log loss_a, log loss_b, an embedding of the diffusion step] added to a skip
+(`denoise`), trained to predict the noise. Every coordinate of θ and Δ is standardised by the
+dataset's statistics, so the model sees unit-scale inputs whatever the network (the diffusion
+starts from unit noise, so Δ is centred too: the model generates the deviation from the
+dataset's mean update). One model serves one architecture: every record must hold parameters of
+the same paths and shapes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from metaopt.datasets import Record
 
 DIFFUSION_STEPS = 100
 BETA_MAX = 0.2  # the noise schedule's last β
+X0_CLIP = 5.0  # sampling clips its estimate of the clean (standardised) update to ±5 standard deviations
 TIME_FEATURES = 32
 MIN_STD = 1e-6  # a coordinate that never moves (a pruned weight) is not divided by 0
 
@@ -119,16 +121,20 @@ def init_denoiser(key: jax.Array, dim: int, hidden: int) -> dict[str, Any]:
     layers = []
     for k, (n_in, n_out) in zip(keys, zip(sizes[:-1], sizes[1:], strict=True), strict=True):
         layers.append({"w": jax.random.normal(k, (n_in, n_out)) / math.sqrt(n_in), "b": jnp.zeros(n_out)})
-    layers[-1]["w"] = layers[-1]["w"] * 0.1  # starts near "no noise"
+    layers[-1]["w"] = layers[-1]["w"] * 0.1  # starts near the skip alone
     return {"layers": layers}
 
 
-def denoise(weights: dict[str, Any], x_t, theta, log_loss, log_target, t) -> jax.Array:
+def denoise(weights: dict[str, Any], x_t, theta, log_loss, log_target, t, alpha_bar) -> jax.Array:
+    """The noise estimate: √(1 - ᾱ_t) x_t, the best one for standardised data that ignored its
+    conditions, plus the MLP's correction. Without that skip the MLP would have to pass x_t
+    through its hidden layers, narrower than the parameters: it cannot, and at the noisy steps,
+    where the noise is nearly x_t itself, its estimate (and every sample) would stay noisy."""
     h = jnp.concatenate([x_t, theta, log_loss[:, None], log_target[:, None], _time_features(t)], axis=1)
     for layer in weights["layers"][:-1]:
         h = jax.nn.gelu(h @ layer["w"] + layer["b"])
     last = weights["layers"][-1]
-    return h @ last["w"] + last["b"]
+    return jnp.sqrt(1 - alpha_bar[t])[:, None] * x_t + h @ last["w"] + last["b"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,16 +165,23 @@ class UpdateModel:
 
 @jax.jit
 def _sample(weights, theta, log_loss, log_target, key):
+    """Ancestral DDPM sampling of standardised updates, one per row of `theta`. Each step predicts
+    the clean update x̂₀ from the noise estimate, clips it to ±X0_CLIP standard deviations, and
+    steps to the posterior mean given x̂₀ (Ho et al. 2020, eq. 7): an error of the noise estimate
+    then cannot grow through the 1/√(1 - β) of each step (their product is 1/√ᾱ_T, ~150)."""
     beta, alpha_bar = (jnp.asarray(a) for a in noise_schedule())
+    alpha_bar_prev = jnp.concatenate([jnp.ones(1), alpha_bar[:-1]])
     n = theta.shape[0]
     losses = jnp.full((n,), log_loss, jnp.float32), jnp.full((n,), log_target, jnp.float32)
 
     def step(x, inputs):
         t, k = inputs
-        eps = denoise(weights, x, theta, *losses, jnp.full((n,), t))
-        mean = (x - beta[t] / jnp.sqrt(1 - alpha_bar[t]) * eps) / jnp.sqrt(1 - beta[t])
-        noise = jnp.where(t > 0, jnp.sqrt(beta[t]), 0.0) * jax.random.normal(k, x.shape)
-        return mean + noise, None
+        eps = denoise(weights, x, theta, *losses, jnp.full((n,), t), alpha_bar)
+        x0 = jnp.clip((x - jnp.sqrt(1 - alpha_bar[t]) * eps) / jnp.sqrt(alpha_bar[t]), -X0_CLIP, X0_CLIP)
+        mean = (jnp.sqrt(alpha_bar_prev[t]) * beta[t] * x0
+                + jnp.sqrt(1 - beta[t]) * (1 - alpha_bar_prev[t]) * x) / (1 - alpha_bar[t])
+        variance = beta[t] * (1 - alpha_bar_prev[t]) / (1 - alpha_bar[t])
+        return mean + jnp.sqrt(variance) * jax.random.normal(k, x.shape), None
 
     first, rest = jax.random.split(key)
     times = jnp.arange(DIFFUSION_STEPS - 1, -1, -1)
@@ -202,7 +215,7 @@ def fit(data: Pairs, steps: int, key: jax.Array, hidden: int = 512, batch: int =
         eps = jax.random.normal(k_eps, (batch, theta.shape[1]))
         a = alpha_bar[t][:, None]
         x_t = jnp.sqrt(a) * delta[idx] + jnp.sqrt(1 - a) * eps
-        predicted = denoise(w, x_t, theta[idx], log_loss[idx], log_target[idx], t)
+        predicted = denoise(w, x_t, theta[idx], log_loss[idx], log_target[idx], t, alpha_bar)
         return jnp.mean(jnp.square(predicted - eps))
 
     @jax.jit
