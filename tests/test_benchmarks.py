@@ -34,6 +34,8 @@ PROMISED = {
     "chaos_services": ("redis_outages", "object_store_outages"),
     "chaos_workers": ("worker_incarnations", "outer_steps_per_s_calm", "outer_steps_per_s_kills",
                       "throughput_kept"),
+    "dmd_step": ("sizes.*.ms.adam", "sizes.*.ms.nominal_mlp", "sizes.*.dmd_over_without.*",
+                 "truncations.*.ratio", "truncation_ratio_of_sums"),
     "estimator_commits": ("seconds_per_truncation.this", "seconds_per_truncation.other", "this_vs_other"),
     "estimators": ("problems.closed_form.reference_norm", "problems.quadratic.reference_norm",
                    "problems.*.estimators.*.relative_std"),

@@ -1,5 +1,5 @@
 """benchmarks/compare_refs.py: optimizers side by side on a suite with one cache of tuned
-baselines (the smoke suite: two tasks, one seed); a learner checkpoint directory is a REF too, and
+baselines (a suite of two tiny quadratics, one seed); a learner checkpoint directory is a REF too, and
 a bad REF is refused before anything runs."""
 
 from __future__ import annotations
@@ -17,18 +17,34 @@ from metaopt import optimizers, storage, wire
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
 from compare_refs import main, resolve, table  # noqa: E402
 
+TINY = """name: tiny
+seeds: [0]
+tuning_seed: 1000
+baselines: [adam]
+trials: 2
+test_points: 2
+tasks:
+  - name: quadratic_8
+    spec: {name: quadratic, kwargs: {dim: 8, log10_condition: 1.0, noise: 0.1, seed: 11}}
+    steps: 40
+  - name: quadratic_4
+    spec: {name: quadratic, kwargs: {dim: 4, log10_condition: 1.0, noise: 0.1, seed: 12}}
+    steps: 40
+"""
+
 
 def test_refs_side_by_side_on_one_cache_of_baselines(tmp_path, capsys):
-    summary = main(["sgd", "adam", "--suites", "smoke", "--label", "sgd=plain SGD",
-                    "--out", str(tmp_path), "--json"])
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    summary = main(["sgd", "adam", "--suites", str(tmp_path / "tiny.yaml"), "--label", "sgd=plain SGD",
+                    "--out", str(tmp_path / "out"), "--json"])
     rows = summary["results"]
-    assert [(r["label"], r["suite"]) for r in rows] == [("plain SGD", "smoke"), ("adam", "smoke")]
-    assert all(set(r["final_loss_ratio"]) == {"quadratic_8", "mlp_digits_16"} for r in rows)
-    assert json.loads((tmp_path / "comparison.json").read_text()) == summary
-    assert len(list((tmp_path / "baselines").iterdir())) == 2  # tuned once per task, shared by both REFs
+    assert [(r["label"], r["suite"]) for r in rows] == [("plain SGD", "tiny"), ("adam", "tiny")]
+    assert all(set(r["final_loss_ratio"]) == {"quadratic_8", "quadratic_4"} for r in rows)
+    assert json.loads((tmp_path / "out" / "comparison.json").read_text()) == summary
+    assert len(list((tmp_path / "out" / "baselines").iterdir())) == 2  # once per task, for both REFs
     printed = capsys.readouterr().out
     assert "| plain SGD | " in printed
-    assert "| optimizer | wins | geomean | quadratic_8 | mlp_digits_16 |" in printed
+    assert "| optimizer | wins | geomean | quadratic_8 | quadratic_4 |" in printed
 
 
 def test_a_checkpoint_directory_is_a_ref_and_a_bad_ref_is_refused_before_any_run(tmp_path):

@@ -104,6 +104,7 @@ def test_the_sampler_recovers_a_known_distribution_of_updates_given_the_start():
     assert np.all((deltas.std(0) > 0.15) & (deltas.std(0) < 0.6))
 
 
+@pytest.mark.slow  # default run: the model's own tests above; this adds the benchmark's Adam curves
 def test_the_benchmark_prompts_unseen_initialisations_and_finds_where_adam_matches(tmp_path):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
     from update_model import ADAM_STEPS, main  # the benchmark script, not metaopt.update_model
