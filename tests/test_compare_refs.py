@@ -13,21 +13,13 @@ import numpy as np
 import pytest
 
 from metaopt import optimizers, storage, wire
+from tests.test_design_screen import SUITE
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
 from compare_refs import main, resolve, table  # noqa: E402
 
-TINY = """name: tiny
-seeds: [0]
-tuning_seed: 1000
-baselines: [adam]
-trials: 2
-test_points: 2
-tasks:
-  - name: quadratic_8
-    spec: {name: quadratic, kwargs: {dim: 8, log10_condition: 1.0, noise: 0.1, seed: 11}}
-    steps: 40
-  - name: quadratic_4
+# test_design_screen's one-quadratic suite, and a second quadratic.
+TINY = SUITE + """  - name: quadratic_4
     spec: {name: quadratic, kwargs: {dim: 4, log10_condition: 1.0, noise: 0.1, seed: 12}}
     steps: 40
 """
