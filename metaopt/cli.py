@@ -6,6 +6,7 @@ import json
 import logging
 import pathlib
 import sys
+import uuid
 from typing import Annotated
 
 import typer
@@ -338,10 +339,15 @@ def eval_(
         pathlib.Path | None,
         typer.Option("--baseline-cache", help="Folder that keeps tuned baselines for later evaluations."),
     ] = None,
+    record_to: Annotated[
+        str | None,
+        typer.Option("--record", help="Also keep the runs' parameters at the test points as a dataset of "
+                                      "training runs in this folder or URI (docs/datasets.md)."),
+    ] = None,
 ) -> None:
     """Evaluate an optimizer on a task suite against tuned baselines; writes JSON and plots."""
     _needs("eval", "eval")
-    from metaopt import evaluation
+    from metaopt import datasets, evaluation, storage
 
     try:
         spec = evaluation.load_suite(suite)
@@ -355,10 +361,19 @@ def eval_(
         evaluation.resolve_ref(ref, registry_uri)  # bad input fails here, before any training
     except evaluation.EvalInputError as err:
         _fail(str(err))
+    if record_to:
+        try:  # before any training: an evaluation is not lost to a destination that cannot be written
+            fs, path = storage.fresh_fs(record_to)
+            fs.makedirs(f"{path.rstrip('/')}/shards", exist_ok=True)
+        except (OSError, ValueError) as err:
+            _fail(f"cannot record to {record_to}: {err}")
     show_progress = sys.stderr.isatty() or not as_json
+    recording = record_to and evaluation.RunRecording(datasets.ShardWriter(
+        record_to, f"eval-{uuid.uuid4().hex[:8]}", per_shard=64))
     try:
         result = evaluation.evaluate(ref, spec, registry=registry_uri, seeds=seed_list, baselines=base_list,
-                                     trials=trials, progress=show_progress, baseline_cache=baseline_cache)
+                                     trials=trials, progress=show_progress, baseline_cache=baseline_cache,
+                                     record=recording)
     except evaluation.EvalInputError as err:
         _fail(str(err))
     except (ValueError, OSError) as err:
@@ -371,9 +386,12 @@ def eval_(
     if not as_json:
         typer.echo(evaluation.format_table(result))
         typer.echo(f"report: {written['json']}, plots in {out_dir} (summary.png, tasks/*.png)")
+        if record_to:
+            typer.echo(f"runs recorded in {record_to} (metaopt dataset inspect {record_to})")
         return
     typer.echo(json.dumps({"ref": result["ref"], "suite": result["suite"], "seeds": result["seeds"],
-                           "baselines": result["baselines"], **result["aggregate"], "out": str(out_dir)}))
+                           "baselines": result["baselines"], **result["aggregate"], "out": str(out_dir),
+                           **({"recorded": record_to} if record_to else {})}))
 
 
 @app.command("inspect")

@@ -62,10 +62,11 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from metaopt import inner, task_zoo
+from metaopt import datasets, inner, storage, task_zoo
 
 SUITES_DIR = pathlib.Path(__file__).resolve().parent / "suites"
 TEST_BATCHES = 2  # held-out loss = mean over this many test batches
+LOSS_KEY = 0x5EC0  # folded into an inner run's key: the key of the losses a dataset records with it
 # Ratio (REF / best baseline) and AUC charged to the aggregates for a diverged run (docstring).
 DIVERGED_RATIO_CAP = 1e3
 
@@ -73,6 +74,7 @@ __all__ = [
     "DIVERGED_RATIO_CAP",
     "EvalInputError",
     "OptimizerRef",
+    "RunRecording",
     "Suite",
     "SuiteTask",
     "evaluate",
@@ -245,6 +247,16 @@ class OptimizerRef:
     info: dict[str, Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class RunRecording:
+    """Where `evaluate` records its inner runs as a dataset of training runs (docs/datasets.md):
+    each seed's parameters at the suite's test points and at the end, with `run_losses` there."""
+
+    writer: datasets.ShardWriter
+    theta_version: int = -1  # the evaluated θ's version where known (a checkpoint's outer step)
+    baselines: bool = True  # the tuned baselines' runs too, not only REF's
+
+
 def resolve_ref(ref: str, registry: str | None = None) -> OptimizerRef:
     """REF: a registered optimizer name (hand-designed, default hyperparameters; a learned one at
     its init θ) or, with `registry`, a registry reference NAME[:VERSION]. A name that is both
@@ -319,12 +331,25 @@ def held_out_loss(task, params, key: jax.Array) -> jax.Array:
     return jnp.mean(jnp.stack(values)).astype(jnp.float32)
 
 
+def run_losses(task, params, run_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(training loss, held-out loss) of `params`, as a dataset of training runs records them
+    (docs/datasets.md): on one training batch and the held-out batches drawn from `run_key`
+    folded with LOSS_KEY, so that every record of one inner run is measured on the same data."""
+    batch_key, loss_key, held_key = jax.random.split(jax.random.fold_in(run_key, LOSS_KEY), 3)
+    loss = task.loss(params, loss_key, task.batch(batch_key, task_zoo.TRAIN)).astype(jnp.float32)
+    return loss, held_out_loss(task, params, held_key)
+
+
 @functools.cache
-def _program(optimizer_name: str, static: tuple, steps: int, test_every: int):
-    """Jitted (task, theta, floats, seed_keys) -> (train (S, steps), test (S, steps), final_test (S,)).
+def _program(optimizer_name: str, static: tuple, steps: int, test_every: int, record: bool = False):
+    """Jitted (task, theta, floats, seed_keys) -> (train (S, steps), test (S, steps), final_test (S,)),
+    and with `record` a 4th output: (params, loss, held-out loss) of each seed's run, each with a
+    leading (S, P) for the P recorded steps (`recorded_steps`), losses by `run_losses`.
 
     Cached: tasks of the same shape, and tuned hyperparameters, reuse one compiled program."""
     from metaopt import optimizers
+
+    points = len(recorded_steps(steps, test_every))
 
     def one(task, theta, floats, key):
         fixed = {k: json.loads(v) if isinstance(v, _JSONValue) else v for k, v in static}
@@ -333,32 +358,61 @@ def _program(optimizer_name: str, static: tuple, steps: int, test_every: int):
         k_init, k_steps, k_final = jax.random.split(key, 3)
 
         def body(carry, xs):
-            i, k = xs
+            (carry, snaps), (i, k) = carry, xs
             k_batch, k_loss, k_test = jax.random.split(k, 3)
             now = inner.current(task, carry)
-            t = jax.lax.cond(i % test_every == 0, lambda: held_out_loss(now, carry[0], k_test),
+            at_point = i % test_every == 0
+            t = jax.lax.cond(at_point, lambda: held_out_loss(now, carry[0], k_test),
                              lambda: jnp.full((), jnp.nan, jnp.float32))
+            if record:
+                snaps = _snapshot(snaps, -(-i // test_every), now, carry[0], key, at_point)
             carry, value = inner.step(task, opt, tx, carry, (k_batch, k_loss), i, steps)
-            return carry, (value.astype(jnp.float32), t)
+            return (carry, snaps), (value.astype(jnp.float32), t)
 
         keys = jax.random.split(k_steps, steps)
         carry = inner.init(task, tx, task.init(k_init))
-        carry, (train, test) = jax.lax.scan(body, carry, (jnp.arange(steps), keys))
-        return train, test, held_out_loss(inner.current(task, carry), carry[0], k_final)
+        snaps = None
+        if record:  # slot ceil(i / test_every) holds step i's parameters; the last slot the final ones
+            snaps = (jax.tree.map(lambda x: jnp.zeros((points, *x.shape), x.dtype), carry[0]),
+                     jnp.zeros(points, jnp.float32), jnp.zeros(points, jnp.float32))
+        (carry, snaps), (train, test) = jax.lax.scan(body, (carry, snaps), (jnp.arange(steps), keys))
+        final = inner.current(task, carry)
+        out = (train, test, held_out_loss(final, carry[0], k_final))
+        if record:
+            out += (_snapshot(snaps, points - 1, final, carry[0], key, True),)
+        return out
 
     return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))
 
 
+def recorded_steps(steps: int, test_every: int) -> list[int]:
+    """The steps at which a recorded evaluation run keeps its parameters: its test points and
+    the end of the run."""
+    return [*range(0, steps, test_every), steps]
+
+
+def _snapshot(snaps, slot, task, params, run_key, measure):
+    """`snaps` with `params` in `slot`, and their `run_losses` there when `measure` (written at
+    every step, so that the parameters cost no conditional copy; measured at the points only)."""
+    stack, loss, held = snaps
+    stack = jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, slot, 0), stack, params)
+    loss, held = jax.lax.cond(measure, lambda: tuple(
+        v.at[slot].set(m) for v, m in zip((loss, held), run_losses(task, params, run_key), strict=True)),
+        lambda: (loss, held))
+    return stack, loss, held
+
+
 def _train(task, optimizer_name: str, hparams: dict[str, Any], theta: Any, steps: int,
-           seed_keys: jax.Array, test_every: int):
+           seed_keys: jax.Array, test_every: int, record: bool = False):
     """Train `task` with make(optimizer_name, **hparams) at θ on every seed key (see _program)."""
     static, floats = _split_hparams(hparams)
     try:
-        out = _program(optimizer_name, static, steps, test_every)(task, theta, floats, seed_keys)
+        out = _program(optimizer_name, static, steps, test_every, record)(task, theta, floats, seed_keys)
     except jax.errors.ConcretizationTypeError:  # the optimizer needs concrete float hparams
-        out = _program(optimizer_name, _split_hparams(hparams, traced=False)[0], steps, test_every)(
+        out = _program(optimizer_name, _split_hparams(hparams, traced=False)[0], steps, test_every, record)(
             task, theta, {}, seed_keys)
-    return tuple(np.asarray(x, np.float64) for x in out)
+    curves = tuple(np.asarray(x, np.float64) for x in out[:3])
+    return curves + (jax.device_get(out[3]),) if record else curves
 
 
 def steps_to_reach(curve: Any, target: float, window: int = 1) -> int | None:
@@ -429,12 +483,14 @@ def evaluate(
     trials: int | None = None,
     progress: bool = True,
     baseline_cache: str | pathlib.Path | None = None,
+    record: RunRecording | None = None,
 ) -> dict[str, Any]:
     """Evaluate `optimizer_ref` (a reference for `resolve_ref`, or an OptimizerRef) on `suite`
     against tuned baselines (module docstring).
 
     `baseline_cache`: a folder where tuned baselines are kept and reused (keyed by baseline,
-    task, steps, trials and tuning seed); None tunes afresh."""
+    task, steps, trials and tuning seed); None tunes afresh. `record`: also keep the runs'
+    parameters as a dataset of training runs (RunRecording); its writer is flushed at the end."""
     from tqdm import tqdm
 
     from metaopt import optimizers
@@ -484,15 +540,24 @@ def evaluate(
                 trials=trials, seed_key=jax.random.fold_in(tune_key, 10_000)))
             tuning_s += time.time() - tuning_started
             hparams = tuned["best_hparams"] or optimizers.make(b).hparams
-            summary = _summarise(*_train(task, b, hparams, {}, st.steps, seed_keys, test_every), window)
+            keep = record is not None and record.baselines
+            runs = _train(task, b, hparams, {}, st.steps, seed_keys, test_every, record=keep)
+            if keep:
+                _record_runs(record, f"eval/{b}/{suite.name}/{st.name}", st, b, hparams, seeds, runs[3],
+                             recorded_steps(st.steps, test_every))
+            summary = _summarise(*runs[:3], window)
             base_out[b] = {
                 "hparams": hparams,
                 "tuning": {"trials": tuned["trials"], "best_loss": tuned["best_loss"],
                            "all_diverged": tuned["best_hparams"] is None},
                 **summary,
             }
-        curves = _train(task, ref.optimizer_name, ref.hparams, ref.theta, st.steps, seed_keys, test_every)
-        ref_out = _summarise(*curves, window)
+        curves = _train(task, ref.optimizer_name, ref.hparams, ref.theta, st.steps, seed_keys, test_every,
+                        record=record is not None)
+        if record is not None:
+            _record_runs(record, f"eval/{ref.ref}/{suite.name}/{st.name}", st, ref.optimizer_name,
+                         ref.hparams, seeds, curves[3], recorded_steps(st.steps, test_every))
+        ref_out = _summarise(*curves[:3], window)
         ran = [b for b in baselines if "refused" not in base_out[b]]
         if not ran:
             raise EvalInputError(f"no baseline of {baselines} can train task {st.name!r} of {suite.name}")
@@ -524,6 +589,8 @@ def evaluate(
         # maps: a long suite ran out of vm.max_map_count (65,530) and LLVM aborted the process.
         _program.cache_clear()
     bar.close()
+    if record is not None:
+        record.writer.flush()
     result = {
         "ref": ref.ref,
         "ref_kind": ref.kind,
@@ -542,6 +609,22 @@ def evaluate(
         "elapsed_s": round(time.time() - started, 2),
     }
     return _clean(result)
+
+
+def _record_runs(record: RunRecording, run: str, st: SuiteTask, optimizer_name: str,
+                 hparams: dict[str, Any], seeds: list[int], snapshots, steps: list[int]) -> None:
+    """Give `record`'s writer one record per seed and recorded step of one optimizer's runs on one
+    task (`snapshots`: _program's 4th output, on the host)."""
+    params, loss, held_out = snapshots
+    flat = storage.flatten_tree(params)
+    for s, seed in enumerate(seeds):
+        for p, step in enumerate(steps):
+            meta = {"run": f"{run}/seed-{seed}", "step": step, "horizon": st.steps,
+                    "loss": float(loss[s, p]), "held_out_loss": float(held_out[s, p]),
+                    "task": {"name": st.spec.name, "kwargs": dict(st.spec.kwargs)},
+                    "optimizer": {"name": optimizer_name, "hparams": dict(hparams)},
+                    "theta_version": record.theta_version, "worker": "eval"}
+            record.writer.add(datasets.Record(meta, {k: np.asarray(v[s, p]) for k, v in flat.items()}))
 
 
 def _charged_ratio(ref_loss: float, base_loss: float) -> float:

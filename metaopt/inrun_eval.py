@@ -25,6 +25,10 @@ Each result goes
 
 With `publish: best` the θ of the best evaluated checkpoint so far (`best_evaluation`) is kept in
 RUN_DIR/eval/theta-NNNNNNNNN.safetensors, and the run publishes it in place of the last θ.
+
+With the job spec's `record` (a dataset of training runs, docs/datasets.md), every evaluation
+records θ's runs at the suite's test points into the job's recording, beside the workers' runs;
+the tuned baselines' runs, the same at every evaluation, are recorded by a process's first one.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import os
 import pathlib
 import signal
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -89,11 +94,12 @@ class InRunEvaluator:
     stopped and written its final checkpoint, `close` always."""
 
     def __init__(self, settings: EvalSpec, run_dir: pathlib.Path, checkpoint_root: str, job_id: str,
-                 metrics, saved_step: Callable[[], int | None]):
+                 metrics, saved_step: Callable[[], int | None], record: tuple[str, int] | None = None):
         """`checkpoint_root`: the run's checkpoints folder (URI); `metrics`: the learner's
-        LearnerMetrics; `saved_step()`: the step of the newest committed checkpoint, or None."""
+        LearnerMetrics; `saved_step()`: the step of the newest committed checkpoint, or None;
+        `record`: (the job's recording URI, records per shard) to record the evaluations' runs."""
         self.settings, self.checkpoint_root, self.job_id = settings, checkpoint_root, job_id
-        self.metrics, self.saved_step = metrics, saved_step
+        self.metrics, self.saved_step, self.record = metrics, saved_step, record
         self.dir, self.baselines_dir = run_dir / EVAL_DIR, run_dir / BASELINES_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
         records = self.dir / RECORDS_FILE
@@ -200,7 +206,7 @@ class InRunEvaluator:
         self._process = context.Process(
             target=_serve, name=f"metaopt-eval-{self.job_id}", daemon=True,
             args=(child, self.settings.suite, self.settings.seeds, str(self.baselines_dir), str(self.dir),
-                  self.job_id, self.settings.publish == "best"))
+                  self.job_id, self.settings.publish == "best", self.record))
         self._process.start()
         child.close()
 
@@ -268,7 +274,7 @@ class InRunEvaluator:
 
 
 def _serve(conn, suite_ref: str, num_seeds: int, baselines_dir: str, eval_dir: str, job_id: str,
-           keep_theta: bool) -> None:
+           keep_theta: bool, record: tuple[str, int] | None) -> None:
     """The evaluation process: evaluate each checkpoint the run names, answer with its record
     ({"record": ...} or {"error": ...}, JSON); end at `null` or when the run is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the run's; the run ends this process
@@ -278,10 +284,12 @@ def _serve(conn, suite_ref: str, num_seeds: int, baselines_dir: str, eval_dir: s
         os.nice(19 - os.nice(0))
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # a GPU here is the workers'
     # Imported here: the run's own process never needs them, and they load while it starts up.
-    from metaopt import evaluation
+    from metaopt import datasets, evaluation
 
     suite = evaluation.load_suite(suite_ref)
     seeds = list(suite.seeds[:num_seeds])
+    recording = None if record is None else evaluation.RunRecording(
+        datasets.ShardWriter(record[0], f"eval-{uuid.uuid4().hex[:8]}", record[1]))
     while True:
         try:
             request = json.loads(conn.recv_bytes())
@@ -291,7 +299,9 @@ def _serve(conn, suite_ref: str, num_seeds: int, baselines_dir: str, eval_dir: s
             return
         try:
             reply = {"record": _evaluate_checkpoint(request["checkpoint"], suite, seeds, baselines_dir,
-                                                    pathlib.Path(eval_dir), job_id, keep_theta)}
+                                                    pathlib.Path(eval_dir), job_id, keep_theta, recording)}
+            if recording is not None:  # the baselines' runs are the same at every evaluation
+                recording = dataclasses.replace(recording, baselines=False)
         except Exception as err:  # reported by the run; the next tick tries again
             reply = {"error": f"{type(err).__name__}: {err}"}
         conn.send_bytes(json.dumps(reply).encode())
@@ -312,13 +322,16 @@ def checkpoint_ref(checkpoint, job_id: str):
 
 
 def _evaluate_checkpoint(uri: str, suite, seeds: list[int], baselines_dir: str, eval_dir: pathlib.Path,
-                         job_id: str, keep_theta: bool) -> dict[str, Any]:
+                         job_id: str, keep_theta: bool, recording) -> dict[str, Any]:
     from metaopt import evaluation, publishing
 
     started = time.perf_counter()
     checkpoint = publishing.find_checkpoint(uri)
     ref = checkpoint_ref(checkpoint, job_id)
-    result = evaluation.evaluate(ref, suite, seeds=seeds, progress=False, baseline_cache=baselines_dir)
+    if recording is not None:
+        recording = dataclasses.replace(recording, theta_version=checkpoint.step)
+    result = evaluation.evaluate(ref, suite, seeds=seeds, progress=False, baseline_cache=baselines_dir,
+                                 record=recording)
     # Each file whole or not at all (tmp, then rename): the run may be killed at any moment.
     report, kept = eval_dir / f"step-{checkpoint.step:09d}.json", theta_file(eval_dir, checkpoint.step)
     report.with_suffix(".tmp").write_text(json.dumps(result, indent=1, allow_nan=False))

@@ -260,7 +260,8 @@ class RecordSpec(_Frozen):
     """A dataset of training runs (metaopt/datasets.py, docs/datasets.md): each worker records
     the parameters of `runs` of its inner runs (the + halves of its first antithetic pairs), with
     their training and held-out losses, every `every_truncations` truncations, at the boundary
-    (never inside an unroll), in shards of `per_shard` records under the job's storage root.
+    (never inside an unroll), in shards of `per_shard` records under the job's storage root; and
+    with `eval`, each in-run evaluation records its runs there too (metaopt/inrun_eval.py).
     Absent: nothing is recorded."""
 
     every_truncations: int = Field(10, ge=1)
@@ -288,7 +289,7 @@ class JobSpec(_Frozen):
     storage: StorageSpec = StorageSpec()
     artifact_name: str | None = Field(None, pattern=NAME_PATTERN)  # default: the job name
     eval: EvalSpec | None = None  # in-run evaluation; off when absent
-    record: RecordSpec | None = None  # a dataset of the workers' inner runs; off when absent
+    record: RecordSpec | None = None  # a dataset of the inner runs; off when absent
 
     @field_validator("tasks")
     @classmethod

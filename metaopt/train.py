@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 
-from metaopt import plugins
+from metaopt import datasets, plugins
 from metaopt.jobspec import JobSpec, check_runnable
 
 log = logging.getLogger(__name__)
@@ -160,9 +160,11 @@ class _LearnerRun:
             task_families=tuple(t.family for t in spec.tasks),
         ), theta0)
         self.lease_lost = None  # the LeaseHeldError, once another learner has taken the job
+        # The evaluations' runs go to the workers' recording too.
+        record = spec.record and (datasets.recording_uri(root, job_id), spec.record.per_shard)
         self.evaluator = None if spec.eval is None else InRunEvaluator(
             spec.eval, self.run_dir, self.checkpoint_uri, job_id, self.learner.metrics,
-            saved_step=lambda: self.checkpointer.last_saved_step)
+            saved_step=lambda: self.checkpointer.last_saved_step, record=record)
         self.checkpointer = Checkpointer(
             self.learner, self.checkpoint_uri, spec.checkpoint_interval_s, keep=spec.checkpoints_kept,
             meta={"spec": self.spec_json, "code_version": installed_code_version()},

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from metaopt import datasets, optimizers, storage, task_zoo
+from metaopt import datasets, evaluation, optimizers, storage, task_zoo
 from metaopt.cli import app
-from metaopt.evaluation import held_out_loss
+from metaopt.evaluation import LOSS_KEY, held_out_loss
 from metaopt.jobspec import JobSpecError, OuterSpec, parse_job_spec
 from metaopt.learner.core import Learner, LearnerConfig
 from metaopt.learner.server import make_server
 from metaopt.task_zoo.base import TRAIN
 from metaopt.workers.actor import PESWorker
-from metaopt.workers.recording import LOSS_KEY
+from tests.inrun_spec import TINY_SUITE
 from tests.ports import free_port
 
 JOB = "job-rec"
@@ -198,3 +198,65 @@ def test_the_job_spec_refuses_a_record_it_cannot_keep():
         parse_job_spec({**SPEC, "record": {"every_truncations": 0}})
     with pytest.raises(ValueError, match="record` needs storage.root"):
         PESWorker(parse_job_spec(SPEC), "127.0.0.1:1", "worker-0", JOB)
+
+
+# --- evaluations record too ----------------------------------------------------------------------
+
+def test_an_evaluation_run_keeps_the_parameters_its_curve_was_measured_at():
+    """A recorded evaluation run (2 seeds, 40 steps, test points every 15): parameters at steps 0,
+    15, 30 and 40; its curves are those of the run that does not record; step 0 is the task's init
+    from the seed; at step i (< 40) the recorded parameters give, with step i's keys, the training
+    loss the curve holds for step i (so they are the parameters the run had there); and each
+    record's losses are `run_losses` at its parameters, computed eagerly."""
+    task = task_zoo.task(task_zoo.TaskSpec("quadratic", {"dim": 8, "log10_condition": 1.0, "noise": 0.1,
+                                                         "seed": 21}))
+    seed_keys = jax.vmap(jax.random.key)(np.array([0, 1]))
+    hparams = {"learning_rate": 0.05}
+    plain = evaluation._train(task, "adam", hparams, {}, 40, seed_keys, 15)
+    *curves, (params, loss, held_out) = evaluation._train(task, "adam", hparams, {}, 40, seed_keys, 15,
+                                                         record=True)
+    assert evaluation.recorded_steps(40, 15) == [0, 15, 30, 40]
+    for a, b in zip(plain, curves, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, equal_nan=True)
+    assert loss.shape == held_out.shape == (2, 4)
+    for s in range(2):
+        k_init, k_steps, _ = jax.random.split(seed_keys[s], 3)
+        step_keys = jax.random.split(k_steps, 40)
+        at = [jax.tree.map(lambda x, s=s, p=p: x[s, p], params) for p in range(4)]
+        np.testing.assert_array_equal(at[0]["x"], task.init(k_init)["x"])
+        for p, step in enumerate([0, 15, 30]):
+            k_batch, k_loss, _ = jax.random.split(step_keys[step], 3)
+            value = task.loss(at[p], k_loss, task.batch(k_batch, TRAIN))
+            assert float(value) == pytest.approx(curves[0][s, step], rel=1e-5)
+        for p in range(4):
+            truth = evaluation.run_losses(task, at[p], seed_keys[s])
+            assert (float(truth[0]), float(truth[1])) == pytest.approx((loss[s, p], held_out[s, p]), rel=1e-5)
+    assert not np.allclose(at[0]["x"], at[3]["x"])  # the run moved
+
+
+def test_metaopt_eval_records_the_runs_of_the_optimizer_and_its_baselines(tmp_path):
+    """`metaopt eval --record DIR` on the tiny suite (2 tasks, 40 steps, test points every 20, seed
+    0): adam as REF and tuned adam as baseline, each recorded at steps 0, 20 and 40 on both tasks;
+    a destination that cannot be written is refused before any training."""
+    out = tmp_path / "dataset"
+    runner = CliRunner()
+    done = runner.invoke(app, ["eval", "sgd", "--suite", str(TINY_SUITE), "--record", str(out), "--json",
+                               "--out", str(tmp_path / "report")])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output.strip().splitlines()[-1])["recorded"] == str(out)
+    records = list(datasets.records(str(out)))
+    assert len(records) == 2 * 2 * 3  # optimizers × tasks × recorded steps (1 seed)
+    runs = {}
+    for r in records:
+        runs.setdefault(r.meta["run"], []).append(r.meta["step"])
+        assert (r.meta["worker"], r.meta["horizon"], r.meta["theta_version"]) == ("eval", 40, -1)
+        assert np.isfinite(r.meta["loss"]) and set(r.params) == {"x"}
+    assert runs == {f"eval/{o}/tiny/quadratic_{t}/seed-0": [0, 20, 40] for o in ("sgd", "adam") for t in "ab"}
+    assert {r.meta["optimizer"]["name"] for r in records} == {"sgd", "adam"}
+    info = json.loads(runner.invoke(app, ["dataset", "inspect", str(out), "--json"]).output)
+    assert info["records"] == 12 and info["optimizers"] == ["adam", "sgd"]
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    refused = runner.invoke(app, ["eval", "sgd", "--suite", str(TINY_SUITE), "--record", str(blocked / "d")])
+    assert refused.exit_code == 2 and f"cannot record to {blocked / 'd'}" in refused.output

@@ -10,6 +10,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import jax
 import matplotlib.image
@@ -19,13 +20,14 @@ import pytest
 import safetensors.numpy
 
 import metaopt
-from metaopt import publishing, registry, task_zoo, wire
+from metaopt import datasets, publishing, registry, task_zoo, wire
 from metaopt.run_report import read_metrics
 from tests.inrun_spec import e2e_with_eval
 from tests.jsonout import last_json
 
 DATA = pathlib.Path(__file__).parent / "data"
 METAOPT = [sys.executable, "-m", "metaopt.cli"]
+RECORD = {"every_truncations": 4, "runs": 1, "per_shard": 8}
 
 
 def metaopt_cli(*args, timeout=300) -> subprocess.CompletedProcess:
@@ -34,9 +36,10 @@ def metaopt_cli(*args, timeout=300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """tests/data/e2e.yaml with in-run evaluation every 6 s and `publish: best`."""
+    """tests/data/e2e.yaml with in-run evaluation every 6 s, `publish: best`, and a recording of
+    the inner runs."""
     out = tmp_path_factory.mktemp("out")
-    spec = e2e_with_eval(tmp_path_factory.mktemp("spec"), publish="best")
+    spec = e2e_with_eval(tmp_path_factory.mktemp("spec"), publish="best", record=RECORD)
     done = metaopt_cli("train", spec, "--out", out, "--json", "--job-id", "e2e-1")
     assert done.returncode == 0, done.stderr[-3000:]
     return last_json(done.stdout), out
@@ -92,6 +95,22 @@ def test_in_run_evaluations_are_in_metrics_jsonl_with_their_reports(run):
     assert len(list((run_dir / "eval_baselines").glob("*.json"))) == 2  # one per task
     # The plot's two panels (meta-loss per family, then the evaluations): 7.5 inches at 120 dpi.
     assert matplotlib.image.imread(run_dir / "meta_loss.png").shape[0] == 900
+
+
+def test_the_dataset_holds_the_workers_and_the_evaluations_runs(run):
+    """Both workers' runs, and every in-run evaluation's: θ's runs on the tiny suite's 2 tasks at
+    steps 0, 20 and 40, marked with the evaluated outer step, and the tuned baseline's once."""
+    result, out = run
+    records = list(datasets.records(datasets.recording_uri(str(out), "e2e-1")))
+    workers = Counter(r.meta["worker"] for r in records)
+    assert set(workers) == {"worker-0", "worker-1", "eval"}, workers
+    metrics = pathlib.Path(result["run_dir"]) / "metrics.jsonl"
+    evaluated = [e["outer_step"] for e in read_metrics(metrics, kind="eval")]
+    ours = [r.meta for r in records if r.meta["worker"] == "eval" and r.meta["optimizer"]["name"] != "adam"]
+    assert Counter(m["theta_version"] for m in ours) == {step: 2 * 3 for step in evaluated}
+    assert all(m["step"] in (0, 20, 40) and m["horizon"] == 40 for m in ours)
+    adam = Counter((r.meta["run"], r.meta["step"]) for r in records if r.meta["optimizer"]["name"] == "adam")
+    assert len(adam) == 2 * 3 and set(adam.values()) == {1}
 
 
 def test_the_published_optimizer_is_the_best_evaluated_checkpoint(run):

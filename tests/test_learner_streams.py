@@ -21,6 +21,7 @@ from metaopt.learner.core import Learner, LearnerConfig
 from metaopt.learner.security import TLSConfig
 from metaopt.learner.server import LearnerService, make_server
 from metaopt.workers.client import ClientTLS, LearnerClient, split_estimate
+from tests.ports import free_port
 
 SIZE = 11
 THETA0 = {"w": np.linspace(-1, 1, SIZE, dtype=np.float32)}
@@ -65,6 +66,28 @@ def serve():
 
     yield start
     for server, learner in servers:
+        learner.stop()
+        server.stop(None)
+
+
+def test_a_client_waiting_for_a_learner_connects_within_a_second_of_its_start():
+    """The learner comes up 5.5 s after the client began to wait. gRPC's default reconnect backoff
+    (tries at 1, 2.6, 5.2, 9.3 s, each interval ±20%) would connect 3 s late at the least, past
+    the learner's linger after a finished job; the client's, capped at 1 s (+20%), connects within
+    2.5 s, the Hello answered included."""
+    learner, port, connected = make_learner(), free_port(), []
+    waiting = threading.Thread(target=lambda: connected.append(
+        (LearnerClient(f"127.0.0.1:{port}", hello(learner).hello, connect_timeout_s=20), time.monotonic())))
+    waiting.start()
+    time.sleep(5.5)
+    server, _ = make_server(learner, "127.0.0.1", port)
+    started = time.monotonic()
+    try:
+        waiting.join(timeout=20)
+        assert connected, "the client did not connect"
+        assert connected[0][1] - started < 2.5, connected[0][1] - started
+        connected[0][0].close()
+    finally:
         learner.stop()
         server.stop(None)
 

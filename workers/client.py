@@ -32,6 +32,12 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 2 * CHUNK_BYTES),
     ("grpc.keepalive_time_ms", 20_000),  # notice a dead learner within about a minute
     ("grpc.keepalive_timeout_ms", 10_000),
+    # gRPC retries a connection that found nobody after 1 s, then 1.6×, 2.56×, … (jittered): a
+    # worker waiting in LearnerClient for a restarted learner would notice it seconds late, after
+    # the learner's linger past a finished job (train._linger), and retry forever. Within a second:
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 
 

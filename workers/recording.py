@@ -14,15 +14,11 @@ loses the records it had not yet written (fewer than a shard).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from metaopt import datasets, storage
-from metaopt.evaluation import held_out_loss
+from metaopt.evaluation import run_losses
 from metaopt.jobspec import JobSpec
-from metaopt.task_zoo.base import TRAIN
-
-LOSS_KEY = 0x5EC0  # folded into an inner run's episode key: the key of its recorded losses
 
 
 def _initial(objective, theta, episode_keys):
@@ -33,16 +29,9 @@ def _initial(objective, theta, episode_keys):
 
 def _losses(objective, states, episode_keys):
     """(training loss, held-out loss) of each state's parameters, on batches drawn from its
-    run's episode key (the same batches at every record of one run)."""
-
-    def one(state, key):
-        task = objective.task_at(state)
-        key = jax.random.fold_in(key, LOSS_KEY)
-        batch_key, loss_key, held_key = jax.random.split(key, 3)
-        loss = task.loss(state[0], loss_key, task.batch(batch_key, TRAIN)).astype(jnp.float32)
-        return loss, held_out_loss(task, state[0], held_key)
-
-    return jax.vmap(one)(states, episode_keys)
+    run's episode key (evaluation.run_losses: the same batches at every record of one run)."""
+    return jax.vmap(lambda state, key: run_losses(objective.task_at(state), state[0], key))(
+        states, episode_keys)
 
 
 class RunRecorder:
