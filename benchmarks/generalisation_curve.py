@@ -9,7 +9,9 @@ run's first outer step in metrics.jsonl). Every point is a full `metaopt eval` o
 default keeps only the newest three.
 
     python benchmarks/generalisation_curve.py RUN_DIR [--suites a,b] [--every-minutes 10]
-        [--out DIR] [--baseline-cache DIR] [--json]
+        [--seeds N] [--out DIR] [--baseline-cache DIR] [--json]
+
+`--seeds N` evaluates on seeds 0..N-1 instead of each suite's own (the design suite lists one).
 
 Writes OUT/curve.json (one record per point and suite), OUT/curve.png, every point's full
 `metaopt eval` report in OUT/reports/POINT-SUITE/, and OUT/selection.json: the best trained
@@ -21,6 +23,7 @@ checkpoint is published instead of its last. Choose on a suite you then do not r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -115,12 +118,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--every-minutes", type=float, default=10.0)
     ap.add_argument("--out", type=pathlib.Path, default=None)
     ap.add_argument("--baseline-cache", type=pathlib.Path, default=None)
+    ap.add_argument("--seeds", type=int, default=None, help="evaluate on seeds 0..N-1, not the suites' own")
     ap.add_argument("--json", action="store_true", help="print one JSON line with every record")
     args = ap.parse_args(argv)
     out = args.out or args.run_dir / "generalisation"
     out.mkdir(parents=True, exist_ok=True)
     cache = args.baseline_cache or out / "baselines"
     suites = [evaluation.load_suite(s) for s in args.suites.split(",")]
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise SystemExit(f"--seeds needs at least 1, got {args.seeds}")
+        suites = [dataclasses.replace(s, seeds=tuple(range(args.seeds))) for s in suites]
     points = [(0.0, untrained_ref(args.run_dir), None)]
     for minutes, path in checkpoints_by_minute(args.run_dir, args.every_minutes):
         checkpoint = publishing.find_checkpoint(str(path))

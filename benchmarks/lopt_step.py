@@ -34,7 +34,7 @@ from metaopt import optimizers
 from metaopt.optimizers import small_fc
 
 _ELEMENTWISE_FLOPS = 150  # features, accumulators, normalisation, output: rough count
-REFERENCE_RECIPE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "nominal_mix_v7.yaml"
+REFERENCE_RECIPE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "nominal_mix_v9.yaml"
 
 
 def reference_hparams() -> dict:

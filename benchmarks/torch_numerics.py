@@ -33,11 +33,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 REGISTRY = str(ROOT / "examples" / "registry")
 SHAPES = {"conv_w": (4, 2, 3, 3), "conv_b": (4,), "fc_w": (3, 64), "fc_b": (3,), "scale": ()}
 # Every option path of the published versions: 1 small_fc (one hidden layer); nominal_mlp's 2
-# absolute correction, 3 relative, 4 with the per-tensor rate (the champion), 5 element-wise
-# gain, 7 rate at the schedule's pace. Beside them, untrained variants (below).
-VERSIONS = [1, 2, 3, 4, 5, 7]
+# absolute correction, 3 relative, 4 with the per-tensor rate, 5 element-wise gain, 7 rate at the
+# schedule's pace, 9 Adam's β2 at 0.9 (the champion). Beside them, untrained variants (below).
+VERSIONS = [1, 2, 3, 4, 5, 7, 9]
 UNTRAINED = ["small_fc", "adafac_mlp", "lstm_l2l", "nn_adam", "rnn_mlp", "lgl2o"]  # every other architecture
-CLOSED_LOOP_VERSIONS = [1, 4, 7]  # and every untrained case
+CLOSED_LOOP_VERSIONS = [1, 4, 9]  # and every untrained case
 OPEN_LOOP_STEPS, CLOSED_LOOP_STEPS = 1000, 200
 
 
@@ -65,10 +65,10 @@ def untrained(name: str) -> registry.TrainedOptimizer:
 
 def untrained_variant() -> registry.TrainedOptimizer:
     """nominal_mlp's options no published version uses (rate held through the warm-up, a
-    threshold and a start for it, weight decay), with a random output layer so the learned
-    correction acts."""
+    threshold and a start for it, weight decay, a stable phase, Adam's β2), with a random output
+    layer so the learned correction acts."""
     hparams = dict(relative_correction=True, rate_adaptation=0.1, rate_after_warmup=True, rate_threshold=0.1,
-                   rate_init=-0.5, weight_decay=0.01, warmup=0.1)
+                   rate_init=-0.5, weight_decay=0.01, warmup=0.1, stable=0.3, rms_decay=0.99)
     opt = optimizers.make("nominal_mlp", **hparams)
     theta = jax.tree.map(np.asarray, opt.init(jax.random.key(3)))
     w1 = np.random.default_rng(1).normal(size=theta["mlp"]["w1"].shape)

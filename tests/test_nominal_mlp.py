@@ -29,9 +29,11 @@ def _grads(params, i):
 
 
 def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4.6, eps=1e-8, b1=0.9,
-                        b2=0.999, warm=0, hold=False, pace=False, init=0.0, threshold=0.0, coef=0.0):
+                        b2=0.999, warm=0, hold=False, pace=False, init=0.0, threshold=0.0, coef=0.0,
+                        stable=0):
     """Slow reference, float64 arithmetic on float32 parameters: AdamW (bias-corrected) at lr·t/W
-    for the first `warm` steps W, then lr·0.5·(1 + cos(π (t - W) / (T - W))); with kappa, each
+    for the first `warm` steps W, at lr for the next `stable` S, then
+    lr·0.5·(1 + cos(π (t - W - S) / (T - W - S))); with kappa, each
     tensor's Adam step also times α_T,
     log α_T += kappa · cos(g_t, m_{t-1}/√v_{t-1}) (with `hold`, not during the first W steps; with
     `pace`, times the schedule's rate over its peak), from log α_T = `init`, less `threshold` from
@@ -48,7 +50,7 @@ def _numpy_adamw_cosine(params, grads_seq, lr, num_steps, wd, kappa=0.0, bound=4
     d, r, beta3 = 1e-6, 0.0, math.sqrt(b2)
     out = []
     for t, grads in enumerate(grads_seq):
-        decay = 0.5 * (1 + math.cos(math.pi * (t - warm) / (num_steps - warm)))
+        decay = 0.5 * (1 + math.cos(math.pi * max(t - warm - stable, 0) / (num_steps - warm - stable)))
         rate = lr * t / warm if t < warm else lr * decay
         fraction, d_step = rate / lr, 1.0  # the schedule's, before d: the pace of α_T
         if coef > 0:
@@ -87,6 +89,16 @@ def test_untrained_is_adamw_on_a_cosine_schedule(weight_decay, kappa, warmup, ho
     _check_against_numpy(0.01, 8, weight_decay=weight_decay, rate_adaptation=kappa, warmup=warmup,
                          rate_after_warmup=hold, rate_on_schedule=pace, rate_init=init,
                          rate_threshold=threshold)
+
+
+@pytest.mark.parametrize(("stable", "rms_decay", "kappa"), [(0.375, 0.999, 0.0), (0.0, 0.95, 0.0),
+                                                          (0.25, 0.9, 0.3)])
+def test_a_stable_phase_and_adams_beta2(stable, rms_decay, kappa):
+    """`stable`: the peak held for that fraction of the run after a warm-up of 2 of 8 steps, the
+    cosine over the rest (warm-up, stable, decay); `rms_decay`: Adam's β2; both beside α_T at the
+    schedule's pace."""
+    _check_against_numpy(0.01, 8, warmup=0.25, stable=stable, rms_decay=rms_decay, rate_adaptation=kappa,
+                         rate_on_schedule=kappa > 0)
 
 
 @pytest.mark.parametrize(("coef", "warmup", "kappa", "weight_decay"),
@@ -134,7 +146,8 @@ def _check_against_numpy(lr, num_steps, **hparams):
         hparams.get("rate_adaptation", 0.0), bound=0.5, warm=round(hparams.get("warmup", 0.0) * num_steps),
         hold=hparams.get("rate_after_warmup", False), pace=hparams.get("rate_on_schedule", False),
         init=hparams.get("rate_init", 0.0), threshold=hparams.get("rate_threshold", 0.0),
-        coef=hparams.get("rate_estimate", 0.0))
+        coef=hparams.get("rate_estimate", 0.0), stable=round(hparams.get("stable", 0.0) * num_steps),
+        b2=hparams.get("rms_decay", 0.999))
     p = params
     for i, g in enumerate(grads_seq):
         u, state = update(g, state, p)
@@ -293,7 +306,8 @@ def test_meta_parameter_count_and_bad_hparams():
     assert n == NUM_FEATURES * 16 + 16 + 16 + 1 + 3 + 1 == 213  # the module docstring's count
     for bad in ({"hidden": 0}, {"warmup": 1.0}, {"correction_bound": -1.0}, {"rate_adaptation": -0.1},
                 {"rate_range": -1.0}, {"rate_init": -3.0, "rate_range": 2.3}, {"rate_threshold": 1.0},
-                {"rate_estimate": -0.5}, {"rate_estimate": float("nan")}):
+                {"rate_estimate": -0.5}, {"rate_estimate": float("nan")}, {"stable": 0.8, "warmup": 0.2},
+                {"stable": -0.1}, {"rms_decay": 1.0}, {"rms_decay": 0.0}):
         with pytest.raises(ValueError, match="nominal_mlp needs"):
             optimizers.make("nominal_mlp", **bad)
 

@@ -3,7 +3,7 @@ per-parameter MLP and scaled per tensor by a learned law. Built to be pulled ont
 never saw during meta-training.
 
     update = -lr(t) · α_T · a_T · (d + c) - lr(t) · weight_decay · p
-      d   = m̂ / (sqrt(v̂) + eps)                 Adam's direction (bias-corrected, β1 0.9, β2 0.999)
+      d   = m̂ / (sqrt(v̂) + eps)                 Adam's direction (bias-corrected, β1 0.9, β2 `rms_decay`)
       c   = clip_rms_T(MLP(x), correction_bound · s_T)  learned correction, per-tensor RMS ≤ the bound;
             s_T = 1, or rms_T(d) with `relative_correction` (the correction anneals with Adam's step);
             or with `elementwise_correction` c = correction_bound · d ⊙ tanh(MLP(x)), a learned gain
@@ -13,7 +13,8 @@ never saw during meta-training.
             log α_T += κ · (cos(g_t, d_{t-1}) - rate_threshold) each step from `rate_init`,
             within ±rate_range (with `rate_after_warmup`, only once the warm-up is over; with
             `rate_on_schedule`, κ times lr(t)/peak, so α_T adapts at the schedule's pace)
-      lr(t) = learning_rate · cosine decay to 0 over num_steps (after `warmup` of the run), or
+      lr(t) = learning_rate · cosine decay to 0 over num_steps (after `warmup` of the run, and
+              `stable` of it at the peak), or
               the user's own schedule: `as_optax(theta, num_steps, learning_rate=schedule)`;
               with `rate_estimate` c > 0, also times Prodigy's estimate d_t of the rate (from 1e-6,
               never falling; Adam's moments then average d·g), so learning_rate is a multiplier
@@ -81,6 +82,15 @@ Where each piece comes from, and why it is here:
   predicts next, per tensor the spectral radius and the oscillation of the dominant mode
   (`optimizers.dmd`). Whether a step's direction is settling, growing or flipping is what the
   per-element momenta see only one element at a time. Off by default; not in metaopt.torch.
+- `rms_decay`, Adam's β2, 0.999 by default (versions 1-8). With α_T, a second moment that
+  forgets in ~10 steps (0.9) rather than ~1,000 keeps each element's step near unit size while
+  the rate and the gradients' scale change under it; a slow one lags a growing gradient, so the
+  step outgrows it. Screened untrained on the design suite (3 seeds): 0.9 won 11 of 12 at 0.0587×
+  tuned Adam's final loss, 0.95 11 at 0.101×, 0.98 10 (its 5,000-step tanh MLP blew up), 0.999 (version
+  7's anchor) 9 at 0.45×. Version 9 uses 0.9 (docs/reference_optimizer.md, version 9).
+  `stable` holds the peak for that fraction of the run after the warm-up (warm-up, stable,
+  decay: Hu et al. 2024) before the cosine; it helped the language models and least squares
+  and blew up the deep MLPs, whose α_T climbs at full pace all the while (not used).
 - The schedule is the user's (Celo2): the optimizer cannot know a good horizon-dependent decay
   better than the person who sets `num_steps`; the learned parts see the run's fraction and the
   absolute step (μLO: features of the absolute step generalise to longer runs).
@@ -196,13 +206,21 @@ def clip_rms(x: jax.Array, bound: float) -> jax.Array:
     return x * jnp.minimum(1.0, bound / jnp.maximum(rms, 1e-30))
 
 
-def cosine_schedule(learning_rate: float, num_steps: int, warmup: float) -> optax.Schedule:
-    """Linear warm-up over `warmup` of the run, then cosine decay to 0 at `num_steps`."""
+def cosine_schedule(learning_rate: float, num_steps: int, warmup: float,
+                    stable: float = 0.0) -> optax.Schedule:
+    """Linear warm-up over `warmup` of the run, the peak held over the next `stable` of it, then
+    cosine decay to 0 at `num_steps` (with `stable` > 0: warm-up, stable, decay; Hu et al. 2024)."""
     warm = int(round(warmup * num_steps))
-    decay = optax.cosine_decay_schedule(learning_rate, max(num_steps - warm, 1))
-    if warm == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warm), decay], [warm])
+    hold = int(round(stable * num_steps))
+    pieces, boundaries = [], []
+    if warm:
+        pieces.append(optax.linear_schedule(0.0, learning_rate, warm))
+        boundaries.append(warm)
+    if hold:
+        pieces.append(optax.constant_schedule(learning_rate))
+        boundaries.append(warm + hold)
+    pieces.append(optax.cosine_decay_schedule(learning_rate, max(num_steps - warm - hold, 1)))
+    return optax.join_schedules(pieces, boundaries) if boundaries else pieces[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +232,8 @@ class NominalMLP:
     # on an evaluation suite: docs/reference_optimizer.md.
     learning_rate: float = 0.03
     warmup: float = 0.05  # fraction of the run
+    stable: float = 0.0  # fraction of the run at the peak after the warm-up (0: v1-v8 load unchanged)
+    rms_decay: float = RMS_DECAY  # Adam's β2 (0.999: v1-v8 load unchanged)
     correction_bound: float = 1.0
     relative_correction: bool = False  # False: reference v2's absolute bound, so it loads unchanged
     elementwise_correction: bool = False  # a per-element gain on d (False: v2-v4 load unchanged)
@@ -238,12 +258,14 @@ class NominalMLP:
     learned = True
 
     def __post_init__(self):
-        if (self.hidden < 1 or not 0 <= self.warmup < 1 or self.correction_bound < 0
+        if (self.hidden < 1 or not 0 <= self.warmup < 1 or not 0 <= self.stable < 1 - self.warmup
+                or not 0 < self.rms_decay < 1 or self.correction_bound < 0
                 or self.rate_adaptation < 0 or self.rate_range < 0 or abs(self.rate_init) > self.rate_range
                 or not -1 < self.rate_threshold < 1
                 or not (math.isfinite(self.rate_estimate) and self.rate_estimate >= 0)
                 or not (self.dmd_history == 0 or self.dmd_history >= dmd.RANK + 1)):
-            raise ValueError(f"nominal_mlp needs hidden >= 1, 0 <= warmup < 1, correction_bound, "
+            raise ValueError(f"nominal_mlp needs hidden >= 1, 0 <= warmup < 1, 0 <= stable < 1 - warmup, "
+                             f"0 < rms_decay < 1, correction_bound, "
                              f"rate_adaptation, rate_range and rate_estimate >= 0, |rate_init| <= "
                              f"rate_range, -1 < rate_threshold < 1 (a cosine's range) and dmd_history "
                              f"0 (off) or >= {dmd.RANK + 1}, got {self}")
@@ -317,7 +339,7 @@ class NominalMLP:
             base = jnp.max(jax.vmap(schedule)(jnp.arange(max(num_steps, 1))))
         else:
             base = self.learning_rate if learning_rate is None else learning_rate
-            schedule = cosine_schedule(base, num_steps, self.warmup)
+            schedule = cosine_schedule(base, num_steps, self.warmup, self.stable)
         mlp, law = theta["mlp"], theta["tensor"]
         decays = jnp.asarray(MOM_DECAYS, jnp.float32)
         adapt = self.rate_adaptation > 0
@@ -361,7 +383,7 @@ class NominalMLP:
             pace = lr_fraction if self.rate_on_schedule else None
             # Bias corrections of every EMA (as optax: 1 - β^t).
             mom_fix = 1.0 - decays ** t
-            rms_fix = 1.0 - RMS_DECAY ** t
+            rms_fix = 1.0 - self.rms_decay ** t
             new_updates, new_m, new_v, new_rate, new_history = [], [], [], [], []
             log_rates = state.log_rate if adapt else (None,) * len(grads)
             histories = state.history or (None,) * len(grads)
@@ -375,7 +397,7 @@ class NominalMLP:
                     rate = jnp.exp(log_rate)
                     new_rate.append(log_rate)
                 m = decays.reshape(bshape) * m + (1 - decays.reshape(bshape)) * g32
-                v = RMS_DECAY * v + (1 - RMS_DECAY) * jnp.square(g32)
+                v = self.rms_decay * v + (1 - self.rms_decay) * jnp.square(g32)
                 denom = jnp.sqrt(v / rms_fix) + self.eps * scale
                 ratios = m / mom_fix.reshape(bshape) / denom  # (K, *shape)
                 direction = ratios[ADAM_MOMENTUM]
@@ -426,8 +448,8 @@ class NominalMLP:
         Adam's step covers it. d_0 divides both sums to keep them in float32's range (it cancels
         in the ratio); a step at lr(k) = 0 (a warm-up from 0) adds nothing to either."""
         d = estimate.d
-        beta3 = math.sqrt(RMS_DECAY)
-        bias = jnp.sqrt(1.0 - RMS_DECAY ** t) / (1.0 - MOM_DECAYS[ADAM_MOMENTUM] ** t)
+        beta3 = math.sqrt(self.rms_decay)
+        bias = jnp.sqrt(1.0 - self.rms_decay ** t) / (1.0 - MOM_DECAYS[ADAM_MOMENTUM] ** t)
         weight = d / ESTIMATE_START * d * lr * bias  # λ_k d_k / d_0
         moved = sum(jnp.vdot(g.astype(jnp.float32), x0 - p.astype(jnp.float32))
                     for g, x0, p in zip(grads, estimate.x0, params, strict=True))

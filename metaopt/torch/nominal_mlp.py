@@ -2,7 +2,7 @@
 what each piece is and why), element for element, so a JAX-trained θ does here what it does there.
 
 The hyperparameters are the artifact's, checked and defaulted by the JAX optimizer's own class.
-The peak rate (`learning_rate`) follows the same warm-up and cosine decay over `num_steps`;
+The peak rate (`learning_rate`) follows the same warm-up, stable phase and cosine decay over `num_steps`;
 a group's `lr` multiplies the whole step on top (torch schedulers), 1 by default.
 """
 
@@ -42,15 +42,20 @@ class NominalMLP(LearnedOptimizer):
             raise ValueError(f"nominal_mlp needs a positive, finite learning_rate, got {learning_rate!r}")
         self.base = float(base)
         self.warmup_steps = int(round(self.config.warmup * num_steps))
+        self.stable_steps = int(round(self.config.stable * num_steps))
 
     def schedule(self, count: int) -> float:
-        """The peak rate with a linear warm-up from 0, then cosine decay to 0 at num_steps (optax's
-        linear_schedule joined to cosine_decay_schedule, as the JAX optimizer's)."""
-        warm = self.warmup_steps
+        """The peak rate with a linear warm-up from 0, held for the stable steps, then cosine decay
+        to 0 at num_steps (optax's linear, constant and cosine_decay schedules joined, as the JAX
+        optimizer's `cosine_schedule`)."""
+        warm, decay_from = self.warmup_steps, self.warmup_steps + self.stable_steps
         if count < warm:
             return self.base * count / warm
-        decay_steps = max(self.num_steps - warm, 1)
-        return self.base * 0.5 * (1.0 + math.cos(math.pi * min(count - warm, decay_steps) / decay_steps))
+        if count < decay_from:
+            return self.base
+        decay_steps = max(self.num_steps - decay_from, 1)
+        progress = min(count - decay_from, decay_steps) / decay_steps
+        return self.base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def _update(self, p, grad, state: dict, group: dict, theta: Any, loss) -> None:
         del loss  # not a feature of nominal_mlp
@@ -85,7 +90,7 @@ class NominalMLP(LearnedOptimizer):
             decays = torch.tensor(reference.MOM_DECAYS, dtype=torch.float32, device=p.device)
             decays = decays.reshape(-1, *[1] * p.ndim)
             mom_fix = 1.0 - decays ** t
-            rms_fix = 1.0 - torch.tensor(reference.RMS_DECAY, dtype=torch.float32, device=p.device) ** t
+            rms_fix = 1.0 - torch.tensor(cfg.rms_decay, dtype=torch.float32, device=p.device) ** t
             g, x = grad.to(torch.float32), p.to(torch.float32)
             rate = 1.0
             if log_rate is not None:
@@ -93,7 +98,7 @@ class NominalMLP(LearnedOptimizer):
                 log_rate.copy_(_adapt_rate(cfg, log_rate, g, m[reference.ADAM_MOMENTUM], v, held, pace))
                 rate = torch.exp(log_rate)
             m.mul_(decays).add_((1 - decays) * g)
-            v.mul_(reference.RMS_DECAY).add_((1 - reference.RMS_DECAY) * torch.square(g))
+            v.mul_(cfg.rms_decay).add_((1 - cfg.rms_decay) * torch.square(g))
             denom = torch.sqrt(v / rms_fix) + cfg.eps
             ratios = m / mom_fix / denom
             direction = ratios[reference.ADAM_MOMENTUM]
