@@ -6,7 +6,6 @@ import json
 import logging
 import pathlib
 import sys
-import uuid
 from typing import Annotated
 
 import typer
@@ -347,7 +346,7 @@ def eval_(
 ) -> None:
     """Evaluate an optimizer on a task suite against tuned baselines; writes JSON and plots."""
     _needs("eval", "eval")
-    from metaopt import datasets, evaluation, storage
+    from metaopt import evaluation, storage
 
     try:
         spec = evaluation.load_suite(suite)
@@ -364,12 +363,12 @@ def eval_(
     if record_to:
         try:  # before any training: an evaluation is not lost to a destination that cannot be written
             fs, path = storage.fresh_fs(record_to)
-            fs.makedirs(f"{path.rstrip('/')}/shards", exist_ok=True)
+            if not storage.is_object_store(fs):  # there, makedirs would create a bucket
+                fs.makedirs(f"{path.rstrip('/')}/shards", exist_ok=True)
         except (OSError, ValueError) as err:
             _fail(f"cannot record to {record_to}: {err}")
     show_progress = sys.stderr.isatty() or not as_json
-    recording = record_to and evaluation.RunRecording(datasets.ShardWriter(
-        record_to, f"eval-{uuid.uuid4().hex[:8]}", per_shard=64))
+    recording = evaluation.RunRecording.into(record_to) if record_to else None
     try:
         result = evaluation.evaluate(ref, spec, registry=registry_uri, seeds=seed_list, baselines=base_list,
                                      trials=trials, progress=show_progress, baseline_cache=baseline_cache,

@@ -55,6 +55,7 @@ import math
 import pathlib
 import sys
 import time
+import uuid
 from typing import Any
 
 import jax
@@ -255,6 +256,12 @@ class RunRecording:
     writer: datasets.ShardWriter
     theta_version: int = -1  # the evaluated θ's version where known (a checkpoint's outer step)
     baselines: bool = True  # the tuned baselines' runs too, not only REF's
+
+    @classmethod
+    def into(cls, uri: str, per_shard: int = 64) -> RunRecording:
+        """A recording into the dataset at `uri`; its shards are named eval-XXXXXXXX-NNNNN, a random
+        prefix per recording, so that evaluations writing to one dataset never overwrite each other."""
+        return cls(datasets.ShardWriter(uri, f"eval-{uuid.uuid4().hex[:8]}", per_shard))
 
 
 def resolve_ref(ref: str, registry: str | None = None) -> OptimizerRef:

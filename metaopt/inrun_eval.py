@@ -43,7 +43,6 @@ import os
 import pathlib
 import signal
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -284,12 +283,11 @@ def _serve(conn, suite_ref: str, num_seeds: int, baselines_dir: str, eval_dir: s
         os.nice(19 - os.nice(0))
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # a GPU here is the workers'
     # Imported here: the run's own process never needs them, and they load while it starts up.
-    from metaopt import datasets, evaluation
+    from metaopt import evaluation
 
     suite = evaluation.load_suite(suite_ref)
     seeds = list(suite.seeds[:num_seeds])
-    recording = None if record is None else evaluation.RunRecording(
-        datasets.ShardWriter(record[0], f"eval-{uuid.uuid4().hex[:8]}", record[1]))
+    recording = None if record is None else evaluation.RunRecording.into(*record)
     while True:
         try:
             request = json.loads(conn.recv_bytes())

@@ -226,7 +226,8 @@ def fresh_fs(uri: str) -> tuple[AbstractFileSystem, str]:
     return fs, path
 
 
-def _is_object_store(fs: AbstractFileSystem) -> bool:
+def is_object_store(fs: AbstractFileSystem) -> bool:
+    """Whether `fs` has no real directories (makedirs there would create a bucket)."""
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return not _OBJECT_STORES.isdisjoint(protocols)
 
@@ -314,7 +315,7 @@ def _write_committed_remote(fs, path, files, marker_bytes, writer, overwrite) ->
         _remove(fs, path)
     elif fs.exists(path):  # the cheap answer; racing writers can all pass it, the claim decides
         raise _exists_error(path)
-    if not _is_object_store(fs):
+    if not is_object_store(fs):
         fs.makedirs(path, exist_ok=True)
     if not overwrite:
         # Before any file: writers racing for one new directory upload the same file names, and
