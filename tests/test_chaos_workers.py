@@ -29,6 +29,9 @@ def run_benchmark(*args: str, timeout_s: float, env: dict | None = None) -> dict
     return last_json(done.stdout)
 
 
+# Slow (30 s): the default run's test_serve_learner SIGKILLs a worker, and its next incarnation
+# delivers to the learner with no driver to call it.
+@pytest.mark.slow
 def test_a_worker_killed_after_each_delivery_comes_back_as_a_new_incarnation_that_delivers(tmp_path):
     """One worker, SIGKILLed twice, each time once the learner has accepted an estimate from its
     current incarnation: 3 incarnations (3 run ids) delivered, every accepted estimate applied

@@ -28,15 +28,17 @@ TINY = SUITE + """  - name: quadratic_4
 def test_refs_side_by_side_on_one_cache_of_baselines(tmp_path, capsys):
     (tmp_path / "tiny.yaml").write_text(TINY)
     summary = main(["sgd", "adam", "--suites", str(tmp_path / "tiny.yaml"), "--label", "sgd=plain SGD",
-                    "--out", str(tmp_path / "out"), "--json"])
+                    "--baselines", "adam,adam_cosine", "--out", str(tmp_path / "out"), "--json"])
     rows = summary["results"]
     assert [(r["label"], r["suite"]) for r in rows] == [("plain SGD", "tiny"), ("adam", "tiny")]
     assert all(set(r["final_loss_ratio"]) == {"quadratic_8", "quadratic_4"} for r in rows)
     assert json.loads((tmp_path / "out" / "comparison.json").read_text()) == summary
-    assert len(list((tmp_path / "out" / "baselines").iterdir())) == 2  # once per task, for both REFs
+    assert len(list((tmp_path / "out" / "baselines").iterdir())) == 4  # once per task and baseline
+    assert all(set(r["best_baseline"].values()) <= {"adam", "adam_cosine"} for r in rows)
     printed = capsys.readouterr().out
     assert "| plain SGD | " in printed
     assert "| optimizer | wins | geomean | quadratic_8 | quadratic_4 |" in printed
+    assert "| best tuned baseline | | | " in printed
 
 
 def test_a_checkpoint_directory_is_a_ref_and_a_bad_ref_is_refused_before_any_run(tmp_path):
@@ -57,5 +59,6 @@ def test_a_checkpoint_directory_is_a_ref_and_a_bad_ref_is_refused_before_any_run
 
 def test_the_table_marks_wins():
     rows = [{"label": "a", "wins": 1, "num_tasks": 2, "geomean_final_loss_ratio": 0.5,
-             "final_loss_ratio": {"t1": 0.25, "t2": 1.0}}]
-    assert table(rows).splitlines()[-1] == "| a | 1/2 | 0.5× | **0.25×** | 1× |"
+             "final_loss_ratio": {"t1": 0.25, "t2": 1.0}, "best_baseline": {"t1": "adam", "t2": "sgd"}}]
+    assert table(rows).splitlines()[-2:] == ["| a | 1/2 | 0.5× | **0.25×** | 1× |",
+                                             "| best tuned baseline | | | adam | sgd |"]

@@ -15,7 +15,7 @@ import pytest
 
 from metaopt import optimizers
 from metaopt.optimizers import dmd
-from metaopt.optimizers.nominal_mlp import cosine_schedule
+from metaopt.optimizers.hand_designed import cosine_schedule
 
 
 def _numpy_dmd(history: np.ndarray, rank: int = 2, rcond: float = dmd.RCOND):

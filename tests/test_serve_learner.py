@@ -16,6 +16,7 @@ import yaml
 
 from benchmarks.chaos_head import RAY_ENV, RayNode, worker_processes
 from benchmarks.chaos_workers import learner_counts
+from metaopt import storage
 from tests.jsonout import last_json
 from tests.ports import free_port
 
@@ -140,11 +141,11 @@ def test_workers_outlive_a_killed_driver_and_a_driver_run_again_attaches_to_them
             second = subprocess.Popen(driver, env=env, stdout=subprocess.PIPE, stderr=sink, text=True)
         wait_for(lambda: "1 of its workers are still running" in second_log.read_text(), "the attach")
         before_second = accepted()
-        version = learner_counts(learner.metrics_url)["metaopt_theta_version"]
         learner.terminate()  # a checkpoint, then out; the next one resumes it and stops soon after
         err = learner.communicate(timeout=60)[1]
         assert learner.returncode == 130, err[-2000:]
-        learner, _ = serve(tmp_path, token, "orphans", steps=int(version) + 500, port=port)
+        saved, _, _ = storage.latest_checkpoint(str(tmp_path / "runs" / "orphans" / "checkpoints"))
+        learner, _ = serve(tmp_path, token, "orphans", steps=saved + 20, port=port)
         report = last_json(second.communicate(timeout=300)[0])
         assert second.returncode == 0, second_log.read_text()[-2000:]
         err = learner.communicate(timeout=60)[1]

@@ -8,7 +8,7 @@ opt = optimizers.make("small_fc", hidden=32)
 from metaopt.optimizers.adafac_mlp import AdafacMLP, AdafacMLPState
 from metaopt.optimizers.base import Optimizer
 from metaopt.optimizers.curvature import FOOF, KFAC, MBF, scale_by_foof, scale_by_kfac, scale_by_mbf
-from metaopt.optimizers.hand_designed import SGD, Adam, AdamW, Lamb, Lars, Momentum
+from metaopt.optimizers.hand_designed import SGD, Adam, AdamCosine, AdamW, Lamb, Lars, Momentum
 from metaopt.optimizers.lgl2o import LGL2O, LGL2OState, lgl2o
 from metaopt.optimizers.lookahead import Lookahead, LookaheadState
 from metaopt.optimizers.lstm_l2l import LSTML2L, LSTML2LState
@@ -21,6 +21,7 @@ from metaopt.optimizers.slots import SlotResetError, reset_slots
 from metaopt.optimizers.small_fc import SmallFC, SmallFCState
 
 register("adam", Adam)
+register("adam_cosine", AdamCosine)
 register("small_fc", SmallFC)
 register("sgd", SGD)
 register("momentum", Momentum)
@@ -42,6 +43,7 @@ register("nominal_mlp", NominalMLP)
 __all__ = [
     "AdafacMLP",
     "AdafacMLPState",
+    "AdamCosine",
     "AdamW",
     "FOOF",
     "KFAC",

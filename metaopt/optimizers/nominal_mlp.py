@@ -121,6 +121,7 @@ import numpy as np
 import optax
 
 from metaopt.optimizers import dmd
+from metaopt.optimizers.hand_designed import cosine_schedule
 from metaopt.optimizers.slots import zero_where
 
 MOM_DECAYS = (0.5, 0.9, 0.99)  # 0.9 is Adam's β1: the nominal direction's momentum
@@ -204,23 +205,6 @@ def clip_rms(x: jax.Array, bound: float) -> jax.Array:
     """x scaled down, if need be, so that its RMS is at most `bound` (unchanged below it)."""
     rms = _rms(x)
     return x * jnp.minimum(1.0, bound / jnp.maximum(rms, 1e-30))
-
-
-def cosine_schedule(learning_rate: float, num_steps: int, warmup: float,
-                    stable: float = 0.0) -> optax.Schedule:
-    """Linear warm-up over `warmup` of the run, the peak held over the next `stable` of it, then
-    cosine decay to 0 at `num_steps` (with `stable` > 0: warm-up, stable, decay; Hu et al. 2024)."""
-    warm = int(round(warmup * num_steps))
-    hold = int(round(stable * num_steps))
-    pieces, boundaries = [], []
-    if warm:
-        pieces.append(optax.linear_schedule(0.0, learning_rate, warm))
-        boundaries.append(warm)
-    if hold:
-        pieces.append(optax.constant_schedule(learning_rate))
-        boundaries.append(warm + hold)
-    pieces.append(optax.cosine_decay_schedule(learning_rate, max(num_steps - warm - hold, 1)))
-    return optax.join_schedules(pieces, boundaries) if boundaries else pieces[0]
 
 
 @dataclasses.dataclass(frozen=True)
