@@ -10,7 +10,8 @@ that baseline.
 
 Writes OUT/comparison.json ({"suites", "refs", "baselines", "results": [{"ref", "label", "suite",
 "wins", "num_tasks", "geomean_final_loss_ratio", "diverged_runs", "final_loss_ratio": {task: ratio},
-"best_baseline": {task: name}}]}) and every evaluation's full report in OUT/reports/.
+"best_baseline": {task: name}, "final_train_loss": {task: {"ref" | baseline: loss}},
+"tuned_hparams": {task: {baseline: hparams}}}]}) and every evaluation's full report in OUT/reports/.
 """
 
 from __future__ import annotations
@@ -46,6 +47,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summarise(result: dict, label: str) -> dict:
+    """One evaluation's row of comparison.json: REF's wins and ratios, and per task every
+    optimizer's final training loss and the hyperparameters each baseline was tuned to."""
+    a, tasks = result["aggregate"], result["tasks"]
+    ran = {t["name"]: {b: r for b, r in t["baselines"].items() if "refused" not in r} for t in tasks}
+    return {"ref": result["ref"], "label": label, "suite": result["suite"],
+            "wins": a["wins"], "num_tasks": a["num_tasks"],
+            "geomean_final_loss_ratio": a["geomean_final_loss_ratio"],
+            "diverged_runs": a["diverged_runs"]["ref"],
+            "final_loss_ratio": {t["name"]: t["final_loss_ratio"] for t in tasks},
+            "best_baseline": {t["name"]: t["best_baseline"] for t in tasks},
+            "final_train_loss": {t["name"]: {"ref": t["ref"]["final_train_loss"],
+                                             **{b: r["final_train_loss"] for b, r in ran[t["name"]].items()}}
+                                 for t in tasks},
+            "tuned_hparams": {name: {b: r["hparams"] for b, r in runs.items()} for name, runs in ran.items()}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("refs", nargs="+")
@@ -70,13 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             result = evaluation.evaluate(ref, suite, baselines=baselines, progress=False,
                                          baseline_cache=cache)
             evaluation.write_report(result, args.out / "reports" / f"{i}-{suite.name}")
-            a = result["aggregate"]
-            results.append({"ref": ref.ref, "label": labels.get(given, ref.ref), "suite": suite.name,
-                            "wins": a["wins"], "num_tasks": a["num_tasks"],
-                            "geomean_final_loss_ratio": a["geomean_final_loss_ratio"],
-                            "diverged_runs": a["diverged_runs"]["ref"],
-                            "final_loss_ratio": {t["name"]: t["final_loss_ratio"] for t in result["tasks"]},
-                            "best_baseline": {t["name"]: t["best_baseline"] for t in result["tasks"]}})
+            results.append(summarise(result, labels.get(given, ref.ref)))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     summary = {"suites": [s.name for s in suites], "refs": args.refs, "baselines": baselines,
                "results": results}

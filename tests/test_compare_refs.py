@@ -35,6 +35,11 @@ def test_refs_side_by_side_on_one_cache_of_baselines(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "comparison.json").read_text()) == summary
     assert len(list((tmp_path / "out" / "baselines").iterdir())) == 4  # once per task and baseline
     assert all(set(r["best_baseline"].values()) <= {"adam", "adam_cosine"} for r in rows)
+    for r in rows:  # every ratio is REF's loss over its task's best baseline's
+        for task, losses in r["final_train_loss"].items():
+            best = losses[r["best_baseline"][task]]
+            assert losses["ref"] / best == pytest.approx(r["final_loss_ratio"][task])
+            assert set(r["tuned_hparams"][task]["adam_cosine"]) >= {"learning_rate", "b2"}
     printed = capsys.readouterr().out
     assert "| plain SGD | " in printed
     assert "| optimizer | wins | geomean | quadratic_8 | quadratic_4 |" in printed

@@ -35,6 +35,16 @@ CLOSED_LOOP_TOLERANCE = 1e-3
 CLOSED_LOOP_TOLERANCE_SIGN_INPUT = 3e-2
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These tensors are tiny: torch's intra-op threads only wait on each other and on JAX's.
+    One thread took this file from 470 s to 153 s on the 2-core VM with a benchmark beside it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("version", [*numerics.VERSIONS, "variant", *numerics.UNTRAINED])
 def test_open_loop_trajectory_matches_jax_at_every_100th_step(version):
     result = numerics.open_loop(numerics.case(version))
