@@ -35,13 +35,15 @@ for _name in ("tests", "benchmarks"):
 # Tests compile the same programs again and again, in this process (a fresh jax.jit per test) and
 # in others (the CLI's, a learner's, every Ray worker's). JAX's persistent cache, new for each run
 # and passed to every process through the environment, compiles each program once: the default
-# suite took 1,269 s instead of 1,510 s with it (2026-12-06, this 2-core VM). It is made here,
-# before anything imports jax. A test that counts compilations counts the cache's hits too.
+# suite took 1,269 s instead of 1,510 s with it (2026-12-06, this 2-core VM). Every program, however
+# small: each CLI subprocess compiles many small ones as it starts (two sets of files took 81 s and
+# 53 s so, against 93 s and 63 s with only programs of 0.1 s or more kept). It is made here, before
+# anything imports jax. A test that counts compilations counts the cache's hits too.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="metaopt-tests-jax-cache-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 # --- certificates ---------------------------------------------------------------------------
 
