@@ -162,6 +162,17 @@ def _inspect(checkpoints: pathlib.Path) -> dict:
     return {"newest": newest, "corrupt": corrupt, "uncommitted": uncommitted}
 
 
+def _exit_code(worker: subprocess.Popen, log: pathlib.Path, timeout_s: float = 60) -> int:
+    """The worker's exit code once the job is over; a worker that outlives it fails with its log."""
+    try:
+        return worker.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        worker.send_signal(signal.SIGUSR1)  # its threads' stacks, into its log
+        time.sleep(1.0)
+        raise TimeoutError(f"a worker did not exit within {timeout_s}s of the job's end; its log:\n"
+                           f"{log.read_text(errors='replace')[-6000:]}") from None
+
+
 def kill_learner(workdir: pathlib.Path, trials: int, interval_s: float = 0.5, workers: int = 2,
                  seed: int = 0) -> dict:
     rng = random.Random(seed)
@@ -212,7 +223,7 @@ def kill_learner(workdir: pathlib.Path, trials: int, interval_s: float = 0.5, wo
                 # step-0 checkpoint, whose history is empty (time None).
                 saved_at = stepping_since if expected["time"] is None else expected["time"]
                 lost_s.append(killed_at - max(saved_at, stepping_since))
-        workers_ok = all(w.wait(timeout=60) == 0 for w in crew)
+        workers_ok = all(_exit_code(w, workdir / f"worker-{i}.log") == 0 for i, w in enumerate(crew))
     finally:
         for process in crew:
             if process.poll() is None:

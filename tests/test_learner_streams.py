@@ -12,6 +12,7 @@ import time
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 
 from metaopt import wire
@@ -90,6 +91,23 @@ def test_a_client_waiting_for_a_learner_connects_within_a_second_of_its_start():
     finally:
         learner.stop()
         server.stop(None)
+
+
+def test_every_client_has_a_connection_of_its_own(serve):
+    """gRPC shares connections between a process's channels by default. A worker's new client
+    would then adopt the connection of the one it just closed, which a killed learner leaves
+    READY for an instant, then IDLE; with `channel_ready_future` it waited idle past the whole
+    life of the restarted learner (benchmarks/chaos_learner.py, 3 of 8 runs under gRPC tracing)."""
+    learner = make_learner()
+    port = serve(learner)
+    clients = [LearnerClient(f"127.0.0.1:{port}", hello(learner, run=run).hello) for run in "ab"]
+    try:
+        ours = [c for c in psutil.Process().net_connections(kind="tcp")
+                if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED]
+        assert len({c.laddr.port for c in ours}) == 2, ours
+    finally:
+        for client in clients:
+            client.close()
 
 
 def _parsed(message) -> pb.WorkerMessage:

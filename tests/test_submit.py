@@ -119,29 +119,34 @@ def wait_for(env: dict, job_id: str, states: set[str], timeout_s: float = 240) -
 
 
 def test_a_submitted_job_completes_and_a_cancelled_one_stops_with_a_checkpoint(cluster, tmp_path):
+    """The job that completes is a user's with plugins: its modules are only in the user's
+    folder, so the job's driver and its worker actor import the copies `submit` uploaded in the
+    job's working directory, and the artifact records the plugin optimizer."""
     env = cluster
     store = {"root": str(tmp_path / "store"), "job_store": env["METAOPT_JOB_STORE"]}
-    short = write_spec(tmp_path / "short.yaml", stop={"max_outer_steps": 6}, storage=store)
+    project = plugin_project(tmp_path, storage=store)  # 3 outer steps
     long = write_spec(tmp_path / "long.yaml", stop={"max_outer_steps": 100000}, storage=store,
                       checkpoint_interval_s=1)
     # Both at once: the cluster holds two 1-CPU workers, and the test waits for both together.
-    for spec, job_id in ((short, "short-1"), (long, "long-1")):
-        done = metaopt(env, "submit", str(spec), "--job-id", job_id)
+    for spec, job_id, cwd in (("job.yaml", "short-1", project), (str(long), "long-1", None)):
+        done = metaopt(env, "submit", spec, "--job-id", job_id, cwd=cwd)
         assert done.returncode == 0 and done.stdout.strip() == job_id, done.stderr
 
     row = wait_for(env, "short-1", {"SUCCEEDED", "FAILED", "STOPPED"})
     logs = metaopt(env, "logs", "short-1").stdout
     assert row["status"] == "SUCCEEDED", logs[-3000:]
     summary = last_json(logs)  # `metaopt train --json`'s last line
-    assert summary["outer_steps"] == 6 and summary["artifact"] == "e2e:1"
+    assert summary["outer_steps"] == 3 and summary["artifact"] == "plugin-demo:1"
+    manifest = registry.read_manifest(summary["registry"], "plugin-demo", 1)
+    assert manifest["optimizer"]["plugin"]["import_path"] == "my_opts:LearnedMomentum"
     record = row["record"]  # what the learner kept in Redis, as `metaopt status` shows it
-    assert record["state"] == "SUCCEEDED" and record["theta_version"] == 6, record
-    assert record["artifact"] == "e2e:1" and record["spec"]["stop"]["max_outer_steps"] == 6
+    assert record["state"] == "SUCCEEDED" and record["theta_version"] == 3, record
+    assert record["artifact"] == "plugin-demo:1" and record["spec"]["stop"]["max_outer_steps"] == 3
     assert record["artifact_digest"] == summary["artifact_digest"]
-    assert record["artifact_digest"] == registry.digest(summary["registry"], "e2e", 1)
-    assert record["last_checkpoint"].endswith("ckpt-000000006")
+    assert record["artifact_digest"] == registry.digest(summary["registry"], "plugin-demo", 1)
+    assert record["last_checkpoint"].endswith("ckpt-000000003")
     text = metaopt(env, "status", "short-1").stdout
-    assert "SUCCEEDED" in text and "theta_version: 6" in text
+    assert "SUCCEEDED" in text and "theta_version: 3" in text
 
     listed = json.loads(metaopt(env, "list-jobs", "--json").stdout)
     assert {"short-1", "long-1"} <= {r["job_id"] for r in listed}
@@ -218,6 +223,11 @@ def test_submit_refuses_a_job_the_cluster_cannot_run_and_starts_nothing(cluster,
     done = metaopt(env, "submit", str(unreachable))
     assert done.returncode == 1 and "storage.root s3://metaopt-missing/runs is unreachable" in done.stderr
 
+    project = plugin_project(tmp_path)
+    (project / "my_opts.py").write_text("LearnedMomentum = 3\n")
+    done = metaopt(cluster, "submit", "job.yaml", cwd=project)
+    assert done.returncode == 2 and "'my_opts:LearnedMomentum' is a int, not a factory" in done.stderr
+
     assert len(json.loads(metaopt(cluster, "list-jobs", "--json").stdout)) == jobs_before
 
 
@@ -239,38 +249,17 @@ def test_cluster_errors_say_what_to_do(cluster, tmp_path):
     assert done.returncode == 2 and "http://" in done.stderr
 
 
-def plugin_project(tmp_path: Path) -> Path:
+def plugin_project(tmp_path: Path, **changes) -> Path:
     """A user's folder: examples/plugins' two modules and a short job naming them."""
     project = tmp_path / "project"
     project.mkdir()
     for name in ("my_tasks.py", "my_opts.py"):
         shutil.copy(PLUGINS / name, project / name)
     spec = yaml.safe_load((PLUGINS / "plugin.yaml").read_text())
-    spec.update(workers={"count": 1}, stop={"max_outer_steps": 3}, storage={"root": str(tmp_path / "store")})
+    spec.update({"workers": {"count": 1}, "stop": {"max_outer_steps": 3},
+                 "storage": {"root": str(tmp_path / "store")}, **changes})
     (project / "job.yaml").write_text(yaml.safe_dump(spec))
     return project
-
-
-def test_a_job_with_plugins_ships_them_to_the_cluster(cluster, tmp_path):
-    """The plugin modules are only in the user's folder: the job's driver and its worker actors
-    import the copies `submit` uploaded in the job's working directory, and the artifact records
-    the plugin optimizer. A broken one is refused before anything is submitted."""
-    project = plugin_project(tmp_path)
-    done = metaopt(cluster, "submit", "job.yaml", "--job-id", "plugins-1", cwd=project)
-    assert done.returncode == 0, done.stderr
-    row = wait_for(cluster, "plugins-1", {"SUCCEEDED", "FAILED", "STOPPED"})
-    logs = metaopt(cluster, "logs", "plugins-1").stdout
-    assert row["status"] == "SUCCEEDED", logs[-3000:]
-    summary = last_json(logs)
-    assert summary["outer_steps"] == 3, summary  # its worker actor sampled my_tasks and ran my_opts
-    manifest = registry.read_manifest(summary["registry"], "plugin-demo", 1)
-    assert manifest["optimizer"]["plugin"]["import_path"] == "my_opts:LearnedMomentum"
-
-    (project / "my_opts.py").write_text("LearnedMomentum = 3\n")
-    done = metaopt(cluster, "submit", "job.yaml", "--job-id", "plugins-2", cwd=project)
-    assert done.returncode == 2 and "'my_opts:LearnedMomentum' is a int, not a factory" in done.stderr
-    listed = json.loads(metaopt(cluster, "list-jobs", "--json").stdout)
-    assert "plugins-2" not in {r["job_id"] for r in listed}
 
 
 # Slow: test_k8s_submit checks the entrypoint has no shell syntax KubeRay's submitter would take,

@@ -100,6 +100,7 @@ class PESWorker:
                 self.stats["reconnects"] += 1
                 continue
             backoff = 0.1
+            ended = "the learner closed it"
             try:
                 self._work(client)
                 if client.error is not None:  # the stream itself ended with an error
@@ -108,6 +109,7 @@ class PESWorker:
                 if err.code() not in RETRYABLE:
                     raise RuntimeError(f"worker {self.worker_id}: learner stream failed: "
                                        f"{err.code().name}: {err.details()}") from None
+                ended = f"{err.code().name}: {err.details()}"
             finally:
                 client.close()
                 self.stats["accepted"] += client.accepted
@@ -116,6 +118,7 @@ class PESWorker:
                 if self.recorder is not None:
                     self.recorder.close()
                 return {**self.stats, "worker_id": self.worker_id, "run_id": self.run_id}
+            log.warning("stream to the learner at %s ended (%s); reconnecting", self.address, ended)
             self.stats["reconnects"] += 1
 
     def _work(self, client: LearnerClient) -> None:

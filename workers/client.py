@@ -53,9 +53,12 @@ class ClientTLS:
 
 
 def open_channel(address: str, tls: ClientTLS | None = None) -> grpc.Channel:
+    """A worker's channel. Its connections are its own: by default gRPC shares them between the
+    channels of a process, and a new one would adopt the dying connection of the channel the
+    worker just closed (a killed learner's), READY for an instant, then IDLE."""
+    options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
     if tls is None:
-        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    options = list(CHANNEL_OPTIONS)
+        return grpc.insecure_channel(address, options=options)
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     credentials = security.channel_credentials(tls.ca_file, tls.cert_file, tls.key_file)
@@ -72,20 +75,20 @@ class LearnerClient:
         self.metadata = security.token_call_metadata(token) if token else None
         self.channel = open_channel(address, tls)
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
             self.stub = pb_grpc.LearnerStub(self.channel)
             self._outbox: queue.Queue = queue.Queue()  # WorkerMessages, or their serialised bytes
             self._outbox.put(pb.WorkerMessage(hello=hello))
             connect = self.channel.stream_stream(CONNECT, request_serializer=_serialise,
                                                  response_deserializer=pb.LearnerMessage.FromString)
+            # wait_for_ready: the call itself waits for a connection, asking for one again
+            # whenever the channel falls idle, until `_first` gives up. (`channel_ready_future`
+            # asks once: a channel that went READY -> IDLE under it, its connection dropped by a
+            # learner killed that moment, stayed idle past a restarted learner's whole life.)
             # The deadline bounds the whole stream; it is long, but a learner that never
             # answers the Hello must not hold a worker forever.
             self._responses = connect(iter(self._outbox.get, None), timeout=STREAM_DEADLINE_S,
-                                      metadata=self.metadata)
-            welcome = _first(self._responses, connect_timeout_s)
-        except grpc.FutureTimeoutError:
-            self.channel.close()
-            raise _Unavailable(f"learner at {address} not reachable within {connect_timeout_s}s") from None
+                                      metadata=self.metadata, wait_for_ready=True)
+            welcome = _first(self._responses, connect_timeout_s, address)
         except BaseException:
             self.channel.close()
             raise
@@ -179,7 +182,7 @@ def _serialise(message: pb.WorkerMessage | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def _first(responses, timeout_s: float) -> pb.Welcome:
+def _first(responses, timeout_s: float, address: str) -> pb.Welcome:
     """The stream's first message, which must be a Welcome, waited for at most `timeout_s`."""
     box: queue.Queue = queue.Queue()
 
@@ -194,7 +197,7 @@ def _first(responses, timeout_s: float) -> pb.Welcome:
         first = box.get(timeout=timeout_s)
     except queue.Empty:
         responses.cancel()
-        raise _Unavailable(f"the learner did not answer the Hello within {timeout_s}s") from None
+        raise _Unavailable(f"learner at {address}: no answer within {timeout_s}s") from None
     if isinstance(first, grpc.RpcError):
         raise first
     if first is None or first.WhichOneof("kind") != "welcome":
