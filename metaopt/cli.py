@@ -257,13 +257,13 @@ def worker(
     as_json: StatsJson = False,
 ) -> None:
     """Run one PES worker against a learner started elsewhere (`metaopt serve-learner`)."""
-    import faulthandler
     import os
-    import signal
     import socket
 
     _needs("service", "worker")
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where it waits
+    from metaopt.train import dump_stacks_on_sigusr1
+
+    dump_stacks_on_sigusr1()
     spec, token, tls = _worker_setup(config, token_file, tls_ca, tls_cert, tls_key, tls_server_name,
                                      plugins_uri)
     from metaopt._proto import learner_pb2 as pb

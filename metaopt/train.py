@@ -61,7 +61,7 @@ def train(spec: JobSpec, out: str = "runs", job_id: str | None = None,
         # After Ray, which installs its own: SIGTERM (a scheduler's stop, a preemption) ends
         # the run as Ctrl-C does, through the cleanup below that writes the final checkpoint.
         signal.signal(signal.SIGTERM, _interrupt)
-        _dump_stacks_on_sigusr1()
+        dump_stacks_on_sigusr1()
     check_runnable(spec)  # after Ray (it runs JAX), before anything of the job
     job_id = job_id or new_job_id(spec)
     run = _LearnerRun(spec, out, job_id)
@@ -276,7 +276,7 @@ def serve_learner(spec: JobSpec, out: str, job_id: str, host: str, port: int,
     `health_port`: also serve the health service alone, in plaintext, there."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
-        _dump_stacks_on_sigusr1()
+        dump_stacks_on_sigusr1()
     check_runnable(spec)
     run = _LearnerRun(spec, out, job_id)
     with run.recorded():
@@ -404,8 +404,8 @@ class WorkerFailed(RuntimeError):
     """A worker's loop ended with an error before the job was done."""
 
 
-def _dump_stacks_on_sigusr1() -> None:
-    """`kill -USR1 PID` prints every thread's stack to stderr: how to see where a learner waits."""
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's stack to stderr: where a learner or a worker waits."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
