@@ -9,7 +9,8 @@ the next as soon as an ack gives credit back, so every stream keeps sending for 
 run. A sampler thread records, every `sample_s`, the RSS, the learner's count of accepted
 estimates (its Prometheus counter), the open streams (`metrics.workers_connected`) and θ's
 version. The first `warm_s` are a warm-up (streams connecting, the outer update compiled);
-the baseline RSS is the first sample after it, and the hold window of `seconds` follows.
+the hold window of `seconds` follows once every stream is open, and its end is then sent to
+the senders; the baseline RSS is the window's first sample.
 
 At the end the senders stop cleanly: each stops sending, waits for the acks of its estimates
 still in flight, then half-closes its stream, which the server ends once it has answered
@@ -85,6 +86,7 @@ from metaopt.learner.core import HISTORY_WINDOW  # noqa: E402
 RSS_BOUND_MB = 64.0
 OUTER_STEP_BYTES = 280  # one `OuterStep` in `Learner.history`, measured with tracemalloc
 DRAIN_S = 30.0  # how long a stopping sender waits for the acks of its estimates in flight
+OPEN_TIMEOUT_S = 60.0  # how long the hold waits for every stream to open; then it holds what opened
 
 
 class _Tally:
@@ -99,20 +101,30 @@ class _Tally:
 
 
 def _hold_process(commands, results) -> None:
-    """A sender process: per command (address, size, digest, streams, run_s, prefix), that many
-    streams for run_s, each drained at the end; answers with accepted acks per worker."""
+    """A sender process: per command (address, size, digest, streams, prefix), that many
+    streams, sending until the hold's end (unix time), which the next item on `commands` names;
+    then each is drained. Answers with accepted acks per worker."""
     from metaopt.workers.client import CHANNEL_OPTIONS
 
-    async def run(address, size, digest, streams, run_s, prefix):
+    async def run(address, size, digest, streams, prefix):
         estimates = _Estimates(size)
         tallies = {f"{prefix}-{i}": _Tally() for i in range(streams)}
         counts = {"rejected": 0}
         channels = [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in tallies]
-        until = time.perf_counter() + run_s
+        stop_at = float("inf")  # perf_counter; this process's clock for the hold's end
+
+        async def hear_the_end() -> None:
+            nonlocal stop_at
+            ends = await asyncio.to_thread(commands.get)
+            stop_at = time.perf_counter() + ends - time.time()
+
+        listener = asyncio.create_task(hear_the_end())
         outcomes = await asyncio.gather(
-            *(_stream(channel, name, "learner", estimates, digest, until, tally, counts, DRAIN_S)
+            *(_stream(channel, name, "learner", estimates, digest, lambda: time.perf_counter() < stop_at,
+                      tally, counts, DRAIN_S)
               for channel, (name, tally) in zip(channels, tallies.items(), strict=True)),
             return_exceptions=True)
+        await listener  # done already unless every stream failed before the end was named
         for channel in channels:
             await channel.close()
         errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
@@ -124,14 +136,29 @@ def _hold_process(commands, results) -> None:
         results.put(asyncio.run(run(*command)))
 
 
-def _send(pool: SenderPool, address: str, size: int, digest: str, streams: int, run_s: float) -> dict:
-    """Split `streams` over the pool's processes, run them, and merge what they answer."""
+def _start_senders(pool: SenderPool, address: str, size: int, digest: str, streams: int) -> list:
+    """Split `streams` over the pool's processes and start them; their command queues, on
+    which each waits for the hold's end."""
     used = pool.commands[:min(streams, len(pool.commands))]
     for i, q in enumerate(used):
         share = streams // len(used) + (i < streams % len(used))
-        q.put((address, size, digest, share, run_s, f"p{i}"))
-    parts, deadline = [], time.monotonic() + run_s + DRAIN_S + 120
-    while len(parts) < len(used):
+        q.put((address, size, digest, share, f"p{i}"))
+    return used
+
+
+def _wait_until_open(learner, streams: int, timeout_s: float) -> float:
+    """Unix time at which the learner first had `streams` open, or at which the wait gave up
+    (then `streams` in the figures tells how many did)."""
+    deadline = time.time() + timeout_s
+    while learner.metrics.workers_connected < streams and time.time() < deadline:
+        time.sleep(0.02)
+    return time.time()
+
+
+def _collect(pool: SenderPool, senders: int, timeout_s: float) -> dict:
+    """What the `senders` processes answer, merged."""
+    parts, deadline = [], time.monotonic() + timeout_s
+    while len(parts) < senders:
         try:
             parts.append(pool.results.get(timeout=1.0))
         except queue.Empty:
@@ -199,17 +226,25 @@ def _rejected(learner) -> dict[str, int]:
 
 def hold_streams(streams: int = 256, seconds: float = 60.0, size: int = SIZES["small"], sample_s: float = 1.0,
                  warm_s: float = 10.0, processes: int = 4, pool: SenderPool | None = None) -> dict:
-    """Hold `streams` sending streams on a real learner for `warm_s` + `seconds`, then drain
-    and stop; the figures of the module docstring. `pool` (from `SenderPool(n,
-    target=_hold_process)`) is reused if given; else one of `processes` is started and closed."""
+    """Hold `streams` sending streams on a real learner for `seconds` once the warm-up of
+    `warm_s` is over and every stream is open, then drain and stop; the figures of the module
+    docstring. `pool` (from `SenderPool(n, target=_hold_process)`) is reused if given; else one
+    of `processes` is started and closed."""
     own_pool = pool is None
     pool = pool or SenderPool(processes, target=_hold_process)
     learner, server, port = _serve(size)
     sampler = _Sampler(learner, sample_s)
     started = time.time()
     try:
-        sent = _send(pool, f"127.0.0.1:{port}", size, learner.digest, streams, warm_s + seconds)
-        drained_s = time.time() - started - warm_s - seconds
+        senders = _start_senders(pool, f"127.0.0.1:{port}", size, learner.digest, streams)
+        # The hold begins once every stream is open: sender processes on a busy machine may take
+        # longer than the warm-up to open theirs (CI once took 10 s), and a fixed end left no hold.
+        all_open = _wait_until_open(learner, streams, OPEN_TIMEOUT_S)
+        ends = max(started + warm_s, all_open) + seconds
+        for q in senders:
+            q.put(ends)
+        sent = _collect(pool, len(senders), ends - time.time() + DRAIN_S + 120)
+        drained_s = time.time() - ends
         sampler.stop()
         learner.stop()
         rss_after_stop_mb = sampler.sample()[1]
@@ -219,10 +254,8 @@ def hold_streams(streams: int = 256, seconds: float = 60.0, size: int = SIZES["s
             pool.close()
 
     samples = [(t - started, *rest) for t, *rest in sampler.samples]
-    # The hold begins once every stream is open (sender processes on a busy machine may take longer
-    # than the warm-up to open theirs) and ends when the senders' time is up.
-    all_open_at = next((s[0] for s in samples if s[3] >= streams), warm_s)
-    window = [s for s in samples if max(warm_s, all_open_at) <= s[0] <= warm_s + seconds] or samples[-1:]
+    all_open_at, ends_at = all_open - started, ends - started
+    window = [s for s in samples if ends_at - seconds <= s[0] <= ends_at] or samples[-1:]
     (t0, rss0, acc0, _, v0), (t1, _, acc1, _, v1) = window[0], window[-1]
     rss = np.array([s[1] for s in window])
     slope = float(np.polyfit([s[0] for s in window], rss, 1)[0] * 60) if len(window) > 2 else 0.0
@@ -263,7 +296,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
     top.plot(t, rss, "-", label="learner RSS")
     top.axhline(result["rss_start_mb"] + result["rss_bound_mb"], ls="--", c="r", label="baseline + bound")
-    top.axvspan(0, result["warm_s"], color="0.9", label="warm-up")
+    top.axvspan(0, max(result["warm_s"], result["all_open_at_s"]), color="0.9", label="warm-up")
     top.set(ylabel="MB", title=f"{result['streams']} streams, θ of {result['values']:,} values")
     top.legend(loc="lower right")
     bottom.plot(t[1:], np.diff(accepted) / np.diff(t), "-", label="accepted/s")

@@ -33,6 +33,7 @@ import json
 import multiprocessing as mp
 import pathlib
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -85,9 +86,9 @@ class _Estimates:
 
 
 async def _stream(channel, name: str, mode: str, estimates: _Estimates, digest: str,
-                  until: float, done: list, counts: dict, drain_s: float = 0.0) -> None:
+                  sending: Callable[[], bool], done: list, counts: dict, drain_s: float = 0.0) -> None:
     """One worker's stream: a Hello (learner mode), then estimates as fast as credit allows,
-    until `until` (perf_counter). Credit is counted in messages: an estimate of n messages
+    while `sending()` is true. Credit is counted in messages: an estimate of n messages
     takes n; the learner gives n back with its ack, the bare server one per message. Appends
     (ack time, latency) of every acknowledged estimate to `done`. With `drain_s`, the stream
     then waits up to that long for the acks of the estimates still in flight and half-closes,
@@ -142,7 +143,7 @@ async def _stream(channel, name: str, mode: str, estimates: _Estimates, digest: 
     reader = asyncio.create_task(read())
     sequence = 0
     try:
-        while time.perf_counter() < until and not reader.done():
+        while sending() and not reader.done():
             for _ in range(per_estimate):
                 await credit.acquire()
             if reader.done():
@@ -175,7 +176,11 @@ def _sender_process(commands, results) -> None:
         channels = [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(streams)]
         done, counts = [], {"rejected": 0}
         until = time.perf_counter() + run_s
-        await asyncio.gather(*(_stream(c, f"{prefix}-{i}", mode, estimates, digest, until, done, counts)
+
+        def sending() -> bool:
+            return time.perf_counter() < until
+
+        await asyncio.gather(*(_stream(c, f"{prefix}-{i}", mode, estimates, digest, sending, done, counts)
                                for i, c in enumerate(channels)),
                              return_exceptions=True)
         for channel in channels:
