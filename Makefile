@@ -35,9 +35,11 @@ demo: venv
 
 # Bytecode is cached during the tests even where PYTHONDONTWRITEBYTECODE is set (as on our CI):
 # otherwise every Ray worker and CLI subprocess compiles metaopt and its imports from source anew.
+# Two test processes: the files that compute alone run beside the rest, which runs file after file
+# in one of them (tests/conftest.py says which and why).
 test: venv system-deps
 	$(BIN)/ruff check .
-	env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -m "not slow"
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -m "not slow" -n 2
 
 # Tests marked slow, left out of `make test`: every benchmark in its --quick form and the long
 # fault and service scenarios (kills by the clock, outages, interrupted and resumed runs).

@@ -1,6 +1,6 @@
 """Fixtures shared by test files: `pki`, certificates for TLS tests, made here with
-`cryptography` (EC P-256 keys: fast). And, below, the checkout's helpers on the import path and
-one JAX compilation cache for the whole run."""
+`cryptography` (EC P-256 keys: fast). And, below, the checkout's helpers on the import path, one
+JAX compilation cache for the whole run, and which files may run beside others."""
 
 from __future__ import annotations
 
@@ -44,6 +44,40 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # One cache per test process under `make test`'s two: JAX writes an entry in place, so the
+    # other process could read it half written (a warning, which fails a test here).
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"],
+                                                           os.environ["PYTEST_XDIST_WORKER"])
+
+# --- two test processes ----------------------------------------------------------------------
+# `make test` runs two test processes (pytest-xdist, `-n 2`): the default suite took 738 s instead
+# of about 1,150 s on this 2-core VM (one run each, 2026-12-06). The files below compute in their
+# own process only (no Ray, learners, workers, servers, ports or clocks): each is a unit of its
+# own, run beside whatever else runs. Every other file is in one unit, "services", run in one
+# process, file after file as without xdist: real clusters and workers claim the machine's cores,
+# and their timeouts count on that. A new file is in that unit unless it is listed here.
+RUN_BESIDE_OTHERS = {f"tests/test_{name}.py" for name in (
+    "compare_refs", "curvature", "design_screen", "dmd", "epinet", "estimator_comparison", "estimators",
+    "fuzz_inputs", "generalisation_curve", "hand_designed", "inspector", "learned_optimizers", "mfac",
+    "nominal_mlp", "optimizers", "rate_trace", "registry", "sparse", "suites", "task_augment",
+    "task_families_images", "task_families_least_squares", "task_families_text", "task_zoo", "torch",
+    "tuning", "update_model", "wire")}
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of xdist's, which a plain `pytest` may lack
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's per-file scheduling, with every file not in RUN_BESIDE_OTHERS one unit. (Its own
+    `--dist loadgroup` marks do not group under pytest 9, which ignores the node ids it rewrites.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneUnitForServices(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path in RUN_BESIDE_OTHERS else "services"
+
+    return OneUnitForServices(config, log)
+
 
 # --- certificates ---------------------------------------------------------------------------
 
